@@ -1,0 +1,31 @@
+"""Errors pgbroker raises, each naming the cause and the fix.
+
+Connection problems subclass psycopg's ``OperationalError`` so that Kombu and
+Celery, which list psycopg's errors in ``connection_errors``, retry them.
+Messages never contain a password: they are built from the host, port, user
+and database only.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+
+class PgBrokerError(Exception):
+    """Base class of every error pgbroker raises on purpose."""
+
+
+class ConfigurationError(PgBrokerError, ValueError):
+    """A URL or an option is wrong; fix the configuration."""
+
+
+class DatabaseUnavailable(PgBrokerError, psycopg.OperationalError):
+    """The server could not be reached or refused the login."""
+
+
+class SchemaError(PgBrokerError):
+    """The pgbroker schema is missing, outdated or cannot be created."""
+
+
+class MessageTooLarge(PgBrokerError, ValueError):
+    """A message body is larger than the ``max_message_size`` option."""

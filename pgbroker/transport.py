@@ -1,0 +1,738 @@
+"""The Kombu transport: queues, exchanges and messages in PostgreSQL.
+
+URL: ``postgresql://user:password@host:port/dbname?libpq-params`` (also
+``postgres://`` and ``pgbroker://``). Options: :mod:`pgbroker.options`.
+
+How it works, in short:
+
+* One PostgreSQL session per Kombu connection, shared by its channels, in
+  autocommit mode: every publish, claim and ack is its own durable commit.
+* Publishing routes in SQL (:file:`sql/queries.sql`, ``publish``) against
+  bindings stored in PostgreSQL, and NOTIFYs the queue's name.
+* A consuming connection LISTENs. It claims messages only when a NOTIFY says
+  a queue it consumes has work, or when the previous claim came back full;
+  an idle consumer sends no query but the sweep (one per ``sweep_interval``).
+  With Celery's event loop the session's socket is in the loop; without it,
+  ``drain_events`` waits on the socket.
+* Claims take up to the free prefetch count in one statement. Acks are
+  batched per event-loop tick and fenced: only the consumer that holds a
+  message can ack or requeue it.
+* A consumer holds an advisory lock for as long as its session lives. The
+  sweep hands the messages of consumers whose lock is gone back to their
+  queues, so a SIGKILLed worker's tasks come back within one sweep interval,
+  and a live but slow consumer never loses its messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from queue import Empty
+from typing import Any
+
+import psycopg
+from kombu.exceptions import ChannelError
+from kombu.transport import virtual
+from kombu.transport.virtual.base import queue_declare_ok_t
+from kombu.utils import json
+from kombu.utils.uuid import uuid
+from psycopg import sql
+from psycopg.types.json import Jsonb, set_json_loads
+
+from pgbroker import queries, schema
+from pgbroker.db import connect
+from pgbroker.errors import MessageTooLarge
+from pgbroker.options import TransportOptions
+from pgbroker.routing import topic_pattern
+from pgbroker.urls import mask_password
+
+logger = logging.getLogger("pgbroker")
+
+#: Largest claim when the consumer sets no prefetch limit.
+UNLIMITED_CLAIM = 100
+
+_PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding")
+
+
+class QoS(virtual.QoS):
+    """Prefetch accounting; unacked messages go back through PostgreSQL."""
+
+    def restore_unacked(self) -> list[Any]:
+        self._flush()
+        tags = list(self._delivered)
+        self._delivered.clear()
+        if tags:
+            self.channel.connection.requeue(tags)
+        return []
+
+    def restore_unacked_once(self, stderr: Any = None) -> None:
+        # The virtual QoS dumps messages it cannot restore to a file; here a
+        # message that cannot be requeued now (connection lost) is still in
+        # PostgreSQL, reserved by a dead session, and the sweep requeues it.
+        self._on_collect.cancel()
+        if not self.restore_at_shutdown or getattr(self._delivered, "restored", False):
+            return
+        try:
+            self.restore_unacked()
+        except psycopg.Error as exc:
+            logger.info("unacked messages left to the sweep: %s", exc)
+        finally:
+            self._delivered.restored = True  # type: ignore[attr-defined]
+
+
+class Channel(virtual.Channel):
+    QoS = QoS
+    supports_fanout = True
+    from_transport_options = ()
+    # Bodies are stored as bytes; no base64 round trip.
+    body_encoding = None
+    connection: Transport
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self._no_ack_queues: set[str] = set()
+
+    # --- declarations ------------------------------------------------------
+
+    def exchange_declare(
+        self,
+        exchange: str | None = None,
+        type: str = "direct",
+        durable: bool = False,
+        auto_delete: bool = False,
+        arguments: dict[str, Any] | None = None,
+        nowait: bool = False,
+        passive: bool = False,
+    ) -> None:
+        type = type or "direct"
+        exchange = exchange or f"amq.{type}"
+        t = self.connection
+        if passive:
+            if t.run("exchange_type", name=exchange) is None:
+                raise ChannelError(
+                    f"NOT_FOUND - no exchange {exchange!r}",
+                    (50, 10),
+                    "Channel.exchange_declare",
+                    "404",
+                )
+            return
+        if type not in ("direct", "topic", "fanout"):
+            raise ChannelError(
+                f"exchange {exchange!r}: pgbroker supports direct, topic and fanout "
+                f"exchanges, not {type!r}"
+            )
+        created = t.run(
+            "declare_exchange",
+            name=exchange,
+            type=type,
+            durable=durable,
+            auto_delete=auto_delete,
+            arguments=_json(arguments),
+        )
+        if created is None:
+            existing = t.run("exchange_type", name=exchange)
+            if existing is not None and existing[0] != type:
+                raise virtual.NotEquivalentError(
+                    f"exchange {exchange!r} exists with type {existing[0]!r}, "
+                    f"not {type!r}: delete it or use another name"
+                )
+
+    def exchange_delete(self, exchange: str, if_unused: bool = False, nowait: bool = False) -> None:
+        self.connection.run("delete_exchange", name=exchange)
+
+    def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
+        queue = queue or f"amq.gen-{uuid()}"
+        t = self.connection
+        if passive:
+            if not self._has_queue(queue):
+                raise ChannelError(
+                    f"NOT_FOUND - no queue {queue!r}",
+                    (50, 10),
+                    "Channel.queue_declare",
+                    "404",
+                )
+            return queue_declare_ok_t(queue, self._size(queue), 0)
+        arguments = kwargs.get("arguments") or {}
+        row = t.run(
+            "declare_queue",
+            name=queue,
+            durable=kwargs.get("durable", True),
+            auto_delete=kwargs.get("auto_delete", False),
+            message_ttl=_ms_to_seconds(arguments.get("x-message-ttl")),
+            expires=_ms_to_seconds(arguments.get("x-expires")),
+            arguments=_json(arguments),
+        )
+        return queue_declare_ok_t(queue, row[0] if row else 0, 0)
+
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> None:
+        if if_empty and self._size(queue):
+            return
+        self.connection.run("delete_queue", name=queue)
+
+    def queue_bind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.connection.run(
+            "bind",
+            exchange=exchange or "amq.direct",
+            routing_key=routing_key or "",
+            queue=queue,
+            pattern=topic_pattern(routing_key or ""),
+        )
+
+    def queue_unbind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.connection.run(
+            "unbind",
+            exchange=exchange or "amq.direct",
+            routing_key=routing_key or "",
+            queue=queue,
+        )
+
+    def list_bindings(self) -> Iterable[tuple[str, str, str]]:
+        return [tuple(r) for r in self.connection.run_all("list_bindings")]  # type: ignore[misc]
+
+    def get_exchanges(self) -> list[str]:
+        raise NotImplementedError("list exchanges with SQL: SELECT name FROM <schema>.exchange")
+
+    # --- publishing ---------------------------------------------------------
+
+    def basic_publish(
+        self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any
+    ) -> None:
+        self.connection.publish(message, exchange or "", routing_key or "", self)
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        self.connection.publish(message, "", queue, self)
+
+    def _restore(self, message: Any) -> None:
+        self.connection.requeue([message.delivery_tag])
+
+    def _restore_at_beginning(self, message: Any) -> None:
+        self._restore(message)
+
+    # --- consuming ----------------------------------------------------------
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
+    ) -> Any:
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        self.connection.attach(queue)
+        return result
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self._no_ack_queues.discard(queue)
+            if self.connection is not None:
+                self.connection.detach(queue)
+        return result
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        rows = self.connection.claim(queue, 1, no_ack)
+        if not rows:
+            return None
+        message = self.Message(self.connection.to_raw(rows[0]), channel=self)
+        if not no_ack:
+            self.qos.append(message, message.delivery_tag)
+        return message
+
+    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.connection.ack(delivery_tag)
+        self.qos.ack(delivery_tag)
+
+    def basic_reject(self, delivery_tag: int, requeue: bool = False) -> None:
+        if requeue:
+            self.connection.requeue([delivery_tag])
+        else:
+            self.connection.dead_letter([delivery_tag])
+        self.qos.ack(delivery_tag)
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        rows = self.connection.claim(queue, 1, no_ack=True)
+        if not rows:
+            raise Empty()
+        return self.connection.to_raw(rows[0])
+
+    def _size(self, queue: str) -> int:
+        row = self.connection.run("size", queue=queue)
+        return int(row[0]) if row else 0
+
+    def _purge(self, queue: str) -> int:
+        return self.connection.run_count("purge", queue=queue)
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        row = self.connection.run("queue_exists", name=queue)
+        return bool(row and row[0])
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        self.queue_declare(queue, **kwargs)
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        self.queue_delete(queue)
+
+    def drain_events(self, timeout: float | None = None, callback: Any = None) -> None:
+        self.connection.drain_events(self.connection, timeout=timeout)
+
+
+class Transport(virtual.Transport):
+    Channel = Channel
+
+    default_port = 5432
+    driver_type = "postgresql"
+    driver_name = "psycopg"
+    can_parse_url = True
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+
+    # Celery reconnects on these; psycopg raises OperationalError for lost
+    # connections, server restarts and refused logins, InterfaceError for a
+    # connection that is already closed.
+    connection_errors = (
+        *virtual.Transport.connection_errors,
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+    )
+    channel_errors = (*virtual.Transport.channel_errors,)
+
+    channels: list[Channel]
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self.options = TransportOptions.from_mapping(dict(client.transport_options or {}))
+        self.polling_interval = self.options.polling_interval
+        self.url = _url_of(client)
+        self.queries = queries.for_schema(self.options.schema)
+        self.channel_name = self.options.schema  # NOTIFY channel
+        self._conn: psycopg.Connection | None = None
+        self._lock_class = 0
+        self._lock_oid = 0
+        self.consumer_id: int | None = None
+        self._listening = False
+        self._attached: set[str] = set()
+        # Queues that may have ready messages: set by NOTIFY and by full claims.
+        self._ready: set[str] = set()
+        self._acks: list[int] = []
+        self._loop: Any = None
+        self._loop_thread: int | None = None
+        self._sweep_tref: Any = None
+        self._next_sweep = 0.0
+
+    # --- connection -----------------------------------------------------------
+
+    def establish_connection(self) -> Transport:
+        conn = connect(self.url, connect_timeout=self.client.connect_timeout)
+        try:
+            if self.options.auto_migrate:
+                schema.migrate(conn, self.options.schema)
+            else:
+                schema.require_current(conn, self.options.schema)
+            row = conn.execute(
+                "SELECT to_regnamespace(%s)::oid::bigint", [self.options.schema]
+            ).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        self._lock_oid = int(row[0]) if row else 0
+        # pg_advisory_lock(int4, int4): the schema's oid as a signed int4.
+        self._lock_class = (
+            self._lock_oid - (1 << 32) if self._lock_oid >= 1 << 31 else self._lock_oid
+        )
+        conn.add_notify_handler(self._on_notify)
+        set_json_loads(_load_json, conn)
+        self._conn = conn
+        _forget_after_fork.add(self)
+        return super().establish_connection()
+
+    def close_connection(self, connection: Any) -> None:
+        self._unregister_loop()
+        try:
+            super().close_connection(connection)  # closes channels: requeues their unacked
+            if self._conn is not None and not self._conn.closed:
+                self.flush_acks()
+                if self.consumer_id is not None:
+                    self.run(
+                        "unregister_consumer",
+                        consumer_id=self.consumer_id,
+                        channel=self.channel_name,
+                        lock_class=self._lock_class,
+                    )
+        except psycopg.Error as exc:
+            logger.info("closing after a database error; the sweep recovers the rest: %s", exc)
+        finally:
+            self.consumer_id = None
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            raise psycopg.OperationalError("pgbroker: the connection to PostgreSQL is closed")
+        return self._conn
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        return uri if include_password else mask_password(uri, mask)
+
+    def driver_version(self) -> str:
+        return psycopg.__version__
+
+    # --- running queries ------------------------------------------------------
+
+    def run(self, query: str, /, **params: Any) -> Any:
+        """Run a named query; return its first row (or None)."""
+        cur = self.conn.execute(self.queries[query], params)
+        return cur.fetchone() if cur.description else None
+
+    def run_all(self, query: str, /, **params: Any) -> list[Any]:
+        return self.conn.execute(self.queries[query], params).fetchall()
+
+    def run_count(self, query: str, /, **params: Any) -> int:
+        return self.conn.execute(self.queries[query], params).rowcount
+
+    # --- publishing -------------------------------------------------------------
+
+    def publish(
+        self, message: dict[str, Any], exchange: str, routing_key: str, channel: Channel
+    ) -> None:
+        body = message.get("body") or b""
+        if isinstance(body, str):
+            body = body.encode(message.get("content-encoding") or "utf-8")
+        if len(body) > self.options.max_message_size:
+            raise MessageTooLarge(
+                f"message for exchange {exchange!r} routing key {routing_key!r} is "
+                f"{len(body)} bytes, more than max_message_size={self.options.max_message_size}: "
+                "send a reference to the data instead, or raise the max_message_size "
+                "transport option"
+            )
+        props = message.get("properties") or {}
+        headers = message.get("headers") or {}
+        expiration = props.get("expiration")
+        row = self.run(
+            "publish",
+            exchange=exchange,
+            routing_key=routing_key,
+            priority=channel._get_message_priority(message),
+            ttl=_ms_to_seconds(expiration),
+            persistent=props.get("delivery_mode", 2) != 1,
+            task_id=_text_or_none(headers.get("id")),
+            task_name=_text_or_none(headers.get("task")),
+            content_type=message.get("content-type"),
+            content_encoding=message.get("content-encoding"),
+            headers=Jsonb(headers, dumps=json.dumps),
+            properties=Jsonb(
+                {k: v for k, v in props.items() if k not in _PROPERTIES_NOT_STORED},
+                dumps=json.dumps,
+            ),
+            body=body,
+            channel=self.channel_name,
+        )
+        if row and row[0] == 0 and row[1]:
+            logger.warning(
+                "message to exchange %r with routing key %r matched no queue; "
+                "kept in the dead_letter table",
+                exchange,
+                routing_key,
+            )
+
+    # --- consuming --------------------------------------------------------------
+
+    def _ensure_consumer(self) -> int:
+        if self.consumer_id is None:
+            row = self.run(
+                "register_consumer",
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                lock_class=self._lock_class,
+            )
+            self.consumer_id = int(row[0])
+        return self.consumer_id
+
+    def attach(self, queue: str) -> None:
+        consumer_id = self._ensure_consumer()
+        if not self._listening:
+            self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel_name)))
+            self._listening = True
+        if queue not in self._attached:
+            self.run("attach_queue", consumer_id=consumer_id, queue=queue)
+            self._attached.add(queue)
+        self._ready.add(queue)
+
+    def detach(self, queue: str) -> None:
+        if queue in self._attached and self.consumer_id is not None:
+            self._attached.discard(queue)
+            self._ready.discard(queue)
+            self.run("detach_queue", consumer_id=self.consumer_id, queue=queue)
+
+    def claim(self, queue: str, limit: int, no_ack: bool) -> list[Any]:
+        if no_ack:
+            return self.run_all("claim_no_ack", queue=queue, limit=limit)
+        return self.run_all("claim", queue=queue, limit=limit, consumer_id=self._ensure_consumer())
+
+    def to_raw(self, row: Any) -> dict[str, Any]:
+        """A claimed row as the message dict Kombu's virtual channel expects."""
+        (
+            id_,
+            priority,
+            delivery_count,
+            exchange,
+            routing_key,
+            content_type,
+            content_encoding,
+            headers,
+            properties,
+            body,
+        ) = row
+        props = properties
+        redelivered = delivery_count > 1
+        props.update(
+            delivery_tag=id_,
+            body_encoding=None,
+            delivery_info={
+                "exchange": exchange,
+                "routing_key": routing_key,
+                "priority": priority,
+                "redelivered": redelivered,
+            },
+        )
+        return {
+            "body": bytes(body),
+            "content-type": content_type,
+            "content-encoding": content_encoding,
+            "headers": headers,
+            "properties": props,
+            "redelivered": redelivered,
+        }
+
+    def claim_and_deliver(self) -> int:
+        """Claim from queues that may have work, up to each channel's free
+        prefetch, and hand the messages to their consumers."""
+        self.flush_acks()
+        delivered = 0
+        for channel in list(self.channels):
+            for queue in list(channel._active_queues):
+                if queue not in self._ready:
+                    continue
+                no_ack = queue in channel._no_ack_queues
+                limit = UNLIMITED_CLAIM if no_ack else channel.qos.can_consume_max_estimate()
+                if limit is None:
+                    limit = UNLIMITED_CLAIM
+                if limit <= 0:
+                    break
+                rows = self.claim(queue, limit, no_ack)
+                if len(rows) < limit:
+                    self._ready.discard(queue)
+                rows.sort(key=lambda r: (-r[1], r[0]))
+                for row in rows:
+                    self._deliver(self.to_raw(row), queue)
+                delivered += len(rows)
+        return delivered
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        """Deliver at least one message, or raise ``socket.timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.maybe_sweep()
+            if self.claim_and_deliver():
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError()
+            wait = (
+                self.polling_interval
+                if remaining is None
+                else min(remaining, self.polling_interval)
+            )
+            readable, _, _ = select.select([self.conn.fileno()], [], [], max(wait, 0))
+            if readable:
+                self.read_notifies()
+
+    # --- notifications ------------------------------------------------------------
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        if notify.channel == self.channel_name and notify.payload in self._attached:
+            self._ready.add(notify.payload)
+
+    def read_notifies(self) -> None:
+        """Read notifications that arrived while idle, without a query."""
+        conn = self.conn
+        with conn.lock:
+            pgconn = conn.pgconn
+            pgconn.consume_input()
+            enc = conn.info.encoding
+            while (n := pgconn.notifies()) is not None:
+                self._on_notify(
+                    psycopg.Notify(n.relname.decode(enc), n.extra.decode(enc), n.be_pid)
+                )
+        if pgconn.status != psycopg.pq.ConnStatus.OK:
+            raise psycopg.OperationalError("pgbroker: the connection to PostgreSQL was lost")
+
+    # --- acks -----------------------------------------------------------------------
+
+    def ack(self, delivery_tag: int) -> None:
+        self._acks.append(delivery_tag)
+        # In the event loop, acks wait for the end of the tick and go in one
+        # statement; from anywhere else they are written at once.
+        if self._loop is None or threading.get_ident() != self._loop_thread:
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        if self._acks and self.consumer_id is not None:
+            ids, self._acks = self._acks, []
+            self.run_count("ack", ids=ids, consumer_id=self.consumer_id)
+
+    def requeue(self, delivery_tags: list[int]) -> None:
+        if self.consumer_id is not None:
+            self.run(
+                "requeue",
+                ids=list(delivery_tags),
+                consumer_id=self.consumer_id,
+                channel=self.channel_name,
+            )
+
+    def dead_letter(self, delivery_tags: list[int]) -> None:
+        if self.consumer_id is not None:
+            self.run_count("reject", ids=list(delivery_tags), consumer_id=self.consumer_id)
+
+    # --- sweep ------------------------------------------------------------------------
+
+    def sweep(self) -> tuple[int, int, int]:
+        """Recover dead consumers' messages, drop expired messages and queues."""
+        row = self.run("sweep", lock_oid=self._lock_oid, channel=self.channel_name)
+        requeued, expired_messages, expired_queues = int(row[0]), int(row[1]), int(row[2])
+        if requeued:
+            logger.warning(
+                "requeued %d message(s) held by consumers whose sessions ended", requeued
+            )
+        if expired_messages or expired_queues:
+            logger.debug(
+                "removed %d expired message(s), %d expired queue(s)",
+                expired_messages,
+                expired_queues,
+            )
+        return requeued, expired_messages, expired_queues
+
+    def maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if self.consumer_id is not None and now >= self._next_sweep:
+            self._next_sweep = now + self.options.sweep_interval
+            self.sweep()
+
+    # --- event loop ---------------------------------------------------------------------
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        self._unregister_loop()
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        loop.add_reader(self.conn.fileno(), self._on_readable)
+        loop.on_tick.add(self._on_tick)
+        self._sweep_tref = loop.call_repeatedly(self.options.sweep_interval, self._on_sweep_timer)
+
+    def _unregister_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.on_tick.discard(self._on_tick)
+        if self._conn is not None and not self._conn.closed:
+            loop.remove_reader(self._conn.fileno())
+        if self._sweep_tref is not None:
+            self._sweep_tref.cancel()
+            self._sweep_tref = None
+
+    def _on_readable(self) -> None:
+        self.read_notifies()
+        self.claim_and_deliver()
+
+    def _on_tick(self) -> None:
+        if self._acks:
+            self.flush_acks()
+        if self._ready:
+            self.claim_and_deliver()
+
+    def _on_sweep_timer(self) -> None:
+        if self.consumer_id is not None:
+            self.sweep()
+
+
+def _url_of(client: Any) -> str:
+    # With can_parse_url, Kombu hands over the whole URL as the hostname.
+    url = client.hostname or ""
+    if "://" not in url:
+        url = "postgresql://" + (url or "localhost")
+    return url
+
+
+def _ms_to_seconds(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    return float(value) / 1000.0
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _json(value: Any) -> Jsonb | None:
+    return Jsonb(value, dumps=json.dumps) if value else None
+
+
+def _load_json(data: bytes | bytearray | memoryview) -> Any:
+    # kombu.utils.json turns {"__type__": "datetime", ...} back into objects.
+    return json.loads(bytes(data))
+
+
+class _ForgetAfterFork:
+    """A forked child (prefork pool) must not keep the parent's sessions
+    open: if the parent is SIGKILLed, its sessions must end with it, so that
+    the sweep sees the consumer dead. The child closes its copy of each
+    socket; psycopg does not send a Terminate from a child process."""
+
+    def __init__(self) -> None:
+        self._transports: weakref.WeakSet[Transport] = weakref.WeakSet()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def add(self, transport: Transport) -> None:
+        self._transports.add(transport)
+
+    def _after_fork(self) -> None:
+        for transport in list(self._transports):
+            conn = transport._conn
+            transport._conn = None
+            transport._loop = None
+            transport.consumer_id = None
+            if conn is not None and not conn.closed:
+                with contextlib.suppress(OSError):
+                    os.close(conn.pgconn.socket)
+        self._transports = weakref.WeakSet()
+
+
+_forget_after_fork = _ForgetAfterFork()
