@@ -1,8 +1,19 @@
-"""Opening connections, with errors that say what to fix."""
+"""Opening connections, with errors that say what to fix.
+
+Two kinds of failure, two error classes:
+
+* the server cannot be reached or refuses the login (down, restarting,
+  wrong password, missing database): :class:`~pgbroker.errors.DatabaseUnavailable`,
+  a ``psycopg.OperationalError``, so Kombu and Celery retry it;
+* the URL itself is wrong (malformed, invalid libpq parameter): a
+  :class:`~pgbroker.errors.ConfigurationError`, which retrying cannot fix.
+
+Messages name where we connect as ``user@host:port/database`` and never
+contain the password.
+"""
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
@@ -10,10 +21,10 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict
 
-from pgbroker.errors import DatabaseUnavailable
-from pgbroker.urls import to_conninfo
+from pgbroker.errors import ConfigurationError, DatabaseUnavailable
+from pgbroker.urls import mask_password, redact, to_conninfo
 
-logger = logging.getLogger("pgbroker")
+LIBPQ_PARAMS_DOC = "https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS"
 
 
 def default_application_name() -> str:
@@ -29,7 +40,7 @@ def connect(
     ``application_name`` are only defaults.
     """
     conninfo = to_conninfo(url)
-    given = _params(conninfo)
+    given = _params(url, conninfo)
     defaults: dict[str, object] = {}
     if "application_name" not in given:
         defaults["application_name"] = default_application_name()
@@ -38,64 +49,127 @@ def connect(
     try:
         return psycopg.connect(conninfo, autocommit=autocommit, **defaults)  # type: ignore[arg-type]
     except psycopg.OperationalError as exc:
-        raise explain_connect_error(exc, given) from None
-
-
-def _params(conninfo: str) -> dict[str, str]:
-    try:
-        return {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}
+        raise explain_connect_error(exc, given, url) from None
     except psycopg.ProgrammingError as exc:
-        # psycopg's message quotes the conninfo; keep only the reason.
-        reason = str(exc).split(":", 1)[0]
-        raise DatabaseUnavailable(f"invalid PostgreSQL URL: {reason}") from None
+        # psycopg checks some values itself ("bad value for connect_timeout").
+        raise _bad_url(url, str(exc)) from None
+
+
+def _params(url: str, conninfo: str) -> dict[str, str]:
+    try:
+        params = {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}
+    except psycopg.ProgrammingError as exc:
+        raise _bad_url(url, str(exc)) from None
+    port = params.get("port", "")
+    if port and not all(p.strip().isdigit() for p in port.split(",")):
+        # Often an unencoded '/' in the password: libpq then reads
+        # "user:pass/word@host" as host "user", port "pass". Do not echo it.
+        raise _bad_url(
+            url,
+            "the port is not a number (if the password contains '/', '?', '#' or '@', "
+            "percent-encode them: %2F %3F %23 %40)",
+        )
+    return params
+
+
+def _bad_url(url: str, reason: str) -> ConfigurationError:
+    reason = redact(reason.strip().splitlines()[0] if reason.strip() else "", url)
+    return ConfigurationError(
+        f"invalid PostgreSQL URL {mask_password(url)!r}: {reason}. "
+        f"libpq parameters are listed at {LIBPQ_PARAMS_DOC}"
+    )
 
 
 def describe(params: dict[str, str]) -> str:
     """Where we connect, without the password: 'user@host:port/db'."""
     host = params.get("host") or os.environ.get("PGHOST") or "localhost"
     port = params.get("port") or os.environ.get("PGPORT") or "5432"
-    user = params.get("user") or os.environ.get("PGUSER") or "(default user)"
+    user = params.get("user") or os.environ.get("PGUSER") or _os_user()
     dbname = params.get("dbname") or os.environ.get("PGDATABASE") or user
     return f"{user}@{host}:{port}/{dbname}"
 
 
+def _os_user() -> str:
+    # libpq's default user is the operating system user.
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:
+        return "(default user)"
+
+
 def explain_connect_error(
-    exc: psycopg.OperationalError, params: dict[str, str]
-) -> DatabaseUnavailable:
+    exc: psycopg.OperationalError, params: dict[str, str], url: str = ""
+) -> DatabaseUnavailable | ConfigurationError:
+    """Turn psycopg's connection error into one that names the fix."""
+    text = str(exc)
+    detail = _detail(text)
+    low = text.lower()
+    if url and detail.startswith("invalid "):
+        # libpq rejected a parameter value (sslmode, port...): a URL mistake.
+        return _bad_url(url, detail)
     where = describe(params)
     sqlstate = getattr(exc, "sqlstate", None)
-    text = str(exc)
-    if sqlstate == "28P01" or "password authentication failed" in text:
+    dbname = params.get("dbname") or where.rsplit("/", 1)[-1]
+    if sqlstate == "28P01" or "password authentication failed" in low:
         fix = (
             "the server refused the password: fix the password in the URL "
-            "(or PGPASSWORD / ~/.pgpass)"
+            "(or in PGPASSWORD / ~/.pgpass)"
         )
-    elif sqlstate == "3D000" or ("database" in text and "does not exist" in text):
+    elif "no password supplied" in low:
         fix = (
-            f"the database does not exist: create it (createdb {params.get('dbname', '')}) "
+            "the server wants a password and none was given: put it in the URL "
+            "(postgresql://user:PASSWORD@host/db) or in PGPASSWORD / ~/.pgpass"
+        )
+    elif sqlstate == "3D000" or ("database" in low and "does not exist" in low):
+        fix = (
+            f"the database does not exist: create it (createdb {dbname}) "
             "or fix the database name in the URL"
         )
-    elif (
-        sqlstate == "28000"
-        or "no pg_hba.conf entry" in text
-        or ("role" in text and "does not exist" in text)
-    ):
-        fix = "the server refused this user: check the user name and the server's pg_hba.conf"
-    elif "Connection refused" in text or "No such file or directory" in text:
+    elif "role" in low and "does not exist" in low:
+        fix = (
+            "the user does not exist on the server: fix the user name in the URL, "
+            "or create the role"
+        )
+    elif sqlstate == "28000" or "no pg_hba.conf entry" in low:
+        fix = (
+            "the server does not allow this user/host/database combination: "
+            "add a line to the server's pg_hba.conf, or connect as another user"
+        )
+    elif "could not translate host name" in low or "failed to resolve host" in low:
+        fix = "the host name does not resolve: fix the host in the URL"
+    elif "connection refused" in low or "no such file or directory" in low:
         fix = (
             "nothing accepts connections there: is PostgreSQL running, and are the "
             "host and port in the URL right?"
         )
-    elif "timeout" in text.lower():
+    elif "starting up" in low or "shutting down" in low or "recovery mode" in low:
+        fix = "the server is starting up or shutting down: retry in a moment"
+    elif sqlstate == "53300" or ("too many" in low and "connections" in low):
+        fix = (
+            "the server has no free connection slots: raise max_connections, use "
+            "fewer worker processes, or put PgBouncer (session mode) in front"
+        )
+    elif "ssl" in low:
+        fix = "SSL negotiation failed: check sslmode in the URL and the server's SSL settings"
+    elif "timeout" in low or "timed out" in low:
         fix = "the server did not answer in time: check the host, the network and firewalls"
-    elif "could not translate host name" in text:
-        fix = "the host name does not resolve: fix the host in the URL"
     else:
         fix = "check the URL and that the server is up"
-    first_line = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
-    err = DatabaseUnavailable(f"cannot connect to PostgreSQL at {where}: {fix} ({first_line})")
-    err.__cause__ = None
-    return err
+    return DatabaseUnavailable(f"cannot connect to PostgreSQL at {where}: {fix} ({detail})")
+
+
+def _detail(text: str) -> str:
+    """The informative line of a libpq error, without psycopg's prefix."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "no detail"
+    line = lines[0]
+    for prefix in ("connection failed: ", "connection is bad: "):
+        if line.startswith(prefix):
+            line = line[len(prefix) :]
+    return " ".join(line.split())
 
 
 def is_privilege_error(exc: BaseException) -> bool:

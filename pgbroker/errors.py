@@ -2,8 +2,11 @@
 
 Connection problems subclass psycopg's ``OperationalError`` so that Kombu and
 Celery, which list psycopg's errors in ``connection_errors``, retry them.
+Everything else (a wrong URL or option, a schema the role may not create or
+use, an oversized message) is deliberately not a connection error: retrying
+cannot fix it, so the worker stops with the message instead of looping.
 Messages never contain a password: they are built from the host, port, user
-and database only.
+and database only, and URLs are shown masked.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ class DatabaseUnavailable(PgBrokerError, psycopg.OperationalError):
 
 
 class SchemaError(PgBrokerError):
-    """The pgbroker schema is missing, outdated or cannot be created."""
+    """The pgbroker schema is missing, outdated, or cannot be created or used
+    by this role; the message says what to run or to GRANT."""
 
 
 class MessageTooLarge(PgBrokerError, ValueError):

@@ -5,7 +5,10 @@ Set them in Celery's ``broker_transport_options`` (or Kombu's
 
     broker_transport_options = {"schema": "jobs", "sweep_interval": 5}
 
-An unknown option is an error, so a typo does not pass silently.
+An unknown option is an error, so a typo does not pass silently. Kombu's own
+connection-retry options (``max_retries``, ``interval_start``...) are
+accepted and left to Kombu: Celery and ``Producer.publish(retry=True)`` put
+them in the same dictionary.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any
 from pgbroker.errors import ConfigurationError
 
 MiB = 1024 * 1024
+
+_WHERE = "broker_transport_options"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,34 +43,70 @@ class TransportOptions:
     @classmethod
     def from_mapping(cls, given: dict[str, Any]) -> TransportOptions:
         known = {f.name: f for f in dataclasses.fields(cls)}
-        for name in given:
+        ours = {}
+        for name, value in given.items():
             if name in known:
-                continue
-            if name in NOT_NEEDED:
+                ours[name] = value
+            elif name in KOMBU_OPTIONS:
+                continue  # Kombu reads these from the same dictionary
+            elif name in NOT_NEEDED:
+                raise ConfigurationError(f"{_WHERE}: {name!r} {NOT_NEEDED[name]}; remove it")
+            else:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ConfigurationError(
-                    f"broker_transport_options: {name!r} {NOT_NEEDED[name]}; remove it"
+                    f"{_WHERE}: unknown option {name!r}.{hint} "
+                    f"pgbroker takes: {', '.join(sorted(known))} (see pgbroker.options)."
                 )
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigurationError(
-                f"broker_transport_options: unknown option {name!r}.{hint} "
-                f"pgbroker takes: {', '.join(sorted(known))} (see pgbroker.options)."
-            )
-        options = cls(**given)
-        if not options.schema or len(options.schema.encode()) > 63:
-            raise ConfigurationError(
-                "broker_transport_options: 'schema' must be 1 to 63 bytes long"
-            )
-        if options.sweep_interval <= 0:
-            raise ConfigurationError("broker_transport_options: 'sweep_interval' must be > 0")
+        options = cls(**ours)
+        options._check()
         return options
 
+    def _check(self) -> None:
+        if not isinstance(self.schema, str) or not 1 <= len(self.schema.encode()) <= 63:
+            raise ConfigurationError(
+                f"{_WHERE}: 'schema' must be a name of 1 to 63 bytes, got {self.schema!r}"
+            )
+        if not isinstance(self.auto_migrate, bool):
+            raise ConfigurationError(
+                f"{_WHERE}: 'auto_migrate' must be True or False, got {self.auto_migrate!r}"
+            )
+        _positive("sweep_interval", self.sweep_interval)
+        _positive("polling_interval", self.polling_interval)
+        _positive("max_message_size", self.max_message_size, integer=True)
+
+
+def _positive(name: str, value: Any, *, integer: bool = False) -> None:
+    kinds: tuple[type[int] | type[float], ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        what = "a whole number of bytes" if integer else "a number of seconds"
+        raise ConfigurationError(f"{_WHERE}: {name!r} must be {what} > 0, got {value!r}")
+
+
+#: Options Kombu itself reads from ``transport_options`` (connection retry
+#: policy; ``Producer.publish(retry=True, retry_policy=...)`` copies its
+#: policy in). pgbroker ignores them and Kombu applies them.
+KOMBU_OPTIONS = frozenset(
+    {
+        "max_retries",
+        "interval_start",
+        "interval_step",
+        "interval_max",
+        "connect_retries_timeout",
+        "errback",
+        "callback",
+        "on_revive",
+        "retry_errors",
+        "timeout",
+    }
+)
 
 #: Options other transports take that pgbroker does not need.
 NOT_NEEDED = {
     "visibility_timeout": (
-        "is a Redis/SQS option: pgbroker hands back a dead consumer's messages "
-        "within one sweep_interval and never steals them from a live one"
+        "is a Redis/SQS option and is not needed: pgbroker hands back a dead "
+        "consumer's messages within one sweep_interval and never takes them "
+        "from a live one, however long its tasks run"
     ),
     "unacked_restore_interval": "is a Redis option: see sweep_interval",
     "fanout_prefix": "is a Redis option: pgbroker keeps bindings in PostgreSQL",
@@ -73,4 +114,21 @@ NOT_NEEDED = {
     "priority_steps": "is a Redis option: pgbroker supports priorities 0-9 natively",
     "sep": "is a Redis option",
     "queue_order_strategy": "is a Redis option: pgbroker serves by priority, then FIFO",
+    "global_keyprefix": "is a Redis option: use the 'schema' option to separate apps",
+    "socket_timeout": (
+        "is a Redis option: set libpq's connect_timeout in the URL "
+        "(?connect_timeout=5) or Celery's broker_connection_timeout"
+    ),
+    "socket_connect_timeout": (
+        "is a Redis option: set libpq's connect_timeout in the URL "
+        "(?connect_timeout=5) or Celery's broker_connection_timeout"
+    ),
+    "health_check_interval": (
+        "is a Redis option: pgbroker notices a lost session at once (LISTEN socket); "
+        "for dead networks set libpq's keepalives_idle in the URL"
+    ),
+    "max_connections": "is a Redis option: pgbroker uses one session per connection",
+    "confirm_publish": "is an AMQP option: every pgbroker publish is committed when it returns",
+    "body_encoding": "is not needed: pgbroker stores message bodies as bytes",
+    "deadletter_queue": "is not needed: pgbroker keeps dead letters in its dead_letter table",
 }

