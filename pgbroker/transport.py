@@ -40,6 +40,7 @@ from typing import Any
 import psycopg
 from kombu.exceptions import ChannelError
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.base import queue_declare_ok_t
 from kombu.utils import json
 from kombu.utils.uuid import uuid
@@ -54,6 +55,23 @@ from pgbroker.routing import topic_pattern
 from pgbroker.urls import mask_password
 
 logger = logging.getLogger("pgbroker")
+
+#: Kombu's own connection and retry options. They share the transport
+#: options dict (``Producer.publish(retry=True)`` even copies its retry
+#: policy into it), so they are not pgbroker options and are not refused.
+KOMBU_CONNECTION_OPTIONS = frozenset(
+    {
+        "max_retries",
+        "interval_start",
+        "interval_step",
+        "interval_max",
+        "connect_retries_timeout",
+        "errback",
+        "callback",
+        "retry_errors",
+        "timeout",
+    }
+)
 
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
@@ -146,6 +164,11 @@ class Channel(virtual.Channel):
 
     def exchange_delete(self, exchange: str, if_unused: bool = False, nowait: bool = False) -> None:
         self.connection.run("delete_exchange", name=exchange)
+
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
+        # Queue(message_ttl=..., expires=...) become x-message-ttl and
+        # x-expires (ms), as for AMQP; the base channel would drop them.
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
 
     def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
         queue = queue or f"amq.gen-{uuid()}"
@@ -328,7 +351,10 @@ class Transport(virtual.Transport):
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
-        self.options = TransportOptions.from_mapping(dict(client.transport_options or {}))
+        given = client.transport_options or {}
+        self.options = TransportOptions.from_mapping(
+            {k: v for k, v in given.items() if k not in KOMBU_CONNECTION_OPTIONS}
+        )
         self.polling_interval = self.options.polling_interval
         self.url = _url_of(client)
         self.queries = queries.for_schema(self.options.schema)
@@ -346,6 +372,8 @@ class Transport(virtual.Transport):
         self._loop_thread: int | None = None
         self._sweep_tref: Any = None
         self._next_sweep = 0.0
+        self._turn = 0  # round robin over consumed queues
+        self._woken = False  # a NOTIFY marked a queue ready
 
     # --- connection -----------------------------------------------------------
 
@@ -357,7 +385,8 @@ class Transport(virtual.Transport):
             else:
                 schema.require_current(conn, self.options.schema)
             row = conn.execute(
-                "SELECT to_regnamespace(%s)::oid::bigint", [self.options.schema]
+                # Not to_regnamespace(): it case-folds and parses quotes.
+                "SELECT oid::bigint FROM pg_namespace WHERE nspname = %s", [self.options.schema]
             ).fetchone()
         except BaseException:
             conn.close()
@@ -538,22 +567,37 @@ class Transport(virtual.Transport):
         prefetch, and hand the messages to their consumers."""
         self.flush_acks()
         delivered = 0
-        for channel in list(self.channels):
-            for queue in list(channel._active_queues):
-                if queue not in self._ready:
-                    continue
-                no_ack = queue in channel._no_ack_queues
-                limit = UNLIMITED_CLAIM if no_ack else channel.qos.can_consume_max_estimate()
-                if limit is None:
-                    limit = UNLIMITED_CLAIM
-                if limit <= 0:
-                    break
+        consuming = [(c, q) for c in list(self.channels) for q in list(c._active_queues)]
+        # Start one queue further each time, so that a backlog on the first
+        # queue cannot take all the prefetch capacity forever.
+        self._turn += 1
+        start = self._turn % len(consuming) if consuming else 0
+        for channel, queue in consuming[start:] + consuming[:start]:
+            if queue not in self._ready:
+                continue
+            no_ack = queue in channel._no_ack_queues
+            limit = UNLIMITED_CLAIM if no_ack else channel.qos.can_consume_max_estimate()
+            if limit is None:
+                limit = UNLIMITED_CLAIM
+            if limit > 0:
+                # Clear the flag before claiming: a NOTIFY that arrives with
+                # the claim's reply (a message committed after the claim's
+                # snapshot) sets it again and must not be lost.
+                self._ready.discard(queue)
                 rows = self.claim(queue, limit, no_ack)
-                if len(rows) < limit:
-                    self._ready.discard(queue)
+                if len(rows) >= limit:
+                    self._ready.add(queue)
                 rows.sort(key=lambda r: (-r[1], r[0]))
-                for row in rows:
-                    self._deliver(self.to_raw(row), queue)
+                for i, row in enumerate(rows):
+                    try:
+                        self._deliver(self.to_raw(row), queue)
+                    except BaseException:
+                        # The callback raised: the rest of this claim was never
+                        # handed over, so give it back rather than hold it
+                        # until the connection closes.
+                        if not no_ack and i + 1 < len(rows):
+                            self.unclaim([r[0] for r in rows[i + 1 :]])
+                        raise
                 delivered += len(rows)
         return delivered
 
@@ -561,9 +605,12 @@ class Transport(virtual.Transport):
         """Deliver at least one message, or raise ``socket.timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            self._woken = False
             self.maybe_sweep()
             if self.claim_and_deliver():
                 return
+            if self._woken:
+                continue  # a NOTIFY came with the reply to one of our queries
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError()
@@ -572,6 +619,9 @@ class Transport(virtual.Transport):
                 if remaining is None
                 else min(remaining, self.polling_interval)
             )
+            if self.consumer_id is not None:
+                # Wake up for the next sweep, which may be due before the poll.
+                wait = min(wait, self._next_sweep - time.monotonic())
             readable, _, _ = select.select([self.conn.fileno()], [], [], max(wait, 0))
             if readable:
                 self.read_notifies()
@@ -581,6 +631,7 @@ class Transport(virtual.Transport):
     def _on_notify(self, notify: psycopg.Notify) -> None:
         if notify.channel == self.channel_name and notify.payload in self._attached:
             self._ready.add(notify.payload)
+            self._woken = True
 
     def read_notifies(self) -> None:
         """Read notifications that arrived while idle, without a query."""
@@ -606,14 +657,29 @@ class Transport(virtual.Transport):
             self.flush_acks()
 
     def flush_acks(self) -> None:
-        if self._acks and self.consumer_id is not None:
-            ids, self._acks = self._acks, []
+        if not self._acks:
+            return
+        ids, self._acks = self._acks, []
+        # Without a consumer (a new session after a reconnect) this session
+        # holds nothing: the messages went back to their queues and the
+        # fenced ack could not remove them anyway.
+        if self.consumer_id is not None:
             self.run_count("ack", ids=ids, consumer_id=self.consumer_id)
 
     def requeue(self, delivery_tags: list[int]) -> None:
         if self.consumer_id is not None:
             self.run(
                 "requeue",
+                ids=list(delivery_tags),
+                consumer_id=self.consumer_id,
+                channel=self.channel_name,
+            )
+
+    def unclaim(self, delivery_tags: list[int]) -> None:
+        """Hand back claimed messages that were never delivered."""
+        if self.consumer_id is not None:
+            self.run(
+                "unclaim",
                 ids=list(delivery_tags),
                 consumer_id=self.consumer_id,
                 channel=self.channel_name,
@@ -656,6 +722,10 @@ class Transport(virtual.Transport):
         loop.add_reader(self.conn.fileno(), self._on_readable)
         loop.on_tick.add(self._on_tick)
         self._sweep_tref = loop.call_repeatedly(self.options.sweep_interval, self._on_sweep_timer)
+        # Sweep once at start too, as drain_events does: a worker restarted
+        # after a crash takes back the dead workers' messages at once, not
+        # one sweep_interval later.
+        loop.call_soon(self._on_sweep_timer)
 
     def _unregister_loop(self) -> None:
         loop, self._loop = self._loop, None
@@ -675,8 +745,14 @@ class Transport(virtual.Transport):
     def _on_tick(self) -> None:
         if self._acks:
             self.flush_acks()
-        if self._ready:
-            self.claim_and_deliver()
+        if self._ready and self.claim_and_deliver():
+            # Celery's prefork pool sends queued tasks to its children from
+            # its own on_tick callback, which may already have run in this
+            # tick: wake the loop so that its next tick does, instead of the
+            # tasks waiting for the next timer or I/O event (up to seconds).
+            waker = getattr(self._loop, "_waker", None)  # kombu 5.7 Hub
+            if waker is not None:
+                waker.wake()
 
     def _on_sweep_timer(self) -> None:
         if self.consumer_id is not None:

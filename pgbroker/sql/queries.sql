@@ -53,11 +53,16 @@ RETURNING (SELECT count(*) FROM {schema}.message m
 SELECT EXISTS (SELECT 1 FROM {schema}.queue WHERE name = %(name)s);
 
 -- name: delete_queue
--- Bindings go with the queue (foreign key); so do its messages.
+-- Bindings go with the queue (foreign key); so do its messages, ready and
+-- not ready, each found through its partial index.
 WITH gone AS (
     DELETE FROM {schema}.queue WHERE name = %(name)s RETURNING name
+), ready AS (
+    DELETE FROM {schema}.message
+    WHERE queue = %(name)s AND state = 'ready' AND EXISTS (SELECT 1 FROM gone)
 )
-DELETE FROM {schema}.message WHERE queue IN (SELECT name FROM gone);
+DELETE FROM {schema}.message
+WHERE queue = %(name)s AND state <> 'ready' AND EXISTS (SELECT 1 FROM gone);
 
 -- name: bind
 INSERT INTO {schema}.binding (exchange, routing_key, queue, pattern)
@@ -117,9 +122,16 @@ SELECT (SELECT count(*) FROM stored) AS routed,
 
 -- name: claim
 -- Reserve up to `limit` ready messages of one queue for this consumer, in
--- service order (priority 9 first, then oldest first). SKIP LOCKED lets
--- many consumers claim from one queue without waiting on each other.
-WITH next AS (
+-- service order (priority 9 first, then oldest first). The inner SELECT walks
+-- the message_ready index and stops at `limit`; SKIP LOCKED lets many
+-- consumers claim from one queue without waiting on each other. The ids go
+-- through an array rather than a join, so that even a generic plan (which
+-- cannot know `limit`) fetches them by primary key instead of hashing the
+-- whole table.
+UPDATE {schema}.message m
+SET state = 'reserved', consumer_id = %(consumer_id)s, claimed_at = now(),
+    delivery_count = m.delivery_count + 1
+WHERE m.id = ANY (ARRAY (
     SELECT id
     FROM {schema}.message
     WHERE queue = %(queue)s AND state = 'ready'
@@ -127,19 +139,15 @@ WITH next AS (
     ORDER BY priority DESC, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-)
-UPDATE {schema}.message m
-SET state = 'reserved', consumer_id = %(consumer_id)s, claimed_at = now(),
-    delivery_count = m.delivery_count + 1
-FROM next
-WHERE m.id = next.id
+))
 RETURNING m.id, m.priority, m.delivery_count, m.exchange, m.routing_key,
           m.content_type, m.content_encoding, m.headers, m.properties, m.body;
 
 -- name: claim_no_ack
 -- The same for consumers that do not acknowledge (pidbox, events): the
 -- message is removed as it is handed over.
-WITH next AS (
+DELETE FROM {schema}.message m
+WHERE m.id = ANY (ARRAY (
     SELECT id
     FROM {schema}.message
     WHERE queue = %(queue)s AND state = 'ready'
@@ -147,10 +155,7 @@ WITH next AS (
     ORDER BY priority DESC, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-)
-DELETE FROM {schema}.message m
-USING next
-WHERE m.id = next.id
+))
 RETURNING m.id, m.priority, m.delivery_count + 1, m.exchange, m.routing_key,
           m.content_type, m.content_encoding, m.headers, m.properties, m.body;
 
@@ -164,6 +169,17 @@ WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s;
 WITH back AS (
     UPDATE {schema}.message
     SET state = 'ready', consumer_id = NULL
+    WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s
+    RETURNING queue
+)
+SELECT count(pg_notify(%(channel)s, b.queue)) FROM (SELECT DISTINCT queue FROM back) b;
+
+-- name: unclaim
+-- Like requeue, for messages claimed but never handed to the application
+-- (its callback raised first): this delivery does not count.
+WITH back AS (
+    UPDATE {schema}.message
+    SET state = 'ready', consumer_id = NULL, delivery_count = delivery_count - 1
     WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s
     RETURNING queue
 )
@@ -211,9 +227,11 @@ WHERE consumer_id = %(consumer_id)s AND queue = %(queue)s;
 --    redelivery. Only rows still owned by a dead consumer are touched, so a
 --    message a live consumer has since claimed is never taken from it.
 -- 2. expired ready messages (TTL) are removed;
--- 3. queues unused for longer than their x-expires are removed, with their
---    ready messages; a queue whose consumer just died gets a fresh
---    last_used_at instead, so its expiry counts from the death.
+-- 3. queues unused for longer than their x-expires are removed with all
+--    their messages (as AMQP deletes a queue's unacked messages with it, so
+--    none is left behind in a queue that no longer exists); a queue whose
+--    consumer just died gets a fresh last_used_at instead, so its expiry
+--    counts from the death.
 WITH dead AS (
     SELECT c.id
     FROM {schema}.consumer c
@@ -223,11 +241,17 @@ WITH dead AS (
           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND l.classid = %(lock_oid)s::oid
           AND l.objid = c.id::oid AND l.objsubid = 2 AND l.granted)
+), expired_queues AS (
+    DELETE FROM {schema}.queue q
+    WHERE q.expires IS NOT NULL AND q.last_used_at + q.expires < now()
+      AND NOT EXISTS (SELECT 1 FROM {schema}.consumer_queue cq WHERE cq.queue = q.name)
+    RETURNING q.name
 ), requeued AS (
     UPDATE {schema}.message m
     SET state = 'ready', consumer_id = NULL
     FROM dead
     WHERE m.state = 'reserved' AND m.consumer_id = dead.id
+      AND m.queue NOT IN (SELECT name FROM expired_queues)
     RETURNING m.id, m.queue, m.task_id, m.delivery_count, dead.id AS consumer_id
 ), logged AS (
     INSERT INTO {schema}.redelivery (reason, message_id, queue, task_id, consumer_id, delivery_count)
@@ -238,14 +262,13 @@ WITH dead AS (
     UPDATE {schema}.queue q SET last_used_at = now()
     FROM {schema}.consumer_queue cq JOIN dead ON dead.id = cq.consumer_id
     WHERE q.name = cq.queue AND q.expires IS NOT NULL
-), expired_queues AS (
-    DELETE FROM {schema}.queue q
-    WHERE q.expires IS NOT NULL AND q.last_used_at + q.expires < now()
-      AND NOT EXISTS (SELECT 1 FROM {schema}.consumer_queue cq WHERE cq.queue = q.name)
-    RETURNING q.name
-), dropped AS (
+), dropped_ready AS (
+    -- (Two statements so that each uses its partial index.)
     DELETE FROM {schema}.message m
-    WHERE m.queue IN (SELECT name FROM expired_queues) AND m.state <> 'reserved'
+    WHERE m.queue IN (SELECT name FROM expired_queues) AND m.state = 'ready'
+), dropped_unready AS (
+    DELETE FROM {schema}.message m
+    WHERE m.queue IN (SELECT name FROM expired_queues) AND m.state <> 'ready'
 ), expired_messages AS (
     DELETE FROM {schema}.message m
     WHERE m.expires_at <= now() AND m.state = 'ready'

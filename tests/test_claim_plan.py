@@ -1,0 +1,190 @@
+"""Query plans: the hot statements use their indexes on a large table.
+
+The claim must walk the ``message_ready`` partial index in service order
+(no Seq Scan, no Sort), whether PostgreSQL plans it with the actual
+parameters or as a generic prepared statement (psycopg prepares a statement
+after a few executions, and PostgreSQL may then switch to a generic plan).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import pq
+from psycopg._queries import PostgresQuery
+from psycopg.adapt import Transformer
+
+from pgbroker import queries
+
+Q = queries.for_schema("pgbroker")
+QUEUES = ["q0", "q1", "q2", "q3", "q4"]
+
+
+@pytest.fixture
+def big(db: psycopg.Connection) -> psycopg.Connection:
+    """~50k ready rows in five queues, plus reserved and expiring rows."""
+    db.execute("INSERT INTO pgbroker.queue (name) SELECT unnest(%s::text[])", [QUEUES])
+    db.execute("INSERT INTO pgbroker.consumer (hostname, pid) VALUES ('h', 1), ('h', 2)")
+    db.execute(
+        """
+        INSERT INTO pgbroker.message (queue, priority, exchange, routing_key, headers,
+                                      properties, body)
+        SELECT 'q' || (i % 5), i % 10, '', 'q' || (i % 5), '{}', '{}', '\\x00'
+        FROM generate_series(1, 50000) i
+        """
+    )
+    db.execute(
+        """
+        INSERT INTO pgbroker.message (queue, state, consumer_id, exchange, routing_key,
+                                      headers, properties, body)
+        SELECT 'q' || (i % 5), 'reserved', 1 + i % 2, '', '', '{}', '{}', '\\x00'
+        FROM generate_series(1, 20000) i
+        """
+    )
+    db.execute(
+        """
+        INSERT INTO pgbroker.message (queue, expires_at, exchange, routing_key, headers,
+                                      properties, body)
+        SELECT 'q1', now() + interval '1 hour', '', '', '{}', '{}', '\\x00'
+        FROM generate_series(1, 500) i
+        """
+    )
+    db.execute("ANALYZE pgbroker.message")
+    db.execute("ANALYZE pgbroker.queue")
+    return db
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from nodes(child)
+
+
+def explain(db: psycopg.Connection, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    row = db.execute(b"EXPLAIN (FORMAT JSON) " + Q[name].as_bytes(db), params).fetchone()
+    assert row is not None
+    return list(nodes(row[0][0]["Plan"]))
+
+
+def explain_generic(
+    db: psycopg.Connection, name: str, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The generic plan of the statement prepared exactly as psycopg prepares
+    it for the transport (same $n placeholders and parameter types)."""
+    converted = PostgresQuery(Transformer(db))
+    converted.convert(Q[name], params)
+    db.execute("SET plan_cache_mode = force_generic_plan")
+    try:
+        result = db.pgconn.prepare(b"generic", converted.query, converted.types)
+        assert result.status == pq.ExecStatus.COMMAND_OK, result.get_error_message()
+        # EXECUTE takes no bind parameters: pass the values as literals.
+        args = psycopg.sql.SQL(", ").join(
+            psycopg.sql.Literal(params[key]) for key in converted._order or []
+        )
+        query = psycopg.sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE generic({})").format(args)
+        row = db.execute(query).fetchone()
+    finally:
+        db.execute("DEALLOCATE generic")
+        db.execute("RESET plan_cache_mode")
+    assert row is not None
+    return list(nodes(row[0][0]["Plan"]))
+
+
+def scans_of(plan: list[dict[str, Any]], relation: str) -> list[tuple[str, str | None]]:
+    return [
+        (n["Node Type"], n.get("Index Name"))
+        for n in plan
+        if n.get("Relation Name") == relation and "Scan" in n["Node Type"]
+    ]
+
+
+CLAIM = {"queue": "q3", "limit": 10, "consumer_id": 1}
+
+
+@pytest.mark.parametrize("how", [explain, explain_generic])
+def test_claim_walks_the_ready_index(big: psycopg.Connection, how: Any) -> None:
+    plan = how(big, "claim", CLAIM)
+    scans = scans_of(plan, "message")
+    assert ("Index Scan", "message_ready") in scans, scans
+    assert not [s for s in scans if s[0] == "Seq Scan"], scans
+    assert not [n for n in plan if n["Node Type"] in ("Sort", "Incremental Sort")], plan
+    # The ready-index scan is bounded by the limit, not the queue's length.
+    assert any(n["Node Type"] == "Limit" for n in plan)
+
+
+@pytest.mark.parametrize("how", [explain, explain_generic])
+def test_claim_no_ack_walks_the_ready_index(big: psycopg.Connection, how: Any) -> None:
+    plan = how(big, "claim_no_ack", {"queue": "q3", "limit": 10})
+    scans = scans_of(plan, "message")
+    assert ("Index Scan", "message_ready") in scans, scans
+    assert not [s for s in scans if s[0] == "Seq Scan"], scans
+    assert not [n for n in plan if n["Node Type"] in ("Sort", "Incremental Sort")], plan
+
+
+def test_claim_really_claims_in_order(big: psycopg.Connection) -> None:
+    got = big.execute(Q["claim"], CLAIM).fetchall()
+    assert len(got) == 10
+    assert sorted((-r[1], r[0]) for r in got) == [
+        tuple(x)
+        for x in big.execute(
+            "SELECT -priority, id FROM pgbroker.message WHERE queue = 'q3' AND state = 'reserved'"
+            " AND consumer_id = 1 AND claimed_at IS NOT NULL ORDER BY priority DESC, id"
+        ).fetchall()
+    ]
+    assert {r[1] for r in got} == {8}  # q3 holds priorities 3 and 8
+
+
+PUBLISH = {
+    "exchange": "",
+    "routing_key": "q2",
+    "priority": 0,
+    "ttl": None,
+    "persistent": True,
+    "task_id": None,
+    "task_name": None,
+    "content_type": "application/json",
+    "content_encoding": "utf-8",
+    "headers": "{}",
+    "properties": "{}",
+    "body": b"{}",
+    "channel": "pgbroker",
+}
+
+
+@pytest.mark.parametrize("how", [explain, explain_generic])
+def test_publish_does_not_scan_messages(big: psycopg.Connection, how: Any) -> None:
+    for exchange in ("", "amq.topic"):
+        plan = how(big, "publish", {**PUBLISH, "exchange": exchange})
+        assert not [s for s in scans_of(plan, "message") if s[0] == "Seq Scan"]
+
+
+def test_statements_on_one_queue_use_indexes(big: psycopg.Connection) -> None:
+    """Size, purge, ack, requeue, reject, delete and the sweep never read the
+    whole message table."""
+    cases = {
+        "size": {"queue": "q1"},
+        "purge": {"queue": "q1"},
+        "delete_queue": {"name": "q1"},
+        "ack": {"ids": [1, 2, 3], "consumer_id": 1},
+        "requeue": {"ids": [1, 2, 3], "consumer_id": 1, "channel": "pgbroker"},
+        "reject": {"ids": [1, 2, 3], "consumer_id": 1},
+        "unclaim": {"ids": [1, 2, 3], "consumer_id": 1, "channel": "pgbroker"},
+        "unregister_consumer": {"consumer_id": 1, "channel": "pgbroker", "lock_class": 0},
+        "sweep": {"lock_oid": 0, "channel": "pgbroker"},
+        "declare_queue": {
+            "name": "q1",
+            "durable": True,
+            "auto_delete": False,
+            "message_ttl": None,
+            "expires": None,
+            "arguments": None,
+        },
+    }
+    for name, params in cases.items():
+        for how in (explain, explain_generic):
+            plan = how(big, name, params)
+            seq = [s for s in scans_of(plan, "message") if s[0] == "Seq Scan"]
+            assert not seq, (name, how.__name__, scans_of(plan, "message"))
