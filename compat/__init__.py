@@ -1,0 +1,1 @@
+"""Comparisons of pgbroker with Redis and RabbitMQ: ``python -m compat.bench``."""
