@@ -1,4 +1,8 @@
-"""The named queries of ``sql/queries.sql``, bound to one schema."""
+"""The named queries of ``sql/*.sql`` files, bound to one schema.
+
+``sql/queries.sql`` holds the transport's queries, ``sql/backend.sql`` the
+result backend's.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +15,18 @@ from psycopg import sql
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
-@lru_cache(maxsize=1)
-def _texts() -> dict[str, str]:
-    text = resources.files("pgbroker.sql").joinpath("queries.sql").read_text("utf-8")
+@lru_cache(maxsize=4)
+def _texts(filename: str = "queries.sql") -> dict[str, str]:
+    text = resources.files("pgbroker.sql").joinpath(filename).read_text("utf-8")
     parts = _NAME.split(text)[1:]
     return {name: body.strip() for name, body in zip(parts[::2], parts[1::2], strict=False)}
 
 
 @lru_cache(maxsize=16)
-def for_schema(schema: str) -> dict[str, sql.Composed]:
-    """Every query with ``{schema}`` replaced by the quoted identifier."""
+def for_schema(schema: str, filename: str = "queries.sql") -> dict[str, sql.Composed]:
+    """Every query of ``filename`` with ``{schema}`` replaced by the quoted identifier."""
     ident = sql.Identifier(schema)
     return {
         name: sql.SQL(text).format(schema=ident)  # type: ignore[arg-type]
-        for name, text in _texts().items()
+        for name, text in _texts(filename).items()
     }

@@ -1,0 +1,653 @@
+"""A Celery result backend on PostgreSQL.
+
+Configure it with the same URL as the broker (``postgresql://``,
+``postgres://`` and ``pgbroker://`` all work)::
+
+    result_backend = "postgresql://user:password@host:5432/dbname"
+    result_backend_transport_options = {"schema": "pgbroker"}
+
+It also works on its own, with a Redis or RabbitMQ broker.
+
+Options (``result_backend_transport_options``; an unknown one is an error):
+
+``schema`` (``"pgbroker"``)
+    PostgreSQL schema of the tables (shared with the transport's tables
+    when both use the same schema).
+``auto_migrate`` (``True``)
+    Create or upgrade the schema on first use; when off, a missing schema is
+    an error telling to run ``pgbroker migrate``.
+``max_result_size`` (16 MiB)
+    Largest encoded result, in bytes. A larger one fails its task with
+    :class:`ResultTooLarge` instead of being stored.
+``cleanup_interval`` (``60``)
+    Seconds between two expiry passes run by the backend itself (one batch
+    of deletes each), so result tables stay bounded by ``result_expires``
+    without celery beat. ``0`` leaves expiry to ``celery.backend_cleanup``.
+``pool_size`` (``4``)
+    Largest number of connections in the per-process pool.
+
+Tables (see ``migrations/002_results.sql``): ``task_result`` has one row per
+task with the state, name, worker, queue, retries, parent/root/group ids,
+timestamps and traceback as columns, so "which tasks failed in the last
+hour" is one query::
+
+    SELECT task_id, name, traceback FROM pgbroker.task_result
+    WHERE state = 'FAILURE' AND date_done > now() - interval '1 hour';
+
+``group_result`` holds saved groups; ``chord`` and ``chord_part`` count
+native chords.
+
+How it works:
+
+* ``get()`` is woken by LISTEN/NOTIFY (:mod:`pgbroker.result_consumer`):
+  the statement storing a result notifies the task's channel.
+* Chords are native: each header part is recorded and counted in one
+  statement, and the one that completes the count flips ``fired`` and sends
+  the body (no ``celery.chord_unlock`` task, no polling).
+* A SUCCESS row is never overwritten (enforced in the upsert).
+* One small connection pool per process, replaced after fork; the LISTEN
+  connection is separate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg_pool
+from celery import states
+from celery.backends.asynchronous import AsyncBackendMixin
+from celery.backends.base import Backend, _create_chord_error_with_cause
+from celery.canvas import maybe_signature
+from celery.exceptions import ChordError
+from celery.result import GroupResult, allow_join_result, result_from_tuple
+from celery.utils.functional import _regen
+from kombu.exceptions import EncodeError
+from kombu.serialization import dumps, loads
+from psycopg.conninfo import conninfo_to_dict
+
+from pgbroker import queries, schema
+from pgbroker.db import connect, default_application_name
+from pgbroker.errors import ConfigurationError, PgBrokerError
+from pgbroker.result_consumer import ResultConsumer, channel_for, neutralise
+from pgbroker.urls import SCHEMES, mask_password, to_conninfo
+
+logger = logging.getLogger("pgbroker")
+
+MiB = 1024 * 1024
+#: group_index of a part sent without one (sorted last, as Redis does).
+NO_INDEX = 2**31 - 1
+#: Rows deleted per statement by expiry.
+CLEANUP_BATCH = 1000
+
+T = TypeVar("T")
+
+
+class ResultTooLarge(PgBrokerError, EncodeError):
+    """A task's encoded result is larger than the ``max_result_size`` option.
+
+    An ``EncodeError``, so Celery fails the task with it instead of breaking
+    the worker.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    schema: str = "pgbroker"
+    auto_migrate: bool = True
+    max_result_size: int = 16 * MiB
+    cleanup_interval: float = 60.0
+    pool_size: int = 4
+
+    @classmethod
+    def from_mapping(cls, given: dict[str, Any]) -> BackendOptions:
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in given:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigurationError(
+                    f"result_backend_transport_options: unknown option {name!r}.{hint} "
+                    f"pgbroker's result backend takes: {', '.join(known)} "
+                    "(see pgbroker.backend)."
+                )
+        options = cls(**given)
+        if not options.schema or len(options.schema.encode()) > 63:
+            raise ConfigurationError(
+                "result_backend_transport_options: 'schema' must be 1 to 63 bytes long"
+            )
+        if options.max_result_size <= 0:
+            raise ConfigurationError(
+                "result_backend_transport_options: 'max_result_size' must be > 0"
+            )
+        if options.pool_size < 2:
+            # A chord's last part holds one connection while it stores the
+            # body's state through another.
+            raise ConfigurationError("result_backend_transport_options: 'pool_size' must be >= 2")
+        return options
+
+
+# --- one pool per process -----------------------------------------------------------
+
+_pools: dict[tuple[str, str], psycopg_pool.ConnectionPool] = {}
+_pools_lock = threading.Lock()
+_pool_conns: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
+_inherited_pools: list[psycopg_pool.ConnectionPool] = []
+
+
+def _track(conn: psycopg.Connection) -> None:
+    _pool_conns.add(conn)
+
+
+def _after_fork_in_child() -> None:
+    # Connections and pool threads belong to the parent: never use or close
+    # them here (see result_consumer.neutralise).
+    global _pools_lock
+    _pools_lock = threading.Lock()
+    for conn in list(_pool_conns):
+        neutralise(conn)
+    _inherited_pools.extend(_pools.values())
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _pool_for(url: str, options: BackendOptions) -> psycopg_pool.ConnectionPool:
+    key = (url, options.schema)
+    pool = _pools.get(key)
+    if pool is not None:
+        return pool
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            # The first connection is opened directly: a wrong URL or a
+            # server that is down gives pgbroker's clear error at once,
+            # rather than a pool timeout later.
+            with connect(url, connect_timeout=10) as conn:
+                if options.auto_migrate:
+                    schema.migrate(conn, options.schema)
+                else:
+                    schema.require_current(conn, options.schema)
+            conninfo = to_conninfo(url)
+            kwargs: dict[str, Any] = {"autocommit": True}
+            if "application_name" not in conninfo_to_dict(conninfo):
+                kwargs["application_name"] = default_application_name()
+            pool = psycopg_pool.ConnectionPool(
+                conninfo,
+                kwargs=kwargs,
+                min_size=1,
+                max_size=options.pool_size,
+                open=True,
+                timeout=30,
+                name="pgbroker-results",
+                configure=_track,
+            )
+            _pools[key] = pool
+    return pool
+
+
+# --- the backend --------------------------------------------------------------------
+
+_EXTENDED = ("name", "args", "kwargs", "worker", "retries", "queue")
+_BASE_META = {
+    "status",
+    "result",
+    "traceback",
+    "children",
+    "date_done",
+    "group_id",
+    "parent_id",
+    "task_id",
+    *_EXTENDED,
+}
+
+
+class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
+    """Celery result backend storing results in PostgreSQL tables."""
+
+    ResultConsumer = ResultConsumer
+
+    supports_native_join = True
+    supports_autoexpire = False
+    supports_failure_expires = False
+    persistent = True
+
+    def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app, url=url, **kwargs)
+        conf = self.app.conf
+        url = url or self._url_from_conf(conf)
+        to_conninfo(url)  # validates the scheme, without a password in errors
+        self.url = url
+        self.options = BackendOptions.from_mapping(
+            dict(conf.get("result_backend_transport_options") or {})
+        )
+        self.schema = self.options.schema
+        self.queries = queries.for_schema(self.schema, "backend.sql")
+        self.extended = bool(conf.find_value_for_key("extended", "result"))
+        # Expiry is ours when we run it ourselves; beat need not schedule it.
+        self.supports_autoexpire = bool(self.options.cleanup_interval and self.expires)
+        self._next_cleanup = 0.0
+        self.result_consumer = self.ResultConsumer(
+            self, self.app, self.accept, self._pending_results, self._pending_messages
+        )
+
+    @staticmethod
+    def _url_from_conf(conf: Any) -> str:
+        # ``result_backend = "pgbroker"`` (no URL): reuse the broker's URL.
+        broker = conf.broker_url or ""
+        if isinstance(broker, str) and broker.partition("://")[0].lower() in SCHEMES:
+            return broker
+        raise ConfigurationError(
+            "pgbroker result backend: give a URL, e.g. "
+            "result_backend = 'postgresql://user:password@host:5432/dbname'"
+        )
+
+    def __reduce__(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = dict(kwargs or {}, url=self.url, expires=self.expires)
+        return super().__reduce__(args, kwargs)
+
+    def as_uri(self, include_password: bool = False) -> str:
+        return self.url if include_password else mask_password(self.url)
+
+    # --- connections -----------------------------------------------------------------
+
+    def connect(self) -> psycopg.Connection:
+        """A dedicated autocommit connection (the result consumer's LISTEN)."""
+        self._pool()  # migrates on first use
+        return connect(self.url, connect_timeout=10)
+
+    def _pool(self) -> psycopg_pool.ConnectionPool:
+        return _pool_for(self.url, self.options)
+
+    def _run(self, fn: Callable[[psycopg.Connection], T]) -> T:
+        """Run ``fn`` on a pooled connection; once more if that one was dead."""
+        for attempt in (1, 2):
+            try:
+                with self._pool().connection() as conn:
+                    return fn(conn)
+            except psycopg.OperationalError as exc:
+                # A connection broken while idle in the pool (server restart):
+                # the pool drops it; the retry gets a fresh one.
+                if attempt == 2 or exc.sqlstate is not None:
+                    raise
+                logger.warning("pgbroker: result backend connection lost, retrying once")
+        raise AssertionError("unreachable")
+
+    def _fetchall(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return self._run(lambda conn: conn.execute(self.queries[name], params).fetchall())
+
+    def _execute(self, name: str, params: dict[str, Any]) -> None:
+        self._run(lambda conn: conn.execute(self.queries[name], params))
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        return isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout))
+
+    # --- encoding --------------------------------------------------------------------
+
+    def _dump(self, value: Any) -> tuple[bytes, str, str]:
+        content_type, content_encoding, payload = dumps(value, serializer=self.serializer)
+        if isinstance(payload, str):
+            payload = payload.encode(content_encoding or "utf-8")
+        return payload, content_type, content_encoding
+
+    def _load(self, data: bytes | None, content_type: str, content_encoding: str) -> Any:
+        if data is None:
+            return None
+        return loads(
+            bytes(data),
+            content_type=content_type,
+            content_encoding=content_encoding,
+            accept=self.accept,
+        )
+
+    # --- task results ----------------------------------------------------------------
+
+    def on_task_call(self, producer: Any, task_id: str) -> dict[str, Any]:
+        from celery._state import task_join_will_block
+
+        # LISTEN before the task is sent, so its NOTIFY cannot be missed.
+        if not task_join_will_block():
+            self.result_consumer.consume_from(task_id)
+        return {}
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request, format_date=False
+        )
+        payload, content_type, content_encoding = self._dump(result)
+        if len(payload) > self.options.max_result_size:
+            raise ResultTooLarge(
+                f"the result of task {task_id} is {len(payload)} bytes encoded, larger than "
+                f"the result backend's max_result_size ({self.options.max_result_size} "
+                "bytes): return less data (store large data elsewhere and return a "
+                "reference), or raise max_result_size in result_backend_transport_options"
+            )
+        extra = {k: v for k, v in meta.items() if k not in _BASE_META}
+        children = meta.get("children")
+        params = {
+            "task_id": task_id,
+            "state": state,
+            "name": meta.get("name"),
+            "args": self._dump(meta["args"])[0] if meta.get("args") is not None else None,
+            "kwargs": self._dump(meta["kwargs"])[0] if meta.get("kwargs") is not None else None,
+            "worker": meta.get("worker"),
+            "retries": meta.get("retries"),
+            "queue": meta.get("queue"),
+            "parent_id": meta.get("parent_id"),
+            "root_id": getattr(request, "root_id", None) if request else None,
+            "group_id": meta.get("group_id"),
+            "result": payload,
+            "content_type": content_type,
+            "content_encoding": content_encoding,
+            "traceback": traceback,
+            "children": self._dump(children)[0] if children else None,
+            "extra": self._dump(extra)[0] if extra else None,
+            "date_done": meta.get("date_done"),
+            "channel": channel_for(self.schema, task_id),
+        }
+        self._execute("store_result", params)
+        if state in states.READY_STATES:
+            self._maybe_cleanup()
+        return result
+
+    def _meta_from_row(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        (
+            task_id,
+            state,
+            result,
+            content_type,
+            content_encoding,
+            traceback,
+            children,
+            date_done,
+            name,
+            args,
+            kwargs,
+            worker,
+            retries,
+            queue,
+            parent_id,
+            _root_id,
+            group_id,
+            extra,
+        ) = row
+
+        def load(data: bytes | None) -> Any:
+            return self._load(data, content_type, content_encoding)
+
+        meta: dict[str, Any] = {
+            "task_id": task_id,
+            "status": state,
+            "result": load(result),
+            "traceback": traceback,
+            "children": load(children) or [],
+            "date_done": date_done,
+        }
+        if group_id is not None:
+            meta["group_id"] = group_id
+        if parent_id is not None:
+            meta["parent_id"] = parent_id
+        if self.extended:
+            meta.update(
+                name=name,
+                args=load(args),
+                kwargs=load(kwargs),
+                worker=worker,
+                retries=retries,
+                queue=queue,
+            )
+        if extra is not None:
+            meta.update(load(extra))
+        return self.meta_from_decoded(meta)  # type: ignore[no-any-return]
+
+    def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
+        rows = self._fetchall("get_result", {"task_id": task_id})
+        if not rows:
+            return {"task_id": task_id, "status": states.PENDING, "result": None}
+        return self._meta_from_row(rows[0])
+
+    def get_metas(self, task_ids: list[str]) -> list[dict[str, Any]]:
+        """The stored meta of those of ``task_ids`` that have a row."""
+        if not task_ids:
+            return []
+        rows = self._fetchall("get_results", {"task_ids": list(task_ids)})
+        return [self._meta_from_row(row) for row in rows]
+
+    def task_result_exists(self, task_id: str) -> bool:
+        rows = self._fetchall("result_exists", {"task_id": task_id})
+        return bool(rows[0][0])
+
+    def _forget(self, task_id: str) -> None:
+        self._execute("forget_result", {"task_id": task_id})
+
+    def forget(self, task_id: str) -> None:
+        super().forget(task_id)
+        self.result_consumer.cancel_for(task_id)
+
+    def get_many(
+        self,
+        task_ids: Iterable[str],
+        timeout: float | None = None,
+        interval: float | None = 0.5,
+        no_ack: bool = True,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
+        on_interval: Callable[[], None] | None = None,
+        max_iterations: int | None = None,
+        READY_STATES: frozenset[str] = states.READY_STATES,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Ready results of ``task_ids``, one query per pass.
+
+        ``join_native`` and ``GroupResult.get()`` wait through the result
+        consumer (LISTEN/NOTIFY); this method is only their first look, and
+        repeats at ``interval`` when a caller asks it to wait.
+        """
+        interval = 0.5 if interval is None else interval
+        ids = set(task_ids)
+        for task_id in list(ids):
+            cached = self._cache.get(task_id)
+            if cached is not None and cached["status"] in READY_STATES:
+                ids.discard(task_id)
+                yield task_id, cached
+        iterations = 0
+        started = time.monotonic()
+        while ids:
+            for meta in self.get_metas(sorted(ids)):
+                if meta["status"] not in READY_STATES:
+                    continue
+                task_id = meta["task_id"]
+                ids.discard(task_id)
+                if meta["status"] == states.SUCCESS:
+                    self._cache[task_id] = meta
+                if on_message is not None:
+                    on_message(meta)
+                yield task_id, meta
+            iterations += 1
+            if not ids or (max_iterations and iterations >= max_iterations):
+                break
+            elapsed = time.monotonic() - started
+            if timeout is not None and elapsed >= timeout:
+                raise self.TimeoutError(f"Operation timed out ({timeout})")
+            if on_interval:
+                on_interval()
+            time.sleep(interval if timeout is None else min(interval, timeout - elapsed))
+
+    # --- groups ----------------------------------------------------------------------
+
+    def _save_group(self, group_id: str, result: Any) -> Any:
+        payload, content_type, content_encoding = self._dump(result.as_tuple())
+        self._execute(
+            "save_group",
+            {
+                "group_id": group_id,
+                "result": payload,
+                "content_type": content_type,
+                "content_encoding": content_encoding,
+            },
+        )
+        return result
+
+    def _restore_group(self, group_id: str) -> dict[str, Any] | None:
+        rows = self._fetchall("get_group", {"group_id": group_id})
+        if not rows:
+            return None
+        data, content_type, content_encoding, date_done = rows[0]
+        value = self._load(data, content_type, content_encoding)
+        return {
+            "result": result_from_tuple(value, self.app),
+            "date_done": date_done,
+            "task_id": group_id,
+        }
+
+    def _delete_group(self, group_id: str) -> None:
+        self._execute("delete_group", {"group_id": group_id})
+
+    # --- chords ----------------------------------------------------------------------
+
+    def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
+        self.ensure_chords_allowed()
+        group_id, results = header_result_args[0], header_result_args[1]
+        header = None
+        # A header holding groups must be joined with its structure when the
+        # chord completes (as the Redis backend does); a flat header's results
+        # come from the recorded parts.
+        if not isinstance(results, _regen) and any(isinstance(r, GroupResult) for r in results):
+            header = self._dump(((group_id, None), [r.as_tuple() for r in results]))
+        self._execute(
+            "chord_start",
+            {"group_id": group_id, "header": header and header[0]},
+        )
+
+    def set_chord_size(self, group_id: str, chord_size: int) -> None:
+        self._execute("chord_set_size", {"group_id": group_id, "size": chord_size})
+
+    def add_to_chord(self, group_id: str, result: Any) -> None:
+        self._execute("chord_add", {"group_id": group_id})
+
+    def on_chord_part_return(
+        self, request: Any, state: str, result: Any, propagate: Any = None, **kwargs: Any
+    ) -> None:
+        task_id, group_id = request.id, request.group
+        if not task_id or not group_id:
+            return
+        index = request.group_index
+        payload, content_type, content_encoding = self._dump(self.encode_result(result, state))
+        params = {
+            "group_id": group_id,
+            "task_id": task_id,
+            "position": NO_INDEX if index is None else index,
+            "state": state,
+            "result": payload,
+            "content_type": content_type,
+            "content_encoding": content_encoding,
+        }
+
+        def record(conn: psycopg.Connection) -> None:
+            # One transaction: if this process dies before sending the body,
+            # fired rolls back and the redelivered part fires the chord.
+            with conn.transaction():
+                row = conn.execute(self.queries["chord_part_return"], params).fetchone()
+                if row is None or not row[0]:
+                    return
+                self._fire_chord(conn, request, group_id, row[1])
+                conn.execute(self.queries["chord_finish"], {"group_id": group_id})
+
+        self._run(record)
+
+    def _fire_chord(
+        self, conn: psycopg.Connection, request: Any, group_id: str, header: bytes | None
+    ) -> None:
+        app = self.app
+        callback = maybe_signature(request.chord, app=app)
+        try:
+            if header is not None:
+                value = self._load(header, self.content_type, self.content_encoding)
+                header_result = result_from_tuple(value, app)
+                header_result.on_ready()
+                with allow_join_result():
+                    resl = header_result.join_native(
+                        timeout=app.conf.result_chord_join_timeout, propagate=True
+                    )
+            else:
+                rows = conn.execute(self.queries["chord_parts"], {"group_id": group_id})
+                resl = [self._unpack_part(*row) for row in rows.fetchall()]
+        except ChordError as exc:
+            logger.exception("Chord %r raised: %r", group_id, exc)
+            self.chord_error_from_stack(callback, exc)
+            return
+        except Exception as exc:
+            logger.exception("Chord %r raised: %r", group_id, exc)
+            self.chord_error_from_stack(
+                callback,
+                _create_chord_error_with_cause(f"Dependency raised {exc!r}", exc),
+            )
+            return
+        try:
+            app.amqp._retry_publish(callback.delay, resl)
+        except Exception as exc:
+            logger.exception("Chord callback for %r raised: %r", group_id, exc)
+            self.chord_error_from_stack(callback, ChordError(f"Callback error: {exc!r}"))
+
+    def _unpack_part(
+        self,
+        task_id: str,
+        state: str,
+        data: bytes | None,
+        content_type: str,
+        content_encoding: str,
+    ) -> Any:
+        value = self._load(data, content_type, content_encoding)
+        if state in states.EXCEPTION_STATES:
+            value = self.exception_to_python(value)
+        if state in states.PROPAGATE_STATES:
+            raise _create_chord_error_with_cause(
+                message=f"Dependency {task_id} raised {value!r}", original_exc=value
+            )
+        return value
+
+    # --- expiry ----------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Remove results, groups and chords older than ``result_expires``."""
+        if not self.expires:
+            return
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=float(self.expires))
+        params = {"cutoff": cutoff, "batch": CLEANUP_BATCH}
+        for name in ("cleanup_results", "cleanup_groups", "cleanup_chords"):
+            query = self.queries[name]
+
+            def delete(conn: psycopg.Connection, query: Any = query) -> int:
+                return conn.execute(query, params).rowcount
+
+            while self._run(delete) >= CLEANUP_BATCH:
+                pass
+
+    def _maybe_cleanup(self) -> None:
+        interval = self.options.cleanup_interval
+        if not interval or not self.expires:
+            return
+        now = time.monotonic()
+        if now < self._next_cleanup:
+            return
+        self._next_cleanup = now + interval
+        try:
+            self.cleanup()
+        except psycopg.Error as exc:  # never fail a task because of expiry
+            logger.warning("pgbroker: result expiry failed: %s", exc)

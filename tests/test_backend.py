@@ -1,0 +1,261 @@
+"""The result backend in-process, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from celery import Celery, states
+from celery.app.task import Context
+
+from pgbroker.backend import PostgresBackend, ResultTooLarge
+from pgbroker.errors import ConfigurationError, DatabaseUnavailable
+
+
+def make_app(url: str, **conf: Any) -> Celery:
+    app = Celery("t", broker="memory://", backend=url, set_as_current=False)
+    app.conf.result_extended = True
+    app.conf.update(conf)
+    return app
+
+
+@pytest.fixture
+def app(db_url: str) -> Iterator[Celery]:
+    app = make_app(db_url)
+    yield app
+    app.close()
+
+
+def request(task_id: str, **kw: Any) -> Context:
+    fields = dict(
+        id=task_id,
+        task="x.add",
+        args=[1, 2],
+        kwargs={},
+        hostname="w1",
+        retries=0,
+        delivery_info={"routing_key": "q1"},
+        group=None,
+        parent_id=None,
+        root_id="root",
+    )
+    fields.update(kw)
+    return Context(**fields)
+
+
+def test_entry_points_resolve_every_scheme(db_url: str) -> None:
+    from celery.app.backends import by_url
+
+    for scheme in ("postgresql", "postgres", "pgbroker"):
+        cls, _ = by_url(f"{scheme}://u@h/db")
+        assert cls is PostgresBackend
+
+
+def test_success_is_never_overwritten(app: Celery, db: psycopg.Connection) -> None:
+    b = app.backend
+    b.mark_as_done("t1", 42, request=request("t1"))
+    b.mark_as_failure("t1", ValueError("late duplicate"), request=request("t1"))
+    b.mark_as_started("t1", pid=1)
+    assert b.get_task_meta("t1", cache=False)["result"] == 42
+    row = db.execute("SELECT state, root_id, queue FROM pgbroker.task_result").fetchall()
+    assert row == [("SUCCESS", "root", "q1")]
+
+
+def test_redelivered_write_leaves_one_row(app: Celery, db: psycopg.Connection) -> None:
+    b = app.backend
+    b.mark_as_failure("t1", ValueError("first run"), traceback="tb1", request=request("t1"))
+    b.mark_as_done("t1", 7, request=request("t1"))
+    b.mark_as_done("t1", 8, request=request("t1"))
+    rows = db.execute("SELECT state, traceback FROM pgbroker.task_result").fetchall()
+    assert rows == [("SUCCESS", None)]
+    assert b.get_task_meta("t1", cache=False)["result"] == 7
+
+
+def test_every_state_round_trips(app: Celery) -> None:
+    b = app.backend
+    assert b.get_task_meta("none")["status"] == states.PENDING
+    assert not b.task_result_exists("none")
+    b.store_result("r", None, states.RECEIVED)
+    assert b.get_state("r") == states.RECEIVED
+    b.mark_as_retry("r", RuntimeError("again"), traceback="tb")
+    meta = b.get_task_meta("r", cache=False)
+    assert meta["status"] == states.RETRY and isinstance(meta["result"], RuntimeError)
+    b.store_result("r", {"step": 3}, "PROGRESS")
+    assert b.get_task_meta("r", cache=False)["result"] == {"step": 3}
+    b.mark_as_revoked("r", reason="stop")
+    assert b.get_state("r") == states.REVOKED
+    assert b.task_result_exists("r")
+    b.forget("r")
+    assert not b.task_result_exists("r")
+
+
+def test_result_too_large_is_an_encode_error(db_url: str) -> None:
+    from kombu.exceptions import EncodeError
+
+    app = make_app(db_url, result_backend_transport_options={"max_result_size": 100})
+    with pytest.raises(ResultTooLarge, match="max_result_size") as info:
+        app.backend.mark_as_done("big", "x" * 1000)
+    assert isinstance(info.value, EncodeError)
+    assert not app.backend.task_result_exists("big")
+
+
+def test_unknown_option_is_an_error(db_url: str) -> None:
+    app = make_app(db_url, result_backend_transport_options={"shema": "x"})
+    with pytest.raises(ConfigurationError, match="Did you mean 'schema'"):
+        app.backend  # noqa: B018
+
+
+def test_custom_schema_is_created(db_url: str, db: psycopg.Connection) -> None:
+    app = make_app(db_url, result_backend_transport_options={"schema": "my results"})
+    app.backend.mark_as_done("t", 1)
+    assert db.execute('SELECT state FROM "my results".task_result').fetchone() == ("SUCCESS",)
+
+
+def test_connection_error_is_clear_and_hides_password(pg_admin_url: str) -> None:
+    url = "postgresql://postgres:s3cret@127.0.0.1:1/nowhere"
+    app = make_app(url)
+    with pytest.raises(DatabaseUnavailable) as info:
+        app.backend.get_task_meta("x")
+    assert "s3cret" not in str(info.value)
+    assert "is PostgreSQL running" in str(info.value)
+    assert "s3cret" not in app.backend.as_uri()
+
+
+def test_chord_part_counted_once_and_fires_once(app: Celery, db: psycopg.Connection) -> None:
+    b = app.backend
+    fired: list[Any] = []
+    b._fire_chord = lambda conn, req, gid, header: fired.append(gid)  # type: ignore[method-assign]
+    b.apply_chord(("g1", []), None)
+    parts = [request(f"h{i}", group="g1", group_index=i, chord={"task": "body"}) for i in range(3)]
+    b.set_chord_size("g1", 3)
+    b.on_chord_part_return(parts[0], states.SUCCESS, 1)
+    b.on_chord_part_return(parts[0], states.SUCCESS, 1)  # redelivered
+    b.on_chord_part_return(parts[1], states.SUCCESS, 2)
+    assert fired == []
+    b.on_chord_part_return(parts[2], states.SUCCESS, 3)
+    b.on_chord_part_return(parts[2], states.SUCCESS, 3)  # late duplicate
+    assert fired == ["g1"]
+    assert db.execute("SELECT done, fired FROM pgbroker.chord").fetchone() == (3, True)
+
+
+def test_concurrent_last_parts_fire_once(db_url: str) -> None:
+    app = make_app(db_url)
+    fired: list[str] = []
+    lock = threading.Lock()
+
+    def part(i: int) -> None:
+        b = app.backend  # one backend per thread, as Celery does
+        b._fire_chord = lambda conn, req, gid, header: (
+            lock.acquire(),
+            fired.append(gid),  # type: ignore[method-assign]
+            lock.release(),
+        )
+        b.on_chord_part_return(
+            request(f"h{i}", group="g2", group_index=i, chord={"task": "b"}),
+            states.SUCCESS,
+            i,
+        )
+
+    app.backend.apply_chord(("g2", []), None)
+    app.backend.set_chord_size("g2", 8)
+    threads = [threading.Thread(target=part, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert fired == ["g2"]
+
+
+def test_expired_results_groups_and_chords_are_removed(db_url: str, db: psycopg.Connection) -> None:
+    app = make_app(
+        db_url, result_expires=1, result_backend_transport_options={"cleanup_interval": 0.2}
+    )
+    b = app.backend
+    b.mark_as_done("old", 1)
+    app.GroupResult("gold", [app.AsyncResult("old")]).save(backend=b)
+    b.apply_chord(("cold", []), None)
+    db.execute("UPDATE pgbroker.task_result SET updated_at = now() - interval '1 minute'")
+    db.execute("UPDATE pgbroker.group_result SET date_done = now() - interval '1 minute'")
+    db.execute("UPDATE pgbroker.chord SET updated_at = now() - interval '1 minute'")
+    time.sleep(0.3)
+    b.mark_as_done("new", 2)  # a ready result runs the periodic expiry pass
+    ids = [r[0] for r in db.execute("SELECT task_id FROM pgbroker.task_result")]
+    assert ids == ["new"]
+    assert db.execute("SELECT count(*) FROM pgbroker.group_result").fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM pgbroker.chord").fetchone() == (0,)
+
+
+def test_backend_cleanup_task_path(db_url: str, db: psycopg.Connection) -> None:
+    app = make_app(
+        db_url, result_expires=60, result_backend_transport_options={"cleanup_interval": 0}
+    )
+    b = app.backend
+    assert not b.supports_autoexpire  # beat's celery.backend_cleanup does it
+    b.mark_as_done("a", 1)
+    db.execute("UPDATE pgbroker.task_result SET updated_at = now() - interval '2 minutes'")
+    b.mark_as_done("b", 1)
+    assert db.execute("SELECT count(*) FROM pgbroker.task_result").fetchone() == (2,)
+    b.cleanup()
+    assert db.execute("SELECT task_id FROM pgbroker.task_result").fetchall() == [("b",)]
+
+
+def test_get_is_woken_by_notify(app: Celery) -> None:
+    b = app.backend
+    b.on_task_call(None, "w1")  # LISTEN, as apply_async does
+    threading.Timer(
+        0.3, lambda: make_app(app.conf.result_backend).backend.mark_as_done("w1", "woken")
+    ).start()
+    started = time.monotonic()
+    assert app.AsyncResult("w1").get(timeout=10) == "woken"
+    assert time.monotonic() - started < 2
+
+
+def test_threads_share_a_thread_safe_backend(db_url: str) -> None:
+    app = make_app(db_url, result_backend_thread_safe=True)
+    writer = make_app(db_url).backend
+    ids = [f"t{i}" for i in range(6)]
+    for task_id in ids:
+        app.backend.on_task_call(None, task_id)
+    got: dict[str, Any] = {}
+
+    def wait(task_id: str) -> None:
+        got[task_id] = app.AsyncResult(task_id).get(timeout=15)
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    for task_id in ids:
+        writer.mark_as_done(task_id, task_id.upper())
+    for t in threads:
+        t.join(20)
+    assert got == {i: i.upper() for i in ids}
+
+
+def test_fork_child_does_not_break_parent_connections(app: Celery) -> None:
+    b = app.backend
+    b.mark_as_done("before", 1)
+    b.on_task_call(None, "after-fork")  # parent's LISTEN connection exists
+    pid = os.fork()
+    if pid == 0:  # child: use the backend, then exit without cleanup
+        code = 1
+        try:
+            child = app.backend
+            child.mark_as_done("child", os.getpid())
+            child.result_consumer.consume_from("in-child")  # replaces the LISTEN conn
+            gc.collect()  # finalise whatever the child dropped from the parent
+            code = 0 if child.get_task_meta("before", cache=False)["result"] == 1 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's pooled and LISTEN connections still work.
+    assert b.get_task_meta("child", cache=False)["status"] == states.SUCCESS
+    make_app(app.conf.result_backend).backend.mark_as_done("after-fork", "ok")
+    assert app.AsyncResult("after-fork").get(timeout=10) == "ok"
