@@ -78,7 +78,8 @@ from psycopg.conninfo import conninfo_to_dict
 from pgbroker import queries, schema
 from pgbroker.db import connect, default_application_name
 from pgbroker.errors import ConfigurationError, PgBrokerError
-from pgbroker.result_consumer import ResultConsumer, channel_for, neutralise
+from pgbroker.forking import neutralise
+from pgbroker.result_consumer import ResultConsumer, channel_for
 from pgbroker.urls import SCHEMES, mask_password, to_conninfo
 
 logger = logging.getLogger("pgbroker")
@@ -150,7 +151,7 @@ def _track(conn: psycopg.Connection) -> None:
 
 def _after_fork_in_child() -> None:
     # Connections and pool threads belong to the parent: never use or close
-    # them here (see result_consumer.neutralise).
+    # them here (see pgbroker.forking).
     global _pools_lock
     _pools_lock = threading.Lock()
     for conn in list(_pool_conns):

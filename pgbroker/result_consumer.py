@@ -26,6 +26,8 @@ from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
 from psycopg import sql
 
+from pgbroker.forking import neutralise
+
 if TYPE_CHECKING:
     from pgbroker.backend import PostgresBackend
 
@@ -34,30 +36,6 @@ logger = logging.getLogger("pgbroker")
 #: Longest time spent in one wait on the socket, so that a reconnect by
 #: another thread or a stop request is noticed.
 MAX_WAIT = 1.0
-
-
-def neutralise(conn: psycopg.Connection) -> None:
-    """Make a connection inherited through fork harmless to the parent.
-
-    Closing it in the child would send the server a Terminate message on
-    the socket the parent still uses. Pointing the descriptor at /dev/null
-    keeps the number taken (so no new socket can reuse it) and lets the
-    child's eventual close go nowhere.
-    """
-    try:
-        fd = conn.pgconn.socket
-    except psycopg.Error:
-        return  # already closed
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-    _inherited.append(conn)
-
-
-#: Inherited connections, kept so their finaliser never runs mid-program.
-_inherited: list[psycopg.Connection] = []
 
 
 def channel_for(schema: str, task_id: str) -> str:

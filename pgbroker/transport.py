@@ -25,7 +25,6 @@ How it works, in short:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import select
@@ -50,28 +49,12 @@ from psycopg.types.json import Jsonb, set_json_loads
 from pgbroker import queries, schema
 from pgbroker.db import connect
 from pgbroker.errors import MessageTooLarge
+from pgbroker.forking import neutralise
 from pgbroker.options import TransportOptions
 from pgbroker.routing import topic_pattern
 from pgbroker.urls import mask_password
 
 logger = logging.getLogger("pgbroker")
-
-#: Kombu's own connection and retry options. They share the transport
-#: options dict (``Producer.publish(retry=True)`` even copies its retry
-#: policy into it), so they are not pgbroker options and are not refused.
-KOMBU_CONNECTION_OPTIONS = frozenset(
-    {
-        "max_retries",
-        "interval_start",
-        "interval_step",
-        "interval_max",
-        "connect_retries_timeout",
-        "errback",
-        "callback",
-        "retry_errors",
-        "timeout",
-    }
-)
 
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
@@ -81,6 +64,8 @@ _PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding")
 
 class QoS(virtual.QoS):
     """Prefetch accounting; unacked messages go back through PostgreSQL."""
+
+    _delivered: Any
 
     def restore_unacked(self) -> list[Any]:
         self._flush()
@@ -108,9 +93,9 @@ class QoS(virtual.QoS):
 class Channel(virtual.Channel):
     QoS = QoS
     supports_fanout = True
-    from_transport_options = ()
+    from_transport_options = ()  # type: ignore[assignment]
     # Bodies are stored as bytes; no base64 round trip.
-    body_encoding = None
+    body_encoding = None  # type: ignore[assignment]
     connection: Transport
 
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
@@ -146,7 +131,7 @@ class Channel(virtual.Channel):
                 f"exchange {exchange!r}: pgbroker supports direct, topic and fanout "
                 f"exchanges, not {type!r}"
             )
-        created = t.run(
+        existing = t.run(
             "declare_exchange",
             name=exchange,
             type=type,
@@ -154,13 +139,11 @@ class Channel(virtual.Channel):
             auto_delete=auto_delete,
             arguments=_json(arguments),
         )
-        if created is None:
-            existing = t.run("exchange_type", name=exchange)
-            if existing is not None and existing[0] != type:
-                raise virtual.NotEquivalentError(
-                    f"exchange {exchange!r} exists with type {existing[0]!r}, "
-                    f"not {type!r}: delete it or use another name"
-                )
+        if existing is not None and existing[0] != type:
+            raise virtual.NotEquivalentError(
+                f"exchange {exchange!r} exists with type {existing[0]!r}, "
+                f"not {type!r}: delete it or use another name"
+            )
 
     def exchange_delete(self, exchange: str, if_unused: bool = False, nowait: bool = False) -> None:
         self.connection.run("delete_exchange", name=exchange)
@@ -323,10 +306,14 @@ class Channel(virtual.Channel):
         self.connection.drain_events(self.connection, timeout=timeout)
 
 
+_PgChannel = Channel  # for annotations inside Transport, where Channel is an attribute
+
+
 class Transport(virtual.Transport):
     Channel = Channel
+    client: Any
 
-    default_port = 5432
+    default_port = 5432  # type: ignore[assignment]
     driver_type = "postgresql"
     driver_name = "psycopg"
     can_parse_url = True
@@ -340,21 +327,18 @@ class Transport(virtual.Transport):
     # Celery reconnects on these; psycopg raises OperationalError for lost
     # connections, server restarts and refused logins, InterfaceError for a
     # connection that is already closed.
-    connection_errors = (
+    connection_errors = (  # type: ignore[assignment]
         *virtual.Transport.connection_errors,
         psycopg.OperationalError,
         psycopg.InterfaceError,
     )
     channel_errors = (*virtual.Transport.channel_errors,)
 
-    channels: list[Channel]
+    channels: list[_PgChannel]  # type: ignore[assignment]
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
-        given = client.transport_options or {}
-        self.options = TransportOptions.from_mapping(
-            {k: v for k, v in given.items() if k not in KOMBU_CONNECTION_OPTIONS}
-        )
+        self.options = TransportOptions.from_mapping(dict(client.transport_options or {}))
         self.polling_interval = self.options.polling_interval
         self.url = _url_of(client)
         self.queries = queries.for_schema(self.options.schema)
@@ -374,10 +358,22 @@ class Transport(virtual.Transport):
         self._next_sweep = 0.0
         self._turn = 0  # round robin over consumed queues
         self._woken = False  # a NOTIFY marked a queue ready
+        self._defer_acks = False
+        self._sql: dict[str, bytes] = {}
+        self._fd = -1  # the socket registered with the event loop
 
     # --- connection -----------------------------------------------------------
 
     def establish_connection(self) -> Transport:
+        previous, self._conn = self._conn, self._open()
+        if previous is not None:
+            self._start_new_session(previous)
+        return super().establish_connection()
+
+    def verify_connection(self, connection: Any) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    def _open(self) -> psycopg.Connection:
         conn = connect(self.url, connect_timeout=self.client.connect_timeout)
         try:
             if self.options.auto_migrate:
@@ -386,7 +382,8 @@ class Transport(virtual.Transport):
                 schema.require_current(conn, self.options.schema)
             row = conn.execute(
                 # Not to_regnamespace(): it case-folds and parses quotes.
-                "SELECT oid::bigint FROM pg_namespace WHERE nspname = %s", [self.options.schema]
+                "SELECT oid::bigint FROM pg_namespace WHERE nspname = %s",
+                [self.options.schema],
             ).fetchone()
         except BaseException:
             conn.close()
@@ -398,9 +395,26 @@ class Transport(virtual.Transport):
         )
         conn.add_notify_handler(self._on_notify)
         set_json_loads(_load_json, conn)
-        self._conn = conn
+        # Compose each query's text once per connection, not per call.
+        self._sql = {name: q.as_bytes(conn) for name, q in self.queries.items()}
         _forget_after_fork.add(self)
-        return super().establish_connection()
+        return conn
+
+    def _start_new_session(self, previous: psycopg.Connection) -> None:
+        """Reconnected on the same transport (Kombu's ensure_connection): the
+        old session's consumer is gone, and with it every message it held,
+        which the sweep requeues. Start over as a new consumer."""
+        previous.close()
+        queues, self._attached = self._attached, set()
+        self.consumer_id = None
+        self._listening = False
+        self._acks = []  # fenced to the old consumer: they could not apply
+        for queue in queues:
+            self.attach(queue)
+        if self._loop is not None:
+            loop = self._loop
+            self._unregister_loop()
+            self.register_with_event_loop(self, loop)
 
     def close_connection(self, connection: Any) -> None:
         self._unregister_loop()
@@ -439,19 +453,19 @@ class Transport(virtual.Transport):
 
     def run(self, query: str, /, **params: Any) -> Any:
         """Run a named query; return its first row (or None)."""
-        cur = self.conn.execute(self.queries[query], params)
+        cur = self.conn.execute(self._sql[query], params)
         return cur.fetchone() if cur.description else None
 
     def run_all(self, query: str, /, **params: Any) -> list[Any]:
-        return self.conn.execute(self.queries[query], params).fetchall()
+        return self.conn.execute(self._sql[query], params).fetchall()
 
     def run_count(self, query: str, /, **params: Any) -> int:
-        return self.conn.execute(self.queries[query], params).rowcount
+        return self.conn.execute(self._sql[query], params).rowcount
 
     # --- publishing -------------------------------------------------------------
 
     def publish(
-        self, message: dict[str, Any], exchange: str, routing_key: str, channel: Channel
+        self, message: dict[str, Any], exchange: str, routing_key: str, channel: _PgChannel
     ) -> None:
         body = message.get("body") or b""
         if isinstance(body, str):
@@ -601,13 +615,20 @@ class Transport(virtual.Transport):
                 delivered += len(rows)
         return delivered
 
-    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Deliver at least one message, or raise ``socket.timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._woken = False
             self.maybe_sweep()
-            if self.claim_and_deliver():
+            # Acks made by the callbacks go in one statement when they return.
+            self._defer_acks = True
+            try:
+                delivered = self.claim_and_deliver()
+            finally:
+                self._defer_acks = False
+            if delivered:
+                self.flush_acks()
                 return
             if self._woken:
                 continue  # a NOTIFY came with the reply to one of our queries
@@ -651,10 +672,16 @@ class Transport(virtual.Transport):
 
     def ack(self, delivery_tag: int) -> None:
         self._acks.append(delivery_tag)
-        # In the event loop, acks wait for the end of the tick and go in one
-        # statement; from anywhere else they are written at once.
-        if self._loop is None or threading.get_ident() != self._loop_thread:
-            self.flush_acks()
+        # Acks made while messages are being delivered (inside drain_events,
+        # or in the event loop's thread) are written together at the end of
+        # that delivery or tick, in one statement; any other ack at once.
+        # Until written, an ack's message may be redelivered if the process
+        # dies: delivery is at-least-once either way.
+        if self._defer_acks or (
+            self._loop is not None and threading.get_ident() == self._loop_thread
+        ):
+            return
+        self.flush_acks()
 
     def flush_acks(self) -> None:
         if not self._acks:
@@ -719,7 +746,8 @@ class Transport(virtual.Transport):
         self._unregister_loop()
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        loop.add_reader(self.conn.fileno(), self._on_readable)
+        self._fd = self.conn.fileno()
+        loop.add_reader(self._fd, self._on_readable)
         loop.on_tick.add(self._on_tick)
         self._sweep_tref = loop.call_repeatedly(self.options.sweep_interval, self._on_sweep_timer)
         # Sweep once at start too, as drain_events does: a worker restarted
@@ -732,8 +760,9 @@ class Transport(virtual.Transport):
         if loop is None:
             return
         loop.on_tick.discard(self._on_tick)
-        if self._conn is not None and not self._conn.closed:
-            loop.remove_reader(self._conn.fileno())
+        if self._fd >= 0:
+            loop.remove_reader(self._fd)
+            self._fd = -1
         if self._sweep_tref is not None:
             self._sweep_tref.cancel()
             self._sweep_tref = None
@@ -781,16 +810,14 @@ def _json(value: Any) -> Jsonb | None:
     return Jsonb(value, dumps=json.dumps) if value else None
 
 
-def _load_json(data: bytes | bytearray | memoryview) -> Any:
+def _load_json(data: str | bytes) -> Any:
     # kombu.utils.json turns {"__type__": "datetime", ...} back into objects.
-    return json.loads(bytes(data))
+    return json.loads(data)
 
 
 class _ForgetAfterFork:
-    """A forked child (prefork pool) must not keep the parent's sessions
-    open: if the parent is SIGKILLed, its sessions must end with it, so that
-    the sweep sees the consumer dead. The child closes its copy of each
-    socket; psycopg does not send a Terminate from a child process."""
+    """In a forked child, every transport inherited from the parent lets go
+    of the parent's session (see pgbroker.forking)."""
 
     def __init__(self) -> None:
         self._transports: weakref.WeakSet[Transport] = weakref.WeakSet()
@@ -806,8 +833,7 @@ class _ForgetAfterFork:
             transport._loop = None
             transport.consumer_id = None
             if conn is not None and not conn.closed:
-                with contextlib.suppress(OSError):
-                    os.close(conn.pgconn.socket)
+                neutralise(conn)
         self._transports = weakref.WeakSet()
 
 

@@ -16,7 +16,7 @@ LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 def libpq_url(url: str) -> str:
     """pgbroker:// and postgres:// URLs as libpq reads them."""
-    scheme, _, rest = url.partition("://")
+    _, _, rest = url.partition("://")
     return "postgresql://" + rest
 
 

@@ -6,8 +6,12 @@ import psycopg
 from kombu import Connection
 
 
-def test_application_name_and_connect_timeout_pass_through(db_url: str, db: psycopg.Connection) -> None:
-    url = f"{db_url}{'&' if '?' in db_url else '?'}application_name=billing-worker&connect_timeout=7"
+def test_application_name_and_connect_timeout_pass_through(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    url = (
+        f"{db_url}{'&' if '?' in db_url else '?'}application_name=billing-worker&connect_timeout=7"
+    )
     with Connection(url) as conn:
         conn.connect()
         pg = conn.transport._conn

@@ -28,10 +28,17 @@ SELECT (SELECT count(pg_notify(%(channel)s, q.queue))
        pg_advisory_unlock(%(lock_class)s, %(consumer_id)s) AS unlocked;
 
 -- name: declare_exchange
-INSERT INTO {schema}.exchange (name, type, durable, auto_delete, arguments)
-VALUES (%(name)s, %(type)s, %(durable)s, %(auto_delete)s, %(arguments)s)
-ON CONFLICT (name) DO NOTHING
-RETURNING type;
+-- Create the exchange if it is new; either way return its type, so that a
+-- redeclaration with another type is caught, in one round trip.
+WITH created AS (
+    INSERT INTO {schema}.exchange (name, type, durable, auto_delete, arguments)
+    VALUES (%(name)s, %(type)s, %(durable)s, %(auto_delete)s, %(arguments)s)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING type
+)
+SELECT type FROM created
+UNION ALL
+SELECT type FROM {schema}.exchange WHERE name = %(name)s;
 
 -- name: exchange_type
 SELECT type FROM {schema}.exchange WHERE name = %(name)s;
