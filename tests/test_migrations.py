@@ -31,6 +31,8 @@ EXPECTED_TABLES = {
         "chord_part",
         "group_result",
         "task_result",
+        # 003_durable_steps
+        "durable_step",
         # bookkeeping
         "schema_version",
     ],
