@@ -106,9 +106,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -118,12 +116,10 @@ import psycopg_pool
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.serialization import dumps, loads, prepare_accept_content
-from psycopg.conninfo import conninfo_to_dict
 
-from pgbroker import queries, schema
-from pgbroker.db import connect, default_application_name
+from pgbroker import pools, queries
+from pgbroker.db import connect
 from pgbroker.errors import ConfigurationError, PgBrokerError, SchemaError
-from pgbroker.forking import neutralise
 from pgbroker.urls import SCHEMES, to_conninfo
 
 logger = logging.getLogger("pgbroker")
@@ -218,74 +214,25 @@ def _seconds(what: str, value: Any) -> float:
 
 # --- one pool per process -----------------------------------------------------------
 
-_pools: dict[tuple[str, str], psycopg_pool.ConnectionPool] = {}
-_pools_lock = threading.Lock()
-_pool_conns: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
-#: Pools inherited through fork, kept referenced so that their finalisers
-#: never run in the child (see pgbroker.forking).
-_inherited_pools: list[psycopg_pool.ConnectionPool] = []
 _next_prune: dict[tuple[str, str], float] = {}
 
 
-def _track(conn: psycopg.Connection) -> None:
-    _pool_conns.add(conn)
+def _forget_prune_times() -> None:
+    _next_prune.clear()  # a forked child prunes on its own schedule
 
 
-def _after_fork_in_child() -> None:
-    # The connections and pool threads belong to the parent: never use or
-    # close them here; the child opens its own pool on first use.
-    global _pools_lock
-    _pools_lock = threading.Lock()
-    for conn in list(_pool_conns):
-        neutralise(conn)
-    _inherited_pools.extend(_pools.values())
-    _pools.clear()
-    _next_prune.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_forget_prune_times)
 
 
 def _pool_for(config: DurableConfig) -> psycopg_pool.ConnectionPool:
-    key = (config.url, config.schema)
-    pool = _pools.get(key)
-    if pool is not None:
-        return pool
-    with _pools_lock:
-        pool = _pools.get(key)
-        if pool is None:
-            # The first connection is opened directly: a wrong URL or a
-            # server that is down gives pgbroker's clear error at once.
-            with connect(config.url, connect_timeout=10) as conn:
-                if config.auto_migrate:
-                    schema.migrate(conn, config.schema)
-                else:
-                    schema.require_current(conn, config.schema)
-            conninfo = to_conninfo(config.url)
-            kwargs: dict[str, Any] = {"autocommit": True}
-            if "application_name" not in conninfo_to_dict(conninfo):
-                kwargs["application_name"] = default_application_name()
-            pool = psycopg_pool.ConnectionPool(
-                conninfo,
-                kwargs=kwargs,
-                min_size=1,
-                max_size=4,
-                open=True,
-                timeout=30,
-                name="pgbroker-durable",
-                configure=_track,
-            )
-            _pools[key] = pool
-    return pool
+    return pools.pool_for(
+        config.url, config.schema, purpose="durable", auto_migrate=config.auto_migrate
+    )
 
 
 def close_pools() -> None:
     """Close this process's durable-step connections (tests, shutdown)."""
-    with _pools_lock:
-        pools = list(_pools.values())
-        _pools.clear()
-    for pool in pools:
-        pool.close()
+    pools.close_pools("durable")
 
 
 def _run(config: DurableConfig, fn: Callable[[psycopg.Connection], T]) -> T:

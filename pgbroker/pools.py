@@ -1,0 +1,90 @@
+"""One small connection pool per process and purpose, safe across fork.
+
+The result backend, durable steps and the beat scheduler each keep a pool
+per (URL, schema) in every process. After a fork the child must not use or
+close the parent's connections (see :mod:`pgbroker.forking`): it detaches
+them and opens its own pool on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict
+
+from pgbroker import schema
+from pgbroker.db import connect, default_application_name
+from pgbroker.forking import neutralise
+from pgbroker.urls import to_conninfo
+
+_pools: dict[tuple[str, str, str], psycopg_pool.ConnectionPool] = {}
+_lock = threading.Lock()
+_conns: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
+#: Pools inherited through fork, kept referenced so that their finalisers
+#: never run in the child.
+_inherited: list[psycopg_pool.ConnectionPool] = []
+
+
+def pool_for(
+    url: str, schema_name: str, *, purpose: str, auto_migrate: bool, max_size: int = 4
+) -> psycopg_pool.ConnectionPool:
+    """The process's pool for ``purpose`` on (url, schema), opened on first use.
+
+    The first connection is opened directly, so that a wrong URL or a server
+    that is down gives pgbroker's clear error at once rather than a pool
+    timeout later; it also creates or checks the schema.
+    """
+    key = (url, schema_name, purpose)
+    pool = _pools.get(key)
+    if pool is not None:
+        return pool
+    with _lock:
+        pool = _pools.get(key)
+        if pool is None:
+            with connect(url, connect_timeout=10) as conn:
+                if auto_migrate:
+                    schema.migrate(conn, schema_name)
+                else:
+                    schema.require_current(conn, schema_name)
+            conninfo = to_conninfo(url)
+            kwargs: dict[str, Any] = {"autocommit": True}
+            if "application_name" not in conninfo_to_dict(conninfo):
+                kwargs["application_name"] = default_application_name()
+            pool = psycopg_pool.ConnectionPool(
+                conninfo,
+                kwargs=kwargs,
+                min_size=1,
+                max_size=max_size,
+                open=True,
+                timeout=30,
+                name=f"pgbroker-{purpose}",
+                configure=_conns.add,
+            )
+            _pools[key] = pool
+    return pool
+
+
+def close_pools(purpose: str | None = None) -> None:
+    """Close this process's pools (all, or those of one purpose)."""
+    with _lock:
+        keys = [k for k in _pools if purpose is None or k[2] == purpose]
+        pools = [_pools.pop(k) for k in keys]
+    for pool in pools:
+        pool.close()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()
+    for conn in list(_conns):
+        neutralise(conn)
+    _inherited.extend(_pools.values())
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
