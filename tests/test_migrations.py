@@ -33,6 +33,8 @@ EXPECTED_TABLES = {
         "task_result",
         # 003_durable_steps
         "durable_step",
+        # 004_beat
+        "beat_entry",
         # bookkeeping
         "schema_version",
     ],

@@ -1,0 +1,144 @@
+"""The beat scheduler (pgbroker/beat.py) in real processes: two ``celery
+beat`` processes, a worker, SIGKILL of the leader, runtime changes."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+from celery.schedules import crontab
+
+from pgbroker import beat
+from tests.celery_helpers import celery_env, start_worker, started, wait_until
+
+APP = "tests.apps.beat_app"
+TASK = "tests.apps.beat_app.record"
+BEAT = ["beat", "-l", "info", "-S", "pgbroker"]  # the entry-point alias
+LEADER = "beat: this process is now the leader"
+SECOND = timedelta(seconds=1)
+
+
+def _create_run_table(db: psycopg.Connection) -> None:
+    db.execute(
+        "CREATE TABLE beat_run (id bigserial PRIMARY KEY, entry text NOT NULL, slot timestamptz, "
+        "task_id text NOT NULL, ran_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    )
+
+
+def _runs(db: psycopg.Connection, *entries: str) -> list[tuple]:
+    return db.execute(
+        "SELECT slot, ran_at FROM beat_run WHERE entry = ANY(%s) ORDER BY slot, id",
+        [list(entries)],
+    ).fetchall()
+
+
+def _claimed(db: psycopg.Connection, name: str) -> int:
+    row = db.execute(
+        "SELECT total_run_count FROM pgbroker.beat_entry WHERE name = %s", [name]
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _wait_all_run(db: psycopg.Connection, name: str, *entries: str) -> int:
+    """Wait until the worker has run every claimed slot of ``name``."""
+    claimed = _claimed(db, name)
+    wait_until(
+        lambda: len(_runs(db, *entries)) >= claimed,
+        20,
+        f"the worker to run the {claimed} claimed runs of {name}",
+    )
+    return claimed
+
+
+def test_standby_takes_over_after_sigkill_without_duplicate_or_gap(
+    db_url: str, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    _create_run_table(db)
+    env = celery_env(db_url)
+    with start_worker(APP, env, tmp_path) as worker:
+        worker.wait_for_log("ready.")
+        with started("beat-a", APP, BEAT, env, tmp_path) as a:
+            a.wait_for_log(LEADER)
+            with started("beat-b", APP, BEAT, env, tmp_path) as b:
+                b.wait_for_log("beat: Starting...")
+                wait_until(lambda: len(_runs(db, "every-second")) >= 4, 20, "4 runs from beat-a")
+                time.sleep(1.5)  # b has tried (and failed) to take the lock
+                assert LEADER not in b.log()
+
+                a.kill_group()  # SIGKILL: no goodbye, Postgres drops the session
+                killed = time.monotonic()
+                killed_at = db.execute("SELECT clock_timestamp()").fetchone()[0]
+                a.wait_exit(10)
+                b.wait_for_log(LEADER, timeout=20)
+                takeover = time.monotonic() - killed
+                took_over_at = db.execute("SELECT clock_timestamp()").fetchone()[0]
+                print(f"standby became the leader {takeover:.2f} s after the SIGKILL")
+                count = len(_runs(db, "every-second"))
+                wait_until(
+                    lambda: len(_runs(db, "every-second")) >= count + 4,
+                    20,
+                    "4 runs from beat-b",
+                )
+            assert takeover < 6, f"takeover took {takeover:.1f} s"
+            assert "Sending due task every-second" in b.log()
+        claimed = _wait_all_run(db, "every-second", "every-second")
+
+    runs = _runs(db, "every-second")
+    slots = [slot for slot, _ in runs]
+    assert None not in slots, "the slot header did not reach the task"
+    # Every claimed slot ran exactly once: no duplicate...
+    assert len(slots) == len(set(slots)) == claimed
+    # ...and no gap: one slot per second, from the first to the last.
+    gaps = [later - earlier for earlier, later in itertools.pairwise(slots)]
+    assert set(gaps) == {SECOND}, gaps
+    assert len(slots) >= 8
+    row = db.execute(
+        "SELECT last_run_at FROM pgbroker.beat_entry WHERE name = 'every-second'"
+    ).fetchone()
+    assert row is not None and row[0] == slots[-1]
+    # The unbroken chain spans the failover: beat-a sent the first slots,
+    # beat-b the last ones, and the slots due in between were sent too.
+    assert slots[0] < killed_at - 2 * SECOND
+    assert slots[-1] > took_over_at + 2 * SECOND
+    lateness = max((ran_at - slot).total_seconds() for slot, ran_at in runs)
+    print(f"largest delay from a slot to its run: {lateness:.2f} s")
+    assert lateness < 10
+
+
+def test_entries_added_changed_and_disabled_at_runtime(
+    db_url: str, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    _create_run_table(db)
+    env = celery_env(db_url)
+    with start_worker(APP, env, tmp_path) as worker, started("beat", APP, BEAT, env, tmp_path) as b:
+        worker.wait_for_log("ready.")
+        b.wait_for_log(LEADER)
+        beat.add_entry(db_url, "added", TASK, 0.5, args=["added"])
+        wait_until(lambda: len(_runs(db, "added")) >= 2, 15, "runs of the added entry")
+
+        entry = beat.update_entry(db_url, "added", args=["changed"])
+        assert entry.args == ["changed"]
+        wait_until(lambda: len(_runs(db, "changed")) >= 2, 15, "runs with the changed args")
+
+        entry = beat.disable_entry(db_url, "added")
+        assert not entry.enabled
+        claimed = _wait_all_run(db, "added", "added", "changed")
+        time.sleep(2.5)  # five slots of "added" pass
+        assert _claimed(db, "added") == claimed
+        assert len(_runs(db, "added", "changed")) == claimed
+        # The scheduler is alive and the other entry still runs.
+        before = len(_runs(db, "every-second"))
+        wait_until(lambda: len(_runs(db, "every-second")) > before, 10, "every-second runs")
+
+        slots = [slot for slot, _ in _runs(db, "added", "changed")]
+        assert len(slots) == len(set(slots))
+        assert {b - a for a, b in itertools.pairwise(slots)} == {timedelta(seconds=0.5)}
+        names = {e.name: e for e in beat.list_entries(db_url)}
+        # celery.backend_cleanup: installed by Celery (no result backend
+        # expires results here), a crontab.
+        assert set(names) == {"every-second", "added", "celery.backend_cleanup"}
+        assert names["celery.backend_cleanup"].schedule == crontab("0", "4", "*")
+        assert names["added"].from_config is False and names["every-second"].from_config
