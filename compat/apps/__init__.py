@@ -1,0 +1,1 @@
+"""Celery apps run by the compatibility suite (``python -m compat``)."""
