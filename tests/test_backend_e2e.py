@@ -28,7 +28,7 @@ REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
 class Worker:
-    def __init__(self, env: dict[str, str], concurrency: int = 3) -> None:
+    def __init__(self, env: dict[str, str], concurrency: int = 3, pool: str = "prefork") -> None:
         self.output: list[str] = []
         self.proc = subprocess.Popen(
             [
@@ -37,7 +37,7 @@ class Worker:
                 "tests.apps.results_app",
                 "worker",
                 "-P",
-                "prefork",
+                pool,
                 "-c",
                 str(concurrency),
                 "-l",
@@ -99,7 +99,9 @@ def make_env(broker: str, backend: str, **extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running(broker: str, backend: str, **extra: str) -> Iterator[tuple[Any, Worker]]:
+def running(
+    broker: str, backend: str, pool: str = "prefork", **extra: str
+) -> Iterator[tuple[Any, Worker]]:
     """The test app configured like the worker, and the worker."""
     env = make_env(broker, backend, **extra)
     saved = dict(os.environ)
@@ -109,7 +111,7 @@ def running(broker: str, backend: str, **extra: str) -> Iterator[tuple[Any, Work
     from tests.apps import results_app
 
     importlib.reload(results_app)
-    worker = Worker(env)
+    worker = Worker(env, pool=pool)
     try:
         yield results_app, worker
     finally:
