@@ -6,9 +6,9 @@ Run it with::
 
 (``pgbroker`` is registered in Celery's ``celery.beat_schedulers`` entry
 point group; the full path ``pgbroker.beat:PgScheduler`` works too, and so
-does ``beat_scheduler = "pgbroker"`` in the app's configuration). Run it on several machines at once: one process is the
-leader and sends the periodic tasks; the others are standbys that take over
-when the leader dies.
+does ``beat_scheduler = "pgbroker"`` in the app's configuration). Run it
+on several machines at once: one process is the leader and sends the
+periodic tasks; the others are standbys that take over when the leader dies.
 
 Where the schedule lives (Celery settings)
 
