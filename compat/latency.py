@@ -1,20 +1,29 @@
 """Round-trip latency of ``add.delay(1, 1).get()``: pgbroker vs Redis.
 
-Runs, in the same process and the same run, against two prefork workers of
-``tests.apps.results_app``: one with pgbroker as broker and result backend,
-one with Redis as both, and one with a Redis broker and the pgbroker
-backend (isolating the backend's share). Blocks of calls alternate between the two so that
-machine noise hits both alike. Prints p50/p90/p99 in milliseconds.
+Runs, in the same process and the same run, against three prefork workers
+(``-c 2``) of ``tests.apps.results_app`` (``task_track_started`` on): one
+with pgbroker as broker and result backend, one with Redis as both, and one
+with a Redis broker and the pgbroker backend (isolating the backend's
+share). Blocks of calls alternate between them so that machine noise hits
+all alike. Prints p50/p90/p95/p99 in milliseconds.
 
-    .venv/bin/python -m compat.latency [--n 300] [--pg URL] [--redis URL]
+Then, with no worker, it counts the statements an idle ``get()`` runs while
+it waits: the transactions of a scratch database (``xact_commit +
+xact_rollback`` of ``pg_stat_database``, read from another database, after
+PostgreSQL has flushed its statistics) during ``--idle-seconds`` of a
+``get()`` on a task nobody runs. Its LISTEN and its one read run when the
+wait starts, before the counted window.
 
-``--pg`` is a server URL where a scratch database may be created (dropped
-at the end).
+    .venv/bin/python -m compat.latency [--n 300] [--idle-seconds 5] [--pg URL] [--redis URL]
+
+``--pg`` is a server URL where scratch databases may be created (dropped at
+the end).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -24,8 +33,11 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
+import psycopg
 from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from tests import pgserver
 
@@ -79,9 +91,55 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
+#: PostgreSQL flushes a session's statistics at most once a second.
+STATS_FLUSH = 1.5
+
+
+def transactions(admin: psycopg.Connection, dbname: str) -> int:
+    row = admin.execute(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s", [dbname]
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def idle_get_statements(pg_admin: str, seconds: float) -> int:
+    """Transactions run in a database with no worker while a get() waits
+    ``seconds`` (after its LISTEN and read)."""
+    dbname = f"pgbroker_idle_{uuid.uuid4().hex[:8]}"
+    pgserver.create_database(pg_admin, dbname)
+    url = pgserver.url_for(pg_admin, dbname)
+    app = client(url, url)
+    try:
+        with psycopg.connect(pgserver.libpq_url(pg_admin), autocommit=True) as admin:
+            # Set up: schema, pool, LISTEN connection (a first wait).
+            with contextlib.suppress(CeleryTimeoutError):
+                app.send_task(TASK, (1, 1), queue="nobody").get(timeout=0.2)
+            result = app.send_task(TASK, (1, 1), queue="nobody")
+            waiter = threading.Thread(
+                target=_wait_quietly, args=(result, seconds + 2 * STATS_FLUSH)
+            )
+            waiter.start()
+            time.sleep(STATS_FLUSH)  # the wait's LISTEN and read land before the window
+            start = transactions(admin, dbname)
+            time.sleep(seconds + STATS_FLUSH)  # what runs in the window is flushed by its end
+            end = transactions(admin, dbname)
+            waiter.join(seconds + 30)
+            return end - start
+    finally:
+        app.close()
+        time.sleep(0.5)
+        pgserver.drop_database(pg_admin, dbname)
+
+
+def _wait_quietly(result: Any, seconds: float) -> None:
+    with contextlib.suppress(CeleryTimeoutError):
+        result.get(timeout=seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=300)
+    parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--pg", default=pgserver.LOCAL_URL)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/14")
     args = parser.parse_args()
@@ -128,7 +186,14 @@ def main() -> None:
     for name, values in samples.items():
         print(
             f"  {name:9s} p50 {percentile(values, 50):6.2f}  p90 {percentile(values, 90):6.2f}"
-            f"  p99 {percentile(values, 99):6.2f}  mean {statistics.mean(values):6.2f}"
+            f"  p95 {percentile(values, 95):6.2f}  p99 {percentile(values, 99):6.2f}"
+            f"  mean {statistics.mean(values):6.2f}"
+        )
+    if args.idle_seconds > 0:
+        idle = idle_get_statements(args.pg, args.idle_seconds)
+        print(
+            f"idle get() (pgbroker, no worker): {idle} statement(s) in the database during "
+            f"{args.idle_seconds + STATS_FLUSH:g} s of waiting, after its LISTEN and its one read"
         )
 
 

@@ -47,17 +47,29 @@ How it works:
 * A SUCCESS row is never overwritten (enforced in the upsert).
 * One small connection pool per process, replaced after fork; the LISTEN
   connection is separate.
+* Round trips of a task (see ``_write_result``): the STARTED state is sent
+  without waiting, in a transaction left open for up to
+  ``STARTED_COMMIT_DELAY`` (2 ms). A task that stores its next state within
+  that time commits both in one transaction: one WAL flush instead of two,
+  and a waiter is still notified of both states, in order; the row itself
+  never shows STARTED then. A longer task gets its STARTED committed on
+  its own when the delay is up (by a daemon thread of the process). A state
+  is announced only once committed, and SUCCESS is final, as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import heapq
 import logging
 import os
+import re
+import select
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
@@ -73,7 +85,9 @@ from celery.result import GroupResult, allow_join_result, result_from_tuple
 from celery.utils.functional import _regen
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.errors import error_from_result
 
 from pgbroker import queries, schema
 from pgbroker.db import connect, default_application_name
@@ -197,6 +211,209 @@ def _pool_for(url: str, options: BackendOptions) -> psycopg_pool.ConnectionPool:
     return pool
 
 
+# --- writes through libpq's pipeline --------------------------------------------------
+
+#: How each store_result parameter is sent: (type oid, format: 0 text, 1 binary).
+_TEXT, _BYTEA, _INT4, _TIMESTAMPTZ = (25, 0), (17, 1), (23, 0), (1184, 0)
+_STORE_PARAMS = {
+    "task_id": _TEXT,
+    "state": _TEXT,
+    "name": _TEXT,
+    "args": _BYTEA,
+    "kwargs": _BYTEA,
+    "worker": _TEXT,
+    "retries": _INT4,
+    "queue": _TEXT,
+    "parent_id": _TEXT,
+    "root_id": _TEXT,
+    "group_id": _TEXT,
+    "result": _BYTEA,
+    "content_type": _TEXT,
+    "content_encoding": _TEXT,
+    "traceback": _TEXT,
+    "children": _BYTEA,
+    "extra": _BYTEA,
+    "date_done": _TIMESTAMPTZ,
+    "channel": _TEXT,
+}
+_PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
+#: The prepared store_result statement, on connections that have it.
+STORE_STATEMENT = b"pgbroker_store_result"
+_prepared: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
+
+
+#: The outcome of a statement skipped because an earlier one in its
+#: transaction failed.
+_ABORTED = object()
+#: A STARTED state waits this long for the task's next state, to commit
+#: with it in one transaction (one WAL flush instead of two); a task still
+#: running by then gets its STARTED committed on its own.
+STARTED_COMMIT_DELAY = 0.002
+
+
+class _Pipeline:
+    """A pooled connection in pipeline mode, with statements whose replies
+    are still to be read (at most one per thread; see ``_write_result``).
+
+    Everything sent on it is sent under ``lock``: the committer thread may
+    commit a deferred STARTED while its owner runs the task.
+    """
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, conn: psycopg.Connection) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.labels: deque[str] = deque()  # statements sent, replies unread
+        self.syncs = 0  # sync points sent, replies unread
+        self.open = False  # a deferred statement waits for its commit (Sync)
+        self.generation = 0  # counts deferred statements
+        self.released = False  # back in the pool: no longer usable
+
+    def send(self, label: str) -> None:
+        self.labels.append(label)
+
+    def sync(self) -> None:
+        """Commit what was sent since the last sync (the reply is read later)."""
+        self.conn.pgconn.pipeline_sync()
+        self.syncs += 1
+        self.open = False
+        self.flush()
+
+    def flush(self) -> None:
+        pgconn = self.conn.pgconn
+        while pgconn.flush() == 1:
+            # Read while writing: a server blocked on sending us replies
+            # would stop reading what we send.
+            readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [], 1.0)
+            if readable:
+                pgconn.consume_input()
+
+    def read_replies(self) -> list[tuple[str, Any]]:
+        """Wait for every reply to what was synced: (label, outcome) per
+        statement, in order; the outcome is None, an error or _ABORTED."""
+        pgconn = self.conn.pgconn
+        enc = self.conn.info.encoding
+        outcomes: list[tuple[str, Any]] = []
+        outcome: Any = None
+        while self.syncs:
+            pgconn.consume_input()
+            while pgconn.is_busy():
+                select.select([pgconn.socket], [], [], 1.0)
+                pgconn.consume_input()
+            res = pgconn.get_result()
+            if res is None:  # the end of one statement's replies
+                outcomes.append((self.labels.popleft(), outcome))
+                outcome = None
+            elif res.status == pq.ExecStatus.PIPELINE_SYNC:
+                self.syncs -= 1
+            elif res.status == pq.ExecStatus.FATAL_ERROR:
+                outcome = error_from_result(res, encoding=enc)
+            elif res.status == pq.ExecStatus.PIPELINE_ABORTED:
+                outcome = _ABORTED
+        return outcomes
+
+    def release(self) -> None:
+        """Back to the pool, out of pipeline mode (or closed when unusable).
+        Called with ``lock`` held."""
+        self.released = True
+        self.open = False
+        conn = self.conn
+        try:
+            if not conn.closed:
+                if self.syncs or self.labels:
+                    conn.close()  # replies never read (an error on the way)
+                else:
+                    conn.pgconn.exit_pipeline_mode()
+        except psycopg.Error:
+            conn.close()
+        self.pool.putconn(conn)
+
+
+class _Committer:
+    """Commits the deferred STARTED states that waited STARTED_COMMIT_DELAY
+    (one daemon thread per process, started on first use).
+
+    Adding a state does not wake the thread while it is active: it looks
+    every STARTED_COMMIT_DELAY, so a STARTED state is committed between one
+    and two delays after it was sent. Only after a second without work does
+    it sleep until woken.
+    """
+
+    #: Seconds without work after which the thread sleeps until woken.
+    IDLE_AFTER = 1.0
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.cond = threading.Condition()
+        # (deadline, sequence, pipeline, generation), earliest first.
+        self.due: list[tuple[float, int, _Pipeline, int]] = []
+        self.added = 0
+        self.sleeping = False
+        self.waiting_until = 0.0  # the deadline of the thread's timed wait
+        threading.Thread(target=self._run, name="pgbroker-started", daemon=True).start()
+
+    def add(self, p: _Pipeline, generation: int) -> None:
+        deadline = time.monotonic() + STARTED_COMMIT_DELAY
+        with self.cond:
+            self.added += 1
+            heapq.heappush(self.due, (deadline, self.added, p, generation))
+            if self.sleeping or deadline < self.waiting_until:
+                self.cond.notify()
+
+    def _run(self) -> None:
+        last_work = time.monotonic()
+        while True:
+            with self.cond:
+                now = time.monotonic()
+                if not self.due:
+                    if now - last_work > self.IDLE_AFTER:
+                        self.sleeping = True
+                        while not self.due:
+                            self.cond.wait()
+                        self.sleeping = False
+                    else:
+                        self.waiting_until = now + STARTED_COMMIT_DELAY
+                        self.cond.wait(STARTED_COMMIT_DELAY)
+                    continue
+                last_work = now
+                deadline, _, p, generation = self.due[0]
+                if deadline > now:
+                    self.waiting_until = deadline
+                    self.cond.wait(deadline - now)
+                    continue
+                heapq.heappop(self.due)
+            with p.lock:
+                # Still open: the task runs longer than the delay. Commit,
+                # and give the connection back to the pool for the rest of
+                # the task (its owner takes another one for its next state).
+                if p.open and p.generation == generation and not p.released:
+                    outcomes: list[tuple[str, Any]] = []
+                    try:
+                        p.sync()
+                        outcomes = p.read_replies()
+                    except psycopg.Error as exc:
+                        logger.warning("pgbroker: could not commit a STARTED state: %s", exc)
+                    finally:
+                        p.release()
+                    PostgresBackend._log_outcomes(p, outcomes)
+
+
+_committer: _Committer | None = None
+_committer_lock = threading.Lock()
+
+
+def _get_committer() -> _Committer:
+    global _committer, _committer_lock
+    if _committer is None or _committer.pid != os.getpid():
+        if _committer is not None:  # the parent's, in a forked child: its thread is gone
+            _committer, _committer_lock = None, threading.Lock()
+        with _committer_lock:
+            if _committer is None:
+                _committer = _Committer()
+    return _committer
+
+
 # --- the backend --------------------------------------------------------------------
 
 _EXTENDED = ("name", "args", "kwargs", "worker", "retries", "queue")
@@ -238,6 +455,8 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         # Expiry is ours when we run it ourselves; beat need not schedule it.
         self.supports_autoexpire = bool(self.options.cleanup_interval and self.expires)
         self._next_cleanup = 0.0
+        #: This thread's _Pipeline holding a write not waited for.
+        self._held = threading.local()
         self.result_consumer = self.ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages
         )
@@ -272,6 +491,7 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
 
     def _run(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """Run ``fn`` on a pooled connection; once more if that one was dead."""
+        self._settle()
         for attempt in (1, 2):
             try:
                 with self._pool().connection() as conn:
@@ -314,11 +534,12 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
     # --- task results ----------------------------------------------------------------
 
     def on_task_call(self, producer: Any, task_id: str) -> dict[str, Any]:
-        from celery._state import task_join_will_block
-
-        # LISTEN before the task is sent, so its NOTIFY cannot be missed.
-        if not task_join_will_block():
-            self.result_consumer.consume_from(task_id)
+        # Nothing to do before the task is sent: a waiter LISTENs when it
+        # starts waiting (get(), then()) and reads the state after its LISTEN
+        # took effect, which misses nothing however late it comes (see
+        # pgbroker.result_consumer). Listening here would cost every
+        # delay() two statements, and the publish their time, even when
+        # nobody ever waits.
         return {}
 
     def _store_result(
@@ -358,16 +579,191 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             "result": payload,
             "content_type": content_type,
             "content_encoding": content_encoding,
-            "traceback": traceback,
+            # PostgreSQL text cannot hold U+0000, which an exception message
+            # (and so its traceback) may: it is kept as the escape \x00. The
+            # exception itself, in result, is stored exactly.
+            "traceback": traceback.replace("\0", "\\x00") if traceback else traceback,
             "children": self._dump(children)[0] if children else None,
             "extra": self._dump(extra)[0] if extra else None,
             "date_done": meta.get("date_done"),
             "channel": channel_for(self.schema, task_id),
         }
-        self._execute("store_result", params)
+        # STARTED is advisory: the task need not wait for it to be durable.
+        self._write_result(params, defer=state == states.STARTED)
         if state in states.READY_STATES:
             self._maybe_cleanup()
         return result
+
+    # --- pipelined writes ---------------------------------------------------------
+
+    def _write_result(self, params: dict[str, Any], defer: bool) -> None:
+        """Run store_result; with ``defer``, return once it is sent.
+
+        A deferred write (STARTED) is sent in a transaction left open: the
+        task's next state, if it comes within STARTED_COMMIT_DELAY, goes in
+        the same transaction and commits both (one WAL flush; a waiter is
+        notified of both states, in order). Otherwise the committer thread
+        commits the STARTED state on its own when the delay is up, and
+        gives the connection back to the pool. Until then the thread keeps
+        the pooled connection; any other use of the backend by the thread
+        first commits and confirms it (``_settle``).
+        """
+        for attempt in (1, 2):
+            p, fresh = self._acquire_pipeline()
+            outcomes: list[tuple[str, Any]] = []
+            generation = 0
+            try:
+                if defer:
+                    if p.open or p.syncs:
+                        # An earlier STARTED whose task stored nothing
+                        # after it: commit and confirm it first.
+                        if p.open:
+                            p.sync()
+                        self._log_outcomes(p, p.read_replies())
+                    self._send_store(p, params, "deferred")
+                    p.open = True
+                    p.generation += 1
+                    generation = p.generation
+                    p.flush()
+                else:
+                    self._send_store(p, params, "write")
+                    p.sync()
+                    outcomes = p.read_replies()
+                    p.release()
+            except psycopg.OperationalError as exc:
+                p.release()
+                p.lock.release()
+                # A connection that broke while idle in the pool (server
+                # restart): once more on a fresh one. The upsert is safe to
+                # repeat.
+                if attempt == 2 or not fresh or exc.sqlstate is not None:
+                    raise
+                logger.warning("pgbroker: result backend connection lost, retrying once")
+                continue
+            except BaseException:
+                p.release()
+                p.lock.release()
+                raise
+            p.lock.release()
+            if defer:
+                self._held.p = p
+                _get_committer().add(p, generation)
+                return
+            (_, ours), earlier = outcomes[-1], outcomes[:-1]
+            self._log_outcomes(p, earlier)
+            if ours is _ABORTED:
+                # The deferred STARTED before it failed, and took this write
+                # down with its transaction: this one alone, once more.
+                self._write_result(params, defer=False)
+            elif ours is not None:
+                raise ours
+            return
+
+    def _acquire_pipeline(self) -> tuple[_Pipeline, bool]:
+        """This thread's held pipeline, or a new one on a pooled connection
+        (then True), with its lock held."""
+        p: _Pipeline | None = getattr(self._held, "p", None)
+        self._held.p = None
+        if p is not None and p.pid == os.getpid():  # never the parent's, after fork
+            p.lock.acquire()
+            if not p.released:
+                return p, False
+            p.lock.release()  # committed and given back by the committer
+        pool = self._pool()
+        conn = pool.getconn()
+        try:
+            conn.pgconn.enter_pipeline_mode()
+        except BaseException:
+            pool.putconn(conn)
+            raise
+        p = _Pipeline(pool, conn)
+        p.lock.acquire()
+        return p, True
+
+    def _settle(self) -> None:
+        """Commit and confirm this thread's deferred write, if any, and
+        release its connection."""
+        p: _Pipeline | None = getattr(self._held, "p", None)
+        self._held.p = None
+        if p is None or p.pid != os.getpid():
+            return
+        outcomes: list[tuple[str, Any]] = []
+        with p.lock:
+            if p.released:
+                return
+            try:
+                if p.open:
+                    p.sync()
+                outcomes = p.read_replies()
+            except psycopg.Error as exc:
+                logger.warning("pgbroker: could not confirm a STARTED state: %s", exc)
+            finally:
+                p.release()
+        self._log_outcomes(p, outcomes)
+
+    @staticmethod
+    def _log_outcomes(p: _Pipeline, outcomes: list[tuple[str, Any]]) -> None:
+        for label, outcome in outcomes:
+            if label == "prepare" and outcome is not None:
+                _prepared.discard(p.conn)  # prepared again next time
+                logger.warning("pgbroker: could not prepare store_result: %s", outcome)
+            elif label == "deferred" and outcome is not None and outcome is not _ABORTED:
+                # STARTED is advisory: its failure is reported, not raised
+                # into the task's next call.
+                logger.warning("pgbroker: storing a STARTED state failed: %s", outcome)
+
+    def _send_store(self, p: _Pipeline, params: dict[str, Any], label: str) -> None:
+        conn = p.conn
+        pgconn = conn.pgconn
+        query, names = self._store_query()
+        enc = conn.info.encoding
+        values: list[bytes | None] = []
+        types: list[int] = []
+        formats: list[int] = []
+        for name in names:
+            oid, fmt = _STORE_PARAMS[name]
+            value = params[name]
+            if value is None:
+                values.append(None)
+            elif fmt == 1:
+                values.append(bytes(value))
+            elif oid == _TIMESTAMPTZ[0] and not isinstance(value, str):
+                values.append(value.isoformat().encode())
+            else:
+                data = str(value).encode(enc)
+                if b"\0" in data:
+                    # libpq would cut the value at the NUL; psycopg refuses it too.
+                    raise psycopg.DataError(
+                        f"PostgreSQL text fields cannot contain NUL (0x00) bytes ({name})"
+                    )
+                values.append(data)
+            types.append(oid)
+            formats.append(fmt)
+        if conn not in _prepared:
+            # Prepared once per connection: planning the upsert costs more
+            # than running it.
+            pgconn.send_prepare(STORE_STATEMENT, query, types)
+            p.send("prepare")
+            _prepared.add(conn)
+        pgconn.send_query_prepared(STORE_STATEMENT, values, formats)
+        p.send(label)
+
+    def _store_query(self) -> tuple[bytes, list[str]]:
+        """store_result with $n placeholders, and the parameter name of each."""
+        cached = getattr(self, "_store_query_cache", None)
+        if cached is None:
+            text = self.queries["store_result"].as_bytes(None)
+            names: list[str] = []
+
+            def number(match: re.Match[bytes]) -> bytes:
+                name = match[1].decode()
+                if name not in names:
+                    names.append(name)
+                return b"$%d" % (names.index(name) + 1)
+
+            cached = (_PLACEHOLDER.sub(number, text), names)
+            self._store_query_cache = cached
+        return cached
 
     def _meta_from_row(self, row: tuple[Any, ...]) -> dict[str, Any]:
         (

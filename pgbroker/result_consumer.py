@@ -1,30 +1,53 @@
 """Push-based ``get()``: wake waiters with LISTEN/NOTIFY instead of polling.
 
-Each task has its own notification channel (``channel_for``). The client
-LISTENs on it before the task is sent (``on_task_call``), the worker's
-``store_result`` statement NOTIFYs it with the new state, and the consumer
-then reads the row once. While nothing happens, a waiting ``get()`` only
-waits on the socket of its LISTEN connection: it sends no query.
+Each task has its own notification channel (``channel_for``), so the server
+forwards a client only the notifications of the tasks it waits for. The
+worker's ``store_result`` statement notifies the channel at commit, with the
+stored row itself as payload when it fits (see ``store_result`` in
+``sql/backend.sql``): a small result reaches its waiter without a query.
+
+Round trips. The consumer's connection runs in libpq's pipeline mode, so
+that nothing it sends has to wait for its reply:
+
+* When a result starts being waited for (``get()``, ``then()``: Celery's
+  ``add_pending_result``), ``consume_from`` queues ``LISTEN`` on the task's
+  channel and, in a second transaction, a read of the task's row, in one
+  round trip, without waiting. Nothing is sent when a task is published
+  (``on_task_call``), so a client that never waits pays nothing, and the
+  publish never waits behind a LISTEN.
+* The wait then starts by taking those two replies. That is all a waiter
+  needs, whenever it starts: a state committed before the read is in the
+  read, one committed after the LISTEN is notified, and the read starts
+  after the LISTEN committed.
+* While nothing happens, a waiting ``get()`` waits on the socket and sends
+  no query at all.
 
 Modelled on Celery's Redis ``ResultConsumer``: one thread at a time reads
-the connection; the others wait on a condition the reader signals.
+the connection; the others wait on a condition the reader signals after it
+has delivered what it read.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import select
 import threading
+import time
 from collections import deque
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
-from psycopg import sql
+from celery.result import ResultSet
+from psycopg import pq, sql
+from psycopg.errors import error_from_result
 
 from pgbroker.forking import neutralise
 
@@ -36,12 +59,70 @@ logger = logging.getLogger("pgbroker")
 #: Longest time spent in one wait on the socket, so that a reconnect by
 #: another thread or a stop request is noticed.
 MAX_WAIT = 1.0
+#: Longest wait for the replies to LISTEN after a reconnect.
+RECONNECT_TIMEOUT = 30.0
+
+_TEXT_OID = 25
+_READ_STATEMENT = b"pgbroker_get_result_json"
+#: In the queue of replies expected from the pipeline: a sync point.
+_SYNC = object()
+#: In the queue of replies expected from the pipeline: a command (LISTEN...).
+_COMMAND = object()
 
 
 def channel_for(schema: str, task_id: str) -> str:
     """The NOTIFY channel of one task: short, fixed length, schema-specific."""
     digest = hashlib.md5(f"{schema}/{task_id}".encode(), usedforsecurity=False).hexdigest()
     return "pgr_" + digest
+
+
+def row_from_json(values: list[Any]) -> tuple[Any, ...]:
+    """A ``get_result_json`` array as the row ``PostgresBackend`` decodes."""
+    (
+        task_id,
+        state,
+        result,
+        content_type,
+        content_encoding,
+        traceback,
+        children,
+        date_done,
+        name,
+        args,
+        kwargs,
+        worker,
+        retries,
+        queue,
+        parent_id,
+        root_id,
+        group_id,
+        extra,
+    ) = values
+    return (
+        task_id,
+        state,
+        _b64(result),
+        content_type,
+        content_encoding,
+        traceback,
+        _b64(children),
+        None if date_done is None else datetime.fromisoformat(date_done),
+        name,
+        _b64(args),
+        _b64(kwargs),
+        worker,
+        retries,
+        queue,
+        parent_id,
+        root_id,
+        group_id,
+        _b64(extra),
+    )
+
+
+def _b64(value: str | None) -> bytes | None:
+    # PostgreSQL's base64 has a newline every 76 characters; b64decode skips them.
+    return None if value is None else base64.b64decode(value)
 
 
 class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
@@ -56,65 +137,211 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._lock = threading.RLock()
         self._read_done = threading.Condition(self._lock)
         self._reader = False
-        self._conn: psycopg.Connection | None = None
+        self._connection: psycopg.Connection | None = None
         self._pid = os.getpid()
         #: channel -> task id, for every channel we LISTEN on (or will).
         self._channels: dict[str, str] = {}
-        #: channels LISTENed on the current connection.
+        #: channels whose LISTEN was sent on the current connection.
         self._listening: set[str] = set()
         #: channels to UNLISTEN when the lock is next taken; never blocks.
         self._pending_unlisten: set[str] = set()
-        self._notified: deque[psycopg.Notify] = deque()
+        #: replies still expected from the pipeline, in order: _COMMAND, a
+        #: task id (the read of its row) or _SYNC.
+        self._inflight: deque[object] = deque()
+        self._sent = 0  # sync points sent
+        self._synced = 0  # sync points whose reply arrived
+        #: task id -> the sync point after which the read that followed its
+        #: LISTEN has arrived; taken by the first wait on that task.
+        self._initial: dict[str, int] = {}
+        #: tasks whose read failed (the wait reads again, and reports).
+        self._failed_reads: set[str] = set()
+        #: (task id, payload) read or notified, not yet delivered; payload
+        #: None is a read that found no row.
+        self._incoming: deque[tuple[str, str | None]] = deque()
 
-    # --- connection ---------------------------------------------------------------
+    # --- connection -----------------------------------------------------------------
 
-    def _connection(self) -> psycopg.Connection:
+    def _conn(self) -> psycopg.Connection:
         """The LISTEN connection of this process (caller holds the lock)."""
-        if self._pid != os.getpid():
-            self._forget_inherited()
-        if self._conn is None or self._conn.closed:
+        conn = self._connection
+        if conn is None:
             conn = self.backend.connect()
-            conn.add_notify_handler(self._notified.append)
-            self._conn = conn
+            conn.pgconn.enter_pipeline_mode()
+            self._connection = conn
             self._listening = set()
-        return self._conn
+            self._inflight.clear()
+            self._synced = self._sent
+            # Prepared once: parsing the read costs more than running it.
+            query = self.backend.queries["get_result_json"].as_bytes(conn)
+            conn.pgconn.send_prepare(_READ_STATEMENT, query, [_TEXT_OID])
+            self._inflight.append(_COMMAND)
+            self._sync(conn)
+        elif conn.closed:
+            raise psycopg.OperationalError("pgbroker: the LISTEN connection is closed")
+        return conn
 
     def _forget_inherited(self) -> None:
         # The parent's connection must not be used or closed here: closing
         # it would end the parent's session.
-        if self._conn is not None:
-            neutralise(self._conn)
+        if self._connection is not None:
+            neutralise(self._connection)
         self._reset()
+
+    def _check_fork(self) -> None:
+        # Before taking the lock: in a forked child, the lock itself may be
+        # held by a thread that only exists in the parent.
+        if self._pid != os.getpid():
+            self._forget_inherited()
 
     def on_after_fork(self) -> None:
         self._forget_inherited()
 
-    def _sync_listens(self) -> None:
-        """Bring LISTEN/UNLISTEN on the connection in line (lock held)."""
-        conn = self._connection()
-        gone = self._pending_unlisten & self._listening
-        for channel in self._pending_unlisten:
-            self._channels.pop(channel, None)
-        self._pending_unlisten.clear()
-        wanted = set(self._channels) - self._listening
-        parts = [sql.SQL("UNLISTEN {}").format(sql.Identifier(c)) for c in sorted(gone)]
-        parts += [sql.SQL("LISTEN {}").format(sql.Identifier(c)) for c in sorted(wanted)]
-        if parts:
-            conn.execute(sql.SQL("; ").join(parts))
-            self._listening = (self._listening - gone) | wanted
-
     def _reconnect(self) -> None:
         """After a lost connection: LISTEN again, then read what we missed."""
         with self._lock:
-            if self._conn is not None:
+            if self._connection is not None:
                 with contextlib.suppress(psycopg.Error):
-                    self._conn.close()
-            self._conn = None
-            self._listening = set()
+                    self._connection.close()
+            self._connection = None
+            conn = self._conn()
             self._sync_listens()
+            self._flush(conn)
+            deadline = time.monotonic() + RECONNECT_TIMEOUT
+            while self._synced < self._sent:
+                if time.monotonic() > deadline:
+                    raise psycopg.OperationalError("pgbroker: no reply to LISTEN")
+                select.select([conn.fileno()], [], [], MAX_WAIT)
+                self._collect(conn)
+            # Every channel's state is read below, after its LISTEN: the
+            # reads the old connection lost are covered.
             task_ids = list(self._channels.values())
-        for meta in self.backend.get_metas(task_ids):
-            self.on_state_change(meta, None)
+            for meta in self.backend.get_metas(task_ids):
+                self.on_state_change(meta, None)
+
+    # --- the pipeline (lock held) ----------------------------------------------------
+
+    def _send(self, conn: psycopg.Connection, query: sql.Composable, tag: object) -> None:
+        conn.pgconn.send_query_params(query.as_bytes(conn), None)
+        self._inflight.append(tag)
+
+    def _send_read(self, conn: psycopg.Connection, task_id: str) -> None:
+        value = task_id.encode(conn.info.encoding)
+        if b"\0" in value:
+            # libpq would cut the id at the NUL, and read another task's row.
+            raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+        conn.pgconn.send_query_prepared(_READ_STATEMENT, [value])
+        self._inflight.append(task_id)
+
+    def _sync(self, conn: psycopg.Connection) -> None:
+        conn.pgconn.pipeline_sync()
+        self._inflight.append(_SYNC)
+        self._sent += 1
+
+    def _flush(self, conn: psycopg.Connection) -> None:
+        pgconn = conn.pgconn
+        while pgconn.flush() == 1:
+            # Read while writing: a server blocked on sending us replies
+            # would stop reading what we send.
+            readable, _, _ = select.select([conn.fileno()], [conn.fileno()], [], MAX_WAIT)
+            if readable:
+                pgconn.consume_input()
+
+    def _sync_listens(self, keep: str | None = None) -> None:
+        """Queue LISTEN/UNLISTEN to bring the connection in line, one transaction.
+
+        ``keep`` is the channel being consumed: a cancel_for that ran since
+        (a finaliser of another result object for the same task, which the
+        garbage collector may run at any point) must not undo it.
+        """
+        conn = self._conn()
+        # Swap first: cancel_for (maybe from a finaliser) adds to the new set.
+        pending, self._pending_unlisten = self._pending_unlisten, set()
+        pending.discard(keep)  # type: ignore[arg-type]
+        for channel in pending:
+            self._channels.pop(channel, None)
+        gone = pending & self._listening
+        wanted = set(self._channels) - self._listening
+        if not gone and not wanted:
+            return
+        for channel in sorted(gone):
+            self._send(conn, sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)), _COMMAND)
+        for channel in sorted(wanted):
+            self._send(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)), _COMMAND)
+        self._sync(conn)
+        self._listening = (self._listening - gone) | wanted
+
+    def _collect(self, conn: psycopg.Connection) -> None:
+        """Take the replies and notifications already received; never blocks."""
+        pgconn = conn.pgconn
+        pgconn.consume_input()
+        enc = conn.info.encoding
+        error: psycopg.Error | None = None
+        while self._inflight and not pgconn.is_busy():
+            tag = self._inflight[0]
+            res = pgconn.get_result()
+            if tag is _SYNC:
+                self._inflight.popleft()
+                self._synced += 1
+            elif res is None:  # the end of one query's replies
+                self._inflight.popleft()
+            elif res.status == pq.ExecStatus.FATAL_ERROR:
+                if isinstance(tag, str):
+                    self._failed_reads.add(tag)  # its waiter reads again
+                else:
+                    error = error or error_from_result(res, encoding=enc)
+            elif res.status == pq.ExecStatus.TUPLES_OK and isinstance(tag, str):
+                value = res.get_value(0, 0) if res.ntuples else None
+                self._incoming.append((tag, None if value is None else value.decode(enc)))
+        while (n := pgconn.notifies()) is not None:
+            task_id = self._channels.get(n.relname.decode(enc))
+            if task_id is not None:
+                self._incoming.append((task_id, n.extra.decode(enc)))
+        if pgconn.status != pq.ConnStatus.OK:
+            raise psycopg.OperationalError("pgbroker: the LISTEN connection was lost")
+        if error is not None:
+            raise error
+
+    def _deliver(self) -> None:
+        """Hand what arrived to the waiting results (lock held)."""
+        fetch: list[str] = []
+        while self._incoming:
+            task_id, payload = self._incoming.popleft()
+            state, values = self._parse(payload)
+            if state not in states.READY_STATES and self.on_message is None:
+                continue  # only an on_message callback wants the states before
+            if payload is None:
+                self.on_state_change(
+                    {"task_id": task_id, "status": states.PENDING, "result": None}, None
+                )
+            elif values is not None:
+                self.on_state_change(self._meta(values), None)
+            elif self.on_message is not None or self._is_waited(task_id):
+                fetch.append(task_id)  # too large for the payload: read it
+        if fetch:
+            for meta in self.backend.get_metas(list(dict.fromkeys(fetch))):
+                self.on_state_change(meta, None)
+
+    @staticmethod
+    def _parse(payload: str | None) -> tuple[str, list[Any] | None]:
+        """The state in a read or notification, and the whole row if it is there."""
+        if payload is None:
+            return states.PENDING, None  # a read that found no row
+        if not payload.startswith("["):
+            return payload, None  # a bare state
+        values = json.loads(payload)
+        if len(values) == 2:
+            return str(values[1]), None  # [task_id, state]: too large to carry
+        return str(values[1]), values
+
+    def _meta(self, values: list[Any]) -> dict[str, Any]:
+        row = row_from_json(values)
+        if row[7] is not None and self._connection is not None:
+            # As psycopg loads timestamptz: in the session's time zone.
+            row = (*row[:7], row[7].astimezone(self._connection.info.timezone), *row[8:])
+        return self.backend._meta_from_row(row)
+
+    def _is_waited(self, task_id: str) -> bool:
+        return any(task_id in mapping for mapping in self._pending_results)
 
     # --- BaseResultConsumer API ---------------------------------------------------
 
@@ -122,26 +349,42 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self.consume_from(initial_task_id)
 
     def stop(self) -> None:
+        self._check_fork()
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
+            if self._connection is not None and self._pid == os.getpid():
+                self._connection.close()
+            self._connection = None
             self._listening = set()
+            self._inflight.clear()
+            self._synced = self._sent
 
     def consume_from(self, task_id: str) -> None:
+        self._check_fork()
         channel = channel_for(self.backend.schema, task_id)
         with self._lock:
             self._pending_unlisten.discard(channel)
             self._channels[channel] = task_id
-            if channel not in self._listening or self._pid != os.getpid():
-                with self.reconnect_on_error():
-                    self._sync_listens()
+            if channel in self._listening:
+                return
+            with self.reconnect_on_error():
+                conn = self._conn()
+                self._channels[channel] = task_id
+                self._sync_listens(keep=channel)
+                self._send_read(conn, task_id)
+                self._sync(conn)
+                self._initial[task_id] = self._sent
+                self._flush(conn)
+                # Take what came meanwhile, so that a client that never
+                # waits does not pile up replies.
+                self._collect(conn)
+            self._deliver()
 
     def cancel_for(self, task_id: str) -> None:
         # Runs from AsyncResult.__del__ too, so it never blocks: the UNLISTEN
         # is sent by whoever takes the lock next.
-        channel = channel_for(self.backend.schema, task_id)
-        self._pending_unlisten.add(channel)
+        self._pending_unlisten.add(channel_for(self.backend.schema, task_id))
+        self._initial.pop(task_id, None)
+        self._failed_reads.discard(task_id)
 
     def on_state_change(self, meta: dict[str, Any], message: Any) -> None:
         super().on_state_change(meta, message)
@@ -149,69 +392,70 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             self.cancel_for(meta["task_id"])
 
     def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
-        # The one query of a get(): the state as it is now. Anything later
-        # arrives by NOTIFY, because we LISTEN before this read.
-        for meta in result._iter_meta(**kwargs):
-            if meta is not None:
-                self.on_state_change(meta, None)
+        ids = [r.id for r in result.results] if isinstance(result, ResultSet) else [result.id]
+        self._check_fork()
+        with self._lock:
+            read = [self._initial.pop(task_id, None) for task_id in ids]
+            target = self._sent
+        # Every LISTEN sent so far is in effect once its sync point is back,
+        # and the read sent after it has been delivered.
+        self._wait_synced(target)
+        with self._lock:
+            failed = self._failed_reads.intersection(ids)
+            self._failed_reads.difference_update(ids)
+        if None in read or failed:
+            # No read followed this task's LISTEN (already listening, or a
+            # second wait): read the state now, after the LISTEN.
+            for meta in result._iter_meta(**kwargs):
+                if meta is not None:
+                    self.on_state_change(meta, None)
+
+    def _wait_synced(self, target: int) -> None:
+        while True:
+            with self._lock:
+                # (After a reconnect or a stop, nothing sent before is awaited.)
+                if self._synced >= min(target, self._sent) or self._connection is None:
+                    self._deliver()
+                    return
+            self._step(MAX_WAIT)
 
     def drain_events(self, timeout: float | None = None) -> None:
-        wait = MAX_WAIT if timeout is None else min(timeout, MAX_WAIT)
+        self._step(MAX_WAIT if timeout is None else min(timeout, MAX_WAIT))
+
+    def _step(self, wait: float) -> None:
+        """Wait up to ``wait`` seconds for something to arrive, and deliver it."""
+        self._check_fork()
         with self._lock:
             if self._reader:
                 # Another thread waits on the socket; what it reads may be
-                # ours, so wait for it to finish instead.
+                # ours, so wait for it to read and deliver instead.
                 self._read_done.wait(wait)
                 return
             with self.reconnect_on_error():
-                conn = self._connection()
+                conn = self._conn()
                 if self._pending_unlisten:
                     self._sync_listens()
-                self._read(conn)
-            conn = self._conn  # type: ignore[assignment]
-            if conn is None or (not self._notified and not self._channels):
+                    self._flush(conn)
+                self._collect(conn)
+            conn = self._connection  # type: ignore[assignment]
+            if self._incoming or conn is None:
+                self._deliver()
+                return
+            if not self._channels and not self._inflight:
                 self._read_done.wait(wait)
                 return
             self._reader = True
         try:
-            if not self._notified:
-                # A socket closed by a reconnect: the read below finds out.
-                with contextlib.suppress(OSError, ValueError):
-                    select.select([conn.fileno()], [], [], max(wait, 0))
-                with self._lock, self.reconnect_on_error():
-                    if self._conn is conn:
-                        self._read(conn)
+            # A socket closed by a reconnect: the read below finds out.
+            with contextlib.suppress(OSError, ValueError):
+                select.select([conn.fileno()], [], [], max(wait, 0))
         finally:
             with self._lock:
-                self._reader = False
-                self._read_done.notify_all()
-        self._deliver()
-
-    # --- notifications ------------------------------------------------------------
-
-    def _read(self, conn: psycopg.Connection) -> None:
-        """Read notifications already on the socket, without a query."""
-        pgconn = conn.pgconn
-        pgconn.consume_input()
-        enc = conn.info.encoding
-        while (n := pgconn.notifies()) is not None:
-            self._notified.append(
-                psycopg.Notify(n.relname.decode(enc), n.extra.decode(enc), n.be_pid)
-            )
-        if pgconn.status != psycopg.pq.ConnStatus.OK:
-            raise psycopg.OperationalError("pgbroker: the LISTEN connection was lost")
-
-    def _deliver(self) -> None:
-        wanted: list[str] = []
-        with self._lock:
-            while self._notified:
-                n = self._notified.popleft()
-                task_id = self._channels.get(n.channel)
-                if task_id is None:
-                    continue
-                # Intermediate states matter only to an on_message callback.
-                if n.payload in states.READY_STATES or self.on_message is not None:
-                    wanted.append(task_id)
-        if wanted:
-            for meta in self.backend.get_metas(list(dict.fromkeys(wanted))):
-                self.on_state_change(meta, None)
+                try:
+                    with self.reconnect_on_error():
+                        if self._connection is conn:
+                            self._collect(conn)
+                    self._deliver()
+                finally:
+                    self._reader = False
+                    self._read_done.notify_all()

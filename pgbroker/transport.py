@@ -17,6 +17,14 @@ How it works, in short:
 * Claims take up to the free prefetch count in one statement. Acks are
   batched per event-loop tick and fenced: only the consumer that holds a
   message can ack or requeue it.
+* A claim hands its messages over as soon as the claiming statement has
+  run, while its commit (a WAL flush) completes (libpq pipeline: the rows
+  are flushed to us before the Sync that commits). Until the commit, the
+  rows stay locked by the claiming transaction, so no other consumer can
+  take them; the next statement on the session waits for the commit's
+  reply first (``_settle``). Should the commit never happen (server crash),
+  the session is gone with it and the messages are redelivered, exactly as
+  after a crash that follows a committed claim.
 * A consumer holds an advisory lock for as long as its session lives. The
   sweep hands the messages of consumers whose lock is gone back to their
   queues, so a SIGKILLed worker's tasks come back within one sweep interval,
@@ -25,8 +33,10 @@ How it works, in short:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import select
 import socket
 import threading
@@ -43,8 +53,10 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.base import queue_declare_ok_t
 from kombu.utils import json
 from kombu.utils.uuid import uuid
-from psycopg import sql
-from psycopg.types.json import Jsonb, set_json_loads
+from psycopg import pq, sql
+from psycopg.adapt import Transformer
+from psycopg.errors import error_from_result
+from psycopg.types.json import Json, Jsonb, set_json_loads
 
 from pgbroker import queries, schema
 from pgbroker.db import connect
@@ -60,6 +72,13 @@ logger = logging.getLogger("pgbroker")
 UNLIMITED_CLAIM = 100
 
 _PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding")
+
+#: Queries run through libpq's pipeline (``Transport._run_pipelined``): the
+#: name of their prepared statement, and the type oid of each parameter.
+_PIPELINED = {
+    "claim": (b"pgbroker_claim", {"queue": 25, "limit": 20, "consumer_id": 23}),
+}
+_PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
 
 
 class QoS(virtual.QoS):
@@ -361,11 +380,17 @@ class Transport(virtual.Transport):
         self._defer_acks = False
         self._sql: dict[str, bytes] = {}
         self._fd = -1  # the socket registered with the event loop
+        # Serialises the session's use: a claim leaves its commit in flight.
+        self._io = threading.RLock()
+        self._commit_pending = False  # a claim's commit whose reply is unread
+        self._prepared: set[bytes] = set()  # on the current connection
 
     # --- connection -----------------------------------------------------------
 
     def establish_connection(self) -> Transport:
         previous, self._conn = self._conn, self._open()
+        self._commit_pending = False
+        self._prepared = set()
         if previous is not None:
             self._start_new_session(previous)
         return super().establish_connection()
@@ -439,6 +464,13 @@ class Transport(virtual.Transport):
 
     @property
     def conn(self) -> psycopg.Connection:
+        """The session, ready for a statement (a claim's commit has been read)."""
+        conn = self._live()
+        if self._commit_pending:
+            self._settle()
+        return conn
+
+    def _live(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             raise psycopg.OperationalError("pgbroker: the connection to PostgreSQL is closed")
         return self._conn
@@ -453,14 +485,101 @@ class Transport(virtual.Transport):
 
     def run(self, query: str, /, **params: Any) -> Any:
         """Run a named query; return its first row (or None)."""
-        cur = self.conn.execute(self._sql[query], params)
-        return cur.fetchone() if cur.description else None
+        with self._io:
+            cur = self.conn.execute(self._sql[query], params)
+            return cur.fetchone() if cur.description else None
 
     def run_all(self, query: str, /, **params: Any) -> list[Any]:
-        return self.conn.execute(self._sql[query], params).fetchall()
+        if query in _PIPELINED:
+            return self._run_pipelined(query, params)
+        with self._io:
+            return self.conn.execute(self._sql[query], params).fetchall()
 
     def run_count(self, query: str, /, **params: Any) -> int:
-        return self.conn.execute(self._sql[query], params).rowcount
+        with self._io:
+            return self.conn.execute(self._sql[query], params).rowcount
+
+    # --- statements whose commit is not waited for ---------------------------------
+
+    def _run_pipelined(self, query: str, params: dict[str, Any]) -> list[Any]:
+        """Run a named query and return its rows without waiting for its commit.
+
+        One round trip: Parse/Bind/Execute of the prepared statement, Flush
+        (the server sends the rows at once), then Sync, which commits; the
+        reply to the Sync is read by ``_settle``.
+        """
+        name, types = _PIPELINED[query]
+        with self._io:
+            conn = self.conn  # settles the previous one
+            pgconn = conn.pgconn
+            text, names = _numbered(self._sql[query])
+            enc = conn.info.encoding
+            values = [_text_param(params[n], enc) for n in names]
+            statements = []
+            with conn.lock:
+                pgconn.enter_pipeline_mode()
+                self._commit_pending = True  # from here on, _settle cleans up
+                if name not in self._prepared:
+                    pgconn.send_prepare(name, text, [types[n] for n in names])
+                    self._prepared.add(name)
+                    statements.append("prepare")
+                pgconn.send_query_prepared(name, values)
+                statements.append(query)
+                pgconn.send_flush_request()
+                pgconn.pipeline_sync()
+                _flush(pgconn)
+                rows: pq.abc.PGresult | None = None
+                error: psycopg.Error | None = None
+                for statement in statements:
+                    while True:
+                        _wait_result(pgconn)
+                        res = pgconn.get_result()
+                        if res is None:  # the end of this statement's replies
+                            break
+                        if res.status == pq.ExecStatus.TUPLES_OK:
+                            rows = res
+                        elif res.status == pq.ExecStatus.FATAL_ERROR:
+                            error = error or error_from_result(res, encoding=enc)
+                            if statement == "prepare":
+                                self._prepared.discard(name)  # prepared again next time
+            if error is not None or rows is None:
+                self._settle()
+                raise error or psycopg.InternalError(f"pgbroker: {query} returned no rows")
+            tx = Transformer(conn)
+            tx.set_pgresult(rows)
+            return tx.load_rows(0, rows.ntuples, tuple)
+
+    def _settle(self, block: bool = True) -> bool:
+        """Read the reply to a claim's commit and leave pipeline mode.
+
+        Without ``block``, return False when the reply has not arrived yet.
+        A failed commit raises here: the claim did not happen.
+        """
+        with self._io:
+            if not self._commit_pending:
+                return True
+            conn = self._live()
+            pgconn = conn.pgconn
+            error: psycopg.Error | None = None
+            with conn.lock:
+                pgconn.consume_input()
+                if not block and pgconn.is_busy():
+                    return False
+                while True:
+                    _wait_result(pgconn)
+                    res = pgconn.get_result()
+                    if res is None:
+                        continue
+                    if res.status == pq.ExecStatus.PIPELINE_SYNC:
+                        break
+                    if res.status == pq.ExecStatus.FATAL_ERROR:
+                        error = error or error_from_result(res, encoding=conn.info.encoding)
+                pgconn.exit_pipeline_mode()
+                self._commit_pending = False
+            self._dispatch_notifies(conn)
+            if error is not None:
+                raise error
+            return True
 
     # --- publishing -------------------------------------------------------------
 
@@ -491,8 +610,9 @@ class Transport(virtual.Transport):
             task_name=_text_or_none(headers.get("task")),
             content_type=message.get("content-type"),
             content_encoding=message.get("content-encoding"),
-            headers=Jsonb(headers, dumps=json.dumps),
-            properties=Jsonb(
+            # json, not jsonb: see the message table in 001_broker.sql.
+            headers=Json(headers, dumps=json.dumps),
+            properties=Json(
                 {k: v for k, v in props.items() if k not in _PROPERTIES_NOT_STORED},
                 dumps=json.dumps,
             ),
@@ -523,7 +643,8 @@ class Transport(virtual.Transport):
     def attach(self, queue: str) -> None:
         consumer_id = self._ensure_consumer()
         if not self._listening:
-            self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel_name)))
+            with self._io:
+                self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel_name)))
             self._listening = True
         if queue not in self._attached:
             self.run("attach_queue", consumer_id=consumer_id, queue=queue)
@@ -536,10 +657,15 @@ class Transport(virtual.Transport):
             self._ready.discard(queue)
             self.run("detach_queue", consumer_id=self.consumer_id, queue=queue)
 
-    def claim(self, queue: str, limit: int, no_ack: bool) -> list[Any]:
+    def claim(self, queue: str, limit: int, no_ack: bool, settle: bool = True) -> list[Any]:
+        """Claim up to ``limit`` messages; with ``settle`` off, return before
+        the claim's commit has been confirmed (see ``_run_pipelined``)."""
         if no_ack:
             return self.run_all("claim_no_ack", queue=queue, limit=limit)
-        return self.run_all("claim", queue=queue, limit=limit, consumer_id=self._ensure_consumer())
+        rows = self.run_all("claim", queue=queue, limit=limit, consumer_id=self._ensure_consumer())
+        if settle:
+            self._settle()
+        return rows
 
     def to_raw(self, row: Any) -> dict[str, Any]:
         """A claimed row as the message dict Kombu's virtual channel expects."""
@@ -598,7 +724,7 @@ class Transport(virtual.Transport):
                 # the claim's reply (a message committed after the claim's
                 # snapshot) sets it again and must not be lost.
                 self._ready.discard(queue)
-                rows = self.claim(queue, limit, no_ack)
+                rows = self.claim(queue, limit, no_ack, settle=False)
                 if len(rows) >= limit:
                     self._ready.add(queue)
                 rows.sort(key=lambda r: (-r[1], r[0]))
@@ -628,7 +754,11 @@ class Transport(virtual.Transport):
             finally:
                 self._defer_acks = False
             if delivered:
+                # The callbacks ran while the claim committed; once this
+                # returns, the claim is committed (the event loop settles
+                # it when its reply makes the socket readable instead).
                 self.flush_acks()
+                self._settle()
                 return
             if self._woken:
                 continue  # a NOTIFY came with the reply to one of our queries
@@ -656,7 +786,14 @@ class Transport(virtual.Transport):
 
     def read_notifies(self) -> None:
         """Read notifications that arrived while idle, without a query."""
-        conn = self.conn
+        with self._io:
+            conn = self._live()
+            # The socket may be readable for a claim's commit: take it if
+            # it is there, never wait for it here.
+            self._settle(block=False)
+            self._dispatch_notifies(conn)
+
+    def _dispatch_notifies(self, conn: psycopg.Connection) -> None:
         with conn.lock:
             pgconn = conn.pgconn
             pgconn.consume_input()
@@ -788,6 +925,51 @@ class Transport(virtual.Transport):
             self.sweep()
 
 
+def _text_param(value: Any, encoding: str) -> bytes | None:
+    """A parameter in text format, for libpq."""
+    if value is None:
+        return None
+    data = str(value).encode(encoding)
+    if b"\0" in data:
+        # libpq would cut the value at the NUL (another queue's name!).
+        raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+    return data
+
+
+@functools.lru_cache(maxsize=16)
+def _numbered(query: bytes) -> tuple[bytes, list[str]]:
+    """``query`` with $n placeholders for libpq, and the parameter name of each."""
+    names: list[str] = []
+
+    def number(match: re.Match[bytes]) -> bytes:
+        name = match[1].decode()
+        if name not in names:
+            names.append(name)
+        return b"$%d" % (names.index(name) + 1)
+
+    return _PLACEHOLDER.sub(number, query), names
+
+
+def _flush(pgconn: Any) -> None:
+    """Send what libpq holds (the socket is non-blocking)."""
+    while pgconn.flush() == 1:
+        # Read while writing: a server blocked on sending us replies would
+        # stop reading what we send.
+        readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [], 1.0)
+        if readable:
+            pgconn.consume_input()
+
+
+def _wait_result(pgconn: Any) -> None:
+    """Wait until libpq has a whole reply to hand out."""
+    pgconn.consume_input()
+    while pgconn.is_busy():
+        select.select([pgconn.socket], [], [], 1.0)
+        pgconn.consume_input()
+        if pgconn.status != pq.ConnStatus.OK:
+            raise psycopg.OperationalError("pgbroker: the connection to PostgreSQL was lost")
+
+
 def _url_of(client: Any) -> str:
     # With can_parse_url, Kombu hands over the whole URL as the hostname.
     url = client.hostname or ""
@@ -832,6 +1014,8 @@ class _ForgetAfterFork:
             transport._conn = None
             transport._loop = None
             transport.consumer_id = None
+            transport._commit_pending = False
+            transport._io = threading.RLock()  # may be held by a parent's thread
             if conn is not None and not conn.closed:
                 neutralise(conn)
         self._transports = weakref.WeakSet()

@@ -87,8 +87,11 @@ CREATE TABLE {schema}.message (
     task_name         text,
     content_type      text,
     content_encoding  text,
-    headers           jsonb NOT NULL,
-    properties        jsonb NOT NULL,
+    -- json, not jsonb: Celery copies the arguments' repr into the headers,
+    -- and a string argument may hold U+0000, which jsonb cannot store. (The
+    -- text is kept as sent, which also costs less to write and to read.)
+    headers           json NOT NULL,
+    properties        json NOT NULL,
     body              bytea NOT NULL,
     CHECK ((state = 'reserved') = (consumer_id IS NOT NULL))
 );
@@ -128,8 +131,8 @@ CREATE TABLE {schema}.dead_letter (
     priority          smallint NOT NULL DEFAULT 0,
     content_type      text,
     content_encoding  text,
-    headers           jsonb NOT NULL,
-    properties        jsonb NOT NULL,
+    headers           json NOT NULL,  -- as in message
+    properties        json NOT NULL,
     body              bytea NOT NULL
 );
 CREATE INDEX dead_letter_died_at ON {schema}.dead_letter (died_at);

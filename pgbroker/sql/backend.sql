@@ -8,6 +8,12 @@
 -- while the condition is checked), so a late duplicate execution changes
 -- nothing and notifies nobody. Extended fields a later write does not know
 -- (e.g. REVOKED stored by a client) keep their earlier values.
+--
+-- The notification carries the stored row (the payload of get_result_json)
+-- when it fits in a NOTIFY payload (under 8000 bytes with the default
+-- block size), so a waiting get() needs no query to read it; a larger row
+-- is announced as [task_id, state] and read by the waiter. NOTIFY is
+-- delivered at commit, so the row is durable before anyone hears of it.
 WITH stored AS (
     INSERT INTO {schema}.task_result AS r (
         task_id, state, name, args, kwargs, worker, retries, queue,
@@ -38,9 +44,39 @@ WITH stored AS (
         date_done = EXCLUDED.date_done,
         updated_at = now()
     WHERE r.state <> 'SUCCESS'
-    RETURNING r.task_id
+    RETURNING r.task_id, r.state,
+        -- Only rows that can fit are encoded (base64 grows them by 4/3).
+        CASE WHEN coalesce(octet_length(r.result), 0) + coalesce(octet_length(r.args), 0)
+                  + coalesce(octet_length(r.kwargs), 0) + coalesce(octet_length(r.children), 0)
+                  + coalesce(octet_length(r.extra), 0) + coalesce(octet_length(r.traceback), 0)
+                  < 5600
+        THEN json_build_array(
+            r.task_id, r.state, encode(r.result, 'base64'), r.content_type,
+            r.content_encoding, r.traceback, encode(r.children, 'base64'), r.date_done,
+            r.name, encode(r.args, 'base64'), encode(r.kwargs, 'base64'), r.worker,
+            r.retries, r.queue, r.parent_id, r.root_id, r.group_id,
+            encode(r.extra, 'base64'))::text
+        END AS payload
 )
-SELECT count(pg_notify(%(channel)s, %(state)s)) FROM stored;
+SELECT count(pg_notify(%(channel)s,
+           CASE WHEN octet_length(s.payload) < current_setting('block_size')::int - 200
+                THEN s.payload
+                ELSE json_build_array(s.task_id, s.state)::text
+           END))
+FROM stored s;
+
+-- name: get_result_json
+-- A task's row as one JSON array (the store_result payload, whatever its
+-- size), or no row. Sent by the result consumer through libpq's pipeline
+-- right after its LISTEN, hence the positional parameter.
+SELECT json_build_array(
+    r.task_id, r.state, encode(r.result, 'base64'), r.content_type,
+    r.content_encoding, r.traceback, encode(r.children, 'base64'), r.date_done,
+    r.name, encode(r.args, 'base64'), encode(r.kwargs, 'base64'), r.worker,
+    r.retries, r.queue, r.parent_id, r.root_id, r.group_id,
+    encode(r.extra, 'base64'))::text
+FROM {schema}.task_result r
+WHERE r.task_id = $1;
 
 -- name: get_result
 SELECT task_id, state, result, content_type, content_encoding, traceback,
