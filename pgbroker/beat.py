@@ -122,9 +122,10 @@ from kombu.utils import json as kjson
 
 from pgbroker import queries
 from pgbroker import schema as pg_schema
+from pgbroker.appconfig import app_database
 from pgbroker.db import connect
 from pgbroker.errors import ConfigurationError, DatabaseUnavailable, PgBrokerError
-from pgbroker.urls import SCHEMES, mask_password, to_conninfo
+from pgbroker.urls import mask_password, to_conninfo
 
 logger = logging.getLogger("pgbroker.beat")
 
@@ -158,25 +159,7 @@ class BeatConfig:
     def from_app(cls, app: Any) -> BeatConfig:
         """Where an app's schedule lives (see the module docstring)."""
         conf = app.conf
-        broker = _pgbroker_url(conf.broker_url)
-        backend = _pgbroker_url(conf.result_backend)
-        url = conf.get("pgbroker_beat_url") or broker or backend
-        if not url:
-            raise ConfigurationError(
-                "pgbroker's beat scheduler needs a PostgreSQL database: use pgbroker as the "
-                "broker (broker_url = 'postgresql://...') or as the result backend, or set "
-                "pgbroker_beat_url = 'postgresql://user:password@host/dbname'"
-            )
-        to_conninfo(url)  # validates the scheme, without a password in errors
-        if broker:
-            options = dict(conf.broker_transport_options or {})
-        elif backend:
-            options = dict(conf.get("result_backend_transport_options") or {})
-        else:
-            options = {}
-        name = conf.get("pgbroker_beat_schema") or options.get("schema") or "pgbroker"
-        if not isinstance(name, str) or not 1 <= len(name.encode()) <= 63:
-            raise ConfigurationError(f"beat: schema must be 1 to 63 bytes, got {name!r}")
+        db = app_database(conf, "beat", "pgbroker's beat scheduler")
         catchup = conf.get("pgbroker_beat_catchup", DEFAULT_CATCHUP)
         if isinstance(catchup, timedelta):
             catchup = catchup.total_seconds()
@@ -185,21 +168,11 @@ class BeatConfig:
                 f"pgbroker_beat_catchup must be a number of seconds >= 0, got {catchup!r}"
             )
         return cls(
-            url=url,
-            schema=name,
-            auto_migrate=bool(options.get("auto_migrate", True)),
+            url=db.url,
+            schema=db.schema,
+            auto_migrate=db.auto_migrate,
             catchup=float(catchup),
         )
-
-
-def _pgbroker_url(value: Any) -> str | None:
-    """``value`` if it is a pgbroker URL (the first one of a failover list)."""
-    if isinstance(value, (list, tuple)):
-        value = value[0] if value else None
-    if not isinstance(value, str):
-        return None
-    value = value.split(";")[0].strip()
-    return value if value.partition("://")[0].lower() in SCHEMES else None
 
 
 def _open(config: BeatConfig) -> psycopg.Connection:

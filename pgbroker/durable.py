@@ -118,9 +118,9 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.serialization import dumps, loads, prepare_accept_content
 
 from pgbroker import pools, queries
+from pgbroker.appconfig import app_database
 from pgbroker.db import connect
 from pgbroker.errors import ConfigurationError, PgBrokerError, SchemaError
-from pgbroker.urls import SCHEMES, to_conninfo
 
 logger = logging.getLogger("pgbroker")
 
@@ -163,45 +163,17 @@ class DurableConfig:
     def from_app(cls, app: Any) -> DurableConfig:
         """Where an app's durable steps live (see the module docstring)."""
         conf = app.conf
-        broker = _pgbroker_url(conf.broker_url)
-        backend = _pgbroker_url(conf.result_backend)
-        url = conf.get("pgbroker_durable_url") or broker or backend
-        if not url:
-            raise ConfigurationError(
-                "DurableTask needs a PostgreSQL database for its step records: use pgbroker "
-                "as the broker (broker_url = 'postgresql://...') or as the result backend, "
-                "or set pgbroker_durable_url = 'postgresql://user:password@host/dbname'"
-            )
-        to_conninfo(url)  # validates the scheme, without a password in errors
-        if broker:
-            options = dict(conf.broker_transport_options or {})
-        elif backend:
-            options = dict(conf.get("result_backend_transport_options") or {})
-        else:
-            options = {}
-        name = conf.get("pgbroker_durable_schema") or options.get("schema") or "pgbroker"
-        if not isinstance(name, str) or not 1 <= len(name.encode()) <= 63:
-            raise ConfigurationError(f"durable steps: schema must be 1 to 63 bytes, got {name!r}")
+        db = app_database(conf, "durable", "DurableTask")
         return cls(
-            url=url,
-            schema=name,
-            auto_migrate=bool(options.get("auto_migrate", True)),
+            url=db.url,
+            schema=db.schema,
+            auto_migrate=db.auto_migrate,
             keep=_seconds("pgbroker_durable_keep", conf.get("pgbroker_durable_keep", DEFAULT_KEEP)),
             prune_interval=_seconds(
                 "pgbroker_durable_prune_interval",
                 conf.get("pgbroker_durable_prune_interval", DEFAULT_PRUNE_INTERVAL),
             ),
         )
-
-
-def _pgbroker_url(value: Any) -> str | None:
-    """``value`` if it is a pgbroker URL (the first one of a failover list)."""
-    if isinstance(value, (list, tuple)):
-        value = value[0] if value else None
-    if not isinstance(value, str):
-        return None
-    value = value.split(";")[0].strip()
-    return value if value.partition("://")[0].lower() in SCHEMES else None
 
 
 def _seconds(what: str, value: Any) -> float:
