@@ -86,13 +86,11 @@ from celery.utils.functional import _regen
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads
 from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.errors import error_from_result
 
-from pgbroker import queries, schema
-from pgbroker.db import connect, default_application_name
+from pgbroker import pools, queries
+from pgbroker.db import connect
 from pgbroker.errors import ConfigurationError, PgBrokerError
-from pgbroker.forking import neutralise
 from pgbroker.result_consumer import ResultConsumer, channel_for
 from pgbroker.urls import SCHEMES, mask_password, to_conninfo
 
@@ -151,64 +149,17 @@ class BackendOptions:
         return options
 
 
-# --- one pool per process -----------------------------------------------------------
-
-_pools: dict[tuple[str, str], psycopg_pool.ConnectionPool] = {}
-_pools_lock = threading.Lock()
-_pool_conns: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
-_inherited_pools: list[psycopg_pool.ConnectionPool] = []
-
-
-def _track(conn: psycopg.Connection) -> None:
-    _pool_conns.add(conn)
-
-
-def _after_fork_in_child() -> None:
-    # Connections and pool threads belong to the parent: never use or close
-    # them here (see pgbroker.forking).
-    global _pools_lock
-    _pools_lock = threading.Lock()
-    for conn in list(_pool_conns):
-        neutralise(conn)
-    _inherited_pools.extend(_pools.values())
-    _pools.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# --- one pool per process (pgbroker.pools) ------------------------------------------
 
 
 def _pool_for(url: str, options: BackendOptions) -> psycopg_pool.ConnectionPool:
-    key = (url, options.schema)
-    pool = _pools.get(key)
-    if pool is not None:
-        return pool
-    with _pools_lock:
-        pool = _pools.get(key)
-        if pool is None:
-            # The first connection is opened directly: a wrong URL or a
-            # server that is down gives pgbroker's clear error at once,
-            # rather than a pool timeout later.
-            with connect(url, connect_timeout=10) as conn:
-                if options.auto_migrate:
-                    schema.migrate(conn, options.schema)
-                else:
-                    schema.require_current(conn, options.schema)
-            conninfo = to_conninfo(url)
-            kwargs: dict[str, Any] = {"autocommit": True}
-            if "application_name" not in conninfo_to_dict(conninfo):
-                kwargs["application_name"] = default_application_name()
-            pool = psycopg_pool.ConnectionPool(
-                conninfo,
-                kwargs=kwargs,
-                min_size=1,
-                max_size=options.pool_size,
-                open=True,
-                timeout=30,
-                name="pgbroker-results",
-                configure=_track,
-            )
-            _pools[key] = pool
-    return pool
+    return pools.pool_for(
+        url,
+        options.schema,
+        purpose="results",
+        auto_migrate=options.auto_migrate,
+        max_size=options.pool_size,
+    )
 
 
 # --- writes through libpq's pipeline --------------------------------------------------
