@@ -39,6 +39,21 @@ class TransportOptions:
     #: Kombu's generic option; pgbroker is woken by LISTEN/NOTIFY, so this is
     #: only the longest wait between checks in blocking ``drain_events``.
     polling_interval: float = 10.0
+    #: One process per schema watches for dead consumers inside PostgreSQL
+    #: and recovers their messages within a second instead of a
+    #: sweep_interval; each consuming process keeps one extra session for
+    #: it (see pgbroker.sweeper). False: only the periodic sweep.
+    fast_recovery: bool = True
+    #: A message delivered this many times without being acknowledged (its
+    #: consumer died each time, or it was requeued) goes to ``dead_letter``
+    #: instead of back to its queue; a Celery task gets a FAILURE result.
+    #: 0 means no limit.
+    max_deliveries: int = 10
+    #: Seconds during which publishing a Celery task message again with the
+    #: same task id and ``retries`` (and the same routing) stores nothing: a
+    #: chain's next link is sent once even when the task that sends it runs
+    #: twice. 0 turns deduplication off.
+    dedup_window: float = 7 * 24 * 3600.0
 
     @classmethod
     def from_mapping(cls, given: dict[str, Any]) -> TransportOptions:
@@ -71,9 +86,31 @@ class TransportOptions:
             raise ConfigurationError(
                 f"{_WHERE}: 'auto_migrate' must be True or False, got {self.auto_migrate!r}"
             )
+        if not isinstance(self.fast_recovery, bool):
+            raise ConfigurationError(
+                f"{_WHERE}: 'fast_recovery' must be True or False, got {self.fast_recovery!r}"
+            )
         _positive("sweep_interval", self.sweep_interval)
         _positive("polling_interval", self.polling_interval)
         _positive("max_message_size", self.max_message_size, integer=True)
+        if (
+            isinstance(self.max_deliveries, bool)
+            or not isinstance(self.max_deliveries, int)
+            or self.max_deliveries < 0
+        ):
+            raise ConfigurationError(
+                f"{_WHERE}: 'max_deliveries' must be a whole number >= 0 (0: no limit), "
+                f"got {self.max_deliveries!r}"
+            )
+        if (
+            isinstance(self.dedup_window, bool)
+            or not isinstance(self.dedup_window, (int, float))
+            or self.dedup_window < 0
+        ):
+            raise ConfigurationError(
+                f"{_WHERE}: 'dedup_window' must be a number of seconds >= 0 (0: off), "
+                f"got {self.dedup_window!r}"
+            )
 
 
 def _positive(name: str, value: Any, *, integer: bool = False) -> None:

@@ -27,13 +27,27 @@ How it works, in short:
   after a crash that follows a committed claim.
 * A consumer holds an advisory lock for as long as its session lives. The
   sweep hands the messages of consumers whose lock is gone back to their
-  queues, so a SIGKILLed worker's tasks come back within one sweep interval,
-  and a live but slow consumer never loses its messages.
+  queues, and a live but slow consumer never loses its messages. The
+  sweeper thread (:mod:`pgbroker.sweeper`, ``fast_recovery``) watches the
+  locks inside PostgreSQL and sweeps as soon as one is gone, so a SIGKILLed
+  worker's tasks come back within about 0.2 s; without it, within one
+  sweep interval.
+* Delivery semantics for Celery tasks (docs/delivery.md): a future ``eta``
+  keeps the message 'delayed' in PostgreSQL; each consumer keeps one timer
+  for the earliest due time of its queues (learned at attach, from NOTIFYs
+  on ``due_channel`` and from each promotion) and promotes then, so idle
+  consumers send no extra query. ``expires`` caps the message's lifetime
+  (expired tasks are dead-lettered and REVOKED by the sweep). A task message
+  published again with the same (task id, retries) is not stored again
+  (``dedup_window``). A message handed out ``max_deliveries`` times goes to
+  dead_letter, its task to FAILURE.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -43,6 +57,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from queue import Empty
 from typing import Any
 
@@ -58,7 +73,7 @@ from psycopg.adapt import Transformer
 from psycopg.errors import error_from_result
 from psycopg.types.json import Json, Jsonb, set_json_loads
 
-from pgbroker import queries, schema
+from pgbroker import enqueue, queries, schema, sweeper
 from pgbroker.db import connect
 from pgbroker.errors import MessageTooLarge
 from pgbroker.forking import neutralise
@@ -70,6 +85,12 @@ logger = logging.getLogger("pgbroker")
 
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
+#: Delayed messages promoted per statement (run again while full).
+PROMOTE_BATCH = 1000
+#: published_task rows pruned per statement (run again while full).
+PRUNE_BATCH = 5000
+#: Rounds of pruning after a sweep whose batch came back full.
+PRUNE_ROUNDS = 20
 
 _PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding")
 
@@ -91,7 +112,9 @@ class QoS(virtual.QoS):
         tags = list(self._delivered)
         self._delivered.clear()
         if tags:
-            self.channel.connection.requeue(tags)
+            # Handed back as the channel closes, perhaps never processed:
+            # never dead-lettered here for max_deliveries (see requeue).
+            self.channel.connection.requeue(tags, counted=False)
         return []
 
     def restore_unacked_once(self, stderr: Any = None) -> None:
@@ -251,7 +274,7 @@ class Channel(virtual.Channel):
         self.connection.publish(message, "", queue, self)
 
     def _restore(self, message: Any) -> None:
-        self.connection.requeue([message.delivery_tag])
+        self.connection.requeue([message.delivery_tag], counted=False)
 
     def _restore_at_beginning(self, message: Any) -> None:
         self._restore(message)
@@ -362,6 +385,8 @@ class Transport(virtual.Transport):
         self.url = _url_of(client)
         self.queries = queries.for_schema(self.options.schema)
         self.channel_name = self.options.schema  # NOTIFY channel
+        # NOTIFY channel announcing delayed messages: "<due epoch> <queue>".
+        self.due_channel = due_channel_for(self.options.schema)
         self._conn: psycopg.Connection | None = None
         self._lock_class = 0
         self._lock_oid = 0
@@ -384,6 +409,16 @@ class Transport(virtual.Transport):
         self._io = threading.RLock()
         self._commit_pending = False  # a claim's commit whose reply is unread
         self._prepared: set[bytes] = set()  # on the current connection
+        # fast_recovery: this process's sweeper thread, once we consume.
+        self._sweeper: sweeper.Sweeper | None = None
+        # Delayed messages (ETA): the monotonic time when the earliest one
+        # known in our queues is due (None: none known), learned at attach,
+        # sweep and promote and from NOTIFYs on due_channel; and the server's
+        # clock minus ours, so that due times (server time) become our times.
+        self._due_at: float | None = None
+        self._clock_offset = 0.0
+        self._due_tref: Any = None  # the event loop's timer for _due_at
+        self._due_armed: float | None = None
 
     # --- connection -----------------------------------------------------------
 
@@ -461,6 +496,9 @@ class Transport(virtual.Transport):
             if self._conn is not None:
                 self._conn.close()
             self._conn = None
+            if self._sweeper is not None:
+                given_back, self._sweeper = self._sweeper, None
+                sweeper.release(given_back)
 
     @property
     def conn(self) -> psycopg.Connection:
@@ -599,15 +637,26 @@ class Transport(virtual.Transport):
         props = message.get("properties") or {}
         headers = message.get("headers") or {}
         expiration = props.get("expiration")
-        row = self.run(
+        task_id = _text_or_none(headers.get("id"))
+        task_name = _text_or_none(headers.get("task"))
+        # A Celery task message (protocol 2: id and task in the headers) is
+        # stored once per (task id, retries): see `publish` in queries.sql.
+        dedup = self.options.dedup_window > 0 and task_id is not None and task_name is not None
+        # Inside pgbroker.enqueue_in(conn), the statement runs on the caller's
+        # connection, in the caller's transaction.
+        row = enqueue.runner(self).run(
             "publish",
             exchange=exchange,
             routing_key=routing_key,
             priority=channel._get_message_priority(message),
             ttl=_ms_to_seconds(expiration),
             persistent=props.get("delivery_mode", 2) != 1,
-            task_id=_text_or_none(headers.get("id")),
-            task_name=_text_or_none(headers.get("task")),
+            task_id=task_id,
+            task_name=task_name,
+            dedup=dedup,
+            retries=_retries(headers.get("retries")) if dedup else 0,
+            eta=_timestamp(headers.get("eta")) if task_name is not None else None,
+            expires=_timestamp(headers.get("expires")) if task_name is not None else None,
             content_type=message.get("content-type"),
             content_encoding=message.get("content-encoding"),
             # json, not jsonb: see the message table in 001_broker.sql.
@@ -618,8 +667,19 @@ class Transport(virtual.Transport):
             ),
             body=body,
             channel=self.channel_name,
+            due_channel=self.due_channel,
         )
-        if row and row[0] == 0 and row[1]:
+        if row and row[4]:
+            logger.info(
+                "task %s (%s, retries %s) was already published to exchange %r with "
+                "routing key %r: not stored again (dedup_window transport option)",
+                task_id,
+                task_name,
+                headers.get("retries", 0),
+                exchange,
+                routing_key,
+            )
+        elif row and row[0] == 0 and row[1]:
             logger.warning(
                 "message to exchange %r with routing key %r matched no queue; "
                 "kept in the dead_letter table",
@@ -638,17 +698,24 @@ class Transport(virtual.Transport):
                 lock_class=self._lock_class,
             )
             self.consumer_id = int(row[0])
+            if self.options.fast_recovery and self._sweeper is None:
+                self._sweeper = sweeper.acquire(self.url, self.options)
         return self.consumer_id
 
     def attach(self, queue: str) -> None:
         consumer_id = self._ensure_consumer()
         if not self._listening:
             with self._io:
-                self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel_name)))
+                self.conn.execute(
+                    sql.SQL("LISTEN {}; LISTEN {}").format(
+                        sql.Identifier(self.channel_name), sql.Identifier(self.due_channel)
+                    )
+                )
             self._listening = True
         if queue not in self._attached:
-            self.run("attach_queue", consumer_id=consumer_id, queue=queue)
+            row = self.run("attach_queue", consumer_id=consumer_id, queue=queue)
             self._attached.add(queue)
+            self._learn_due(row[0], row[1])
         self._ready.add(queue)
 
     def detach(self, queue: str) -> None:
@@ -680,7 +747,13 @@ class Transport(virtual.Transport):
             headers,
             properties,
             body,
+            was_delayed,
         ) = row
+        if was_delayed and isinstance(headers, dict) and headers.get("eta"):
+            # pgbroker kept the message until its eta (or an operator made it
+            # due earlier): it is due now. Without the header, Celery's worker
+            # runs it at once instead of scheduling it again by its own clock.
+            headers["eta"] = None
         props = properties
         redelivered = delivery_count > 1
         props.update(
@@ -739,6 +812,13 @@ class Transport(virtual.Transport):
                             self.unclaim([r[0] for r in rows[i + 1 :]])
                         raise
                 delivered += len(rows)
+        if self._commit_pending and self._loop is not None:
+            # The commit's reply (and NOTIFYs sent meanwhile) may have been
+            # read with the claim's rows, into libpq's buffer: then the
+            # socket never becomes readable for it, and nothing would read
+            # them until this session's next statement. Take them now if
+            # they are there; if not, their arrival makes the socket readable.
+            self._settle(block=False)
         return delivered
 
     def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
@@ -771,8 +851,11 @@ class Transport(virtual.Transport):
                 else min(remaining, self.polling_interval)
             )
             if self.consumer_id is not None:
-                # Wake up for the next sweep, which may be due before the poll.
+                # Wake up for the next sweep, which may be due before the poll,
+                # and when the next delayed message is due.
                 wait = min(wait, self._next_sweep - time.monotonic())
+                if self._due_at is not None:
+                    wait = min(wait, self._due_at - time.monotonic())
             readable, _, _ = select.select([self.conn.fileno()], [], [], max(wait, 0))
             if readable:
                 self.read_notifies()
@@ -783,6 +866,11 @@ class Transport(virtual.Transport):
         if notify.channel == self.channel_name and notify.payload in self._attached:
             self._ready.add(notify.payload)
             self._woken = True
+        elif notify.channel == self.due_channel:
+            due, _, queue = notify.payload.partition(" ")
+            if queue in self._attached:
+                with contextlib.suppress(ValueError):
+                    self._learn_due(float(due))
 
     def read_notifies(self) -> None:
         """Read notifications that arrived while idle, without a query."""
@@ -830,13 +918,31 @@ class Transport(virtual.Transport):
         if self.consumer_id is not None:
             self.run_count("ack", ids=ids, consumer_id=self.consumer_id)
 
-    def requeue(self, delivery_tags: list[int]) -> None:
-        if self.consumer_id is not None:
-            self.run(
-                "requeue",
-                ids=list(delivery_tags),
-                consumer_id=self.consumer_id,
-                channel=self.channel_name,
+    def requeue(self, delivery_tags: list[int], counted: bool = True) -> None:
+        """Hand messages back to their queues (logged in ``redelivery``).
+
+        ``counted``: a reject with requeue, which counts towards
+        ``max_deliveries`` (a message that reached it goes to dead_letter);
+        off for messages handed back unprocessed when a channel closes.
+        """
+        if self.consumer_id is None:
+            return
+        row = self.run(
+            "requeue",
+            ids=list(delivery_tags),
+            consumer_id=self.consumer_id,
+            channel=self.channel_name,
+            counted=counted,
+            max_deliveries=self.options.max_deliveries,
+            reason="requeued" if counted else "restored at close",
+            schema_name=self.options.schema,
+        )
+        if row and row[2]:
+            logger.warning(
+                "%d requeued message(s) reached max_deliveries=%d: moved to the "
+                "dead_letter table (reason 'max deliveries (requeued)')",
+                row[2],
+                self.options.max_deliveries,
             )
 
     def unclaim(self, delivery_tags: list[int]) -> None:
@@ -856,12 +962,41 @@ class Transport(virtual.Transport):
     # --- sweep ------------------------------------------------------------------------
 
     def sweep(self) -> tuple[int, int, int]:
-        """Recover dead consumers' messages, drop expired messages and queues."""
-        row = self.run("sweep", lock_oid=self._lock_oid, channel=self.channel_name)
+        """Recover dead consumers' messages, drop expired messages and queues,
+        promote due delayed messages, prune the dedup log (see ``sweep`` in
+        queries.sql). Returns (requeued, expired messages, expired queues)."""
+        row = self.run(
+            "sweep",
+            lock_oid=self._lock_oid,
+            channel=self.channel_name,
+            schema_name=self.options.schema,
+            max_deliveries=self.options.max_deliveries,
+            queues=sorted(self._attached),
+            promote_limit=PROMOTE_BATCH,
+            # With deduplication off here, rows other publishers wrote still
+            # go after the default window.
+            dedup_window=self.options.dedup_window or TransportOptions.dedup_window,
+            prune_limit=PRUNE_BATCH,
+        )
         requeued, expired_messages, expired_queues = int(row[0]), int(row[1]), int(row[2])
+        dead_lettered, expired_tasks, promoted, pruned = (int(v) for v in row[4:6] + row[7:9])
         if requeued:
             logger.warning(
                 "requeued %d message(s) held by consumers whose sessions ended", requeued
+            )
+        if dead_lettered:
+            logger.warning(
+                "%d message(s) held by consumers whose sessions ended had been delivered "
+                "max_deliveries=%d times: moved to the dead_letter table "
+                "(reason 'max deliveries (consumer died)')",
+                dead_lettered,
+                self.options.max_deliveries,
+            )
+        if expired_tasks:
+            logger.info(
+                "%d expired task message(s) removed unread: REVOKED, kept in the "
+                "dead_letter table (reason 'expired')",
+                expired_tasks,
             )
         if expired_messages or expired_queues:
             logger.debug(
@@ -869,13 +1004,73 @@ class Transport(virtual.Transport):
                 expired_messages,
                 expired_queues,
             )
+        if promoted:
+            logger.debug("sweep promoted %d due delayed message(s)", promoted)
+        self._learn_due(row[9], row[10])
+        if promoted >= PROMOTE_BATCH:
+            self._due_at = time.monotonic()  # more are due: promote again now
+        rounds = 0
+        while pruned >= PRUNE_BATCH and rounds < PRUNE_ROUNDS:
+            pruned = self.run_count(
+                "prune_published",
+                window=self.options.dedup_window or TransportOptions.dedup_window,
+                limit=PRUNE_BATCH,
+            )
+            rounds += 1
         return requeued, expired_messages, expired_queues
+
+    # --- delayed messages (ETA) -----------------------------------------------------------
+
+    def _learn_due(self, due: float | None, server_now: float | None = None) -> None:
+        """Note that a delayed message in our queues is due at ``due``
+        (server epoch); ``server_now``, when given, re-reads the server's
+        clock (so that server and local clocks need not agree)."""
+        if server_now is not None:
+            self._clock_offset = server_now - time.time()
+        if due is None:
+            return
+        at = time.monotonic() + (due - self._clock_offset - time.time())
+        if self._due_at is None or at < self._due_at:
+            self._due_at = at
+
+    def promote(self) -> int:
+        """Make the due delayed messages of our queues ready (their queues
+        are NOTIFYed, which marks ours ready); learn when the next is due."""
+        self._due_at = None
+        if not self._attached:
+            return 0
+        row = self.run(
+            "promote",
+            queues=sorted(self._attached),
+            limit=PROMOTE_BATCH,
+            channel=self.channel_name,
+        )
+        promoted = int(row[0])
+        self._learn_due(row[2], row[3])
+        if promoted >= PROMOTE_BATCH:
+            self._due_at = time.monotonic()  # more are due: promote again now
+        return promoted
+
+    def maybe_promote(self) -> None:
+        if (
+            self._due_at is not None
+            and self.consumer_id is not None
+            and time.monotonic() >= self._due_at
+        ):
+            self.promote()
 
     def maybe_sweep(self) -> None:
         now = time.monotonic()
         if self.consumer_id is not None and now >= self._next_sweep:
             self._next_sweep = now + self.options.sweep_interval
-            self.sweep()
+            if not self._swept_elsewhere():
+                self.sweep()
+        self.maybe_promote()
+
+    def _swept_elsewhere(self) -> bool:
+        """The sweeper thread works (pgbroker.sweeper): the periodic sweep
+        of this consumer would only repeat it."""
+        return self._sweeper is not None and self._sweeper.covers()
 
     # --- event loop ---------------------------------------------------------------------
 
@@ -903,26 +1098,57 @@ class Transport(virtual.Transport):
         if self._sweep_tref is not None:
             self._sweep_tref.cancel()
             self._sweep_tref = None
+        if self._due_tref is not None:
+            self._due_tref.cancel()
+            self._due_tref = None
+        self._due_armed = None
+
+    def _arm_due_timer(self) -> bool:
+        """Keep the event loop's timer at ``_due_at``; True if it moved."""
+        loop = self._loop
+        if loop is None or self._due_at == self._due_armed:
+            return False
+        if self._due_tref is not None:
+            self._due_tref.cancel()
+            self._due_tref = None
+        self._due_armed = self._due_at
+        if self._due_at is not None:
+            delay = max(self._due_at - time.monotonic(), 0.0)
+            self._due_tref = loop.call_later(delay, self._on_due_timer)
+        return True
+
+    def _on_due_timer(self) -> None:
+        self._due_tref = None
+        self._due_armed = None
+        self.maybe_promote()
+        self.claim_and_deliver()
+        self._arm_due_timer()
 
     def _on_readable(self) -> None:
         self.read_notifies()
         self.claim_and_deliver()
+        self._arm_due_timer()
 
     def _on_tick(self) -> None:
         if self._acks:
             self.flush_acks()
-        if self._ready and self.claim_and_deliver():
-            # Celery's prefork pool sends queued tasks to its children from
-            # its own on_tick callback, which may already have run in this
-            # tick: wake the loop so that its next tick does, instead of the
-            # tasks waiting for the next timer or I/O event (up to seconds).
+        wake = bool(self._ready and self.claim_and_deliver())
+        # Celery's prefork pool sends queued tasks to its children from
+        # its own on_tick callback, which may already have run in this
+        # tick: wake the loop so that its next tick does, instead of the
+        # tasks waiting for the next timer or I/O event (up to seconds).
+        # Likewise when a due time came with a reply read in this tick: the
+        # loop chose how long to wait before the timer existed.
+        if self._arm_due_timer() or wake:
             waker = getattr(self._loop, "_waker", None)  # kombu 5.7 Hub
             if waker is not None:
                 waker.wake()
 
     def _on_sweep_timer(self) -> None:
-        if self.consumer_id is not None:
+        if self.consumer_id is not None and not self._swept_elsewhere():
             self.sweep()
+            self.maybe_promote()  # a sweep that found more due rows
+        self._arm_due_timer()
 
 
 def _text_param(value: Any, encoding: str) -> bytes | None:
@@ -988,6 +1214,31 @@ def _text_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def due_channel_for(schema: str) -> str:
+    """The NOTIFY channel announcing delayed messages of ``schema``."""
+    return "pgbd_" + hashlib.md5(schema.encode(), usedforsecurity=False).hexdigest()
+
+
+def _timestamp(value: Any) -> datetime | None:
+    """Celery's ``eta``/``expires`` header (ISO 8601) as an aware datetime;
+    naive means UTC (as Celery's worker reads it with ``enable_utc``). A
+    value that is not a time is left to Celery's worker to report."""
+    if not value:
+        return None
+    try:
+        when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def _retries(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _json(value: Any) -> Jsonb | None:
     return Jsonb(value, dumps=json.dumps) if value else None
 
@@ -1014,6 +1265,8 @@ class _ForgetAfterFork:
             transport._conn = None
             transport._loop = None
             transport.consumer_id = None
+            transport._sweeper = None  # the thread is not in the child (see sweeper)
+            transport._due_at = transport._due_tref = transport._due_armed = None
             transport._commit_pending = False
             transport._io = threading.RLock()  # may be held by a parent's thread
             if conn is not None and not conn.closed:

@@ -151,6 +151,11 @@ PUBLISH = {
     "properties": "{}",
     "body": b"{}",
     "channel": "pgbroker",
+    "due_channel": "pgbd_x",
+    "dedup": False,
+    "retries": 0,
+    "eta": None,
+    "expires": None,
 }
 
 
@@ -161,6 +166,18 @@ def test_publish_does_not_scan_messages(big: psycopg.Connection, how: Any) -> No
         assert not [s for s in scans_of(plan, "message") if s[0] == "Seq Scan"]
 
 
+SWEEP = {
+    "lock_oid": 0,
+    "channel": "pgbroker",
+    "schema_name": "pgbroker",
+    "max_deliveries": 10,
+    "queues": ["q1", "q3"],
+    "promote_limit": 1000,
+    "dedup_window": 604800.0,
+    "prune_limit": 5000,
+}
+
+
 def test_statements_on_one_queue_use_indexes(big: psycopg.Connection) -> None:
     """Size, purge, ack, requeue, reject, delete and the sweep never read the
     whole message table."""
@@ -169,11 +186,19 @@ def test_statements_on_one_queue_use_indexes(big: psycopg.Connection) -> None:
         "purge": {"queue": "q1"},
         "delete_queue": {"name": "q1"},
         "ack": {"ids": [1, 2, 3], "consumer_id": 1},
-        "requeue": {"ids": [1, 2, 3], "consumer_id": 1, "channel": "pgbroker"},
+        "requeue": {
+            "ids": [1, 2, 3],
+            "consumer_id": 1,
+            "channel": "pgbroker",
+            "counted": True,
+            "max_deliveries": 10,
+            "reason": "requeued",
+            "schema_name": "pgbroker",
+        },
         "reject": {"ids": [1, 2, 3], "consumer_id": 1},
         "unclaim": {"ids": [1, 2, 3], "consumer_id": 1, "channel": "pgbroker"},
         "unregister_consumer": {"consumer_id": 1, "channel": "pgbroker", "lock_class": 0},
-        "sweep": {"lock_oid": 0, "channel": "pgbroker"},
+        "sweep": SWEEP,
         "declare_queue": {
             "name": "q1",
             "durable": True,

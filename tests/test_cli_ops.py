@@ -199,7 +199,8 @@ def test_status(url: str, db_url: str, conn: psycopg.Connection, db: psycopg.Con
     )
 
     received: list[Message] = []
-    with kh.connect(db_url) as live:
+    # No sweeper thread: it would remove the ghost consumer below in ~0.2 s.
+    with kh.connect(db_url, fast_recovery=False) as live:
         queue_a = Queue("a", EXCHANGE, routing_key="a")
         with Consumer(
             live.channel(), [queue_a], callbacks=[kh.collect(received)], prefetch_count=1

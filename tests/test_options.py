@@ -27,6 +27,9 @@ def test_every_option_can_be_set() -> None:
         "sweep_interval": 0.5,
         "max_message_size": 1024,
         "polling_interval": 2,
+        "max_deliveries": 3,
+        "dedup_window": 60.0,
+        "fast_recovery": False,
     }
     options = TransportOptions.from_mapping(given)
     assert dataclasses.asdict(options) == given
@@ -94,6 +97,10 @@ def test_visibility_timeout_says_why_it_is_not_needed() -> None:
         ({"max_message_size": 0}, "'max_message_size' must be a whole number of bytes > 0"),
         ({"max_message_size": 1.5}, "'max_message_size' must be a whole number of bytes > 0"),
         ({"max_message_size": True}, "'max_message_size' must be a whole number of bytes > 0"),
+        ({"max_deliveries": -1}, "'max_deliveries' must be a whole number >= 0 (0: no limit)"),
+        ({"max_deliveries": 2.5}, "'max_deliveries' must be a whole number >= 0"),
+        ({"dedup_window": -1}, "'dedup_window' must be a number of seconds >= 0 (0: off)"),
+        ({"dedup_window": "7d"}, "'dedup_window' must be a number of seconds >= 0"),
     ],
 )
 def test_bad_values_name_the_option_and_the_rule(given: dict[str, Any], expected: str) -> None:

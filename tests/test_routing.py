@@ -6,6 +6,7 @@ import logging
 
 import psycopg
 import pytest
+from celery import Celery
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.exceptions import ChannelError
 from kombu.transport.virtual import NotEquivalentError
@@ -217,6 +218,25 @@ def test_unroutable_persistent_is_dead_lettered_transient_dropped(
         " convert_from(body, 'utf8') FROM pgbroker.dead_letter",
     )
     assert dead == [("unroutable", "nowhere", "a.b", "t-1", "proj.add", None, '{"keep": true}')]
+    assert scalar(db, "SELECT count(*) FROM pgbroker.message") == 0
+
+
+def test_unroutable_to_a_non_durable_exchange_is_dropped(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    # Kombu's pidbox exchanges are non-durable; Celery's producer sends its
+    # broadcasts persistent. With no worker listening, AMQP drops them, and
+    # so does pgbroker: they are not worth a dead letter.
+    ex = Exchange("app.pidbox", type="fanout", durable=False)
+    with connect(db_url) as conn:
+        ex(conn.default_channel).declare()
+        Producer(conn.default_channel, exchange=ex).publish({"method": "ping"}, routing_key="")
+    app = Celery("routing", broker=db_url, set_as_current=False)
+    try:
+        assert app.control.ping(timeout=0.5) == []  # no worker: nobody answers
+    finally:
+        app.close()
+    assert scalar(db, "SELECT count(*) FROM pgbroker.dead_letter") == 0
     assert scalar(db, "SELECT count(*) FROM pgbroker.message") == 0
 
 

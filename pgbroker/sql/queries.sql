@@ -88,8 +88,31 @@ SELECT queue, exchange, routing_key FROM {schema}.binding ORDER BY exchange, rou
 -- statement. The anonymous exchange ('') routes to the queue named by the
 -- routing key; other exchanges route through the bindings table. A
 -- persistent message that matches nothing goes to dead_letter; a transient
--- one is dropped, as AMQP does.
-WITH target AS (
+-- one, or one sent to a non-durable exchange, is dropped, as AMQP does.
+--
+-- A Celery task message (`dedup` is set for those when deduplication is on)
+-- is stored only the first time its (task id, retries) is published with
+-- this routing: first_publish inserts into published_task, and a conflict
+-- (the same key, the same routing) inserts nothing, so nothing else is
+-- stored. Concurrent duplicates wait on each other's key. The same task sent
+-- with another routing is a move (celery.contrib.migrate) and goes through.
+--
+-- A message with a future `eta` (Celery's countdown/eta) is stored 'delayed'
+-- until then: the NOTIFY on `due_channel` tells consumers when ("<epoch>
+-- <queue>"), so they wake up at that time (see `promote`). `expires` (Celery's
+-- task expiry) caps expires_at like a TTL: claims skip the message after it.
+WITH first_publish AS (
+    INSERT INTO {schema}.published_task AS p (task_id, retries, exchange, routing_key)
+    SELECT %(task_id)s, %(retries)s, %(exchange)s, %(routing_key)s
+    WHERE %(dedup)s
+    ON CONFLICT (task_id, retries) DO UPDATE SET
+        exchange = EXCLUDED.exchange, routing_key = EXCLUDED.routing_key,
+        published_at = now()
+    WHERE (p.exchange, p.routing_key) IS DISTINCT FROM (EXCLUDED.exchange, EXCLUDED.routing_key)
+    RETURNING 1
+), fresh AS (
+    SELECT NOT %(dedup)s OR EXISTS (SELECT 1 FROM first_publish) AS ok
+), target AS (
     SELECT q.name AS queue, q.message_ttl
     FROM {schema}.queue q
     WHERE %(exchange)s = '' AND q.name = %(routing_key)s
@@ -104,14 +127,19 @@ WITH target AS (
            OR (e.type = 'topic' AND ('.' || %(routing_key)s) ~ b.pattern))
 ), stored AS (
     INSERT INTO {schema}.message (
-        queue, priority, expires_at, exchange, routing_key, task_id, task_name,
-        content_type, content_encoding, headers, properties, body)
-    SELECT t.queue, %(priority)s,
-           now() + least(make_interval(secs => %(ttl)s), t.message_ttl),
+        queue, state, visible_at, priority, expires_at, exchange, routing_key, task_id,
+        task_name, content_type, content_encoding, headers, properties, body)
+    SELECT t.queue,
+           CASE WHEN %(eta)s::timestamptz > now() THEN 'delayed' ELSE 'ready' END,
+           CASE WHEN %(eta)s::timestamptz > now() THEN %(eta)s::timestamptz END,
+           %(priority)s,
+           least(now() + least(make_interval(secs => %(ttl)s), t.message_ttl),
+                 %(expires)s::timestamptz),
            %(exchange)s, %(routing_key)s, %(task_id)s, %(task_name)s,
            %(content_type)s, %(content_encoding)s, %(headers)s, %(properties)s, %(body)s
     FROM target t
-    RETURNING queue
+    WHERE (SELECT ok FROM fresh)
+    RETURNING queue, state, visible_at
 ), unroutable AS (
     INSERT INTO {schema}.dead_letter (
         reason, published_at, exchange, routing_key, task_id, task_name, priority,
@@ -119,13 +147,23 @@ WITH target AS (
     SELECT 'unroutable', now(), %(exchange)s, %(routing_key)s, %(task_id)s, %(task_name)s,
            %(priority)s, %(content_type)s, %(content_encoding)s, %(headers)s,
            %(properties)s, %(body)s
-    WHERE %(persistent)s AND NOT EXISTS (SELECT 1 FROM target)
+    WHERE %(persistent)s AND NOT EXISTS (SELECT 1 FROM target) AND (SELECT ok FROM fresh)
+      -- A non-durable exchange holds nothing worth keeping: Kombu's pidbox
+      -- broadcasts and replies (sent persistent by Celery's producer) to
+      -- workers that are not there are dropped, as AMQP drops them.
+      AND NOT EXISTS (SELECT 1 FROM {schema}.exchange e
+                      WHERE e.name = %(exchange)s AND NOT e.durable)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM stored) AS routed,
        (SELECT count(*) FROM unroutable) AS dead_lettered,
        (SELECT count(pg_notify(%(channel)s, s.queue))
-        FROM (SELECT DISTINCT queue FROM stored) s) AS notified;
+        FROM (SELECT DISTINCT queue FROM stored WHERE state = 'ready') s) AS notified,
+       (SELECT count(pg_notify(%(due_channel)s,
+                               extract(epoch FROM d.due)::text || ' ' || d.queue))
+        FROM (SELECT queue, min(visible_at) AS due FROM stored
+              WHERE state = 'delayed' GROUP BY queue) d) AS notified_delayed,
+       NOT (SELECT ok FROM fresh) AS duplicate;
 
 -- name: claim
 -- Reserve up to `limit` ready messages of one queue for this consumer, in
@@ -148,7 +186,9 @@ WHERE m.id = ANY (ARRAY (
     FOR UPDATE SKIP LOCKED
 ))
 RETURNING m.id, m.priority, m.delivery_count, m.exchange, m.routing_key,
-          m.content_type, m.content_encoding, m.headers, m.properties, m.body;
+          m.content_type, m.content_encoding, m.headers, m.properties, m.body,
+          -- Was delayed until its eta: the consumer drops the eta header (due).
+          m.visible_at IS NOT NULL;
 
 -- name: claim_no_ack
 -- The same for consumers that do not acknowledge (pidbox, events): the
@@ -164,7 +204,8 @@ WHERE m.id = ANY (ARRAY (
     FOR UPDATE SKIP LOCKED
 ))
 RETURNING m.id, m.priority, m.delivery_count + 1, m.exchange, m.routing_key,
-          m.content_type, m.content_encoding, m.headers, m.properties, m.body;
+          m.content_type, m.content_encoding, m.headers, m.properties, m.body,
+          m.visible_at IS NOT NULL;
 
 -- name: ack
 -- Fenced: only the consumer that holds a message can acknowledge it.
@@ -172,14 +213,69 @@ DELETE FROM {schema}.message
 WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s;
 
 -- name: requeue
--- Fenced like ack. The message keeps its id, so it goes back to its place.
-WITH back AS (
+-- Fenced like ack. The message keeps its id, so it goes back to its place;
+-- each one is logged in redelivery with `reason`. With `counted` (a reject
+-- with requeue), this delivery counts towards max_deliveries: a message
+-- delivered that many times goes to dead_letter instead, and a Celery task
+-- gets a FAILURE result (unless its result is already final, see
+-- task_failed below). Without it (messages handed back as a channel
+-- closes or recovers: held, perhaps never processed), none is dead-lettered;
+-- the delivery still counts (the message is redelivered), so it may be
+-- dead-lettered at its next counted recovery.
+WITH exhausted AS (
+    DELETE FROM {schema}.message
+    WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s
+      AND %(counted)s AND %(max_deliveries)s > 0 AND delivery_count >= %(max_deliveries)s
+    RETURNING *
+), back AS (
     UPDATE {schema}.message
     SET state = 'ready', consumer_id = NULL
     WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s
-    RETURNING queue
+      AND NOT (%(counted)s AND %(max_deliveries)s > 0 AND delivery_count >= %(max_deliveries)s)
+    RETURNING id, queue, task_id, delivery_count
+), logged AS (
+    INSERT INTO {schema}.redelivery (
+        reason, message_id, queue, task_id, consumer_id, delivery_count)
+    SELECT %(reason)s, id, queue, task_id, %(consumer_id)s, delivery_count FROM back
+    UNION ALL
+    SELECT 'max deliveries (requeued)', id, queue, task_id, %(consumer_id)s, delivery_count
+    FROM exhausted
+), lettered AS (
+    INSERT INTO {schema}.dead_letter (
+        reason, queue, delivery_count, published_at, exchange, routing_key, task_id,
+        task_name, priority, content_type, content_encoding, headers, properties, body)
+    SELECT 'max deliveries (requeued)', queue, delivery_count, published_at, exchange,
+           routing_key, task_id, task_name, priority, content_type, content_encoding,
+           headers, properties, body
+    FROM exhausted
+), task_failed AS (
+    -- (task_result, as the result backend writes it; see sweep.)
+    INSERT INTO {schema}.task_result AS r (
+        task_id, state, name, result, content_type, content_encoding, date_done)
+    SELECT DISTINCT ON (task_id) task_id, 'FAILURE', task_name,
+           convert_to(json_build_object(
+               'exc_type', 'Reject', 'exc_module', 'celery.exceptions',
+               'exc_message', json_build_array(format(
+                   'pgbroker: requeued after %%s deliveries (max_deliveries=%%s); '
+                   'the message is in the dead_letter table',
+                   delivery_count, %(max_deliveries)s)))::text, 'UTF8'),
+           'application/json', 'utf-8', now()
+    FROM exhausted
+    WHERE task_id IS NOT NULL AND task_name IS NOT NULL
+    ORDER BY task_id
+    ON CONFLICT (task_id) DO UPDATE SET
+        state = EXCLUDED.state, result = EXCLUDED.result,
+        content_type = EXCLUDED.content_type, content_encoding = EXCLUDED.content_encoding,
+        traceback = NULL, date_done = EXCLUDED.date_done, updated_at = now()
+    WHERE r.state NOT IN ('SUCCESS', 'FAILURE', 'REVOKED')
+    RETURNING r.task_id, r.state
 )
-SELECT count(pg_notify(%(channel)s, b.queue)) FROM (SELECT DISTINCT queue FROM back) b;
+SELECT (SELECT count(pg_notify(%(channel)s, b.queue))
+        FROM (SELECT DISTINCT queue FROM back) b) AS notified,
+       (SELECT count(pg_notify('pgr_' || md5(%(schema_name)s || '/' || t.task_id),
+                               json_build_array(t.task_id, t.state)::text))
+        FROM task_failed t) AS results,
+       (SELECT count(*) FROM exhausted) AS dead_lettered;
 
 -- name: unclaim
 -- Like requeue, for messages claimed but never handed to the application
@@ -213,12 +309,20 @@ SELECT count(*) FROM {schema}.message WHERE queue = %(queue)s AND state = 'ready
 DELETE FROM {schema}.message WHERE queue = %(queue)s AND state = 'ready';
 
 -- name: attach_queue
+-- Also returns when the queue's earliest delayed message is due, and the
+-- server's clock, so the consumer can set its timer (see promote).
 WITH touched AS (
     UPDATE {schema}.queue SET last_used_at = now() WHERE name = %(queue)s
+), attached AS (
+    INSERT INTO {schema}.consumer_queue (consumer_id, queue)
+    VALUES (%(consumer_id)s, %(queue)s)
+    ON CONFLICT DO NOTHING
 )
-INSERT INTO {schema}.consumer_queue (consumer_id, queue)
-VALUES (%(consumer_id)s, %(queue)s)
-ON CONFLICT DO NOTHING;
+SELECT extract(epoch FROM (
+           SELECT visible_at FROM {schema}.message
+           WHERE state = 'delayed' AND queue = %(queue)s
+           ORDER BY visible_at LIMIT 1))::float8 AS next_due,
+       extract(epoch FROM now())::float8 AS server_now;
 
 -- name: detach_queue
 WITH touched AS (
@@ -227,19 +331,79 @@ WITH touched AS (
 DELETE FROM {schema}.consumer_queue
 WHERE consumer_id = %(consumer_id)s AND queue = %(queue)s;
 
+-- name: promote
+-- Delayed messages of this consumer's queues that are due become ready, a
+-- bounded batch at a time (run again while it comes back full), and their
+-- queues are NOTIFYed, which wakes every consumer of them (this one too).
+-- Several consumers may promote at once: SKIP LOCKED leaves each row to one.
+-- Also returns when the next delayed message of these queues is due and the
+-- server's clock, for the consumer's timer. Rows that are due but locked by
+-- another promoter are not "next": that promoter's NOTIFY announces them.
+WITH promoted AS (
+    UPDATE {schema}.message m SET state = 'ready'
+    WHERE m.id = ANY (ARRAY (
+        SELECT id FROM {schema}.message
+        WHERE state = 'delayed' AND queue = ANY(%(queues)s::text[]) AND visible_at <= now()
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING m.queue
+)
+SELECT (SELECT count(*) FROM promoted) AS promoted,
+       (SELECT count(pg_notify(%(channel)s, p.queue))
+        FROM (SELECT DISTINCT queue FROM promoted) p) AS notified,
+       (SELECT extract(epoch FROM min(n.visible_at))::float8
+        FROM unnest(%(queues)s::text[]) q(name)
+        CROSS JOIN LATERAL (
+            SELECT visible_at FROM {schema}.message
+            WHERE state = 'delayed' AND queue = q.name AND visible_at > now()
+            ORDER BY visible_at LIMIT 1) n) AS next_due,
+       extract(epoch FROM now())::float8 AS server_now;
+
+-- name: prune_published
+-- published_task rows older than the dedup window, a batch at a time (the
+-- sweep deletes one batch; the transport runs this while batches come back
+-- full).
+-- (By ctid: a TID scan, where a join on the key would scan the table.)
+DELETE FROM {schema}.published_task p
+WHERE p.ctid = ANY (ARRAY (
+    SELECT ctid FROM {schema}.published_task
+    WHERE published_at < now() - make_interval(secs => %(window)s)
+    ORDER BY published_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED));
+
 -- name: sweep
 -- The safety sweep, one statement every sweep_interval seconds:
 -- 1. consumers whose session is gone (their advisory lock is free) are
 --    removed and the messages they held go back to their queues, logged in
 --    redelivery. Only rows still owned by a dead consumer are touched, so a
---    message a live consumer has since claimed is never taken from it.
--- 2. expired ready messages (TTL) are removed;
+--    message a live consumer has since claimed is never taken from it. A
+--    message already delivered max_deliveries times goes to dead_letter
+--    instead (also logged in redelivery), and a Celery task gets a FAILURE
+--    result;
+-- 2. expired ready messages (TTL, Celery's `expires`) are removed; those
+--    of Celery tasks go to dead_letter (reason 'expired') and the task
+--    gets a REVOKED result, as Celery's worker stores for an expired task;
 -- 3. queues unused for longer than their x-expires are removed with all
 --    their messages (as AMQP deletes a queue's unacked messages with it, so
 --    none is left behind in a queue that no longer exists); a queue whose
 --    consumer just died gets a fresh last_used_at instead, so its expiry
---    counts from the death.
+--    counts from the death;
+-- 4. due delayed messages of this consumer's queues are promoted (the
+--    consumer's timer normally does it; this is the safety net), and the
+--    next due time is returned for the timer;
+-- 5. one batch of published_task rows older than the dedup window goes.
+-- Results are written to task_result only where the task's row is not
+-- final yet (SUCCESS, FAILURE, REVOKED), and announced on the task's
+-- channel (pgbroker.result_consumer.channel_for) so a waiting get() wakes.
 WITH dead AS (
+    -- Locked, and skipped when locked: two sweeps running at once (two
+    -- workers, or a worker and its sweeper thread) never both handle one
+    -- dead consumer. Otherwise the second sweep's UPDATE would wait for the
+    -- first, find the row requeued, and still hold a lock on it until it
+    -- ends: the claim woken by the first sweep's NOTIFY would skip the
+    -- locked row (SKIP LOCKED), and no NOTIFY would come again.
     SELECT c.id
     FROM {schema}.consumer c
     WHERE NOT EXISTS (
@@ -248,6 +412,7 @@ WITH dead AS (
           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND l.classid = %(lock_oid)s::oid
           AND l.objid = c.id::oid AND l.objsubid = 2 AND l.granted)
+    FOR UPDATE OF c SKIP LOCKED
 ), expired_queues AS (
     DELETE FROM {schema}.queue q
     WHERE q.expires IS NOT NULL AND q.last_used_at + q.expires < now()
@@ -259,10 +424,21 @@ WITH dead AS (
     FROM dead
     WHERE m.state = 'reserved' AND m.consumer_id = dead.id
       AND m.queue NOT IN (SELECT name FROM expired_queues)
+      AND NOT (%(max_deliveries)s > 0 AND m.delivery_count >= %(max_deliveries)s)
     RETURNING m.id, m.queue, m.task_id, m.delivery_count, dead.id AS consumer_id
+), exhausted AS (
+    DELETE FROM {schema}.message m
+    USING dead
+    WHERE m.state = 'reserved' AND m.consumer_id = dead.id
+      AND m.queue NOT IN (SELECT name FROM expired_queues)
+      AND %(max_deliveries)s > 0 AND m.delivery_count >= %(max_deliveries)s
+    RETURNING m.*
 ), logged AS (
     INSERT INTO {schema}.redelivery (reason, message_id, queue, task_id, consumer_id, delivery_count)
     SELECT 'consumer died', id, queue, task_id, consumer_id, delivery_count FROM requeued
+    UNION ALL
+    SELECT 'max deliveries (consumer died)', id, queue, task_id, consumer_id, delivery_count
+    FROM exhausted
 ), gone_consumers AS (
     DELETE FROM {schema}.consumer c USING dead WHERE c.id = dead.id
 ), orphaned_queues AS (
@@ -280,10 +456,87 @@ WITH dead AS (
     DELETE FROM {schema}.message m
     WHERE m.expires_at <= now() AND m.state = 'ready'
       AND m.queue NOT IN (SELECT name FROM expired_queues)
+    RETURNING m.*
+), lettered AS (
+    INSERT INTO {schema}.dead_letter (
+        reason, queue, delivery_count, published_at, exchange, routing_key, task_id,
+        task_name, priority, content_type, content_encoding, headers, properties, body)
+    SELECT 'max deliveries (consumer died)', queue, delivery_count, published_at, exchange,
+           routing_key, task_id, task_name, priority, content_type, content_encoding,
+           headers, properties, body
+    FROM exhausted
+    UNION ALL
+    SELECT 'expired', queue, delivery_count, published_at, exchange,
+           routing_key, task_id, task_name, priority, content_type, content_encoding,
+           headers, properties, body
+    FROM expired_messages
+    WHERE task_id IS NOT NULL AND task_name IS NOT NULL
+), task_ended AS (
+    -- The row Celery itself stores (json): REVOKED with
+    -- TaskRevokedError('expired') for an expired task, FAILURE for one that
+    -- was never acknowledged in max_deliveries deliveries.
+    INSERT INTO {schema}.task_result AS r (
+        task_id, state, name, result, content_type, content_encoding, date_done)
+    SELECT DISTINCT ON (e.task_id) e.task_id, e.state, e.task_name,
+           convert_to(json_build_object(
+               'exc_type', e.exc_type, 'exc_module', 'celery.exceptions',
+               'exc_message', json_build_array(e.message))::text, 'UTF8'),
+           'application/json', 'utf-8', now()
+    FROM (
+        SELECT task_id, task_name, 'REVOKED' AS state, 'TaskRevokedError' AS exc_type,
+               'expired' AS message
+        FROM expired_messages
+        UNION ALL
+        SELECT task_id, task_name, 'FAILURE', 'WorkerLostError',
+               format('pgbroker: its worker died in each of %%s deliveries '
+                      '(max_deliveries=%%s); the message is in the dead_letter table',
+                      delivery_count, %(max_deliveries)s)
+        FROM exhausted
+    ) e
+    WHERE e.task_id IS NOT NULL AND e.task_name IS NOT NULL
+    ORDER BY e.task_id
+    ON CONFLICT (task_id) DO UPDATE SET
+        state = EXCLUDED.state, result = EXCLUDED.result,
+        content_type = EXCLUDED.content_type, content_encoding = EXCLUDED.content_encoding,
+        traceback = NULL, date_done = EXCLUDED.date_done, updated_at = now()
+    WHERE r.state NOT IN ('SUCCESS', 'FAILURE', 'REVOKED')
+    RETURNING r.task_id, r.state
+), promoted AS (
+    UPDATE {schema}.message m SET state = 'ready'
+    WHERE m.id = ANY (ARRAY (
+        SELECT id FROM {schema}.message
+        WHERE state = 'delayed' AND queue = ANY(%(queues)s::text[]) AND visible_at <= now()
+        LIMIT %(promote_limit)s
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING m.queue
+), pruned AS (
+    DELETE FROM {schema}.published_task p
+    WHERE p.ctid = ANY (ARRAY (
+        SELECT ctid FROM {schema}.published_task
+        WHERE published_at < now() - make_interval(secs => %(dedup_window)s)
+        ORDER BY published_at
+        LIMIT %(prune_limit)s
+        FOR UPDATE SKIP LOCKED))
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM requeued) AS requeued,
        (SELECT count(*) FROM expired_messages) AS expired_messages,
        (SELECT count(*) FROM expired_queues) AS expired_queues,
        (SELECT count(pg_notify(%(channel)s, r.queue))
-        FROM (SELECT DISTINCT queue FROM requeued) r) AS notified;
+        FROM (SELECT queue FROM requeued UNION SELECT queue FROM promoted) r) AS notified,
+       (SELECT count(*) FROM exhausted) AS dead_lettered,
+       (SELECT count(*) FROM expired_messages
+        WHERE task_id IS NOT NULL AND task_name IS NOT NULL) AS expired_tasks,
+       (SELECT count(pg_notify('pgr_' || md5(%(schema_name)s || '/' || t.task_id),
+                               json_build_array(t.task_id, t.state)::text))
+        FROM task_ended t) AS results,
+       (SELECT count(*) FROM promoted) AS promoted,
+       (SELECT count(*) FROM pruned) AS pruned,
+       (SELECT extract(epoch FROM min(n.visible_at))::float8
+        FROM unnest(%(queues)s::text[]) q(name)
+        CROSS JOIN LATERAL (
+            SELECT visible_at FROM {schema}.message
+            WHERE state = 'delayed' AND queue = q.name AND visible_at > now()
+            ORDER BY visible_at LIMIT 1) n) AS next_due,
+       extract(epoch FROM now())::float8 AS server_now;

@@ -1,0 +1,397 @@
+"""Fast crash recovery: one sweeper per schema notices dead consumers at once.
+
+A consumer is a PostgreSQL session holding an advisory lock; when its
+process dies, the lock goes with the session, and the sweep (``sweep`` in
+:file:`sql/queries.sql`) hands its messages back. Without this module every
+consumer runs the sweep every ``sweep_interval`` (10 s), so a SIGKILLed
+worker's tasks come back after 5 s on average.
+
+With ``fast_recovery`` (the default), every process that consumes also runs
+one daemon thread per (URL, schema) with a session of its own
+(``application_name`` ``pgbroker-sweeper:<host>:<pid>``), which calls
+``sweeper_wait`` (:file:`migrations/007_sweeper.sql`) in a loop. Advisory
+locks give the sessions of one schema their roles:
+
+* the sweeper: the call polls ``pg_locks`` inside the server every
+  :data:`POLL_SECONDS` and returns as soon as a consumer's lock is gone, or
+  after ``sweep_interval``; the thread then runs the sweep and calls again.
+  A SIGKILLed worker's messages are back in their queues well under a
+  second later. (Alone, with no other process's consumers to watch, it
+  does not wait in the server: the thread sleeps between calls.)
+* one standby: the call waits for the sweeper lock, so the standby becomes
+  the sweeper the moment the sweeper's session ends (its process died: the
+  server checks the client socket every 250 ms while a call runs, from
+  PostgreSQL 14), and finds the dead consumers at once;
+* the others are idle: their call returns at once, and the thread sleeps
+  ``sweep_interval`` before the next, taking a role that has become free.
+
+Either way the client sends one statement per ``sweep_interval`` (the
+sweeper, two: the call and the sweep), and the consumers' own periodic
+sweep is skipped while this thread is healthy (:meth:`Sweeper.covers`): an
+idle worker sends at most two statements per interval. The waits commit about
+every second inside the procedure, so they never hold back the xmin horizon
+for longer than that (see the migration for why).
+
+The standby and the idle processes also sweep when consumers stay dead for a
+whole ``sweep_interval``: a sweeper that is alive but stuck does not stop
+recovery. If this thread cannot work (connection lost, server restarting),
+it logs, retries with backoff, and meanwhile the consumers' periodic sweep
+runs as before: nothing depends on it but speed. It never raises into the
+worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import threading
+import time
+
+import psycopg
+
+from pgbroker import queries
+from pgbroker.db import connect, default_application_name
+from pgbroker.forking import neutralise
+from pgbroker.options import TransportOptions
+
+logger = logging.getLogger("pgbroker")
+
+#: How often the sweeper looks for dead consumers, inside the server.
+POLL_SECONDS = 0.2
+#: Backoff between attempts after an error, in seconds.
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+#: How long closing waits for the thread.
+STOP_TIMEOUT = 5.0
+
+
+class Sweeper:
+    """The sweeper thread of one (URL, schema) in this process.
+
+    Get it with :func:`acquire`, give it back with :func:`release`.
+    """
+
+    def __init__(self, url: str, options: TransportOptions) -> None:
+        self.url = url
+        self.options = options
+        self.schema = options.schema
+        self.interval = options.sweep_interval
+        #: "sweeper", "standby" or "idle" (see 007_sweeper.sql).
+        self.role = "idle"
+        #: Sweeps run by this thread (for tests and curious operators).
+        self.sweeps = 0
+        self._users = 0
+        self._sql = queries.for_schema(options.schema, "sweeper.sql")
+        self._sweep_sql = queries.for_schema(options.schema)
+        self._conn: psycopg.Connection | None = None
+        self._session_name = ""
+        self._woken = False
+        self._lock_oid = 0
+        self._last_ok: float | None = None  # when a call last returned
+        self._served = False  # a call returned on the current session
+        self._stuck_warned: set[int] = set()
+        self._stopping = threading.Event()
+        self._forked = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"pgbroker-sweeper[{self.schema}]", daemon=True
+        )
+
+    # --- what the transport asks ---------------------------------------------
+
+    def covers(self) -> bool:
+        """True while this thread works: the consumers of this process may
+        skip their own periodic sweep. A call lasts at most sweep_interval,
+        so a thread silent for two intervals is stuck or reconnecting."""
+        last = self._last_ok
+        return (
+            not self._forked
+            and self._thread.is_alive()
+            and last is not None
+            and time.monotonic() - last < 2 * self.interval + 1.0
+        )
+
+    # --- the thread ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the thread and close its session (a standby elsewhere takes
+        over at once if this one was the sweeper)."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            conn = self._conn
+            if conn is not None and not conn.closed:
+                # Interrupt the wait; the thread sees _stopping and leaves.
+                with contextlib.suppress(Exception):
+                    conn.cancel_safe(timeout=2.0)
+            self._thread.join(0.2)
+        if self._thread.is_alive():
+            logger.warning(
+                "pgbroker sweeper of schema %r did not stop within %.0f s; "
+                "its session ends with the process",
+                self.schema,
+                timeout,
+            )
+
+    def _run(self) -> None:
+        delay = RETRY_FIRST
+        while not self._stopping.is_set():
+            self._served = False
+            try:
+                self._connect()
+                self._serve()
+            except Exception as exc:  # never let the thread die, never raise into the worker
+                if self._stopping.is_set():
+                    break
+                if self._served:
+                    delay = RETRY_FIRST  # it worked until now: a new failure
+                logger.warning(
+                    "pgbroker sweeper of schema %r: %s: %s; retrying in %.0f s "
+                    "(meanwhile consumers sweep every sweep_interval=%g s)",
+                    self.schema,
+                    type(exc).__name__,
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                    delay,
+                    self.interval,
+                )
+            finally:
+                self._disconnect()
+            if self._stopping.wait(delay):
+                break
+            delay = min(delay * 2, RETRY_MAX)
+
+    def _connect(self) -> None:
+        self._conn = connect(self.url, connect_timeout=10)
+        name = self._conn.info.parameter_status("application_name")
+        if name is None or name == default_application_name():
+            # Not set in the URL: mark the session as the sweeper's.
+            name = f"pgbroker-sweeper:{socket.gethostname()}:{os.getpid()}"
+        self._session_name = name
+        # A NOTIFY read while a call runs (psycopg hands it to this handler).
+        self._conn.add_notify_handler(self._on_notify)
+        self.role = "idle"
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        self._last_ok = None  # the consumers sweep again until a call works
+        if self.is_sweeper:
+            logger.info("pgbroker sweeper of schema %r: no longer the sweeper", self.schema)
+        self.role = "idle"
+        if conn is not None and not self._forked:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    @property
+    def is_sweeper(self) -> bool:
+        """True while this process's session holds the sweeper lock."""
+        return self.role == "sweeper"
+
+    def _serve(self) -> None:
+        """Call, sweep when needed, call... until stopped or an error."""
+        known: list[int] = []  # dead consumers our last sweep handled
+        previous: list[int] = []  # dead consumers at the last call
+        last_sweep = time.monotonic()
+        # A short first wait: the thread shows it works (covers()) soon.
+        wait = min(self.interval, 1.0)
+        while not self._stopping.is_set() and self._conn is not None:
+            conn = self._conn
+            self._woken = False
+            row = conn.execute(
+                self._sql["wait"],
+                {
+                    "wait_seconds": wait,
+                    "poll_seconds": POLL_SECONDS,
+                    "known": known,
+                    "own_host": socket.gethostname(),
+                    "own_pid": os.getpid(),
+                    "session_name": self._session_name,
+                },
+            ).fetchone()
+            assert row is not None
+            role, self._lock_oid = str(row[0]), int(row[1])
+            dead, stale = list(row[2] or ()), list(row[3] or ())
+            queue_names, waited = list(row[4] or ()), bool(row[5])
+            wait = self.interval
+            self._served = True
+            self._last_ok = time.monotonic()
+            if role != self.role and "sweeper" in (role, self.role):
+                logger.info(
+                    "pgbroker sweeper of schema %r: this process %s the sweeper",
+                    self.schema,
+                    "is now" if role == "sweeper" else "is no longer",
+                )
+            self.role = role
+            if role == "sweeper":
+                self._warn_stuck(dead, known)
+                if set(dead) - set(known) or time.monotonic() - last_sweep >= self.interval:
+                    self._sweep(conn, queue_names)
+                    last_sweep = time.monotonic()
+                known = dead
+            else:
+                if role == "idle":
+                    stale = sorted(set(dead) & set(previous))
+                if stale:
+                    logger.warning(
+                        "pgbroker sweeper of schema %r: consumer(s) %s stayed dead for "
+                        "%g s without being swept (is the sweeper process stuck?): "
+                        "sweeping here",
+                        self.schema,
+                        ", ".join(map(str, stale)),
+                        self.interval,
+                    )
+                    self._sweep(conn, queue_names)
+                known = []
+            previous = dead
+            self._last_ok = time.monotonic()
+            if not waited:
+                # Nothing to wait for in the server (an idle process, or the
+                # sweeper with no other process's consumers to watch).
+                self._sleep(conn)
+
+    def _sleep(self, conn: psycopg.Connection) -> None:
+        """Wait sweep_interval without a query; a lone sweeper wakes up
+        early when a new process's standby NOTIFYs (the call LISTENed)."""
+        deadline = time.monotonic() + self.interval
+        pgconn = conn.pgconn
+        while not self._stopping.is_set() and not self._woken:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            readable, _, _ = select.select([conn.fileno()], [], [], min(remaining, 0.5))
+            if readable:
+                with conn.lock:
+                    pgconn.consume_input()
+                    woken = False
+                    while pgconn.notifies() is not None:
+                        woken = True
+                if pgconn.status != psycopg.pq.ConnStatus.OK:
+                    raise psycopg.OperationalError("the connection to PostgreSQL was lost")
+                if woken:
+                    return
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        self._woken = True
+
+    def _warn_stuck(self, dead: list[int], known: list[int]) -> None:
+        """Consumers still dead after a sweep: the sweep does not see them as
+        dead (their lock scheme and ours differ). Say so once each."""
+        stuck = [c for c in dead if c in known and c not in self._stuck_warned]
+        if stuck:
+            self._stuck_warned.update(stuck)
+            logger.warning(
+                "pgbroker sweeper of schema %r: consumer(s) %s hold no advisory lock but "
+                "the sweep did not remove them; this is a bug, please report it",
+                self.schema,
+                ", ".join(map(str, stuck)),
+            )
+
+    def _sweep(self, conn: psycopg.Connection, queue_names: list[str]) -> None:
+        """Run the transport's sweep on this session; log as the transport does.
+
+        The parameters mirror ``Transport.sweep`` (pgbroker/transport.py):
+        keep the two in step.
+        """
+        from pgbroker import transport  # imported here: transport imports this module
+
+        o = self.options
+        row = conn.execute(
+            self._sweep_sql["sweep"],
+            {
+                "lock_oid": self._lock_oid,
+                "channel": o.schema,
+                "schema_name": o.schema,
+                "max_deliveries": o.max_deliveries,
+                "queues": list(queue_names),
+                "promote_limit": transport.PROMOTE_BATCH,
+                "dedup_window": o.dedup_window or TransportOptions.dedup_window,
+                "prune_limit": transport.PRUNE_BATCH,
+            },
+        ).fetchone()
+        assert row is not None
+        self.sweeps += 1
+        requeued, dead_lettered, expired_tasks = int(row[0]), int(row[4]), int(row[5])
+        if requeued:
+            logger.warning(
+                "requeued %d message(s) held by consumers whose sessions ended", requeued
+            )
+        if dead_lettered:
+            logger.warning(
+                "%d message(s) held by consumers whose sessions ended had been delivered "
+                "max_deliveries=%d times: moved to the dead_letter table "
+                "(reason 'max deliveries (consumer died)')",
+                dead_lettered,
+                o.max_deliveries,
+            )
+        if expired_tasks:
+            logger.info(
+                "%d expired task message(s) removed unread: REVOKED, kept in the "
+                "dead_letter table (reason 'expired')",
+                expired_tasks,
+            )
+        pruned, rounds = int(row[8]), 0
+        while pruned >= transport.PRUNE_BATCH and rounds < transport.PRUNE_ROUNDS:
+            pruned = conn.execute(
+                self._sweep_sql["prune_published"],
+                {
+                    "window": o.dedup_window or TransportOptions.dedup_window,
+                    "limit": transport.PRUNE_BATCH,
+                },
+            ).rowcount
+            rounds += 1
+
+
+# --- one sweeper per (URL, schema) per process ---------------------------------
+
+_lock = threading.Lock()
+_sweepers: dict[tuple[str, str], Sweeper] = {}
+
+
+def acquire(url: str, options: TransportOptions) -> Sweeper:
+    """This process's sweeper of (url, schema), started on first use.
+
+    The first caller's options apply (sweep_interval, max_deliveries...).
+    """
+    key = (url, options.schema)
+    with _lock:
+        sweeper = _sweepers.get(key)
+        if sweeper is None:
+            sweeper = _sweepers[key] = Sweeper(url, options)
+            sweeper.start()
+        sweeper._users += 1
+    return sweeper
+
+
+def release(sweeper: Sweeper) -> None:
+    """Give a sweeper back; the last user stops it."""
+    with _lock:
+        if sweeper._forked:
+            return
+        sweeper._users -= 1
+        if sweeper._users > 0:
+            return
+        key = (sweeper.url, sweeper.schema)
+        if _sweepers.get(key) is sweeper:
+            del _sweepers[key]
+    sweeper.stop()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (Celery's prefork pool) has no sweeper thread: forget
+    the parent's sweepers without touching their sessions (pgbroker.forking),
+    so that they end with the parent."""
+    global _lock
+    _lock = threading.Lock()
+    for sweeper in list(_sweepers.values()):
+        sweeper._forked = True
+        conn = sweeper._conn
+        if conn is not None and not conn.closed:
+            neutralise(conn)
+    _sweepers.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

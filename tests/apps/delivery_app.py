@@ -1,0 +1,104 @@
+"""The Celery app of the delivery-semantics tests (ETA, expiry, exactly-once
+chain hand-off, max deliveries).
+
+pgbroker is both broker and result backend (``TEST_BROKER_URL``). Options
+come from the environment, so the test and its workers build the same app:
+``TEST_SWEEP_INTERVAL``, ``TEST_MAX_DELIVERIES``, ``TEST_MARKER_DIR`` (where
+``kill_after_success`` keeps its marker).
+
+Every run of a task is recorded in the ``run_log`` table of the broker's own
+database (tests/apps/delivery_log.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from celery import Celery
+from celery.signals import task_success
+
+BROKER_URL = os.environ["TEST_BROKER_URL"]
+
+app = Celery("delivery_app")
+app.conf.broker_url = BROKER_URL
+app.conf.result_backend = BROKER_URL
+app.conf.worker_prefetch_multiplier = 1
+app.conf.broker_connection_retry_on_startup = True
+_options: dict[str, Any] = {}
+if "TEST_SWEEP_INTERVAL" in os.environ:
+    _options["sweep_interval"] = float(os.environ["TEST_SWEEP_INTERVAL"])
+if "TEST_MAX_DELIVERIES" in os.environ:
+    _options["max_deliveries"] = int(os.environ["TEST_MAX_DELIVERIES"])
+app.conf.broker_transport_options = _options
+app.conf.task_routes = {
+    "delivery_app.second": {"queue": "second"},
+}
+
+
+def _db() -> psycopg.Connection:
+    return psycopg.connect("postgresql://" + BROKER_URL.partition("://")[2], autocommit=True)
+
+
+def _record(name: str, key: str) -> int:
+    """Log this run; return how many runs of (name, key) there have been."""
+    with _db() as conn:
+        row = conn.execute(
+            "INSERT INTO run_log (name, key, pid, at) VALUES (%s, %s, %s, %s) "
+            "RETURNING (SELECT count(*) FROM run_log WHERE name = %s AND key = %s) + 1",
+            (name, key, os.getpid(), time.time(), name, key),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@app.task(name="delivery_app.record")
+def record(key: str) -> str:
+    _record("record", key)
+    return key
+
+
+@app.task(name="delivery_app.first", acks_late=True)
+def first(key: str) -> str:
+    """A chain's first link; returns something different on each run, so a
+    later run's result overwriting the first would show."""
+    run = _record("first", key)
+    return f"{key} run {run}"
+
+
+@app.task(name="delivery_app.second", acks_late=True)
+def second(previous: str) -> str:
+    _record("second", previous.split(" ")[0])
+    return f"{previous} then second"
+
+
+@app.task(name="delivery_app.kill_worker", acks_late=True)
+def kill_worker(key: str) -> None:
+    """SIGKILL the whole worker (main process and pool) on every run."""
+    _record("kill_worker", key)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+@app.task(name="delivery_app.kill_child", acks_late=True, reject_on_worker_lost=True)
+def kill_child(key: str) -> None:
+    """SIGKILL the pool process running it on every run: the worker sees
+    WorkerLostError and, with reject_on_worker_lost, requeues the message."""
+    _record("kill_child", key)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task_success.connect
+def kill_after_success(sender: Any = None, **kwargs: Any) -> None:
+    """After ``first`` succeeded (next link published, result stored, not yet
+    acknowledged), SIGKILL the whole worker, on the first delivery only."""
+    if getattr(sender, "name", None) != "delivery_app.first":
+        return
+    marker = Path(os.environ.get("TEST_MARKER_DIR", ".")) / "killed-after-success"
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -1,0 +1,237 @@
+"""Exactly-once hand-off: a Celery task message published again with the same
+(task id, retries) and the same routing stores nothing.
+
+A chain's next link is published by the worker that ran the previous link,
+before it stores the result and acknowledges. Killed in between, the
+previous link is redelivered, runs again, and publishes the next link again;
+pgbroker stores it only once. The Celery test kills a real worker at exactly
+that point.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from celery import chain
+from kombu import Consumer, Message, Producer, Queue
+
+from pgbroker import admin
+from tests.apps.delivery_log import runs, setup_run_log
+from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
+from tests.kombu_helpers import collect, connect, drain_until, scalar
+from tests.test_claim_plan import explain, explain_generic, scans_of
+from tests.test_eta import count_queries
+
+APP = "tests.apps.delivery_app"
+
+
+def task_headers(task_id: str, retries: int = 0) -> dict[str, Any]:
+    return {"id": task_id, "task": "t.dedup", "retries": retries}
+
+
+def stored(db: psycopg.Connection, task_id: str) -> list[tuple[str, int]]:
+    rows = db.execute(
+        "SELECT queue, (headers->>'retries')::int FROM pgbroker.message "
+        "WHERE task_id = %s ORDER BY id",
+        [task_id],
+    ).fetchall()
+    return [(str(q), int(r)) for q, r in rows]
+
+
+def test_same_task_and_retries_is_stored_once(
+    db_url: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    q, other = Queue("dd-a"), Queue("dd-b")
+    task_id = str(uuid.uuid4())
+    with connect(db_url) as conn:
+        producer = Producer(conn.default_channel)
+        producer.publish("x", routing_key=q.name, declare=[q, other], headers=task_headers(task_id))
+        counts = count_queries(conn, monkeypatch)
+        with caplog.at_level(logging.INFO, logger="pgbroker"):
+            producer.publish("x", routing_key=q.name, headers=task_headers(task_id))
+        # Still one statement, one round trip.
+        assert counts == {"publish": 1}
+        assert "already published" in caplog.text
+        assert stored(db, task_id) == [("dd-a", 0)]
+        # Celery's retry publishes retries + 1: a new publication.
+        producer.publish("x", routing_key=q.name, headers=task_headers(task_id, 1))
+        assert stored(db, task_id) == [("dd-a", 0), ("dd-a", 1)]
+        # Another routing is a move (celery.contrib.migrate): it goes through,
+        # and a repeat of the move is a duplicate again.
+        producer.publish("x", routing_key=other.name, headers=task_headers(task_id))
+        producer.publish("x", routing_key=other.name, headers=task_headers(task_id))
+        assert stored(db, task_id) == [("dd-a", 0), ("dd-a", 1), ("dd-b", 0)]
+        # A duplicate that matches no queue is not dead-lettered either.
+        producer.publish("x", routing_key=q.name, headers=task_headers(task_id))
+        assert scalar(db, "SELECT count(*) FROM pgbroker.dead_letter") == 0
+
+
+def test_messages_without_task_id_are_never_deduplicated(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    q = Queue("dd-plain")
+    with connect(db_url) as conn:
+        producer = Producer(conn.default_channel)
+        for _ in range(3):
+            producer.publish("same", routing_key=q.name, declare=[q])
+            # An id header alone (no task name) is not a Celery task message.
+            producer.publish("same", routing_key=q.name, headers={"id": "fixed"})
+        assert scalar(db, "SELECT count(*) FROM pgbroker.message") == 6
+        assert scalar(db, "SELECT count(*) FROM pgbroker.published_task") == 0
+
+
+def test_dedup_window_zero_turns_it_off(db_url: str, db: psycopg.Connection) -> None:
+    q = Queue("dd-off")
+    task_id = str(uuid.uuid4())
+    with connect(db_url, dedup_window=0) as conn:
+        producer = Producer(conn.default_channel)
+        producer.publish("x", routing_key=q.name, declare=[q], headers=task_headers(task_id))
+        producer.publish("x", routing_key=q.name, headers=task_headers(task_id))
+    assert stored(db, task_id) == [("dd-off", 0), ("dd-off", 0)]
+
+
+def test_requeue_and_dead_letter_replay_are_not_publications(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """Kombu's requeue (Celery's Request.reject(requeue=True)) and pgbroker's
+    dead-letter replay put the same message back without publishing it."""
+    q = Queue("dd-requeue")
+    task_id = str(uuid.uuid4())
+    got: list[Message] = []
+    with connect(db_url) as conn:
+        Producer(conn.default_channel).publish(
+            "x", routing_key=q.name, declare=[q], headers=task_headers(task_id)
+        )
+        with Consumer(conn, [q], callbacks=[collect(got)]):
+            drain_until(conn, lambda: len(got) == 1)
+            got[0].requeue()
+            drain_until(conn, lambda: len(got) == 2)
+            got[1].reject()
+        assert stored(db, task_id) == []
+        replayed = admin.replay_dead_letters(db, "pgbroker")
+        assert replayed.replayed == 1
+        assert stored(db, task_id) == [("dd-requeue", 0)]
+
+
+def test_sweep_prunes_old_publications_in_batches(db_url: str, db: psycopg.Connection) -> None:
+    db.execute(
+        "INSERT INTO pgbroker.published_task (task_id, retries, exchange, routing_key, "
+        "published_at) SELECT 'old' || i, 0, '', 'q', now() - interval '8 days' "
+        "FROM generate_series(1, 7000) i"
+    )
+    db.execute(
+        "INSERT INTO pgbroker.published_task (task_id, retries, exchange, routing_key) "
+        "VALUES ('recent', 0, '', 'q')"
+    )
+    q = Queue("dd-prune")
+    with connect(db_url) as conn, Consumer(conn, [q], callbacks=[collect([])]):
+        conn.transport.sweep()
+    assert scalar(db, "SELECT count(*) FROM pgbroker.published_task") == 1
+    with connect(db_url, dedup_window=3600) as conn, Consumer(conn, [q], callbacks=[collect([])]):
+        db.execute(
+            "UPDATE pgbroker.published_task SET published_at = now() - %s",
+            [timedelta(hours=2)],
+        )
+        conn.transport.sweep()
+    assert scalar(db, "SELECT count(*) FROM pgbroker.published_task") == 0
+
+
+@pytest.mark.parametrize("how", [explain, explain_generic])
+def test_prune_walks_the_published_at_index(db: psycopg.Connection, how: Any) -> None:
+    db.execute(
+        "INSERT INTO pgbroker.published_task (task_id, retries, exchange, routing_key, "
+        "published_at) SELECT 't' || i, 0, '', 'q', now() - i * interval '1 minute' "
+        "FROM generate_series(1, 50000) i"
+    )
+    db.execute("ANALYZE pgbroker.published_task")
+    plan = how(db, "prune_published", {"window": 7 * 86400.0, "limit": 5000})
+    scans = scans_of(plan, "published_task")
+    assert ("Index Scan", "published_task_at") in scans, scans
+    assert not [s for s in scans if s[0] == "Seq Scan"], scans
+
+
+# --- Celery: a worker SIGKILLed right after the hand-off ---------------------------------
+
+
+def test_chain_next_link_runs_once_when_worker_dies_after_hand_off(
+    db_url: str, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    """``first`` publishes ``second``, stores SUCCESS, and its worker is
+    SIGKILLed before acknowledging (task_success handler, first delivery
+    only). The redelivered ``first`` runs again and publishes ``second``
+    again: stored once, run once; the chain finishes; and the second run of
+    ``first`` does not overwrite its SUCCESS."""
+    setup_run_log(db)
+    env = celery_env(db_url, TEST_SWEEP_INTERVAL="1", TEST_MARKER_DIR=str(tmp_path))
+    with client_app(APP, db_url) as tasks:
+        # The first worker consumes only ``first``'s queue, so ``second``
+        # cannot run before the kill.
+        with start_worker(APP, env, tmp_path, name="w1", extra=("-Q", "celery")) as w1:
+            w1.wait_for_log("ready.")
+            result = chain(tasks.first.s("k"), tasks.second.s()).apply_async()
+            assert w1.wait_exit(60) == -9
+        assert (tmp_path / "killed-after-success").exists()
+        first_id = result.parent.id
+        assert len(runs(db_url, "first", "k")) == 1
+        assert execute(
+            db_url,
+            "SELECT state, convert_from(result, 'UTF8') FROM pgbroker.task_result "
+            "WHERE task_id = %s",
+            (first_id,),
+        ) == [("SUCCESS", '"k run 1"')]
+        # ``first`` still held by the dead worker; ``second`` published once.
+        assert execute(
+            db_url,
+            "SELECT queue, state FROM pgbroker.message ORDER BY id",
+        ) == [("celery", "reserved"), ("second", "ready")]
+        with start_worker(APP, env, tmp_path, name="w2", extra=("-Q", "celery,second")) as w2:
+            w2.wait_for_log("ready.")
+            assert result.get(timeout=60) == "k run 1 then second"
+            wait_until(lambda: len(runs(db_url, "first", "k")) == 2, 30, "first to run again")
+            wait_until(
+                lambda: not execute(db_url, "SELECT 1 FROM pgbroker.message"),
+                30,
+                "every message to be acknowledged",
+            )
+            time.sleep(1.0)  # a duplicate of second would have run by now
+        assert len(runs(db_url, "second", "k")) == 1
+        # The redelivered first returned "k run 2"; SUCCESS stayed "k run 1".
+        assert execute(
+            db_url,
+            "SELECT state, convert_from(result, 'UTF8') FROM pgbroker.task_result "
+            "WHERE task_id = %s",
+            (first_id,),
+        ) == [("SUCCESS", '"k run 1"')]
+        assert execute(
+            db_url,
+            "SELECT reason, task_id FROM pgbroker.redelivery",
+        ) == [("consumer died", first_id)]
+        assert "already published" in w2.log()
+
+
+@pytest.mark.parametrize("how", [explain, explain_generic])
+def test_sweep_and_publish_use_published_task_indexes(db: psycopg.Connection, how: Any) -> None:
+    from tests.test_claim_plan import PUBLISH, SWEEP
+
+    db.execute(
+        "INSERT INTO pgbroker.published_task (task_id, retries, exchange, routing_key, "
+        "published_at) SELECT 't' || i, 0, '', 'q', now() - i * interval '1 minute' "
+        "FROM generate_series(1, 50000) i"
+    )
+    db.execute("ANALYZE pgbroker.published_task")
+    plans = {
+        "sweep": how(db, "sweep", SWEEP),
+        "publish": how(
+            db, "publish", {**PUBLISH, "dedup": True, "task_id": "t77", "task_name": "x"}
+        ),
+    }
+    for name, plan in plans.items():
+        scans = scans_of(plan, "published_task")
+        assert not [s for s in scans if s[0] == "Seq Scan"], (name, scans)

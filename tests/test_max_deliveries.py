@@ -1,0 +1,213 @@
+"""Dead-letter after ``max_deliveries``: a message that keeps killing its
+consumer (or keeps being requeued) stops coming back.
+
+Kombu-level tests cover the requeue path, the dead-consumer path of the
+sweep and results that are already final; Celery tests use real workers
+that a task SIGKILLs on every delivery.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from celery.exceptions import WorkerLostError
+from kombu import Consumer, Message, Producer, Queue
+
+from tests.apps.delivery_log import runs, setup_run_log
+from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
+from tests.kombu_helpers import collect, connect, drain_until, rows, scalar
+
+APP = "tests.apps.delivery_app"
+
+
+def task_headers(task_id: str) -> dict[str, Any]:
+    return {"id": task_id, "task": "t.poison", "retries": 0}
+
+
+def result_of(db: psycopg.Connection, task_id: str) -> tuple[str, Any] | None:
+    row = db.execute(
+        "SELECT state, convert_from(result, 'UTF8')::json FROM pgbroker.task_result "
+        "WHERE task_id = %s",
+        [task_id],
+    ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def test_requeued_max_deliveries_times_goes_to_dead_letter(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    q = Queue("md-requeue")
+    task_id = str(uuid.uuid4())
+    got: list[Message] = []
+    with connect(db_url, max_deliveries=3) as conn:
+        producer = Producer(conn.default_channel)
+        producer.publish("poison", routing_key=q.name, declare=[q], headers=task_headers(task_id))
+        producer.publish("plain", routing_key=q.name)
+        with Consumer(conn, [q], callbacks=[collect(got)]):
+            for n in range(1, 4):
+                drain_until(conn, lambda n=n: len(got) == 2 * n)
+                for m in got[-2:]:
+                    m.requeue()
+            # Both were requeued a third time: dead-lettered, not back.
+            assert scalar(db, "SELECT count(*) FROM pgbroker.message") == 0
+    assert rows(
+        db, "SELECT reason, task_id, delivery_count FROM pgbroker.dead_letter ORDER BY task_id"
+    ) == [("max deliveries (requeued)", task_id, 3), ("max deliveries (requeued)", None, 3)]
+    assert rows(
+        db,
+        "SELECT reason, count(*) FROM pgbroker.redelivery WHERE task_id = %s GROUP BY 1 ORDER BY 1",
+        task_id,
+    ) == [("max deliveries (requeued)", 1), ("requeued", 2)]
+    state, exc = result_of(db, task_id)  # type: ignore[misc]
+    assert state == "FAILURE"
+    assert exc["exc_type"] == "Reject" and "max_deliveries=3" in exc["exc_message"][0]
+
+
+def test_restored_at_close_is_never_dead_lettered(db_url: str, db: psycopg.Connection) -> None:
+    """Messages a consumer held unacked when its channel closed go back (the
+    delivery counts, so they are redelivered), but are not dead-lettered."""
+    q = Queue("md-restore")
+    with connect(db_url, max_deliveries=2) as producer_conn:
+        Producer(producer_conn.default_channel).publish("held", routing_key=q.name, declare=[q])
+    for _ in range(4):
+        got: list[Message] = []
+        with (
+            connect(db_url, max_deliveries=2) as conn,
+            Consumer(conn, [q], callbacks=[collect(got)]),
+        ):
+            drain_until(conn, lambda got=got: len(got) == 1)
+    assert rows(db, "SELECT state, delivery_count FROM pgbroker.message") == [("ready", 4)]
+    assert scalar(db, "SELECT count(*) FROM pgbroker.dead_letter") == 0
+    assert rows(db, "SELECT DISTINCT reason FROM pgbroker.redelivery") == [("restored at close",)]
+
+
+def _kill_session(db: psycopg.Connection, conn: Any) -> None:
+    pid = conn.transport._conn.info.backend_pid
+    db.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+@pytest.mark.parametrize("final", [None, "SUCCESS"])
+def test_consumer_dying_max_deliveries_times(
+    db_url: str, db: psycopg.Connection, final: str | None
+) -> None:
+    """The sweep's dead-consumer path: after the third death the message goes
+    to dead_letter and the task gets FAILURE, unless its result is final."""
+    q = Queue("md-dead")
+    task_id = str(uuid.uuid4())
+    if final:
+        db.execute(
+            "INSERT INTO pgbroker.task_result (task_id, state, result, content_type, "
+            "content_encoding) VALUES (%s, %s, '1', 'application/json', 'utf-8')",
+            [task_id, final],
+        )
+    with connect(db_url, max_deliveries=3, sweep_interval=3600) as sweeper:
+        Producer(sweeper.default_channel).publish(
+            "poison", routing_key=q.name, declare=[q], headers=task_headers(task_id)
+        )
+        for death in range(1, 4):
+            got: list[Message] = []
+            victim = connect(db_url, max_deliveries=3, sweep_interval=3600)
+            try:
+                Consumer(victim, [q], callbacks=[collect(got)]).consume()
+                drain_until(victim, lambda got=got: len(got) == 1)
+                _kill_session(db, victim)
+            finally:
+                victim.release()  # its session is gone: the errors are logged
+            # Once the server has ended the session (its lock is free), a
+            # live connection's sweep recovers the message.
+            wait_until(
+                lambda death=death: (
+                    sweeper.transport.sweep() is not None
+                    and scalar(db, "SELECT count(*) FROM pgbroker.consumer") == 0
+                ),
+                10,
+                f"death {death} to be swept",
+            )
+    reasons = [r[0] for r in rows(db, "SELECT reason FROM pgbroker.redelivery ORDER BY id")]
+    assert reasons == ["consumer died", "consumer died", "max deliveries (consumer died)"]
+    assert rows(db, "SELECT reason, delivery_count FROM pgbroker.dead_letter") == [
+        ("max deliveries (consumer died)", 3)
+    ]
+    assert scalar(db, "SELECT count(*) FROM pgbroker.message") == 0
+    state, exc = result_of(db, task_id)  # type: ignore[misc]
+    if final:
+        assert (state, exc) == (final, 1)
+    else:
+        assert state == "FAILURE" and exc["exc_type"] == "WorkerLostError"
+
+
+def test_max_deliveries_zero_means_no_limit(db_url: str, db: psycopg.Connection) -> None:
+    q = Queue("md-unlimited")
+    got: list[Message] = []
+    with connect(db_url, max_deliveries=0) as conn:
+        Producer(conn.default_channel).publish("again", routing_key=q.name, declare=[q])
+        with Consumer(conn, [q], callbacks=[collect(got)]):
+            for n in range(1, 13):
+                drain_until(conn, lambda n=n: len(got) == n)
+                got[-1].requeue()
+    assert rows(db, "SELECT delivery_count FROM pgbroker.message") == [(12,)]
+    assert scalar(db, "SELECT count(*) FROM pgbroker.dead_letter") == 0
+
+
+# --- Celery: tasks that SIGKILL their worker on every delivery ----------------------------
+
+
+def test_task_killing_its_whole_worker_ends_in_dead_letter(
+    db_url: str, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    """Each delivery SIGKILLs the worker (main process and pool): the next
+    worker's sweep redelivers it, until the third death; then it is
+    dead-lettered, ``get()`` raises, and the worker serves other tasks."""
+    setup_run_log(db)
+    env = celery_env(db_url, TEST_SWEEP_INTERVAL="1", TEST_MAX_DELIVERIES="3")
+    with client_app(APP, db_url) as tasks:
+        result = tasks.kill_worker.delay("poison")
+        for death in range(1, 4):
+            with start_worker(APP, env, tmp_path, name=f"w{death}") as w:
+                assert w.wait_exit(60) == -9, w.log()
+            assert len(runs(db_url, "kill_worker", "poison")) == death
+        with start_worker(APP, env, tmp_path, name="survivor") as w:
+            w.wait_for_log("ready.")
+            with pytest.raises(WorkerLostError, match="max_deliveries=3"):
+                result.get(timeout=60)
+            assert tasks.record.delay("after").get(timeout=60) == "after"
+        assert len(runs(db_url, "kill_worker", "poison")) == 3
+        assert execute(
+            db_url, "SELECT reason, delivery_count, task_id FROM pgbroker.dead_letter"
+        ) == [("max deliveries (consumer died)", 3, result.id)]
+
+
+def test_task_killing_its_pool_process_ends_in_dead_letter(
+    db_url: str, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    """With reject_on_worker_lost, each death of the pool process requeues
+    the message (the requeue path); the worker itself lives on and keeps
+    serving other tasks."""
+    setup_run_log(db)
+    env = celery_env(db_url, TEST_SWEEP_INTERVAL="1", TEST_MAX_DELIVERIES="3")
+    with start_worker(APP, env, tmp_path) as w, client_app(APP, db_url) as tasks:
+        w.wait_for_log("ready.")
+        result = tasks.kill_child.delay("poison")
+        wait_until(
+            lambda: execute(db_url, "SELECT reason FROM pgbroker.dead_letter"),
+            90,
+            "the message to be dead-lettered",
+        )
+        assert execute(db_url, "SELECT reason, delivery_count FROM pgbroker.dead_letter") == [
+            ("max deliveries (requeued)", 3)
+        ]
+        assert len(runs(db_url, "kill_child", "poison")) == 3
+        assert tasks.record.delay("after").get(timeout=60) == "after"
+        assert w.proc.poll() is None
+        state = wait_until(
+            lambda: execute(
+                db_url, "SELECT state FROM pgbroker.task_result WHERE task_id = %s", (result.id,)
+            ),
+            30,
+            "a result",
+        )
+        assert state == [("FAILURE",)]
