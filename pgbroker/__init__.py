@@ -9,6 +9,12 @@ Celery config does the same.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers; at run time, see __getattr__ below
+    from pgbroker.enqueue import EnqueueError as EnqueueError
+    from pgbroker.enqueue import enqueue_in as enqueue_in
+
 __version__ = "0.1.0"
 
 TRANSPORT = "pgbroker.transport:Transport"
@@ -24,3 +30,17 @@ def register_transport() -> None:
 
 
 register_transport()
+
+
+def __getattr__(name: str) -> object:
+    # pgbroker.enqueue_in and pgbroker.EnqueueError, imported on first use so
+    # that `import pgbroker` (done by the autoload hook) stays free of psycopg.
+    if name in ("enqueue_in", "EnqueueError"):
+        from pgbroker import enqueue
+
+        return getattr(enqueue, name)
+    if name == "send_event":  # durable waits' events (pgbroker.durable)
+        from pgbroker import durable
+
+        return durable.send_event
+    raise AttributeError(f"module 'pgbroker' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""A one-model Django app for run_django.py."""
