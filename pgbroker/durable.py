@@ -19,7 +19,7 @@ Use ``acks_late=True`` (so a task whose worker died is delivered again) and
 ``task_reject_on_worker_lost=True`` (so does one whose pool process was
 killed, e.g. by the OOM killer).
 
-What is guaranteed
+What is guaranteed (docs/durability.md has the full list)
     A step whose checkpoint was committed never runs again for that task id.
     A step run without ``conn=`` is *at least once*: if the process dies
     after the function returned but before its checkpoint was committed, the
@@ -29,6 +29,40 @@ What is guaranteed
     transaction, and of two runs racing on one task id, only the first to
     commit keeps its work (the other's is rolled back and it gets the first
     one's output).
+
+One run per task id
+    A run holds a PostgreSQL advisory lock keyed on its task id, on a pooled
+    connection of its own (not the broker's session), from before the body
+    starts until it ends. A second run of the same id (a redelivery after
+    the broker took the message from a consumer it thought dead) waits for
+    the first to end, then replays. Checkpoints are fenced: written on the
+    lock's connection, or (``conn=``) in a transaction that share-locks the
+    run's ``durable_run`` row and checks its run id; a run whose lock
+    session was lost gets :class:`LeaseLost` instead of recording (and, with
+    ``acks_late``, its message goes back to the queue). When pgbroker is the
+    result backend and it holds SUCCESS for the task id, a new run returns
+    the stored result without running the body.
+
+Exclusive keys
+    ``@app.task(base=DurableTask, exclusive_key="customer:{customer_id}",
+    on_conflict="wait")``: at most one running instance per key (a format
+    string over the task's arguments, or a callable taking them). With
+    ``"wait"`` the second run waits (up to ``exclusive_timeout`` seconds, then
+    :class:`ExclusiveKeyBusy`); with ``"skip"`` it returns ``{"skipped":
+    True, "exclusive_key": key, "held_by": task_id}`` without running; with
+    ``"retry"`` it asks for a Celery retry in ``exclusive_countdown`` seconds
+    (counted against ``max_retries``).
+
+Durable waits
+    ``self.wait_for_event(name, timeout=None)`` returns the payload of
+    :func:`send_event` ``(app_or_url, name, payload)``; ``self.sleep(name,
+    seconds)`` sleeps. A wait that cannot return at once parks: it records
+    itself in ``durable_wait`` and ends the run with a Celery retry due at
+    the deadline (a delayed message in pgbroker), not counted against
+    ``max_retries``, so it holds no worker. ``send_event`` makes the
+    waiters' messages ready at once. A timed-out wait raises
+    :class:`EventTimeout`. Waits are recorded like steps, so replays are
+    deterministic.
 
 Steps
 
@@ -104,9 +138,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -119,7 +156,7 @@ from kombu.serialization import dumps, loads, prepare_accept_content
 
 from pgbroker import pools, queries
 from pgbroker.appconfig import app_database
-from pgbroker.db import connect
+from pgbroker.db import connect, session_lost
 from pgbroker.errors import ConfigurationError, PgBrokerError, SchemaError
 
 logger = logging.getLogger("pgbroker")
@@ -132,6 +169,15 @@ PRUNE_BATCH = 1000
 ERROR_MAX = 2000
 DEFAULT_KEEP = 86400.0
 DEFAULT_PRUNE_INTERVAL = 60.0
+#: Connections per process for durable tasks: one per running task (it holds
+#: the task's lock), plus a few for housekeeping.
+POOL_MAX = 32
+#: Longest single park of a waiting task; a longer wait parks again.
+PARK_MAX = 86400.0
+#: Message header counting a task's parks (waits), which do not count
+#: against its max_retries.
+PARKS_HEADER = "pgbroker_parks"
+ON_CONFLICT = ("wait", "skip", "retry")
 
 
 class NonDeterministicWorkflow(PgBrokerError):
@@ -146,6 +192,25 @@ class StepOutputError(PgBrokerError, TypeError):
 
 class _AlreadyRecorded(Exception):
     """Another run committed this step first (rolls back ours)."""
+
+
+class LeaseLost(PgBrokerError):
+    """The session holding a running task's lock was lost: another run of the
+    task id may own it now, so this run must not record any more steps."""
+
+
+class EventTimeout(PgBrokerError, TimeoutError):
+    """``wait_for_event`` reached its timeout before the event was sent."""
+
+
+class ExclusiveKeyBusy(PgBrokerError):
+    """Another run holds the task's ``exclusive_key`` (``on_conflict`` "wait"
+    timed out, or "retry" spent its retries)."""
+
+
+class DurableWaitError(PgBrokerError):
+    """A durable wait was used where a task cannot park (a direct call, an
+    eager task)."""
 
 
 # --- configuration ------------------------------------------------------------------
@@ -198,7 +263,11 @@ os.register_at_fork(after_in_child=_forget_prune_times)
 
 def _pool_for(config: DurableConfig) -> psycopg_pool.ConnectionPool:
     return pools.pool_for(
-        config.url, config.schema, purpose="durable", auto_migrate=config.auto_migrate
+        config.url,
+        config.schema,
+        purpose="durable",
+        auto_migrate=config.auto_migrate,
+        max_size=POOL_MAX,
     )
 
 
@@ -214,13 +283,124 @@ def _run(config: DurableConfig, fn: Callable[[psycopg.Connection], T]) -> T:
             with _pool_for(config).connection() as conn:
                 return fn(conn)
         except psycopg.OperationalError as exc:
-            # A connection broken while idle in the pool (server restart):
-            # the pool drops it and the retry gets a fresh one. The queries
-            # run here are safe to repeat (see sql/durable.sql).
-            if attempt == 2 or exc.sqlstate is not None:
+            # A connection that died while idle in the pool (server restart,
+            # pg_terminate_backend): the pool drops it and the retry gets a
+            # fresh one. The queries run here are safe to repeat (see
+            # sql/durable.sql).
+            if attempt == 2 or not session_lost(exc):
                 raise
             logger.warning("pgbroker: durable step connection lost, retrying once")
+            _pool_for(config).check()  # its other idle sessions may be gone too
     raise AssertionError("unreachable")
+
+
+# --- one run of a task: its lock and its connection ---------------------------------
+
+
+@dataclasses.dataclass
+class _Run:
+    """A run of a durable task: a pooled connection of its own holding the
+    task id's advisory lock (and the exclusive key's) until the run ends."""
+
+    config: DurableConfig
+    conn: psycopg.Connection
+    task_id: str
+    task_name: str
+    run_id: str
+
+    def execute(self, query: Any, params: dict[str, Any]) -> psycopg.Cursor[Any]:
+        """Run a statement on the run's connection; a lost session (the
+        lock went with it) is :class:`LeaseLost`."""
+        try:
+            return self.conn.execute(query, params)
+        except psycopg.OperationalError as exc:
+            if self.conn.closed or self.conn.broken:
+                raise self.lost(exc) from exc
+            raise
+
+    def lost(self, cause: BaseException | None = None) -> LeaseLost:
+        because = f" ({_describe(cause)})" if cause is not None else ""
+        return LeaseLost(
+            f"task {self.task_name}[{self.task_id}]: the database session holding the task's "
+            f"lock was lost{because}, so another run of this task id may be running; this run "
+            "stops without recording more steps. With acks_late=True its message goes back "
+            "to the queue and the next run replays the recorded steps"
+        )
+
+
+def _lock_name(schema: str, kind: str, value: str) -> str:
+    # Scoped by schema: two pgbroker schemas in one database never share locks.
+    return f"{schema}:{kind}:{value}"
+
+
+def _begin_run(config: DurableConfig, task_id: str, task_name: str) -> _Run:
+    """Take the task id's lock on a connection of the run's own (waiting for
+    another run of the same id to end), and record this run as the owner."""
+    pool = _pool_for(config)
+    q = queries.for_schema(config.schema, "durable.sql")
+    lock = {"lock": _lock_name(config.schema, "task", task_id)}
+    for attempt in (1, 2):
+        conn = pool.getconn()
+        try:
+            run = _Run(config, conn, task_id, task_name, str(uuid.uuid4()))
+            params = {
+                **lock,
+                "task_id": task_id,
+                "run_id": run.run_id,
+                "task_name": task_name,
+                "hostname": socket.gethostname(),
+                "pid": os.getpid(),
+                "locked": False,
+            }
+            if conn.execute(q["begin_run"], params).fetchone() is None:
+                holder = conn.execute(q["lock_holder"], lock).fetchone()
+                logger.info(
+                    "task %s[%s] is already running (%s): waiting for that run to end",
+                    task_name,
+                    task_id,
+                    f"session {holder[0]}, {holder[1]}" if holder else "another session",
+                )
+                conn.execute(q["lock"], lock)
+                conn.execute(q["begin_run"], {**params, "locked": True})
+            return run
+        except psycopg.OperationalError as exc:
+            broken = conn.closed or conn.broken
+            _discard(pool, conn)
+            # A pooled connection that died while idle (server restart): once
+            # more on a fresh one. Nothing was locked on it.
+            if attempt == 2 or not broken or not session_lost(exc):
+                raise
+            logger.warning("pgbroker: durable task connection lost, retrying once")
+            pool.check()  # its other idle sessions may be gone too
+        except BaseException:
+            _discard(pool, conn)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _end_run(run: _Run) -> None:
+    """Release the run's locks and give its connection back."""
+    pool = _pool_for(run.config)
+    q = queries.for_schema(run.config.schema, "durable.sql")
+    if run.conn.closed or run.conn.broken:
+        _discard(pool, run.conn)  # the lease was lost: said when it was found
+        return
+    try:
+        run.conn.execute(q["end_run"], {"task_id": run.task_id, "run_id": run.run_id})
+    except Exception as exc:
+        # Closing the session releases its locks too.
+        logger.warning(
+            "task %s[%s]: could not end its run cleanly: %s", run.task_name, run.task_id, exc
+        )
+        _discard(pool, run.conn)
+        return
+    pool.putconn(run.conn)
+
+
+def _discard(pool: psycopg_pool.ConnectionPool, conn: psycopg.Connection) -> None:
+    with contextlib.suppress(Exception):
+        conn.close()  # ends the session: its advisory locks go with it
+    pool.putconn(conn)  # a closed connection is dropped by the pool
 
 
 # --- the task class -----------------------------------------------------------------
@@ -257,6 +437,17 @@ class DurableTask(Task):  # type: ignore[misc]
     #: ``pgbroker_durable_keep`` (one day by default).
     durable_keep: float | None = None
 
+    #: At most one running instance per key: a format string over the task's
+    #: arguments (``"customer:{customer_id}"``) or a callable taking them.
+    exclusive_key: str | Callable[..., str] | None = None
+    #: What a run does when another run holds its key: "wait", "skip" or
+    #: "retry" (see the module docstring).
+    on_conflict: str = "wait"
+    #: "wait": longest wait for the key, in seconds (None: no limit).
+    exclusive_timeout: float | None = None
+    #: "retry": the countdown of the Celery retry, in seconds.
+    exclusive_countdown: float = 10.0
+
     _durable_config: DurableConfig | None = None
 
     @property
@@ -264,6 +455,289 @@ class DurableTask(Task):  # type: ignore[misc]
         if self._durable_config is None:
             self._durable_config = DurableConfig.from_app(self.app)
         return self._durable_config
+
+    # --- a run: exclusive per task id ------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        task_id = request.id
+        if not task_id or request.called_directly:
+            return super().__call__(*args, **kwargs)  # a plain function call
+        run = _begin_run(self.durable_config, task_id, self.name)
+        try:
+            found, value = self._stored_success(task_id)
+            if found:
+                logger.info(
+                    "task %s[%s] already succeeded (result stored): not run again",
+                    self.name,
+                    task_id,
+                )
+                return value
+            if self.exclusive_key is not None:
+                skipped = self._take_exclusive_key(run, args, kwargs)
+                if skipped is not None:
+                    return skipped
+            request._durable_run = run  # copied into the request the body sees
+            try:
+                return super().__call__(*args, **kwargs)
+            except LeaseLost as exc:
+                logger.error("%s", exc)
+                if self.acks_late and not request.is_eager:
+                    raise Reject(exc, requeue=True) from exc
+                raise
+        finally:
+            request._durable_run = None
+            _end_run(run)
+
+    def _current_run(self, task_id: str) -> _Run | None:
+        run = getattr(self.request, "_durable_run", None)
+        return run if isinstance(run, _Run) and run.task_id == task_id else None
+
+    def _stored_success(self, task_id: str) -> tuple[bool, Any]:
+        """(True, result) if the result backend holds SUCCESS for this task
+        id (pgbroker's result backend only: it is the one we can trust to
+        keep a SUCCESS final and to read without side effects)."""
+        from pgbroker.backend import PostgresBackend
+
+        backend = self.backend
+        if not isinstance(backend, PostgresBackend):
+            return False, None
+        meta = backend._get_task_meta_for(task_id)
+        if meta.get("status") == "SUCCESS":
+            return True, meta.get("result")
+        return False, None
+
+    # --- exclusive keys --------------------------------------------------------------
+
+    def _exclusive_key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        # From the class: a function set as a class attribute would be bound.
+        spec = type(self).exclusive_key
+        if callable(spec):
+            key = spec(*args, **kwargs)
+        else:
+            try:
+                bound = inspect.signature(self.run).bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"task {self.name}: {exc}") from None
+            bound.apply_defaults()
+            try:
+                key = str(spec).format(**bound.arguments)
+            except (KeyError, IndexError, AttributeError) as exc:
+                raise ConfigurationError(
+                    f"task {self.name}: exclusive_key {spec!r} names {exc}, which is not an "
+                    f"argument of the task (its arguments: {', '.join(bound.arguments)})"
+                ) from None
+        if not isinstance(key, str) or not key:
+            raise ConfigurationError(
+                f"task {self.name}: exclusive_key gave {key!r}; it must give a non-empty string"
+            )
+        return key
+
+    def _take_exclusive_key(
+        self, run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Take the run's exclusive key; None when taken, else what a skipped
+        run returns (or raise: retry, or a wait that timed out)."""
+        if self.on_conflict not in ON_CONFLICT:
+            raise ConfigurationError(
+                f"task {self.name}: on_conflict must be one of {', '.join(ON_CONFLICT)}, "
+                f"got {self.on_conflict!r}"
+            )
+        key = self._exclusive_key_for(args, kwargs)
+        config = self.durable_config
+        q = queries.for_schema(config.schema, "durable.sql")
+        lock = {"lock": _lock_name(config.schema, "key", key)}
+        row = run.execute(q["try_lock"], lock).fetchone()
+        if not (row and row[0]):
+            holder_row = run.execute(
+                q["key_holder"], {"exclusive_key": key, "task_id": run.task_id}
+            ).fetchone()
+            holder = holder_row[0] if holder_row else None
+            where = f"task {self.name}[{run.task_id}]: exclusive key {key!r} is held by " + (
+                f"task {holder}" if holder else "another run"
+            )
+            if self.on_conflict == "skip":
+                logger.info("%s: skipped (on_conflict='skip')", where)
+                return {"skipped": True, "exclusive_key": key, "held_by": holder}
+            if self.on_conflict == "retry":
+                countdown = _seconds("exclusive_countdown", self.exclusive_countdown)
+                logger.info("%s: retrying in %s s (on_conflict='retry')", where, countdown)
+                raise self.retry(
+                    countdown=countdown,
+                    exc=ExclusiveKeyBusy(f"{where}; gave up after {self.request.retries} retries"),
+                )
+            timeout = self.exclusive_timeout
+            limit = (
+                "0"
+                if timeout is None
+                else f"{int(_seconds('exclusive_timeout', timeout) * 1000)}ms"
+            )
+            logger.info("%s: waiting for it (on_conflict='wait')", where)
+            try:
+                with run.conn.transaction():
+                    # A session lock taken in a transaction outlives it.
+                    run.execute(q["set_lock_timeout"], {"timeout": limit})
+                    run.execute(q["lock"], lock)
+            except psycopg.errors.LockNotAvailable:
+                raise ExclusiveKeyBusy(
+                    f"{where}: still held after waiting {timeout} s (exclusive_timeout); "
+                    "raise exclusive_timeout, or use on_conflict='retry' or 'skip'"
+                ) from None
+        run.execute(
+            q["set_exclusive_key"],
+            {"exclusive_key": key, "task_id": run.task_id, "run_id": run.run_id},
+        )
+        return None
+
+    # --- retries: parks do not count -------------------------------------------------
+
+    def _parks(self) -> int:
+        try:
+            return max(0, int(self.request.get(PARKS_HEADER) or 0))
+        except (TypeError, ValueError):
+            return 0
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's ``retry``, except that the task's parks (durable waits,
+        which are retries too) do not count against ``max_retries``."""
+        parks = self._parks()
+        if not parks:
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        limit = self.max_retries if max_retries is None else max_retries
+        headers = {**(self.request.headers or {}), **(options.pop("headers", None) or {})}
+        options["headers"] = {**headers, PARKS_HEADER: parks}
+        had_override = "override_max_retries" in self.__dict__
+        try:
+            return super().retry(
+                args,
+                kwargs,
+                exc,
+                throw,
+                eta,
+                countdown,
+                None if limit is None else limit + parks,
+                **options,
+            )
+        finally:
+            # Celery keeps the limit given to retry() on the task object for
+            # autoretry; ours includes this request's parks, so drop it.
+            if not had_override:
+                self.__dict__.pop("override_max_retries", None)
+
+    def _park(self, run: _Run, seconds: float, reason: str, event: str | None) -> Retry:
+        """End this run without holding a worker: publish the task again,
+        due in ``seconds`` (a delayed message in pgbroker), not counted as a
+        retry. Returns the Retry to raise."""
+        request = self.request
+        if request.is_eager:
+            raise DurableWaitError(
+                f"task {self.name}[{run.task_id}]: {reason}, but an eager task (apply(), "
+                "task_always_eager) cannot park; run it on a worker"
+            )
+        parks = self._parks() + 1
+        headers = {**(request.headers or {}), PARKS_HEADER: parks}
+        sig = self.signature_from_request(
+            request, countdown=seconds, retries=request.retries + 1, headers=headers
+        )
+        sig.apply_async()
+        if event is not None:
+            self._wake_self_if_sent(run, event)
+        logger.info(
+            "task %s[%s]: %s; parked for up to %.0f s", self.name, run.task_id, reason, seconds
+        )
+        return Retry(f"{reason} (parked, not holding a worker)", when=seconds, sig=sig)
+
+    def _wake_self_if_sent(self, run: _Run, event: str) -> None:
+        # send_event may have looked for our delayed message before it was
+        # committed: under the event's lock, one of us sees the other.
+        config = self.durable_config
+        q = queries.for_schema(config.schema, "durable.sql")
+        with run.conn.transaction():
+            run.execute(q["event_lock"], {"lock": _lock_name(config.schema, "event", event)})
+            run.execute(
+                q["wake_self"], {"task_id": run.task_id, "name": event, "channel": config.schema}
+            )
+
+    # --- durable waits ---------------------------------------------------------------
+
+    def wait_for_event(self, name: str, timeout: float | timedelta | None = None) -> Any:
+        """The payload of event ``name`` (see :func:`send_event`), waiting up
+        to ``timeout`` seconds (None: no limit) without holding a worker;
+        :class:`EventTimeout` when it does not come in time."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"wait_for_event(): the name must be a non-empty string, got {name!r}")
+        seconds = None if timeout is None else _seconds("wait_for_event timeout", timeout)
+        return self._wait("event", name, seconds)
+
+    def sleep(self, name: str, seconds: float | timedelta) -> None:
+        """Sleep ``seconds`` without holding a worker: the run parks and the
+        task resumes when the time is up. Recorded like a step named
+        ``name``, so a replay does not sleep again."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"sleep(): the name must be a non-empty string, got {name!r}")
+        self._wait("sleep", name, _seconds("sleep seconds", seconds))
+
+    def _wait(self, kind: str, name: str, seconds: float | None) -> Any:
+        request = self.request
+        task_id = request.id
+        run = self._current_run(task_id) if task_id else None
+        what = f"wait_for_event({name!r})" if kind == "event" else f"sleep({name!r})"
+        if run is None:
+            raise DurableWaitError(
+                f"{what} needs a task run by a worker (or apply()), not a direct call"
+            )
+        index = getattr(request, "durable_step_index", 0)
+        request.durable_step_index = index + 1
+        step = _Step(self, task_id, index, f"{kind}:{name}", _no_fn, (), {}, 0, 0.0, 0.0, ())
+        config = self.durable_config
+        q = queries.for_schema(config.schema, "durable.sql")
+        key = {"task_id": task_id, "step_index": index}
+        row = run.execute(q["get_step"], key).fetchone()
+        if row is not None and row[1] == "done":
+            return self._outcome(step, self._replay(step, row), seconds)
+        params = {**key, "task_name": self.name, "kind": kind, "name": name, "seconds": seconds}
+        found = run.execute(q["begin_wait"], params).fetchone()
+        assert found is not None
+        arrived, data, content_type, content_encoding, due, left = found
+        if arrived:
+            outcome: dict[str, Any] = {"payload": self._load(data, content_type, content_encoding)}
+        elif due:
+            outcome = {"timeout": True} if kind == "event" else {}
+        else:
+            park = PARK_MAX if left is None else min(max(float(left), 0.0), PARK_MAX)
+            reason = f"waiting for event {name!r}" if kind == "event" else f"sleeping ({name!r})"
+            raise self._park(run, park, reason, name if kind == "event" else None)
+        payload = self._encode(step, outcome)
+        with run.conn.transaction():
+            stored = run.execute(
+                q["record_done"], self._record_params(step, payload, 1, None)
+            ).fetchone()
+            run.execute(q["end_wait"], key)
+        if stored is None:  # cannot happen while we hold the lock; be safe
+            row = run.execute(q["get_step"], key).fetchone()
+            assert row is not None
+            return self._outcome(step, self._replay(step, row), seconds)
+        return self._outcome(step, self._decode(payload), seconds)
+
+    def _outcome(self, step: _Step, outcome: Any, seconds: float | None) -> Any:
+        if isinstance(outcome, dict) and outcome.get("timeout"):
+            raise EventTimeout(
+                f"{step.where}: no event {step.name.partition(':')[2]!r} within the timeout "
+                f"({seconds} s); send_event() it earlier, or catch EventTimeout"
+            )
+        if isinstance(outcome, dict):
+            return outcome.get("payload")
+        return None
 
     def step(
         self,
@@ -319,11 +793,21 @@ class DurableTask(Task):  # type: ignore[misc]
 
     # --- running a step --------------------------------------------------------------
 
+    def _execute(self, step: _Step, query: Any, params: dict[str, Any]) -> Any:
+        """One statement for ``step``, and its first row: on the run's own
+        connection (which holds the task's lock, so a checkpoint written
+        there is fenced: it fails if the lock's session is gone), else on a
+        pooled one."""
+        run = self._current_run(step.task_id)
+        if run is not None:
+            return _first_row(run.execute(query, params))
+        return _run(self.durable_config, lambda c: _first_row(c.execute(query, params)))
+
     def _step_pooled(self, step: _Step) -> Any:
         config = self.durable_config
         q = queries.for_schema(config.schema, "durable.sql")
         key = {"task_id": step.task_id, "step_index": step.index}
-        row = _run(config, lambda c: c.execute(q["get_step"], key).fetchone())
+        row = self._execute(step, q["get_step"], key)
         if row is not None and row[1] == "done":
             return self._replay(step, row)
         value, attempts, error = self._attempts(step)
@@ -333,11 +817,11 @@ class DurableTask(Task):  # type: ignore[misc]
             self._record_failure(step, attempts, _describe(exc))
             raise
         params = self._record_params(step, payload, attempts, error)
-        stored = _run(config, lambda c: c.execute(q["record_done"], params).fetchone())
+        stored = self._execute(step, q["record_done"], params)
         if stored is None:
             # Another run of this task recorded the step first: use its
             # output, so that every run goes on with the same value.
-            row = _run(config, lambda c: c.execute(q["get_step"], key).fetchone())
+            row = self._execute(step, q["get_step"], key)
             assert row is not None and row[1] == "done"
             return self._replay(step, row)
         logger.debug("%s done after %d attempt(s)", step.where, attempts)
@@ -364,9 +848,16 @@ class DurableTask(Task):  # type: ignore[misc]
         if row is not None and row[1] == "done":
             return self._replay(step, row)
 
+        run = self._current_run(step.task_id)
+        fence = {"task_id": step.task_id, "run_id": run.run_id if run else None}
+
         def run_and_record(attempt: int, error: str | None) -> tuple[bytes, str, str]:
             # One attempt: the function's work and the checkpoint, together.
             with conn.transaction():
+                if run is not None and conn.execute(q["check_fence"], fence).fetchone() is None:
+                    # Another run took the task over: neither our work nor
+                    # our checkpoint may commit.
+                    raise run.lost()
                 value = step.fn(*step.args, **step.kwargs)
                 payload = self._encode(step, value)
                 params = self._record_params(step, payload, attempt, error)
@@ -377,7 +868,7 @@ class DurableTask(Task):  # type: ignore[misc]
         try:
             payload, _, _ = self._attempts(step, run_and_record)
         except _AlreadyRecorded:
-            row = _run(config, lambda c: c.execute(q["get_step"], key).fetchone())
+            row = self._execute(step, q["get_step"], key)
             assert row is not None and row[1] == "done"
             logger.info("%s: another run of the task recorded it first", step.where)
             return self._replay(step, row)
@@ -394,7 +885,7 @@ class DurableTask(Task):  # type: ignore[misc]
         for number in range(1, step.retries + 2):
             try:
                 return call(number, error), number, error
-            except (*_CONTROL, _AlreadyRecorded):
+            except (*_CONTROL, _AlreadyRecorded, LeaseLost):
                 raise
             except Exception as exc:
                 error = _describe(exc)
@@ -429,7 +920,7 @@ class DurableTask(Task):  # type: ignore[misc]
             "error": error,
         }
         try:
-            _run(config, lambda c: c.execute(q["record_failed"], params))
+            self._execute(step, q["record_failed"], params)
         except Exception as exc:  # the step's own exception matters more
             logger.warning("%s: could not record the failure: %s", step.where, exc)
 
@@ -535,6 +1026,14 @@ class DurableTask(Task):  # type: ignore[misc]
             logger.info("pgbroker: pruned %d expired durable step(s)", deleted.rowcount)
 
 
+def _first_row(cur: psycopg.Cursor[Any]) -> Any:
+    return cur.fetchone() if cur.description else None
+
+
+def _no_fn() -> None:
+    """The function of a wait's step record (never called)."""
+
+
 def _in_transaction(
     step: _Step, conn: psycopg.Connection | None
 ) -> Callable[[int, str | None], Any] | None:
@@ -626,8 +1125,9 @@ def prune(
     Deletes the steps of succeeded tasks whose keep time has passed, and,
     when ``older_than`` (seconds or a timedelta) is given, the steps of every
     task none of whose steps changed for that long (failed or abandoned
-    tasks: they can no longer resume). Runs in batches; on a connection
-    that is not in autocommit mode the caller commits.
+    tasks: they can no longer resume), with events sent, waits timed out and
+    runs (of dead sessions) started before that. Runs in batches; on a
+    connection that is not in autocommit mode the caller commits.
     """
     q = queries.for_schema(schema, "durable.sql")
     total = 0
@@ -640,7 +1140,9 @@ def prune(
                 age = _seconds("older_than", older_than)
                 row = conn.execute("SELECT now() - make_interval(secs => %s)", [age]).fetchone()
                 assert row is not None
-                statements.append((q["prune_idle"], {"cutoff": row[0], "batch": PRUNE_BATCH}))
+                idle = {"cutoff": row[0], "batch": PRUNE_BATCH}
+                for name in ("prune_idle", "prune_events", "prune_idle_waits", "prune_idle_runs"):
+                    statements.append((q[name], idle))
             for statement, params in statements:
                 while True:
                     deleted = conn.execute(statement, params).rowcount
@@ -650,3 +1152,120 @@ def prune(
         except psycopg.errors.UndefinedTable:
             raise _missing_table(schema) from None
     return total
+
+
+# --- events -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SentEvent:
+    """What :func:`send_event` did."""
+
+    #: False if an event of that name had been sent before (its first
+    #: payload is kept).
+    recorded: bool
+    #: Tasks waiting on the event.
+    waiting: int
+    #: Task ids whose parked run was made ready now (the others are between
+    #: runs and find the event when they next reach their wait).
+    woken: list[str]
+
+
+def send_event(
+    app_or_url: Any,
+    name: str,
+    payload: Any = None,
+    *,
+    schema: str | None = None,
+    serializer: str | None = None,
+) -> SentEvent:
+    """Send event ``name`` with ``payload`` to the durable tasks waiting on
+    it (``self.wait_for_event(name)``), from any process.
+
+    ``app_or_url``: a Celery app (its durable-step database, schema and
+    ``result_serializer``), a PostgreSQL URL, or a psycopg connection (the
+    event then commits with the caller's transaction, and the waiters are
+    woken when it commits). The event is recorded, and the tasks waiting on
+    it are made ready and their queues NOTIFYed, in one transaction. An
+    event is kept by name: a task that reaches its wait later gets it at
+    once; sending the same name again keeps the first payload.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"send_event(): the name must be a non-empty string, got {name!r}")
+    target: psycopg.Connection | str | DurableConfig
+    if isinstance(app_or_url, (str, psycopg.Connection)):
+        target = app_or_url
+        schema_name = schema or "pgbroker"
+        serializer = serializer or "json"
+    elif hasattr(app_or_url, "conf"):
+        config = DurableConfig.from_app(app_or_url)
+        target = config
+        schema_name = schema or config.schema
+        serializer = serializer or app_or_url.conf.result_serializer
+    else:
+        raise TypeError(
+            "send_event(): app_or_url must be a Celery app, a postgresql:// URL or a psycopg "
+            f"connection, got {type(app_or_url).__name__}"
+        )
+    try:
+        content_type, content_encoding, data = dumps(payload, serializer=serializer)
+    except Exception as exc:
+        raise StepOutputError(
+            f"send_event({name!r}): the payload cannot be encoded with {serializer!r} ({exc})"
+        ) from exc
+    if isinstance(data, str):
+        data = data.encode(content_encoding or "utf-8")
+    q = queries.for_schema(schema_name, "durable.sql")
+    params = {
+        "name": name,
+        "payload": data,
+        "content_type": content_type,
+        "content_encoding": content_encoding,
+        "lock": _lock_name(schema_name, "event", name),
+        "channel": schema_name,
+    }
+
+    def send(conn: psycopg.Connection) -> SentEvent:
+        try:
+            with conn.transaction():
+                # The lock orders us with a task parking on this event (see
+                # DurableTask._wake_self_if_sent).
+                conn.execute(q["event_lock"], params)
+                recorded = conn.execute(q["record_event"], params).fetchone() is not None
+                row = conn.execute(q["wake_waiters"], params).fetchone()
+        except psycopg.errors.UndefinedTable:
+            raise _missing_table(schema_name) from None
+        assert row is not None
+        woken = list(row[1] or [])
+        logger.info("event %r sent: %d task(s) waiting, %d woken", name, int(row[0]), len(woken))
+        return SentEvent(recorded, int(row[0]), woken)
+
+    if isinstance(target, DurableConfig):
+        return _run(target, send)
+    with _connection(target) as conn:
+        return send(conn)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaitRecord:
+    """A task waiting for an event or a timer, as :func:`waiting` returns it."""
+
+    task_id: str
+    step_index: int
+    task_name: str | None
+    kind: str
+    name: str
+    since: datetime
+    deadline: datetime | None
+    woken_at: datetime | None
+
+
+def waiting(conn_or_url: psycopg.Connection | str, *, schema: str = "pgbroker") -> list[WaitRecord]:
+    """The tasks parked on a durable wait, oldest first."""
+    q = queries.for_schema(schema, "durable.sql")
+    with _connection(conn_or_url) as conn:
+        try:
+            rows = conn.execute(q["waits"]).fetchall()
+        except psycopg.errors.UndefinedTable:
+            raise _missing_table(schema) from None
+    return [WaitRecord(*row) for row in rows]

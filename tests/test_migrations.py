@@ -35,6 +35,12 @@ EXPECTED_TABLES = {
         "durable_step",
         # 004_beat
         "beat_entry",
+        # 005_delivery
+        "published_task",
+        # 006_durable_waits
+        "durable_event",
+        "durable_run",
+        "durable_wait",
         # bookkeeping
         "schema_version",
     ],
