@@ -89,7 +89,7 @@ from psycopg import pq
 from psycopg.errors import error_from_result
 
 from pgbroker import pools, queries
-from pgbroker.db import connect
+from pgbroker.db import connect, session_lost
 from pgbroker.errors import ConfigurationError, PgBrokerError
 from pgbroker.result_consumer import ResultConsumer, channel_for
 from pgbroker.urls import SCHEMES, mask_password, to_conninfo
@@ -448,11 +448,13 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
                 with self._pool().connection() as conn:
                     return fn(conn)
             except psycopg.OperationalError as exc:
-                # A connection broken while idle in the pool (server restart):
-                # the pool drops it; the retry gets a fresh one.
-                if attempt == 2 or exc.sqlstate is not None:
+                # A connection that died while idle in the pool (server
+                # restart, pg_terminate_backend): the pool drops it; the
+                # retry gets a fresh one.
+                if attempt == 2 or not session_lost(exc):
                     raise
                 logger.warning("pgbroker: result backend connection lost, retrying once")
+                self._pool().check()  # its other idle sessions may be gone too
         raise AssertionError("unreachable")
 
     def _fetchall(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -584,12 +586,13 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             except psycopg.OperationalError as exc:
                 p.release()
                 p.lock.release()
-                # A connection that broke while idle in the pool (server
-                # restart): once more on a fresh one. The upsert is safe to
-                # repeat.
-                if attempt == 2 or not fresh or exc.sqlstate is not None:
+                # A connection that died while idle in the pool (server
+                # restart, pg_terminate_backend): once more on a fresh one.
+                # The upsert is safe to repeat.
+                if attempt == 2 or not fresh or not session_lost(exc):
                     raise
                 logger.warning("pgbroker: result backend connection lost, retrying once")
+                self._pool().check()  # its other idle sessions may be gone too
                 continue
             except BaseException:
                 p.release()

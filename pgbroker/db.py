@@ -172,5 +172,22 @@ def _detail(text: str) -> str:
     return " ".join(line.split())
 
 
+#: SQLSTATEs of a session the server ended: pg_terminate_backend or a fast
+#: shutdown (57P01), a crash of another backend (57P02), a server still
+#: starting (57P03).
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
+
+
+def session_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection itself is gone, so that the same
+    work may be tried once more on a fresh one: a server restart,
+    pg_terminate_backend, a network failure. Not an error of the statement
+    (a constraint, a statement timeout), which a retry would only repeat."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _SESSION_ENDED
+
+
 def is_privilege_error(exc: BaseException) -> bool:
     return isinstance(exc, pgerrors.InsufficientPrivilege)

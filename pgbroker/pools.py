@@ -18,7 +18,8 @@ import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 
 from pgbroker import schema
-from pgbroker.db import connect, default_application_name
+from pgbroker.db import connect, default_application_name, session_lost
+from pgbroker.errors import DatabaseUnavailable
 from pgbroker.forking import neutralise
 from pgbroker.urls import to_conninfo
 
@@ -46,11 +47,7 @@ def pool_for(
     with _lock:
         pool = _pools.get(key)
         if pool is None:
-            with connect(url, connect_timeout=10) as conn:
-                if auto_migrate:
-                    schema.migrate(conn, schema_name)
-                else:
-                    schema.require_current(conn, schema_name)
+            _check_schema(url, schema_name, auto_migrate)
             conninfo = to_conninfo(url)
             kwargs: dict[str, Any] = {"autocommit": True}
             if "application_name" not in conninfo_to_dict(conninfo):
@@ -67,6 +64,23 @@ def pool_for(
             )
             _pools[key] = pool
     return pool
+
+
+def _check_schema(url: str, schema_name: str, auto_migrate: bool) -> None:
+    for attempt in (1, 2):
+        try:
+            with connect(url, connect_timeout=10) as conn:
+                if auto_migrate:
+                    schema.migrate(conn, schema_name)
+                else:
+                    schema.require_current(conn, schema_name)
+                return
+        except psycopg.OperationalError as exc:
+            # A session ended by the server just after it started (restart,
+            # pg_terminate_backend): once more; both are safe to repeat. A
+            # failure to connect at all already carries its explanation.
+            if attempt == 2 or isinstance(exc, DatabaseUnavailable) or not session_lost(exc):
+                raise
 
 
 def close_pools(purpose: str | None = None) -> None:
