@@ -2,7 +2,8 @@
 
 Subcommands: ``migrate``, ``status``, ``top``, ``purge``, ``dead-letters``
 (``list``, ``replay``, ``drop``) and ``tasks`` (``show``). The operator
-commands are thin wrappers over :mod:`pgbroker.admin`.
+commands are thin wrappers over :mod:`pgbroker.admin`. ``prune`` and
+``metrics`` are in :mod:`pgbroker.cli_ops`.
 
 Every option can also come from an environment variable, shown in
 ``--help``. Errors print one line to stderr and exit with status 2; the
@@ -27,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from pgbroker import __version__, admin, schema
+from pgbroker import __version__, admin, cli_ops, demo, schema
 from pgbroker.errors import ConfigurationError, PgBrokerError
 from pgbroker.urls import redact
 
@@ -893,8 +894,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pgbroker {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo.add_parser(commands)  # pgbroker demo: first in --help
     for add in COMMANDS:
         add(commands)
+    cli_ops.add_prune(commands)  # pgbroker prune
+    cli_ops.add_metrics(commands)  # pgbroker metrics
     return parser
 
 
