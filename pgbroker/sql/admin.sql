@@ -224,3 +224,75 @@ SELECT at, reason, message_id, queue, consumer_id, delivery_count
 FROM {schema}.redelivery
 WHERE task_id = %(task_id)s
 ORDER BY at, id;
+
+-- name: metrics
+-- Everything `pgbroker metrics` exports, in one statement over the views of
+-- migration 008 (the ones Grafana reads too): per-queue rows, the broker's
+-- counters, results completed per state, table sizes.
+SELECT (SELECT coalesce(json_agg(q), '[]') FROM {schema}.queue_stats q),
+       (SELECT row_to_json(b) FROM {schema}.broker_stats b),
+       (SELECT coalesce(json_agg(r), '[]') FROM {schema}.result_stats r),
+       (SELECT coalesce(json_agg(t), '[]') FROM {schema}.table_sizes t);
+
+-- name: cutoff
+-- The server's clock decides what is old, not the client's.
+SELECT now() - %(age)s::interval;
+
+-- The retention queries (pgbroker.retention): for each kind of record, a
+-- count for --dry-run and a delete of one batch, oldest first, so a large
+-- backlog is removed in short transactions that never hold long locks.
+
+-- name: count_redeliveries
+SELECT count(*) FROM {schema}.redelivery WHERE at < %(cutoff)s;
+
+-- name: prune_redeliveries
+DELETE FROM {schema}.redelivery WHERE id IN (
+    SELECT id FROM {schema}.redelivery WHERE at < %(cutoff)s ORDER BY at LIMIT %(batch)s);
+
+-- name: count_old_dead_letters
+SELECT count(*) FROM {schema}.dead_letter WHERE died_at < %(cutoff)s;
+
+-- name: prune_dead_letters
+DELETE FROM {schema}.dead_letter WHERE id IN (
+    SELECT id FROM {schema}.dead_letter WHERE died_at < %(cutoff)s ORDER BY died_at
+    LIMIT %(batch)s);
+
+-- name: count_results
+SELECT count(*) FROM {schema}.task_result WHERE updated_at < %(cutoff)s;
+
+-- name: count_groups
+SELECT count(*) FROM {schema}.group_result WHERE date_done < %(cutoff)s;
+
+-- name: count_chords
+SELECT count(*) FROM {schema}.chord WHERE updated_at < %(cutoff)s;
+
+-- name: count_durable_expired
+-- Steps of succeeded tasks whose keep time has passed (durable.sql
+-- prune_expired deletes them).
+SELECT count(*) FROM {schema}.durable_step WHERE expires_at <= now();
+
+-- name: count_durable_idle
+-- Steps of tasks none of whose steps changed since the cutoff (durable.sql
+-- prune_idle deletes them).
+-- Rows counted above are left out: they go first.
+SELECT count(*) FROM {schema}.durable_step o
+WHERE (o.expires_at IS NULL OR o.expires_at > now())
+  AND NOT EXISTS (
+    SELECT FROM {schema}.durable_step n
+    WHERE n.task_id = o.task_id AND n.updated_at >= %(cutoff)s);
+
+-- name: count_durable_events
+-- Events sent before the cutoff (durable.sql prune_events, 006).
+SELECT count(*) FROM {schema}.durable_event WHERE sent_at < %(cutoff)s;
+
+-- name: count_durable_waits
+-- Waits whose deadline, or start without one, is before the cutoff
+-- (durable.sql prune_idle_waits, 006).
+SELECT count(*) FROM {schema}.durable_wait WHERE coalesce(deadline, since) < %(cutoff)s;
+
+-- name: count_durable_runs
+-- Runs started before the cutoff whose session is gone (durable.sql
+-- prune_idle_runs, 006).
+SELECT count(*) FROM {schema}.durable_run r
+WHERE r.started_at < %(cutoff)s
+  AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.backend_pid);

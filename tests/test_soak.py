@@ -1,0 +1,229 @@
+"""Soak: tables and indexes stay bounded while messages flow and history is pruned.
+
+Each round pushes messages through pgbroker with real consumers and the
+history that comes with them:
+
+* ``MESSAGES`` Kombu messages published by two producer threads and
+  consumed (acked) by a Kombu consumer; a few are rejected (dead letters);
+* a consumer process that claims messages is SIGKILLed, so the sweep
+  redelivers them (redelivery log);
+* ``TASKS`` Celery tasks run by a real ``celery worker`` with pgbroker as
+  broker and result backend (``task_result`` rows, expired by the backend);
+* then ``pgbroker.retention.prune`` removes the history, and a plain
+  ``VACUUM`` (what autovacuum does) makes the freed space reusable.
+
+After every round the test prints ``pg_total_relation_size`` of each table
+(indexes included) and checks that sizes stop growing: from round 2 on, no
+round's size exceeds round 2's by more than ``FACTOR``. (Round 2, not round
+1, is the reference: B-tree pages emptied in round 1 become reusable only
+after a later VACUUM, so indexes grow once, by about one round's worth, and
+then stay put. The printed figures show it.)
+
+Scale it with environment variables (the defaults keep it near a minute on
+a 2-core machine): ``PGBROKER_SOAK_MESSAGES`` (per round, default 5000),
+``PGBROKER_SOAK_TASKS`` (per round, default 300), ``PGBROKER_SOAK_ROUNDS``
+(default 4, at least 3). Run with ``-s`` to see the figures.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Producer, Queue
+
+from pgbroker import admin, retention
+from tests.celery_helpers import celery_env, client_app, start_worker, wait_until
+from tests.kombu_helpers import FAST, Child, drain_until
+
+MESSAGES = int(os.environ.get("PGBROKER_SOAK_MESSAGES", "5000"))
+TASKS = int(os.environ.get("PGBROKER_SOAK_TASKS", "300"))
+ROUNDS = max(3, int(os.environ.get("PGBROKER_SOAK_ROUNDS", "4")))
+#: A later round's size over round 2's, per table, at most.
+FACTOR = 1.25
+#: Tables this small can change by a few pages either way; below this the
+#: ratio says nothing.
+SLACK = 256 * 1024
+
+#: The tables whose growth pgbroker itself (ack, sweep, backend expiry,
+#: prune) is responsible for bounding within a round. (published_task, the
+#: publish-dedup record, keeps one row per Celery task for the transport's
+#: dedup_window, 7 days by default, so it grows here by design; its size is
+#: printed.)
+BOUNDED = (
+    "message",
+    "dead_letter",
+    "redelivery",
+    "task_result",
+    "group_result",
+    "chord",
+    "chord_part",
+    "consumer",
+    "consumer_queue",
+    "queue",
+    "binding",
+)
+
+# A consumer that claims up to 200 messages, says so, and waits to be killed.
+HOLDER = """
+import os, sys, time
+from kombu import Connection, Consumer, Queue
+held = []
+with Connection(os.environ["TEST_URL"], transport_options={"sweep_interval": 0.3}) as conn:
+    ch = conn.channel()
+    ch.basic_qos(0, 200, False)
+    Consumer(ch, [Queue("soak")], callbacks=[lambda b, m: held.append(m)]).consume()
+    while len(held) < 200:
+        conn.drain_events(timeout=10)
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def _sizes(db: psycopg.Connection) -> dict[str, int]:
+    return {
+        r[0]: r[1]
+        for r in db.execute(
+            "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = 'pgbroker' AND c.relkind = 'r' ORDER BY 1"
+        )
+    }
+
+
+def _publish(url: str, count: int, start: int) -> None:
+    with Connection(url, transport_options=FAST) as conn:
+        producer = Producer(conn.channel())
+        payload = "x" * 200
+        for i in range(start, start + count):
+            producer.publish({"i": i, "pad": payload}, routing_key="soak")
+
+
+def _round(url: str, db: psycopg.Connection, results_mod: Any) -> dict[str, float]:
+    took: dict[str, float] = {}
+    t0 = time.monotonic()
+    # 1. Messages: two producers, then one consumer acking (a few rejected).
+    #    Publishing first makes each round's backlog peak the same, so the
+    #    rounds' sizes compare like with like.
+    half = MESSAGES // 2
+    producers = [
+        threading.Thread(target=_publish, args=(url, half, 0)),
+        threading.Thread(target=_publish, args=(url, MESSAGES - half, half)),
+    ]
+    for t in producers:
+        t.start()
+    for t in producers:
+        t.join()
+    ready = db.execute("SELECT count(*) FROM pgbroker.message").fetchone()
+    assert ready == (MESSAGES,), "a producer failed; see the warnings"
+
+    # 2. A consumer holds 200 of them and is SIGKILLed: redeliveries.
+    with Child(HOLDER, url) as holder:
+        assert holder.read_line(timeout=60) == "holding"
+        holder.kill()
+
+    handled = [0]
+
+    def on_message(body: Any, message: Any) -> None:
+        handled[0] += 1
+        if body["i"] % 1000 == 0:
+            message.reject(requeue=False)  # -> dead_letter
+        else:
+            message.ack()
+
+    with Connection(url, transport_options=FAST) as conn:
+        channel = conn.channel()
+        channel.basic_qos(0, 500, False)
+        Consumer(channel, [Queue("soak")], callbacks=[on_message]).consume()
+        # The killed holder's messages come back within a sweep or two.
+        drain_until(conn, lambda: handled[0] >= MESSAGES, timeout=120)
+    took["messages"] = time.monotonic() - t0
+    t0 = time.monotonic()
+
+    # 3. Celery tasks through a real worker, results in task_result.
+    results = [results_mod.add.delay(i, i) for i in range(TASKS)]
+    for i in range(max(0, TASKS - 20), TASKS):
+        assert results[i].get(timeout=120) == 2 * i
+    wait_until(
+        lambda: db.execute("SELECT count(*) FROM pgbroker.message").fetchone() == (0,),
+        120,
+        "every message to be acked",
+    )
+
+    took["tasks"] = time.monotonic() - t0
+
+    # 4. Prune everything older than a second, then vacuum as autovacuum would.
+    time.sleep(1.1)
+    t0 = time.monotonic()
+    with admin.open_connection(url, "pgbroker") as conn:
+        retention.prune(
+            conn,
+            "pgbroker",
+            retention.Policy(
+                redeliveries_older_than=timedelta(seconds=1),
+                dead_letters_older_than=timedelta(seconds=1),
+                results_older_than=timedelta(seconds=1),
+                durable_idle_older_than=timedelta(seconds=1),
+            ),
+        )
+    tables = ", ".join(f"pgbroker.{t}" for t in _sizes(db))
+    db.execute(f"VACUUM {tables}")
+    took["prune+vacuum"] = time.monotonic() - t0
+    return took
+
+
+def test_sizes_stay_bounded(
+    db_url: str, db: psycopg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The results app reads these at import, in the worker and here.
+    for name, value in (("RB_BROKER", db_url), ("RB_BACKEND", db_url), ("RB_EXPIRES", "60")):
+        monkeypatch.setenv(name, value)
+    env = celery_env(db_url)
+    with Connection(db_url) as conn:
+        Queue("soak")(conn.channel()).declare()
+    history: list[dict[str, int]] = []
+    started = time.monotonic()
+    with (
+        start_worker("tests.apps.results_app", env, tmp_path) as worker,
+        client_app("tests.apps.results_app", db_url) as results_mod,
+    ):
+        worker.wait_for_log("ready.", timeout=60)
+        for n in range(ROUNDS):
+            t0 = time.monotonic()
+            took = _round(db_url, db, results_mod)
+            history.append(_sizes(db))
+            phases = ", ".join(f"{k} {v:.1f} s" for k, v in took.items())
+            print(
+                f"\nround {n + 1}: {MESSAGES} messages, {TASKS} tasks in "
+                f"{time.monotonic() - t0:.1f} s ({phases})"
+            )
+    counts = {t: db.execute(f"SELECT count(*) FROM pgbroker.{t}").fetchone() for t in BOUNDED}
+    _print(history, time.monotonic() - started)
+    print("rows left:", {t: c[0] for t, c in counts.items() if c and c[0]})
+
+    reference = history[1]
+    grown = {
+        t: [h[t] for h in history]
+        for t in BOUNDED
+        if t in reference
+        and max(h[t] for h in history[2:]) > max(reference[t] * FACTOR, reference[t] + SLACK)
+    }
+    assert not grown, f"tables kept growing after round 2: {grown}"
+    # The history was pruned, not merely kept small.
+    for table in ("redelivery", "dead_letter", "message"):
+        assert counts[table] == (0,), table
+
+
+def _print(history: list[dict[str, int]], seconds: float) -> None:
+    tables = sorted(history[0])
+    header = f"{'table':<16}" + "".join(f"{'round ' + str(i + 1):>12}" for i in range(len(history)))
+    print(f"\npg_total_relation_size after prune + VACUUM ({seconds:.0f} s in all):")
+    print(header)
+    for t in tables:
+        print(f"{t:<16}" + "".join(f"{h.get(t, 0):>12,}" for h in history))
