@@ -40,24 +40,32 @@ def add_prune(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
     cli._add_database_options(parser)
     parser.add_argument(
         "--redeliveries-older-than",
+        action=cli._Env,
+        env="PGBROKER_PRUNE_REDELIVERIES_OLDER_THAN",
         metavar="AGE",
         default="7d",
         help="redelivery log entries older than this (default: 7d)",
     )
     parser.add_argument(
         "--dead-letters-older-than",
+        action=cli._Env,
+        env="PGBROKER_PRUNE_DEAD_LETTERS_OLDER_THAN",
         metavar="AGE",
         help="dead letters older than this; without it dead letters are kept "
         "(they are messages no one processed: see `pgbroker dead-letters list` first)",
     )
     parser.add_argument(
         "--results-older-than",
+        action=cli._Env,
+        env="PGBROKER_PRUNE_RESULTS_OLDER_THAN",
         metavar="AGE",
         help="task results, saved groups and chord counters last written before this "
         "(the result backend already expires them by result_expires on its own)",
     )
     parser.add_argument(
         "--durable-idle-older-than",
+        action=cli._Env,
+        env="PGBROKER_PRUNE_DURABLE_IDLE_OLDER_THAN",
         metavar="AGE",
         help="durable steps of tasks none of whose steps changed for this long "
         "(failed or abandoned tasks, which can no longer resume), and durable events "
@@ -69,6 +77,8 @@ def add_prune(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
     )
     parser.add_argument(
         "--batch-size",
+        action=cli._Env,
+        env="PGBROKER_PRUNE_BATCH_SIZE",
         type=int,
         default=retention.BATCH_SIZE,
         metavar="N",

@@ -290,3 +290,18 @@ def test_beat_task(db_url: str, db: psycopg.Connection) -> None:
     bad = task.apply(kwargs={"redeliveries_older_than": "whenever"})
     assert bad.failed()
     assert "redeliveries_older_than" in str(bad.result)
+
+
+def test_prune_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgbroker import cli
+
+    monkeypatch.setenv("PGBROKER_PRUNE_RESULTS_OLDER_THAN", "3d")
+    monkeypatch.setenv("PGBROKER_PRUNE_BATCH_SIZE", "50")
+    parser = cli.build_parser()
+    args = parser.parse_args(["prune"])
+    assert (args.results_older_than, args.batch_size) == ("3d", 50)
+    assert parser.parse_args(["prune", "--batch-size", "9"]).batch_size == 9  # flag wins
+    help_text = subprocess.run(
+        [sys.executable, "-m", "pgbroker", "prune", "--help"], capture_output=True, text=True
+    ).stdout
+    assert "PGBROKER_PRUNE_DEAD_LETTERS_OLDER_THAN" in help_text
