@@ -1,35 +1,30 @@
 """pgbroker beside Redis and RabbitMQ, measured in one run with the same settings.
 
-    python -m compat.bench                      # full size: about 4 minutes
-    python -m compat.bench --quick              # tiny sizes, a smoke test
-    python -m compat.bench --messages 10000 --rounds 3 --idle-seconds 60 --json out.json
+    python -m compat.bench --full --json out.json --chart out.png   # about 15 minutes
+    python -m compat.bench --quick                                 # tiny sizes, a smoke test
+    python -m compat.bench --only kombu,celery --rounds 5          # some parts only
 
-Figures (compat/README.md says how each is taken and what it does not say):
+Parts (``--only``), each run for every system with the same code and
+settings, rounds interleaved (the order of systems rotates), cells are
+medians over rounds. compat/README.md says how each figure is taken.
 
-1. Kombu publish rate: one producer, persistent messages of about 200 bytes
-   of JSON through a durable direct exchange. RabbitMQ runs with publisher
-   confirms, so that for every system ``publish()`` returns once the broker
-   has the message (pgbroker: committed; Redis: in memory, then its own
-   appendfsync policy).
-2. Kombu consume rate: one consumer acking every message, the same
-   prefetch_count for every system, from the queue just filled by (1).
-3. Idle query rate (pgbroker only): an idle Kombu consumer and an idle
-   ``celery worker`` (prefork, 2 processes), each alone in its own fresh
-   database, for ``--idle-seconds``. Queries are counted as the delta of
-   ``pg_stat_database.xact_commit + xact_rollback`` (every pgbroker statement
-   is its own transaction). The sampler reads the counters from the admin
-   database, so its own queries are not counted; a third database with no
-   client at all shows the server's background (autovacuum visits).
-4. Redelivery after SIGKILL: a child process holds unacked messages, a
-   second consumer waits, the child is SIGKILLed, and the time until the
-   waiting consumer has every message is measured. For pgbroker this
-   depends on where in its sweep cycle the kill falls, so round i kills at
-   (i + 0.5) / rounds of the sweep interval: the median is the typical
-   delay, the maximum approaches the worst case. Redis's figure is its
-   configured visibility timeout, not waited for.
+* kombu: Kombu publish rate (one producer, persistent, RabbitMQ with
+  publisher confirms) and consume+ack rate (one consumer, same prefetch).
+* celery: tasks/s end to end (no-op tasks, prefork concurrency 2),
+  ``delay().get()`` latency p50/p95/p99, chains/s, chord completion time
+  (:mod:`compat.bench_celery`); columns: pgbroker (broker and backend),
+  Redis (both), RabbitMQ with ``rpc://``, RabbitMQ with the Redis backend.
+* kill: SIGKILL of a celery worker running an ``acks_late`` task until a
+  second worker runs it, default settings everywhere.
+* redelivery: the same at the Kombu level, per pgbroker ``sweep_interval``.
+* idle: queries per second of an idle Kombu consumer and of idle celery
+  workers (pgbroker only: counted by PostgreSQL).
+* backlog: consume rate with a million ready messages vs a queue holding
+  only the consumed ones (pgbroker only, :mod:`compat.bench_backlog`).
+* scale: 1..64 consumers, each with its own connection, on one queue and
+  over 16 queues (:mod:`compat.bench_scale`).
 
-Systems are interleaved in every round (the order rotates), and each table
-cell is the median over rounds. A system that cannot be reached is "n/a".
+Each figure with a target prints the target and whether it is met.
 """
 
 from __future__ import annotations
@@ -57,15 +52,25 @@ import psycopg
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from psycopg import sql
 
+from compat import bench_backlog, bench_celery, bench_scale
 from pgbroker import schema
+from pgbroker.options import TransportOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PG_SETTINGS = ("synchronous_commit", "fsync", "wal_sync_method", "shared_buffers")
+#: PostgreSQL settings printed with the results (they decide what a commit costs).
+PG_SETTINGS = (
+    "synchronous_commit", "fsync", "wal_sync_method", "wal_level", "full_page_writes",
+    "shared_buffers", "max_wal_size", "commit_delay", "max_connections",
+)  # fmt: skip
+#: The ones printed on the first line of the table.
+PG_SHOWN = ("synchronous_commit", "fsync", "wal_sync_method", "wal_level", "shared_buffers")
 
 #: Longest wait for any single step (a message, a child starting) before the
 #: measurement is abandoned and reported as failed.
 STEP_TIMEOUT = 60.0
+
+PARTS = ("kombu", "celery", "kill", "redelivery", "idle", "backlog", "scale")
 
 
 # --- results ----------------------------------------------------------------
@@ -86,15 +91,54 @@ class Cell:
         return statistics.median(self.values) if self.values else None
 
 
+@dataclass(frozen=True)
+class Target:
+    """What pgbroker's figure should reach: ``op`` ``factor`` times a
+    reference (Redis's cell of the same figure, or pgbroker's cell of
+    another figure), or an absolute bound when ``ref`` is empty."""
+
+    op: str  # ">=", "<=" or "<"
+    factor: float
+    ref: str = "redis"  # "redis", "figure:<key>" or "" (absolute)
+    ref_label: str = "Redis"
+
+    def text(self) -> str:
+        if not self.ref:
+            return f"{self.op} {self.factor:g}"
+        return f"{self.op} {self.factor:g}x {self.ref_label}"
+
+    def check(
+        self, value: float | None, reference: float | None
+    ) -> tuple[float | None, bool | None]:
+        """(ratio to the reference, met); None where unknown."""
+        if value is None:
+            return None, None
+        if not self.ref:
+            bound, ratio = self.factor, None
+        elif not reference:
+            return None, None
+        else:
+            bound, ratio = self.factor * reference, value / reference
+        met = {">=": value >= bound, "<=": value <= bound, "<": value < bound}[self.op]
+        return ratio, met
+
+
 @dataclass
 class Figure:
     key: str
     label: str
-    systems: tuple[str, ...]  # the systems this figure applies to
+    systems: tuple[str, ...]  # the columns this figure applies to
+    unit: str = ""
+    part: str = ""
+    target: Target | None = None
     cells: dict[str, Cell] = field(default_factory=dict)
 
     def cell(self, system: str) -> Cell:
         return self.cells.setdefault(system, Cell())
+
+    def value(self, system: str) -> float | None:
+        cell = self.cells.get(system)
+        return cell.value() if cell else None
 
 
 @dataclass
@@ -113,7 +157,16 @@ class System:
         )
 
 
-SYSTEM_LABELS = {"pgbroker": "pgbroker", "redis": "Redis", "rabbitmq": "RabbitMQ"}
+#: Table columns. Kombu figures use the first three; Celery figures all four
+#: (RabbitMQ's column is then RabbitMQ with the rpc:// backend).
+COLUMNS = ("pgbroker", "redis", "rabbitmq", "rabbitmq_redis")
+SYSTEM_LABELS = {
+    "pgbroker": "pgbroker",
+    "redis": "Redis",
+    "rabbitmq": "RabbitMQ",
+    "rabbitmq_redis": "RabbitMQ+Redis",
+}
+BROKERS = ("pgbroker", "redis", "rabbitmq")
 
 
 class BenchError(Exception):
@@ -133,11 +186,40 @@ class Settings:
     idle_warmup: float
     sweep_intervals: tuple[float, ...]
     hold: int
+    celery: bench_celery.CelerySizes
+    backlog: int
+    backlog_consume: int
+    scale_consumers: tuple[int, ...]
+    scale_messages: int
+    scale_systems: tuple[str, ...]
+    parts: tuple[str, ...]
     pg_admin_url: str
     redis_url: str
     amqp_url: str
     systems: tuple[str, ...]
     json_path: str | None
+    chart_path: str | None
+    preset: str
+
+
+#: Sizes: (quick, full). --full is the default; --quick is for the tests.
+SIZES: dict[str, tuple[Any, Any]] = {
+    "messages": (100, 10000),
+    "rounds": (1, 3),
+    "idle_seconds": (1.0, 60.0),
+    "idle_warmup": (0.5, 15.0),
+    "sweep_intervals": ("1", "10,1"),
+    "tasks": (50, 5000),
+    "latency_calls": (20, 300),
+    "chains": (5, 200),
+    "chain_length": (10, 10),
+    "chord_header": (10, 100),
+    "chords": (1, 3),
+    "backlog": (2000, 1_000_000),
+    "backlog_consume": (200, 20000),
+    "scale_consumers": ("1,2", "1,8,32,64"),
+    "scale_messages": (200, 6400),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -145,22 +227,42 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         prog="python -m compat.bench",
         description="Benchmark pgbroker beside Redis and RabbitMQ (see compat/README.md).",
     )
-    p.add_argument("--messages", type=int, help="messages per round (default 10000)")
-    p.add_argument("--rounds", type=int, help="rounds; cells are medians (default 3)")
-    p.add_argument("--prefetch", type=int, default=100, help="consumer prefetch_count")
-    p.add_argument("--body-bytes", type=int, default=200, help="JSON body size")
-    p.add_argument("--idle-seconds", type=float, help="idle window (default 60)")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--full", action="store_true", help="full sizes (the default)")
+    preset.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
+    p.add_argument("--only", help=f"comma-separated parts to run, of {','.join(PARTS)}")
+    p.add_argument("--messages", type=int, help="Kombu messages per round (full: 10000)")
+    p.add_argument("--rounds", type=int, help="rounds; cells are medians (full: 3)")
+    p.add_argument("--prefetch", type=int, default=100, help="Kombu consumers' prefetch_count")
+    p.add_argument("--body-bytes", type=int, default=200, help="Kombu JSON body size")
+    p.add_argument("--idle-seconds", type=float, help="idle window (full: 60)")
     p.add_argument(
         "--idle-warmup",
         type=float,
         help="wait after start-up before the idle window, so start-up queries are "
-        "flushed into pg_stat_database (default 15 s)",
+        "flushed into pg_stat_database (full: 15 s)",
     )
     p.add_argument(
         "--sweep-intervals",
-        help="pgbroker sweep_interval values for the redelivery figure (default 10,1)",
+        help="pgbroker sweep_interval values for the Kombu redelivery figure (full: 10,1)",
     )
     p.add_argument("--hold", type=int, default=10, help="unacked messages held when killed")
+    p.add_argument("--tasks", type=int, help="Celery no-op tasks per round (full: 5000)")
+    p.add_argument("--latency-calls", type=int, help="delay().get() per round (full: 300)")
+    p.add_argument("--chains", type=int, help="chains per round (full: 200)")
+    p.add_argument("--chain-length", type=int, help="tasks per chain (full: 10)")
+    p.add_argument("--chord-header", type=int, help="tasks in a chord's header (full: 100)")
+    p.add_argument("--chords", type=int, help="chords per round (full: 3)")
+    p.add_argument("--backlog", type=int, help="ready messages in the backlog (full: 1000000)")
+    p.add_argument("--backlog-consume", type=int, help="messages consumed per round (full: 20000)")
+    p.add_argument("--scale-consumers", help="consumer counts (full: 1,8,32,64)")
+    p.add_argument("--scale-messages", type=int, help="messages per scale run (full: 6400)")
+    p.add_argument(
+        "--scale-systems",
+        default="pgbroker",
+        help="systems of the scale part (default pgbroker; add redis for a reference: "
+        "slow, Kombu's Redis consumers ack at a few hundred msg/s)",
+    )
     p.add_argument(
         "--pg-admin-url",
         default=os.environ.get(
@@ -180,29 +282,57 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     p.add_argument("--json", dest="json_path", help="write the results to this file")
     p.add_argument(
-        "--quick", action="store_true", help="tiny sizes, a few seconds per phase (for tests)"
+        "--chart", dest="chart_path", help="draw the results to this PNG (needs matplotlib)"
     )
     a = p.parse_args(argv)
-    quick = a.quick
-    systems = tuple(s.strip() for s in a.systems.split(",") if s.strip())
-    unknown = set(systems) - set(SYSTEM_LABELS)
-    if unknown:
-        p.error(f"unknown systems {sorted(unknown)}; choose from {sorted(SYSTEM_LABELS)}")
-    sweeps = a.sweep_intervals or ("1" if quick else "10,1")
+    pick = 0 if a.quick else 1
+
+    def size(name: str) -> Any:
+        given = getattr(a, name)
+        return given if given is not None else SIZES[name][pick]
+
+    def names(text: str, allowed: tuple[str, ...] | dict[str, str], what: str) -> tuple[str, ...]:
+        chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+        unknown = set(chosen) - set(allowed)
+        if unknown:
+            p.error(f"unknown {what} {sorted(unknown)}; choose from {sorted(allowed)}")
+        return chosen
+
+    if a.chart_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--chart needs matplotlib: pip install 'pgbroker[bench]' (or matplotlib)")
     return Settings(
-        messages=a.messages or (100 if quick else 10000),
-        rounds=a.rounds or (2 if quick else 3),
+        messages=size("messages"),
+        rounds=size("rounds"),
         prefetch=a.prefetch,
         body_bytes=a.body_bytes,
-        idle_seconds=a.idle_seconds if a.idle_seconds is not None else (2.0 if quick else 60.0),
-        idle_warmup=a.idle_warmup if a.idle_warmup is not None else (0.5 if quick else 15.0),
-        sweep_intervals=tuple(float(x) for x in sweeps.split(",")),
+        idle_seconds=size("idle_seconds"),
+        idle_warmup=size("idle_warmup"),
+        sweep_intervals=tuple(float(x) for x in str(size("sweep_intervals")).split(",")),
         hold=a.hold,
+        celery=bench_celery.CelerySizes(
+            tasks=size("tasks"),
+            latency_calls=size("latency_calls"),
+            chains=size("chains"),
+            chain_length=size("chain_length"),
+            chord_header=size("chord_header"),
+            chords=size("chords"),
+        ),
+        backlog=size("backlog"),
+        backlog_consume=size("backlog_consume"),
+        scale_consumers=tuple(int(x) for x in str(size("scale_consumers")).split(",")),
+        scale_messages=size("scale_messages"),
+        scale_systems=names(a.scale_systems, BROKERS, "systems"),
+        parts=names(a.only, PARTS, "parts") if a.only else PARTS,
         pg_admin_url=a.pg_admin_url,
         redis_url=a.redis_url,
         amqp_url=a.amqp_url,
-        systems=systems,
+        systems=names(a.systems, BROKERS, "systems"),
         json_path=a.json_path,
+        chart_path=a.chart_path,
+        preset="quick" if a.quick else "full",
     )
 
 
@@ -414,7 +544,7 @@ def pg_environment(admin_url: str) -> dict[str, str]:
             name: str(conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0])  # type: ignore[index]
             for name in PG_SETTINGS
         }
-        info["server_version"] = str(conn.info.server_version)
+        info["server_version"] = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         return info
 
 
@@ -535,13 +665,12 @@ def measure_redelivery(
         delete_queue(system, queue)
 
 
-def measure_idle(
-    dbs: Databases, s: Settings, prefix: str, workdir: Path
-) -> dict[str, tuple[float, int]]:
-    """Queries per second (and connected sessions) of an idle Kombu consumer
-    and an idle celery worker, each alone in a fresh database, and of a
-    database with no client (the server's background: autovacuum visits)."""
-    keys = ("idle_kombu", "idle_celery", "idle_none")
+def measure_idle(dbs: Databases, s: Settings, prefix: str, workdir: Path) -> dict[str, IdleCount]:
+    """Queries per second (and connected sessions) of an idle Kombu consumer,
+    an idle celery worker and one without heartbeat, each alone in a fresh
+    database, and of a database with no client (the server's background:
+    autovacuum visits)."""
+    keys = ("idle_kombu", "idle_celery", "idle_celery_quiet", "idle_none")
     urls = {key: dbs.create_quiet(f"_{key}") for key in keys}
     names = {key: urlsplit(url).path.lstrip("/") for key, url in urls.items()}
     max_seconds = str(int(s.idle_seconds + s.idle_warmup + 3 * STEP_TIMEOUT))
@@ -560,28 +689,80 @@ def measure_idle(
         "--hostname", f"{prefix}@%h", "--loglevel", "INFO",
     ]  # fmt: skip
     celery_env = {"CELERY_BROKER_URL": urls["idle_celery"], "PYTHONPATH": ""}
+    # The same worker without Celery's own periodic traffic: the heartbeat
+    # event every 2 s (and gossip/mingle at start): what pgbroker itself sends.
+    quiet_cmd = [*celery_cmd, "--without-heartbeat", "--without-gossip", "--without-mingle"]
+    quiet_cmd[quiet_cmd.index("--hostname") + 1] = f"{prefix}-quiet@%h"
+    quiet_env = {"CELERY_BROKER_URL": urls["idle_celery_quiet"], "PYTHONPATH": ""}
     with (
         child(child_command("idle"), kombu_env, workdir, "idle-kombu") as consumer,
         child(celery_cmd, celery_env, celery_dir, "idle-celery") as worker,
+        child(quiet_cmd, quiet_env, celery_dir, "idle-celery-quiet") as quiet,
     ):
         consumer.wait_for("ready", STEP_TIMEOUT)
         worker.wait_for(" ready.", 2 * STEP_TIMEOUT)
+        quiet.wait_for(" ready.", 2 * STEP_TIMEOUT)
         # Backends report their counters when they go idle, at most once a
         # second and at the latest 10 s later: let start-up bursts land.
         time.sleep(s.idle_warmup)
         with dbs.admin() as admin:
             before = xact_counts(admin, list(names.values()))
             start = time.monotonic()
-            time.sleep(s.idle_seconds)
+            started = sample_statements(admin, list(names.values()), s.idle_seconds)
             after = xact_counts(admin, list(names.values()))
             elapsed = time.monotonic() - start
-        for c in (consumer, worker):
+        for c in (consumer, worker, quiet):
             if c.proc.poll() is not None:
                 raise BenchError(f"an idle process exited during the window: {c.tail()}")
         worker.stop(signal.SIGTERM)
+        quiet.stop(signal.SIGTERM)
     return {
-        key: ((after[db][0] - before[db][0]) / elapsed, after[db][1]) for key, db in names.items()
+        key: IdleCount(
+            statements=started[db] / elapsed,
+            transactions=(after[db][0] - before[db][0]) / elapsed,
+            sessions=after[db][1],
+        )
+        for key, db in names.items()
     }
+
+
+@dataclass(frozen=True)
+class IdleCount:
+    statements: float  # per second, started by clients
+    transactions: float  # per second, pg_stat_database (in-server COMMITs included)
+    sessions: int
+
+
+#: How often pg_stat_activity is read to see statements start.
+SAMPLE_INTERVAL = 0.02
+
+
+def sample_statements(
+    admin: psycopg.Connection[Any], names: list[str], seconds: float
+) -> dict[str, int]:
+    """Statements that clients started in each database during ``seconds``.
+
+    Every session's ``query_start`` changes when its client sends a new
+    statement (and only then: COMMITs inside a running procedure do not
+    change it), so distinct (pid, query_start) values seen within the window
+    are the statements sent. Read from the admin database, so the sampler's
+    own queries are not counted. Two statements of one session started
+    within one sample interval count as one: an idle client sends far fewer.
+    """
+    seen: dict[str, set[tuple[int, Any]]] = {name: set() for name in names}
+    window_start = admin.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        rows = admin.execute(
+            "SELECT datname, pid, query_start FROM pg_stat_activity"
+            " WHERE datname = ANY(%s) AND backend_type = 'client backend'"
+            " AND query_start >= %s",
+            [names, window_start],
+        ).fetchall()
+        for datname, pid, query_start in rows:
+            seen[datname].add((pid, query_start))
+        time.sleep(SAMPLE_INTERVAL)
+    return {name: len(values) for name, values in seen.items()}
 
 
 # --- the run ------------------------------------------------------------------
@@ -597,42 +778,117 @@ class Report:
     def live(self) -> list[System]:
         return [x for x in self.systems if not x.error]
 
+    def reference(self, f: Figure) -> float | None:
+        """The value pgbroker's figure is compared with (its target's reference)."""
+        target = f.target
+        if target is None or not target.ref:
+            cell = f.cells.get("redis")
+            # A configured value (Redis's visibility timeout) is no measurement.
+            return cell.value() if cell and cell.configured is None else None
+        if target.ref.startswith("figure:"):
+            other = self.figures.get(target.ref.partition(":")[2])
+            return other.value("pgbroker") if other else None
+        return f.value(target.ref)
+
+    def bound(self, f: Figure) -> float | None:
+        """The value pgbroker's figure must reach (or stay under), if known."""
+        if f.target is None:
+            return None
+        if not f.target.ref:
+            return f.target.factor
+        reference = self.reference(f)
+        return f.target.factor * reference if reference else None
+
+    def verdict(self, f: Figure) -> tuple[float | None, bool | None]:
+        """(pgbroker / reference, target met)."""
+        value, reference = f.value("pgbroker"), self.reference(f)
+        if f.target is None:
+            return (value / reference if value is not None and reference else None), None
+        return f.target.check(value, reference)
+
     def to_json(self) -> dict[str, Any]:
+        settings = {k: v for k, v in vars(self.settings).items() if not k.endswith("_url")}
+        settings["celery"] = vars(self.settings.celery)
+        figures = {}
+        for f in self.figures.values():
+            ratio, met = self.verdict(f)
+            figures[f.key] = {
+                "label": f.label,
+                "part": f.part,
+                "unit": f.unit,
+                "target": f.target.text() if f.target else None,
+                "bound": self.bound(f),
+                "reference": self.reference(f),
+                "ratio": ratio,
+                "met": met,
+                "cells": {
+                    k: {
+                        "median": c.value(),
+                        "values": c.values,
+                        "configured": c.configured,
+                        "note": c.note,
+                        "error": c.error,
+                    }
+                    for k, c in f.cells.items()
+                },
+            }
         return {
-            "settings": {k: v for k, v in vars(self.settings).items() if not k.endswith("_url")},
+            "settings": settings,
             "environment": self.environment,
             "systems": {x.key: {"label": x.label, "error": x.error} for x in self.systems},
-            "figures": {
-                f.key: {
-                    "label": f.label,
-                    "cells": {
-                        k: {
-                            "median": c.value(),
-                            "values": c.values,
-                            "configured": c.configured,
-                            "note": c.note,
-                            "error": c.error,
-                        }
-                        for k, c in f.cells.items()
-                    },
-                }
-                for f in self.figures.values()
-            },
+            "figures": figures,
         }
 
 
 def make_figures(s: Settings) -> dict[str, Figure]:
-    brokers = ("pgbroker", "redis", "rabbitmq")
+    c = s.celery
     figures = [
-        Figure("publish", "publish msg/s (1 producer, persistent)", brokers),
-        Figure("consume", f"consume+ack msg/s (1 consumer, prefetch {s.prefetch})", brokers),
-        Figure("idle_kombu", "idle queries/s: Kombu consumer", ("pgbroker",)),
-        Figure("idle_celery", "idle queries/s: celery worker -c 2", ("pgbroker",)),
-    ]
+        Figure("publish", "Kombu publish msg/s (1 producer, persistent)", BROKERS, "msg/s",
+               "kombu", Target(">=", 1.5)),
+        Figure("consume", f"Kombu consume+ack msg/s (1 consumer, prefetch {s.prefetch})",
+               BROKERS, "msg/s", "kombu", Target(">=", 3)),
+        Figure("celery_tasks", f"Celery tasks/s, {c.tasks} no-op, prefork -c 2, to results",
+               COLUMNS, "tasks/s", "celery", Target(">=", 1.25)),
+        Figure("latency_p50", "delay().get() p50 ms", COLUMNS, "ms", "celery",
+               Target("<=", 1.2)),
+        Figure("latency_p95", "delay().get() p95 ms", COLUMNS, "ms", "celery"),
+        Figure("latency_p99", "delay().get() p99 ms", COLUMNS, "ms", "celery",
+               Target("<=", 1.5)),
+        Figure("chains", f"chains/s, {c.chains} chains of {c.chain_length}", COLUMNS,
+               "chains/s", "celery", Target(">=", 1.2)),
+        Figure("chord", f"chord of {c.chord_header} + body, completion ms", COLUMNS, "ms",
+               "celery"),
+        Figure("worker_kill", "SIGKILL of a worker to redelivery, s (default settings)",
+               ("pgbroker", "redis", "rabbitmq"), "s", "kill", Target("<", 2, "")),
+    ]  # fmt: skip
     for interval in s.sweep_intervals:
-        label = f"redelivery after SIGKILL, s (pgbroker sweep_interval={interval:g})"
-        figures.append(Figure(f"redelivery_{interval:g}", label, brokers))
-    return {f.key: f for f in figures}
+        label = f"Kombu consumer SIGKILL to redelivery, s (sweep_interval={interval:g})"
+        figures.append(Figure(f"redelivery_{interval:g}", label, BROKERS, "s", "redelivery"))
+    figures += [
+        Figure("idle_kombu", "idle queries/s: Kombu consumer", ("pgbroker",), "q/s", "idle",
+               Target("<=", 0.1, "")),
+        Figure("idle_celery_quiet", "idle queries/s: celery worker -c 2, no heartbeat",
+               ("pgbroker",), "q/s", "idle", Target("<=", 0.1, "")),
+        Figure("idle_celery", "idle queries/s: celery worker -c 2, defaults (heartbeat 2 s)",
+               ("pgbroker",), "q/s", "idle", Target("<=", 0.1, "")),
+        Figure("backlog_empty", f"consume+ack msg/s, queue holds only the {s.backlog_consume:,}",
+               ("pgbroker",), "msg/s", "backlog"),
+        Figure("backlog_full", f"consume+ack msg/s, {s.backlog:,} ready in the queue",
+               ("pgbroker",), "msg/s", "backlog",
+               Target(">=", 0.9, "figure:backlog_empty", "empty queue")),
+    ]  # fmt: skip
+    first = s.scale_consumers[0]
+    for layout, where in (("one", "1 queue"), ("spread", f"{bench_scale.SPREAD_QUEUES} queues")):
+        for n in s.scale_consumers:
+            target = None
+            if n != first:
+                ref = f"figure:scale_{layout}_{first}"
+                target = Target(">=", 0.5, ref, f"{first} consumer{'s' * (first > 1)}")
+            figures.append(
+                Figure(f"scale_{layout}_{n}", f"scale: {n} consumers, {where}, msg/s",
+                       s.scale_systems, "msg/s", "scale", target)
+            )  # fmt: skip
+    return {f.key: f for f in figures if f.part in s.parts}
 
 
 def rotated(items: list[Any], n: int) -> list[Any]:
@@ -668,21 +924,37 @@ def run(s: Settings) -> Report:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "loadavg_start": list(os.getloadavg()),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         },
     )
+    started = time.monotonic()
+    parts: list[tuple[str, Callable[[], None]]] = [
+        ("kombu", lambda: run_throughput(report, prefix)),
+        ("celery", lambda: run_celery(report, dbs, prefix, workdir)),
+        ("kill", lambda: run_worker_kill(report, dbs, prefix, workdir)),
+        ("redelivery", lambda: run_redelivery(report, prefix, workdir)),
+        ("idle", lambda: run_idle(report, dbs, prefix, workdir)),
+        ("backlog", lambda: run_backlog(report, dbs, prefix)),
+        ("scale", lambda: run_scale(report, dbs, prefix, workdir)),
+    ]
     with tempfile.TemporaryDirectory(prefix="pgbroker-bench-") as tmp:
         workdir = Path(tmp)
         try:
             prepare_systems(report, dbs)
-            run_throughput(report, prefix)
-            run_redelivery(report, prefix, workdir)
-            run_idle(report, dbs, prefix, workdir)
+            for name, fn in parts:
+                if name in s.parts:
+                    part_start = time.monotonic()
+                    fn()
+                    report.environment.setdefault("part_seconds", {})[name] = round(
+                        time.monotonic() - part_start, 1
+                    )
         finally:
             for system in report.live():
                 with contextlib.suppress(Exception), system.connect() as conn:
                     Exchange(prefix, type="direct")(conn.channel()).delete()
             dbs.drop_all()
     report.environment["loadavg_end"] = list(os.getloadavg())
+    report.environment["seconds"] = round(time.monotonic() - started, 1)
     return report
 
 
@@ -699,10 +971,16 @@ def prepare_systems(report: Report, dbs: Databases) -> None:
             probe(system)
         if system.error:
             log(f"{system.label}: not reachable, skipped ({system.error})")
-            for f in report.figures.values():
-                if system.key in f.systems:
-                    f.cell(system.key).error = "not reachable"
+    live = {x.key for x in report.live()}
+    for f in report.figures.values():
+        for key in f.systems:
+            if any(part not in live for part in column_needs(key)):
+                f.cell(key).error = "not reachable"
     report.environment.update(other_environment(report.live()))
+
+
+def column_needs(column: str) -> tuple[str, ...]:
+    return ("rabbitmq", "redis") if column == "rabbitmq_redis" else (column,)
 
 
 def run_throughput(report: Report, prefix: str) -> None:
@@ -718,6 +996,111 @@ def run_throughput(report: Report, prefix: str) -> None:
             if rates:
                 publish.cell(system.key).values.append(rates[0])
                 consume.cell(system.key).values.append(rates[1])
+
+
+def celery_pairs(report: Report, dbs: Databases, suffix: str) -> list[bench_celery.Pair]:
+    """The broker/backend pairs whose systems answer; pgbroker in a fresh database."""
+    live = {x.key: x for x in report.live()}
+    pairs = []
+    if "pgbroker" in live:
+        url = dbs.create(suffix)
+        pairs.append(bench_celery.Pair("pgbroker", "pgbroker", url, url))
+    s = report.settings
+    if "redis" in live:
+        pairs.append(bench_celery.Pair("redis", "Redis", s.redis_url, s.redis_url))
+    if "rabbitmq" in live:
+        pairs.append(bench_celery.Pair("rabbitmq", "RabbitMQ+rpc", s.amqp_url, "rpc://"))
+        if "redis" in live:
+            pairs.append(
+                bench_celery.Pair("rabbitmq_redis", "RabbitMQ+Redis", s.amqp_url, s.redis_url)
+            )
+    return pairs
+
+
+def run_celery(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
+    s, figs = report.settings, report.figures
+    pairs = celery_pairs(report, dbs, "_celery")
+    keys = ("celery_tasks", "latency_p50", "latency_p95", "latency_p99", "chains", "chord")
+
+    def failed(pair: bench_celery.Pair, error: str) -> None:
+        log(f"{pair.label}: celery worker failed to start: {error}")
+        for key in keys:
+            figs[key].cell(pair.key).error = error
+
+    log(f"celery: starting {len(pairs)} workers")
+    with bench_celery.running_pairs(pairs, prefix, workdir, failed) as running:
+        for r in range(s.rounds):
+            for run_ in rotated(running, r):
+                log(f"round {r + 1}/{s.rounds}: {run_.pair.label} celery")
+                celery_round(run_, figs, s.celery)
+
+
+def celery_round(
+    run_: bench_celery.Running, figs: dict[str, Figure], c: bench_celery.CelerySizes
+) -> None:
+    """One round of every Celery figure for one broker/backend pair."""
+    key, app, queue, label = run_.pair.key, run_.app, run_.queue, run_.pair.label
+    cell = figs["celery_tasks"].cell(key)
+    rate = attempt(
+        [cell], lambda: bench_celery.tasks_per_second(app, queue, c.tasks), f"{label} tasks"
+    )
+    if rate:
+        cell.values.append(rate)
+    lat_cells = [figs[f"latency_p{p}"].cell(key) for p in (50, 95, 99)]
+    samples = attempt(
+        lat_cells,
+        lambda: bench_celery.latencies_ms(app, queue, c.latency_calls),
+        f"{label} latency",
+    )
+    if samples:
+        for p, lat in zip((50, 95, 99), lat_cells, strict=True):
+            lat.values.append(bench_celery.percentile(samples, p))
+    cell = figs["chains"].cell(key)
+    rate = attempt(
+        [cell],
+        lambda: bench_celery.chains_per_second(app, queue, c.chains, c.chain_length),
+        f"{label} chains",
+    )
+    if rate:
+        cell.values.append(rate)
+    cell = figs["chord"].cell(key)
+    if not run_.pair.chords:
+        cell.note = cell.error = "rpc:// has no chords"
+        return
+    for _ in range(c.chords):
+        ms = attempt(
+            [cell], lambda: bench_celery.chord_ms(app, queue, c.chord_header), f"{label} chord"
+        )
+        if ms:
+            cell.values.append(ms)
+
+
+def run_worker_kill(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
+    s, figure = report.settings, report.figures["worker_kill"]
+    pairs = [p for p in celery_pairs(report, dbs, "_kill") if p.key in figure.systems]
+    if any(p.key == "redis" for p in pairs):
+        cell = figure.cell("redis")
+        cell.configured = float(redis_visibility_timeout())
+        cell.note = "visibility_timeout, not waited for"
+    measured = [p for p in pairs if p.key != "redis"]
+    for r in range(s.rounds):
+        for pair in rotated(measured, r):
+            # pgbroker: the kill falls (r + 0.5) / rounds into the surviving
+            # worker's sweep cycle (default sweep_interval), as in run_redelivery.
+            phase = 0.0
+            if pair.key == "pgbroker":
+                phase = (r + 0.5) / s.rounds * TransportOptions().sweep_interval
+            log(f"round {r + 1}/{s.rounds}: {pair.label} worker SIGKILL")
+            cell = figure.cell(pair.key)
+            value = attempt(
+                [cell],
+                functools.partial(
+                    bench_celery.measure_worker_kill, pair, prefix, str(r), workdir, phase
+                ),
+                f"{pair.label} worker kill",
+            )
+            if value is not None:
+                cell.values.append(value)
 
 
 def run_redelivery(report: Report, prefix: str, workdir: Path) -> None:
@@ -755,18 +1138,130 @@ def run_idle(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None
     if not any(x.key == "pgbroker" for x in report.live()):
         return
     log(f"idle: {s.idle_seconds:g} s window after {s.idle_warmup:g} s warm-up")
-    kombu, celery = (
-        report.figures["idle_kombu"].cell("pgbroker"),
-        report.figures["idle_celery"].cell("pgbroker"),
-    )
-    idle = attempt(
-        [kombu, celery], functools.partial(measure_idle, dbs, s, prefix, workdir), "idle"
-    )
+    keys = ("idle_kombu", "idle_celery", "idle_celery_quiet")
+    cells = [report.figures[k].cell("pgbroker") for k in keys]
+    idle = attempt(cells, functools.partial(measure_idle, dbs, s, prefix, workdir), "idle")
     if idle:
-        kombu.values.append(idle["idle_kombu"][0])
-        celery.values.append(idle["idle_celery"][0])
-        report.environment["idle_sessions"] = {k: v[1] for k, v in idle.items()}
-        report.environment["idle_background_queries_per_s"] = idle["idle_none"][0]
+        for key, cell in zip(keys, cells, strict=True):
+            cell.values.append(idle[key].statements)
+        report.environment["idle_sessions"] = {k: v.sessions for k, v in idle.items()}
+        report.environment["idle_transactions_per_s"] = {
+            k: round(v.transactions, 3) for k, v in idle.items()
+        }
+        report.environment["idle_background_queries_per_s"] = idle["idle_none"].statements
+
+
+def run_backlog(report: Report, dbs: Databases, prefix: str) -> None:
+    s = report.settings
+    if not any(x.key == "pgbroker" for x in report.live()):
+        return
+    empty, full = (
+        report.figures["backlog_empty"].cell("pgbroker"),
+        report.figures["backlog_full"].cell("pgbroker"),
+    )
+    body = body_of(s.body_bytes)
+    try:
+        url = dbs.create("_backlog")
+        exchange, deep = exchange_and_queue(prefix, f"{prefix}.backlog")
+        log(f"backlog: writing {s.backlog:,} ready messages")
+        started = time.monotonic()
+        bench_backlog.fill(url, exchange, deep, s.backlog, body)
+        report.environment["backlog_fill_seconds"] = round(time.monotonic() - started, 1)
+    except Exception as exc:
+        empty.error = full.error = error_text(exc)
+        log(f"backlog fill failed: {error_text(exc)}")
+        return
+    for r in range(s.rounds):
+        _, small = exchange_and_queue(prefix, f"{prefix}.small{r}")
+
+        def on_empty(queue: Queue = small) -> float:
+            bench_backlog.fill(url, exchange, queue, s.backlog_consume, body)
+            return bench_backlog.consume(url, queue, s.backlog_consume, s.prefetch)
+
+        def on_full() -> float:
+            return bench_backlog.consume(url, deep, s.backlog_consume, s.prefetch)
+
+        steps = [(empty, on_empty, "empty queue"), (full, on_full, "backlog")]
+        for cell, fn, what in rotated(steps, r):
+            log(f"round {r + 1}/{s.rounds}: pgbroker consume, {what}")
+            value = attempt([cell], fn, f"backlog ({what})")
+            if value:
+                cell.values.append(value)
+    with contextlib.suppress(Exception):
+        report.environment["backlog_ready_at_end"] = bench_backlog.ready_count(url, deep.name)
+
+
+def run_scale(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
+    s = report.settings
+    live = {x.key: x for x in report.live() if x.key in s.scale_systems}
+    if "pgbroker" in live:
+        live["pgbroker"] = System("pgbroker", "pgbroker", dbs.create("_scale"), {})
+    body = body_of(s.body_bytes)
+    for layout in ("one", "spread"):
+        for n in s.scale_consumers:
+            figure = report.figures[f"scale_{layout}_{n}"]
+            for r in range(s.rounds):
+                for system in rotated(list(live.values()), r):
+                    log(f"round {r + 1}/{s.rounds}: {system.label} scale, {n} consumers, {layout}")
+                    cell = figure.cell(system.key)
+                    value = attempt(
+                        [cell],
+                        functools.partial(measure_scale, system, s, prefix, layout, n, r, body,
+                                          workdir),
+                        f"{system.label} scale",
+                    )  # fmt: skip
+                    if value:
+                        cell.values.append(value)
+
+
+def measure_scale(
+    system: System,
+    s: Settings,
+    prefix: str,
+    layout: str,
+    consumers: int,
+    round_no: int,
+    body: Any,
+    workdir: Path,
+) -> float:
+    tag = f"{prefix}.{layout}{consumers}r{round_no}"
+    names = bench_scale.queue_names(tag, layout)
+    exchange = Exchange(prefix, type="direct", durable=True)
+    if system.key == "pgbroker":
+        # One session per consumer, on a server others may be using too:
+        # leave them room rather than make their connections fail.
+        free = bench_scale.free_connections(s.pg_admin_url)
+        need = consumers + bench_scale.CONNECTION_HEADROOM
+        if free < need:
+            raise BenchError(
+                f"{consumers} consumers need {need} free connections (with "
+                f"{bench_scale.CONNECTION_HEADROOM} left to others), the server has {free}: "
+                "raise max_connections or run with fewer --scale-consumers"
+            )
+    try:
+        bench_scale.declare(system.url, system.options, prefix, names)
+        per_queue = max(1, s.scale_messages // len(names))
+        if system.key == "pgbroker":  # fast fill: copies of one published row
+            for name in names:
+                queue = Queue(name, exchange, routing_key=name, durable=True)
+                bench_backlog.fill(system.url, exchange, queue, per_queue, body)
+        else:
+            bench_scale.publish(
+                system.url, system.options, prefix, names, per_queue * len(names), body
+            )
+        return bench_scale.run_consumers(
+            system.url,
+            system.options,
+            prefix,
+            bench_scale.assignment(consumers, names),
+            per_queue * len(names),
+            s.prefetch,
+            workdir,
+            idle_stop=0.75 if s.preset == "quick" else bench_scale.IDLE_STOP,
+        )
+    finally:
+        for name in names:
+            delete_queue(system, Queue(name, exchange, routing_key=name))
 
 
 def redis_visibility_timeout() -> int:
@@ -808,13 +1303,14 @@ def fmt(value: float | None) -> str:
     return f"{value:.2f}" if value >= 0.01 or value == 0 else f"{value:.4f}"
 
 
-def render(report: Report) -> str:
-    s, figures, systems, env = report.settings, report.figures, report.systems, report.environment
+def header_lines(report: Report) -> list[str]:
+    s, env = report.settings, report.environment
     lines = []
     pg = env.get("postgresql")
     if pg:
         lines.append(
-            f"PostgreSQL {pg['server_version']}: " + ", ".join(f"{k}={pg[k]}" for k in PG_SETTINGS)
+            f"PostgreSQL {pg['server_version']}: "
+            + ", ".join(f"{k}={pg[k]}" for k in PG_SHOWN if k in pg)
         )
     if "redis" in env:
         r = env["redis"]
@@ -823,25 +1319,33 @@ def render(report: Report) -> str:
             f"appendfsync={r.get('appendfsync')}"
         )
     if "rabbitmq" in env:
-        lines.append(f"RabbitMQ {env['rabbitmq']['version']}: publisher confirms on")
+        lines.append(
+            f"RabbitMQ {env['rabbitmq']['version']}: publisher confirms on for Kombu figures"
+        )
     lines.append(
         f"machine: {env['cpu_count']} cores, load average {env['loadavg_start'][0]:.2f} at start, "
-        f"{env['loadavg_end'][0]:.2f} at end (shared machine: figures are noisy)"
+        f"{env['loadavg_end'][0]:.2f} at end (shared machine: figures are noisy; "
+        f"read the ratios, measured in the same run)"
     )
+    c = s.celery
     lines.append(
-        f"sizes: {s.messages} messages x {s.rounds} rounds, body {s.body_bytes} bytes JSON, "
-        f"prefetch {s.prefetch}, idle window {s.idle_seconds:g} s, {s.hold} messages held"
+        f"sizes ({s.preset}): {s.rounds} rounds; Kombu {s.messages} messages, body "
+        f"{s.body_bytes} B, prefetch {s.prefetch}; Celery {c.tasks} tasks, "
+        f"{c.latency_calls} calls, {c.chains}x{c.chain_length} chains, "
+        f"{c.chords} chords of {c.chord_header}; backlog {s.backlog:,}; scale "
+        f"{','.join(map(str, s.scale_consumers))} consumers, {s.scale_messages} messages"
     )
-    lines.append("")
+    return lines
 
-    header = ["figure", *(SYSTEM_LABELS[k] for k in ("pgbroker", "redis", "rabbitmq"))]
-    header.append("pgbroker/Redis")
+
+def table_rows(report: Report) -> list[list[str]]:
+    chosen = {x.key for x in report.systems}
+    header = ["figure", *(SYSTEM_LABELS[k] for k in COLUMNS), "ratio", "target", "met"]
     rows = [header]
-    chosen = {x.key for x in systems}
-    for f in figures.values():
+    for f in report.figures.values():
         row = [f.label]
-        for key in ("pgbroker", "redis", "rabbitmq"):
-            if key not in f.systems or key not in chosen:
+        for key in COLUMNS:
+            if key not in f.systems or any(p not in chosen for p in column_needs(key)):
                 row.append("-")
                 continue
             cell = f.cells.get(key, Cell())
@@ -849,11 +1353,17 @@ def render(report: Report) -> str:
             if cell.configured is not None:
                 text += " *"
             row.append(text)
-        a, b = f.cells.get("pgbroker"), f.cells.get("redis")
-        av, bv = (a.value() if a else None), (b.value() if b else None)
-        row.append(fmt(av / bv) if av is not None and bv else "-")
+        ratio, met = report.verdict(f)
+        row.append(fmt(ratio) if ratio is not None else "-")
+        row.append(f.target.text() if f.target else "")
+        row.append({True: "met", False: "NOT MET", None: "?" if f.target else ""}[met])
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return rows
+
+
+def markdown_table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
     for i, row in enumerate(rows):
         cells = [row[0].ljust(widths[0])] + [
             c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
@@ -861,15 +1371,26 @@ def render(report: Report) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         if i == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return lines
 
-    notes = ["", "cells are medians over rounds; '-' = does not apply; n/a = unreachable or failed"]
+
+def render(report: Report) -> str:
+    figures, systems, env = report.figures, report.systems, report.environment
+    lines = [*header_lines(report), "", *markdown_table(table_rows(report))]
+    notes = [
+        "",
+        "cells are medians over rounds; '-' = does not apply; n/a = unreachable or failed;",
+        "ratio = pgbroker / the target's reference (Redis unless the target names another);",
+        "Celery figures: RabbitMQ = RabbitMQ broker + rpc:// backend; RabbitMQ+Redis = "
+        "RabbitMQ broker + Redis backend",
+    ]
     for f in figures.values():
         for key, cell in f.cells.items():
             if cell.configured is not None:
                 notes.append(f"* {SYSTEM_LABELS[key]}, {f.key}: {cell.note}")
             if cell.error and cell.error != "not reachable":
                 notes.append(f"! {SYSTEM_LABELS[key]}, {f.key}: {cell.error}")
-            if f.key.startswith("redelivery") and len(cell.values) > 1:
+            if f.part in ("redelivery", "kill") and len(cell.values) > 1:
                 notes.append(
                     f"  {SYSTEM_LABELS[key]}, {f.key}: per round "
                     + ", ".join(f"{v:.2f}" for v in cell.values)
@@ -885,6 +1406,20 @@ def render(report: Report) -> str:
             + f"; background (database with no client) "
             f"{env['idle_background_queries_per_s']:.3f} queries/s"
         )
+        notes.append(
+            "  idle: transactions/s (pg_stat_database, in-server COMMITs included) "
+            + ", ".join(f"{k}={v:.2f}" for k, v in env["idle_transactions_per_s"].items())
+        )
+    if "backlog_fill_seconds" in env:
+        notes.append(
+            f"  backlog: written in {env['backlog_fill_seconds']} s (SQL copies, then ANALYZE); "
+            f"{env.get('backlog_ready_at_end', '?')} ready at the end; pgbroker only"
+        )
+    if "part_seconds" in env:
+        notes.append(
+            f"  run took {env['seconds']:.0f} s: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in env["part_seconds"].items())
+        )
     return "\n".join(lines + notes)
 
 
@@ -898,6 +1433,10 @@ def main(argv: list[str] | None = None) -> int:
     print(render(report))
     if s.json_path:
         Path(s.json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if s.chart_path:
+        from compat import bench_chart
+
+        bench_chart.draw(report.to_json(), s.chart_path)
     return 0
 
 
