@@ -423,3 +423,39 @@ def test_prune_removes_old_events_waits_and_dead_runs(
     assert db.execute("SELECT count(*) FROM pgbroker.durable_event").fetchone() == (0,)
     assert [w.task_id for w in waiting(db)] == ["alive"]
     assert db.execute("SELECT task_id FROM pgbroker.durable_run").fetchall() == [("live",)]
+
+
+# --- every task of an app: task_cls -----------------------------------------------------
+
+
+def test_task_cls_makes_every_task_of_an_app_exclusive_per_task_id(db_url: str) -> None:
+    """``Celery(task_cls="pgbroker.durable:DurableTask")``: plain tasks, with
+    no steps and no bind, get one run per task id at a time too."""
+    app = Celery("durable_all", set_as_current=False, task_cls="pgbroker.durable:DurableTask")
+    app.conf.update(broker_url=db_url)
+    spans: list[tuple[str, float, float]] = []
+    first_started = threading.Event()
+
+    @app.task
+    def plain(who: str) -> str:
+        start = time.monotonic()
+        if who == "first":
+            first_started.set()
+            time.sleep(1.0)
+        spans.append((who, start, time.monotonic()))
+        return who
+
+    try:
+        assert isinstance(plain, DurableTask)
+        first, out = in_thread(run, plain, "first", task_id="same")
+        assert first_started.wait(30)
+        assert run(plain, "second", task_id="same") == "second"  # waited for "first"
+        first.join(30)
+        assert out.get("value") == "first"
+        (a, _, a_end), (b, b_start, _) = sorted(spans, key=lambda s: s[1])
+        assert (a, b) == ("first", "second")
+        assert b_start >= a_end  # never at once
+        # Other task ids are not held up.
+        assert run(plain, "other", task_id="another") == "other"
+    finally:
+        app.close()
