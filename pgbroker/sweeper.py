@@ -49,6 +49,8 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
@@ -66,6 +68,72 @@ RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
 #: How long closing waits for the thread.
 STOP_TIMEOUT = 5.0
+
+
+#: Delayed messages promoted per statement (run again while full).
+PROMOTE_BATCH = 1000
+#: published_task rows pruned per statement (run again while full).
+PRUNE_BATCH = 5000
+#: Rounds of pruning after a sweep whose batch came back full.
+PRUNE_ROUNDS = 20
+
+
+# --- the sweep statement, shared by the transport and the sweeper thread --------------
+
+
+def sweep_params(options: TransportOptions, lock_oid: int, queues: list[str]) -> dict[str, object]:
+    """The parameters of the ``sweep`` query (sql/queries.sql)."""
+    return {
+        "lock_oid": lock_oid,
+        "channel": options.schema,
+        "schema_name": options.schema,
+        "max_deliveries": options.max_deliveries,
+        "queues": queues,
+        "promote_limit": PROMOTE_BATCH,
+        # With deduplication off here, rows other publishers wrote still go
+        # after the default window.
+        "dedup_window": options.dedup_window or TransportOptions.dedup_window,
+        "prune_limit": PRUNE_BATCH,
+    }
+
+
+def log_sweep(row: Any, options: TransportOptions) -> None:
+    """Say what a sweep did (its row from the ``sweep`` query)."""
+    requeued, expired_messages, expired_queues = int(row[0]), int(row[1]), int(row[2])
+    dead_lettered, expired_tasks = int(row[4]), int(row[5])
+    if requeued:
+        logger.warning("requeued %d message(s) held by consumers whose sessions ended", requeued)
+    if dead_lettered:
+        logger.warning(
+            "%d message(s) held by consumers whose sessions ended had been delivered "
+            "max_deliveries=%d times: moved to the dead_letter table "
+            "(reason 'max deliveries (consumer died)')",
+            dead_lettered,
+            options.max_deliveries,
+        )
+    if expired_tasks:
+        logger.info(
+            "%d expired task message(s) removed unread: REVOKED, kept in the "
+            "dead_letter table (reason 'expired')",
+            expired_tasks,
+        )
+    if expired_messages or expired_queues:
+        logger.debug(
+            "removed %d expired message(s), %d expired queue(s)", expired_messages, expired_queues
+        )
+
+
+def prune_published(run_count: Callable[..., int], options: TransportOptions, pruned: int) -> None:
+    """After a sweep that pruned a full batch of the dedup log, prune on
+    (``run_count("prune_published", **params)`` runs the named query)."""
+    rounds = 0
+    while pruned >= PRUNE_BATCH and rounds < PRUNE_ROUNDS:
+        pruned = run_count(
+            "prune_published",
+            window=options.dedup_window or TransportOptions.dedup_window,
+            limit=PRUNE_BATCH,
+        )
+        rounds += 1
 
 
 class Sweeper:
@@ -291,58 +359,19 @@ class Sweeper:
             )
 
     def _sweep(self, conn: psycopg.Connection, queue_names: list[str]) -> None:
-        """Run the transport's sweep on this session; log as the transport does.
-
-        The parameters mirror ``Transport.sweep`` (pgbroker/transport.py):
-        keep the two in step.
-        """
-        from pgbroker import transport  # imported here: transport imports this module
-
-        o = self.options
+        """Run the transport's sweep on this session; log as the transport does."""
         row = conn.execute(
             self._sweep_sql["sweep"],
-            {
-                "lock_oid": self._lock_oid,
-                "channel": o.schema,
-                "schema_name": o.schema,
-                "max_deliveries": o.max_deliveries,
-                "queues": list(queue_names),
-                "promote_limit": transport.PROMOTE_BATCH,
-                "dedup_window": o.dedup_window or TransportOptions.dedup_window,
-                "prune_limit": transport.PRUNE_BATCH,
-            },
+            sweep_params(self.options, self._lock_oid, list(queue_names)),
         ).fetchone()
         assert row is not None
         self.sweeps += 1
-        requeued, dead_lettered, expired_tasks = int(row[0]), int(row[4]), int(row[5])
-        if requeued:
-            logger.warning(
-                "requeued %d message(s) held by consumers whose sessions ended", requeued
-            )
-        if dead_lettered:
-            logger.warning(
-                "%d message(s) held by consumers whose sessions ended had been delivered "
-                "max_deliveries=%d times: moved to the dead_letter table "
-                "(reason 'max deliveries (consumer died)')",
-                dead_lettered,
-                o.max_deliveries,
-            )
-        if expired_tasks:
-            logger.info(
-                "%d expired task message(s) removed unread: REVOKED, kept in the "
-                "dead_letter table (reason 'expired')",
-                expired_tasks,
-            )
-        pruned, rounds = int(row[8]), 0
-        while pruned >= transport.PRUNE_BATCH and rounds < transport.PRUNE_ROUNDS:
-            pruned = conn.execute(
-                self._sweep_sql["prune_published"],
-                {
-                    "window": o.dedup_window or TransportOptions.dedup_window,
-                    "limit": transport.PRUNE_BATCH,
-                },
-            ).rowcount
-            rounds += 1
+        log_sweep(row, self.options)
+
+        def run_count(name: str, **params: Any) -> int:
+            return conn.execute(self._sweep_sql[name], params).rowcount
+
+        prune_published(run_count, self.options, int(row[8]))
 
 
 # --- one sweeper per (URL, schema) per process ---------------------------------

@@ -79,18 +79,13 @@ from pgbroker.errors import MessageTooLarge
 from pgbroker.forking import neutralise
 from pgbroker.options import TransportOptions
 from pgbroker.routing import topic_pattern
+from pgbroker.sweeper import PROMOTE_BATCH, log_sweep, prune_published
 from pgbroker.urls import mask_password
 
 logger = logging.getLogger("pgbroker")
 
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
-#: Delayed messages promoted per statement (run again while full).
-PROMOTE_BATCH = 1000
-#: published_task rows pruned per statement (run again while full).
-PRUNE_BATCH = 5000
-#: Rounds of pruning after a sweep whose batch came back full.
-PRUNE_ROUNDS = 20
 
 _PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding")
 
@@ -966,57 +961,17 @@ class Transport(virtual.Transport):
         promote due delayed messages, prune the dedup log (see ``sweep`` in
         queries.sql). Returns (requeued, expired messages, expired queues)."""
         row = self.run(
-            "sweep",
-            lock_oid=self._lock_oid,
-            channel=self.channel_name,
-            schema_name=self.options.schema,
-            max_deliveries=self.options.max_deliveries,
-            queues=sorted(self._attached),
-            promote_limit=PROMOTE_BATCH,
-            # With deduplication off here, rows other publishers wrote still
-            # go after the default window.
-            dedup_window=self.options.dedup_window or TransportOptions.dedup_window,
-            prune_limit=PRUNE_BATCH,
+            "sweep", **sweeper.sweep_params(self.options, self._lock_oid, sorted(self._attached))
         )
+        log_sweep(row, self.options)
         requeued, expired_messages, expired_queues = int(row[0]), int(row[1]), int(row[2])
-        dead_lettered, expired_tasks, promoted, pruned = (int(v) for v in row[4:6] + row[7:9])
-        if requeued:
-            logger.warning(
-                "requeued %d message(s) held by consumers whose sessions ended", requeued
-            )
-        if dead_lettered:
-            logger.warning(
-                "%d message(s) held by consumers whose sessions ended had been delivered "
-                "max_deliveries=%d times: moved to the dead_letter table "
-                "(reason 'max deliveries (consumer died)')",
-                dead_lettered,
-                self.options.max_deliveries,
-            )
-        if expired_tasks:
-            logger.info(
-                "%d expired task message(s) removed unread: REVOKED, kept in the "
-                "dead_letter table (reason 'expired')",
-                expired_tasks,
-            )
-        if expired_messages or expired_queues:
-            logger.debug(
-                "removed %d expired message(s), %d expired queue(s)",
-                expired_messages,
-                expired_queues,
-            )
+        promoted = int(row[7])
         if promoted:
             logger.debug("sweep promoted %d due delayed message(s)", promoted)
         self._learn_due(row[9], row[10])
         if promoted >= PROMOTE_BATCH:
             self._due_at = time.monotonic()  # more are due: promote again now
-        rounds = 0
-        while pruned >= PRUNE_BATCH and rounds < PRUNE_ROUNDS:
-            pruned = self.run_count(
-                "prune_published",
-                window=self.options.dedup_window or TransportOptions.dedup_window,
-                limit=PRUNE_BATCH,
-            )
-            rounds += 1
+        prune_published(self.run_count, self.options, int(row[8]))
         return requeued, expired_messages, expired_queues
 
     # --- delayed messages (ETA) -----------------------------------------------------------
