@@ -125,6 +125,33 @@ def _b64(value: str | None) -> bytes | None:
     return None if value is None else base64.b64decode(value)
 
 
+def _fire_if_complete(result: ResultSet) -> None:
+    """Fire the readiness of a set whose every member is ready.
+
+    A ``ResultSet`` learns that it is ready from a vine ``barrier`` over its
+    members' ``on_ready`` promises, and such a barrier never fires for a
+    member fulfilled while the barrier is being built: it counts it, but
+    only fires on a later member (``barrier.__call__`` checks ``finalized``,
+    and ``finalize()`` does nothing once the constructor set it). Members are
+    fulfilled during that construction when their state is already known:
+    ``add_pending_result`` takes it from Celery's message buffer, or
+    ``consume_from`` delivers the read it queued because the server answered
+    at once (a loaded machine). If that happens to every member, the set's
+    ``get()`` would wait on a promise nothing fulfils, to its timeout.
+    """
+    for member in result.results:
+        if isinstance(member, ResultSet):
+            _fire_if_complete(member)  # a nested group has its own barrier
+    full = getattr(result, "_on_full", None)
+    if full is None or full.ready or full.cancelled or not full.finalized:
+        return
+    if result.on_ready.ready:
+        return
+    if all(getattr(member.on_ready, "ready", False) for member in result.results):
+        full.ready = True
+        full.p(*full.args, **full.kwargs)
+
+
 class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
     backend: PostgresBackend
 
@@ -409,6 +436,8 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             for meta in result._iter_meta(**kwargs):
                 if meta is not None:
                     self.on_state_change(meta, None)
+        if isinstance(result, ResultSet):
+            _fire_if_complete(result)
 
     def _wait_synced(self, target: int) -> None:
         while True:

@@ -259,3 +259,47 @@ def test_fork_child_does_not_break_parent_connections(app: Celery) -> None:
     assert b.get_task_meta("child", cache=False)["status"] == states.SUCCESS
     make_app(app.conf.result_backend).backend.mark_as_done("after-fork", "ok")
     assert app.AsyncResult("after-fork").get(timeout=10) == "ok"
+
+
+def _stored_group(app: Celery, n: int) -> tuple[str, list[str]]:
+    writer = make_app(app.conf.result_backend).backend
+    ids = [f"g-{i}" for i in range(n)]
+    for i, task_id in enumerate(ids):
+        writer.mark_as_done(task_id, i * 2)
+    return "g", ids
+
+
+def test_group_whose_parts_are_ready_while_it_is_built(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every part fulfilled while the GroupResult is constructed: it still joins.
+
+    The interleaving of a loaded machine, forced: the read queued by
+    ``consume_from`` is answered before ``add_pending_result`` returns, so each
+    part is fulfilled before vine's barrier is finalised, and the barrier
+    (built from already-fulfilled promises) never fires on its own.
+    """
+    _, ids = _stored_group(app, 5)
+    consumer = app.backend.result_consumer
+    consume_from = type(consumer).consume_from
+
+    def consume_and_deliver(self: Any, task_id: str) -> None:
+        consume_from(self, task_id)
+        self._wait_synced(self._sent)  # the server answered at once
+
+    monkeypatch.setattr(type(consumer), "consume_from", consume_and_deliver)
+    g = app.GroupResult("g", [app.AsyncResult(i) for i in ids])
+    assert all(r.ready() for r in g.results)
+    assert g.get(timeout=10) == [i * 2 for i in range(5)]
+    assert g.ready()
+
+
+def test_group_whose_parts_are_buffered_joins(app: Celery) -> None:
+    """Parts already in Celery's message buffer (a late duplicate
+    notification) are fulfilled as the group is built: it still joins."""
+    _, ids = _stored_group(app, 5)
+    backend = app.backend
+    for task_id in ids:
+        backend.result_consumer.on_state_change(backend.get_task_meta(task_id), None)
+    g = app.GroupResult("g", [app.AsyncResult(i) for i in ids])
+    assert g.get(timeout=10) == [i * 2 for i in range(5)]
