@@ -55,6 +55,22 @@ def connect(
         raise _bad_url(url, str(exc)) from None
 
 
+def prefer_indexes(conn: psycopg.Connection) -> None:
+    """Keep the planner off sequential scans in a session that runs only
+    pgbroker's own queries on the queue tables.
+
+    A queue table churns: it is new and empty at first, then mostly dead
+    rows between vacuums, and its statistics lag behind. The planner then
+    judges it small and plans a sequential scan for a claim or an ack,
+    which reads every dead row, and a prepared statement keeps that plan
+    for the session's life (measured: about 1,100 rows read per claim in a
+    5,000-task Celery run on a new database). Every hot query has an index
+    made for it; this makes the planner use it. Scans with no index to use
+    still run.
+    """
+    conn.execute("SET enable_seqscan = off")
+
+
 def _params(url: str, conninfo: str) -> dict[str, str]:
     try:
         params = {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}

@@ -74,7 +74,7 @@ from psycopg.errors import error_from_result
 from psycopg.types.json import Json, Jsonb, set_json_loads
 
 from pgbroker import enqueue, queries, schema, sweeper
-from pgbroker.db import connect
+from pgbroker.db import connect, prefer_indexes
 from pgbroker.errors import MessageTooLarge
 from pgbroker.forking import neutralise
 from pgbroker.options import TransportOptions
@@ -92,7 +92,10 @@ _PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding")
 #: Queries run through libpq's pipeline (``Transport._run_pipelined``): the
 #: name of their prepared statement, and the type oid of each parameter.
 _PIPELINED = {
-    "claim": (b"pgbroker_claim", {"queue": 25, "limit": 20, "consumer_id": 23}),
+    "claim": (
+        b"pgbroker_claim",
+        {"queue": 25, "limit": 20, "consumer_id": 23, "acks": 1016},  # 1016: bigint[]
+    ),
 }
 _PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
 
@@ -448,6 +451,7 @@ class Transport(virtual.Transport):
         self._lock_class = (
             self._lock_oid - (1 << 32) if self._lock_oid >= 1 << 31 else self._lock_oid
         )
+        prefer_indexes(conn)
         conn.add_notify_handler(self._on_notify)
         set_json_loads(_load_json, conn)
         # Compose each query's text once per connection, not per call.
@@ -724,7 +728,10 @@ class Transport(virtual.Transport):
         the claim's commit has been confirmed (see ``_run_pipelined``)."""
         if no_ack:
             return self.run_all("claim_no_ack", queue=queue, limit=limit)
-        rows = self.run_all("claim", queue=queue, limit=limit, consumer_id=self._ensure_consumer())
+        consumer_id = self._ensure_consumer()
+        # The acks not written yet commit with the claim (see `claim` in queries.sql).
+        acks, self._acks = self._acks, []
+        rows = self.run_all("claim", queue=queue, limit=limit, consumer_id=consumer_id, acks=acks)
         if settle:
             self._settle()
         return rows
@@ -772,8 +779,8 @@ class Transport(virtual.Transport):
 
     def claim_and_deliver(self) -> int:
         """Claim from queues that may have work, up to each channel's free
-        prefetch, and hand the messages to their consumers."""
-        self.flush_acks()
+        prefetch, and hand the messages to their consumers. Pending acks go
+        with the first claim; the callers write those no claim took."""
         delivered = 0
         consuming = [(c, q) for c in list(self.channels) for q in list(c._active_queues)]
         # Start one queue further each time, so that a backlog on the first
@@ -1085,9 +1092,12 @@ class Transport(virtual.Transport):
         self._arm_due_timer()
 
     def _on_tick(self) -> None:
-        if self._acks:
-            self.flush_acks()
+        # Acks made in the loop wait for the next tick: a claim in it takes
+        # them along (one commit); otherwise they are written then.
+        earlier_acks = bool(self._acks)
         wake = bool(self._ready and self.claim_and_deliver())
+        if earlier_acks and self._acks:  # no claim took them along
+            self.flush_acks()
         # Celery's prefork pool sends queued tasks to its children from
         # its own on_tick callback, which may already have run in this
         # tick: wake the loop so that its next tick does, instead of the
@@ -1107,9 +1117,11 @@ class Transport(virtual.Transport):
 
 
 def _text_param(value: Any, encoding: str) -> bytes | None:
-    """A parameter in text format, for libpq."""
+    """A parameter in text format, for libpq (a list: an array of integers)."""
     if value is None:
         return None
+    if isinstance(value, list):
+        return ("{" + ",".join(str(int(v)) for v in value) + "}").encode()
     data = str(value).encode(encoding)
     if b"\0" in data:
         # libpq would cut the value at the NUL (another queue's name!).

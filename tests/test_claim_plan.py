@@ -13,11 +13,15 @@ from typing import Any
 
 import psycopg
 import pytest
+from kombu import Connection, Producer, Queue
+from kombu import Consumer as KombuConsumer
 from psycopg import pq
 from psycopg._queries import PostgresQuery
 from psycopg.adapt import Transformer
 
 from pgbroker import queries
+from pgbroker.transport import _PIPELINED, _numbered
+from tests.kombu_helpers import drain_until
 
 Q = queries.for_schema("pgbroker")
 QUEUES = ["q0", "q1", "q2", "q3", "q4"]
@@ -101,7 +105,7 @@ def scans_of(plan: list[dict[str, Any]], relation: str) -> list[tuple[str, str |
     ]
 
 
-CLAIM = {"queue": "q3", "limit": 10, "consumer_id": 1}
+CLAIM = {"queue": "q3", "limit": 10, "consumer_id": 1, "acks": [1, 2]}
 
 
 @pytest.mark.parametrize("how", [explain, explain_generic])
@@ -213,3 +217,54 @@ def test_statements_on_one_queue_use_indexes(big: psycopg.Connection) -> None:
             plan = how(big, name, params)
             seq = [s for s in scans_of(plan, "message") if s[0] == "Seq Scan"]
             assert not seq, (name, how.__name__, scans_of(plan, "message"))
+
+
+def test_the_claim_and_its_acks_use_the_primary_key(big: psycopg.Connection) -> None:
+    """The acks that ride with a claim are found by id, not by a scan."""
+    for how in (explain, explain_generic):
+        plan = how(big, "claim", {**CLAIM, "acks": list(range(1, 40))})
+        scans = scans_of(plan, "message")
+        assert not [s for s in scans if s[0] == "Seq Scan"], scans
+        assert [s for s in scans if s[1] == "message_pkey"], scans
+
+
+def test_a_new_queue_table_is_not_scanned(db_url: str) -> None:
+    """On a new database the message table is small and has no statistics:
+    the planner would judge a sequential scan cheapest for the claim and the
+    ack, and keep that plan for the session's life while the table fills
+    with dead rows. The transport's session plans them on their indexes
+    (pgbroker.db.prefer_indexes): asked on that session, after consuming."""
+    with Connection(db_url) as conn:
+        queue = Queue("fresh")
+        producer = Producer(conn.channel())
+        queue(producer.channel).declare()
+        for i in range(60):
+            producer.publish({"i": i}, routing_key="fresh")
+        channel = conn.channel()
+        channel.basic_qos(0, 5, False)
+        got: list[int] = []
+
+        def on_message(body: Any, message: Any) -> None:
+            got.append(body["i"])
+            message.ack()
+
+        with KombuConsumer(channel, [queue], callbacks=[on_message]):
+            drain_until(conn, lambda: len(got) == 60)
+        transport = conn.transport
+        session = transport.conn
+        # The claim as the transport prepared it (its cached plan), and the ack.
+        claim_name = _PIPELINED["claim"][0].decode()
+        _, names = _numbered(transport._sql["claim"])
+        values = {"queue": "'fresh'", "limit": "5", "consumer_id": str(transport.consumer_id)}
+        args = ", ".join(values.get(n, "'{1,2}'") for n in names)
+        plans = [
+            session.execute(f"EXPLAIN (FORMAT JSON) EXECUTE {claim_name}({args})").fetchone(),
+            session.execute(
+                b"EXPLAIN (FORMAT JSON) " + Q["ack"].as_bytes(session),
+                {"ids": [1, 2], "consumer_id": transport.consumer_id},
+            ).fetchone(),
+        ]
+    for row in plans:
+        assert row is not None
+        scans = scans_of(list(nodes(row[0][0]["Plan"])), "message")
+        assert scans and not [s for s in scans if s[0] == "Seq Scan"], scans

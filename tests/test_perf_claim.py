@@ -114,7 +114,7 @@ def test_prepared_claim_walks_the_ready_index(
     text, names = _numbered(Q["claim"].as_bytes(big))
     res = big.pgconn.prepare(b"claim_plan", text, [types[n] for n in names])
     assert res.status == pq.ExecStatus.COMMAND_OK, res.get_error_message()
-    values = {"queue": "'q3'", "limit": "10", "consumer_id": "1"}
+    values = {"queue": "'q3'", "limit": "10", "consumer_id": "1", "acks": "'{1,2}'"}
     big.execute(f"SET plan_cache_mode = {plan_cache_mode}")
     try:
         args = ", ".join(values[n] for n in names)

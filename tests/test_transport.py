@@ -530,15 +530,23 @@ def test_event_loop_consumer(db_url: str, db: psycopg.Connection) -> None:
         with connect(db_url) as publisher:
             publish_n(publisher, a, 20)
             publish_n(publisher, b, 20)
-        ack_batches: list[int] = []
-        run_count = conn.transport.run_count
+        ack_batches: list[int] = []  # acks per statement: an ack or a claim's
+        ack_statements: list[int] = []
+        run_count, run_all = conn.transport.run_count, conn.transport.run_all
 
         def counting_run_count(query: str, /, **params: Any) -> int:
             if query == "ack":
                 ack_batches.append(len(params["ids"]))
+                ack_statements.append(len(params["ids"]))
             return run_count(query, **params)
 
+        def counting_run_all(query: str, /, **params: Any) -> list[Any]:
+            if query == "claim" and params["acks"]:
+                ack_batches.append(len(params["acks"]))
+            return run_all(query, **params)
+
         conn.transport.run_count = counting_run_count  # type: ignore[method-assign]
+        conn.transport.run_all = counting_run_all  # type: ignore[method-assign]
         conn.register_with_event_loop(hub)
         got: list[tuple[float, Message]] = []
 
@@ -556,9 +564,13 @@ def test_event_loop_consumer(db_url: str, db: psycopg.Connection) -> None:
         run_until(lambda: len(got) == 40)
         run_until(lambda: sum(ack_batches) == 40)
         assert scalar(db, "SELECT count(*) FROM pgbroker.message") == 0
-        # One ack statement per tick, not per message: each claim pass takes
-        # up to the prefetch count from each of the two queues.
+        # Acks go in batches, not one statement per message: each claim pass
+        # takes up to the prefetch count from each of the two queues...
         assert 1 < max(ack_batches) <= 4, ack_batches
+        # ...and a tick's acks commit with the next tick's claim: a statement
+        # of their own only when no claim follows (a queue found empty, the
+        # last batch). (Before: one ack statement per batch.)
+        assert len(ack_statements) <= len(ack_batches) / 3, (ack_statements, ack_batches)
         first = [m.delivery_info["routing_key"] for _, m in got[:10]]
         assert first.count("loop-b") >= 3, first
 

@@ -173,6 +173,13 @@ SELECT (SELECT count(*) FROM stored) AS routed,
 -- through an array rather than a join, so that even a generic plan (which
 -- cannot know `limit`) fetches them by primary key instead of hashing the
 -- whole table.
+--
+-- The consumer's acks made since its last statement ride along (`acks`,
+-- fenced as in `ack`): they commit with the claim, one commit instead of two.
+WITH acked AS (
+    DELETE FROM {schema}.message
+    WHERE id = ANY (%(acks)s::bigint[]) AND consumer_id = %(consumer_id)s
+)
 UPDATE {schema}.message m
 SET state = 'reserved', consumer_id = %(consumer_id)s, claimed_at = now(),
     delivery_count = m.delivery_count + 1
@@ -394,7 +401,9 @@ WHERE p.ctid = ANY (ARRAY (
 --    consumer's timer normally does it; this is the safety net), and the
 --    next due time is returned for the timer;
 -- 5. one batch of published_task rows older than the dedup window goes.
--- Results are written to task_result only where the task's row is not
+-- It also says whether live consumers of processes other than
+-- (own_host, own_pid) exist: a lone sweeper thread (pgbroker/sweeper.py)
+-- then goes back to watching them. Results are written to task_result only where the task's row is not
 -- final yet (SUCCESS, FAILURE, REVOKED), and announced on the task's
 -- channel (pgbroker.result_consumer.channel_for) so a waiting get() wakes.
 WITH dead AS (
@@ -539,4 +548,7 @@ SELECT (SELECT count(*) FROM requeued) AS requeued,
             SELECT visible_at FROM {schema}.message
             WHERE state = 'delayed' AND queue = q.name AND visible_at > now()
             ORDER BY visible_at LIMIT 1) n) AS next_due,
-       extract(epoch FROM now())::float8 AS server_now;
+       extract(epoch FROM now())::float8 AS server_now,
+       EXISTS (SELECT 1 FROM {schema}.consumer c
+               WHERE NOT (c.hostname = %(own_host)s AND c.pid = %(own_pid)s)
+                 AND c.id NOT IN (SELECT id FROM dead)) AS others;
