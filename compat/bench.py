@@ -849,6 +849,7 @@ def make_figures(s: Settings) -> dict[str, Figure]:
                BROKERS, "msg/s", "kombu", Target(">=", 3)),
         Figure("celery_tasks", f"Celery tasks/s, {c.tasks} no-op, prefork -c 2, to results",
                COLUMNS, "tasks/s", "celery", Target(">=", 1.25)),
+        *cpu_figures("celery_tasks", "Celery tasks"),
         Figure("latency_p50", "delay().get() p50 ms", COLUMNS, "ms", "celery",
                Target("<=", 1.2)),
         Figure("latency_p95", "delay().get() p95 ms", COLUMNS, "ms", "celery"),
@@ -856,6 +857,7 @@ def make_figures(s: Settings) -> dict[str, Figure]:
                Target("<=", 1.5)),
         Figure("chains", f"chains/s, {c.chains} chains of {c.chain_length}", COLUMNS,
                "chains/s", "celery", Target(">=", 1.2)),
+        *cpu_figures("chains", "chains"),
         Figure("chord", f"chord of {c.chord_header} + body, completion ms", COLUMNS, "ms",
                "celery"),
         Figure("worker_kill", "SIGKILL of a worker to redelivery, s (default settings)",
@@ -889,6 +891,15 @@ def make_figures(s: Settings) -> dict[str, Figure]:
                        s.scale_systems, "msg/s", "scale", target)
             )  # fmt: skip
     return {f.key: f for f in figures if f.part in s.parts}
+
+
+def cpu_figures(key: str, what: str) -> list[Figure]:
+    """The CPU rows of a Celery figure: ms per task (= s per 1,000 tasks)."""
+    return [
+        Figure(f"{key}_cpu_{part}", f"{what}: CPU ms per task, {part}", COLUMNS, "ms/task",
+               "celery")
+        for part in bench_celery.CPU_PARTS
+    ]  # fmt: skip
 
 
 def rotated(items: list[Any], n: int) -> list[Any]:
@@ -1020,7 +1031,7 @@ def celery_pairs(report: Report, dbs: Databases, suffix: str) -> list[bench_cele
 def run_celery(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
     s, figs = report.settings, report.figures
     pairs = celery_pairs(report, dbs, "_celery")
-    keys = ("celery_tasks", "latency_p50", "latency_p95", "latency_p99", "chains", "chord")
+    keys = [key for key, f in figs.items() if f.part == "celery"]
 
     def failed(pair: bench_celery.Pair, error: str) -> None:
         log(f"{pair.label}: celery worker failed to start: {error}")
@@ -1041,10 +1052,15 @@ def celery_round(
     """One round of every Celery figure for one broker/backend pair."""
     key, app, queue, label = run_.pair.key, run_.app, run_.queue, run_.pair.label
     cell = figs["celery_tasks"].cell(key)
+    cpu_cells = [figs[f"celery_tasks_cpu_{p}"].cell(key) for p in bench_celery.CPU_PARTS]
+    before = bench_celery.cpu_seconds(run_)
     rate = attempt(
-        [cell], lambda: bench_celery.tasks_per_second(app, queue, c.tasks), f"{label} tasks"
+        [cell, *cpu_cells],
+        lambda: bench_celery.tasks_per_second(app, queue, c.tasks),
+        f"{label} tasks",
     )
     if rate:
+        record_cpu(run_, cpu_cells, before, c.tasks)
         cell.values.append(rate)
     lat_cells = [figs[f"latency_p{p}"].cell(key) for p in (50, 95, 99)]
     samples = attempt(
@@ -1056,12 +1072,15 @@ def celery_round(
         for p, lat in zip((50, 95, 99), lat_cells, strict=True):
             lat.values.append(bench_celery.percentile(samples, p))
     cell = figs["chains"].cell(key)
+    cpu_cells = [figs[f"chains_cpu_{p}"].cell(key) for p in bench_celery.CPU_PARTS]
+    before = bench_celery.cpu_seconds(run_)
     rate = attempt(
-        [cell],
+        [cell, *cpu_cells],
         lambda: bench_celery.chains_per_second(app, queue, c.chains, c.chain_length),
         f"{label} chains",
     )
     if rate:
+        record_cpu(run_, cpu_cells, before, c.chains * c.chain_length)
         cell.values.append(rate)
     cell = figs["chord"].cell(key)
     if not run_.pair.chords:
@@ -1073,6 +1092,23 @@ def celery_round(
         )
         if ms:
             cell.values.append(ms)
+
+
+def record_cpu(
+    run_: bench_celery.Running,
+    cells: list[Cell],
+    before: dict[str, float | None],
+    tasks: int,
+) -> None:
+    """CPU ms per task since ``before``, per part (server, worker, client)."""
+    after = bench_celery.cpu_seconds(run_)
+    for part, cell in zip(bench_celery.CPU_PARTS, cells, strict=True):
+        start, end = before[part], after[part]
+        if start is None or end is None:
+            cell.error = run_.cpu_errors.get(part, "not measured")
+        else:
+            cell.values.append((end - start) * 1000 / tasks)
+            cell.note = run_.server_text if part == "server" else ""
 
 
 def run_worker_kill(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
@@ -1384,6 +1420,13 @@ def render(report: Report) -> str:
         "Celery figures: RabbitMQ = RabbitMQ broker + rpc:// backend; RabbitMQ+Redis = "
         "RabbitMQ broker + Redis backend",
     ]
+    if any(f.key.endswith("_cpu_server") for f in figures.values()):
+        notes.append(
+            "CPU ms per task (= s per 1,000 tasks) over the timed window, /proc utime+stime: "
+            "server = the pair's server processes (PostgreSQL; redis-server; beam.smp, "
+            "+ redis-server), their other clients included; worker = celery worker and its "
+            "pool; client = the bench process"
+        )
     for f in figures.values():
         for key, cell in f.cells.items():
             if cell.configured is not None:

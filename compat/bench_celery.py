@@ -17,6 +17,10 @@ a shared machine hits them alike. Per round and pair:
   body, one after the other, each timed from ``apply_async`` to the body's
   result (``rpc://`` has no chords: skipped).
 
+For the tasks/s and chains/s runs, :func:`cpu_seconds` gives the CPU time
+(from ``/proc``) of the pair's servers, of its worker and of the client over
+the timed window: what limits each system on a CPU-bound machine.
+
 The worker-kill figure (:func:`measure_worker_kill`) starts its own workers.
 """
 
@@ -30,10 +34,12 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import psycopg
 from celery import Celery, chain, chord
 from celery.result import ResultSet
 from kombu import Queue
@@ -200,12 +206,141 @@ def chord_ms(app: Celery, queue: str, header: int) -> float:
     return elapsed * 1000
 
 
+# --- CPU time (Linux /proc) --------------------------------------------------------
+
+PROC = Path("/proc")
+#: The parts of a pair whose CPU time is measured (table rows).
+CPU_PARTS = ("server", "worker", "client")
+
+
+class CpuUnavailable(Exception):
+    pass
+
+
+def proc_stats() -> dict[int, list[str]]:
+    """Every process's ``/proc/<pid>/stat`` fields after the command name:
+    [1] is the parent pid, [11:15] utime, stime, cutime, cstime in ticks."""
+    stats = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # exited since listed
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+    return stats
+
+
+def tree_cpu(stats: dict[int, list[str]], roots: list[int]) -> float:
+    """CPU seconds of ``roots`` and all their descendants, including the
+    children they have reaped (cutime, cstime): a process that exits between
+    two samples is counted by its parent's cutime instead, so the difference
+    of two samples is complete as long as the roots live."""
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    ticks, todo, seen = 0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        ticks += sum(int(x) for x in stats[pid][11:15])
+        todo += children.get(pid, [])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def comm(pid: int) -> str:
+    try:
+        return (PROC / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def read_cmdline(pid: int) -> bytes:
+    try:
+        return (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def server_processes(url: str) -> tuple[list[int], str]:
+    """The local server behind ``url``: the roots of its process trees, and
+    a description. Raises :class:`CpuUnavailable` when it is not a local
+    process (a remote host, another pid namespace)."""
+    scheme = urlsplit(url).scheme
+    if scheme == "rpc":
+        return [], ""  # the broker's own server
+    if scheme.startswith(("postgres", "pgbroker")):
+        with psycopg.connect(
+            "postgresql://" + url.partition("://")[2], autocommit=True, connect_timeout=5
+        ) as conn:
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+            # Every server process is a child of the postmaster, this backend's parent.
+            stat = (PROC / str(backend) / "stat").read_text() if comm(backend) == "postgres" else ""
+        if not stat:
+            raise CpuUnavailable("PostgreSQL is not a local process")
+        postmaster = int(stat.rsplit(")", 1)[1].split()[1])
+        return [postmaster], f"PostgreSQL (postmaster {postmaster} and its children)"
+    if scheme.startswith("redis"):
+        import redis
+
+        pid = int(redis.Redis.from_url(url, socket_timeout=5).info("server")["process_id"])
+        if comm(pid) != "redis-server":
+            raise CpuUnavailable("Redis is not a local process")
+        return [pid], f"redis-server {pid}"
+    if scheme.startswith("amqp"):
+        # RabbitMQ does not tell its pid over AMQP: its Erlang VM on this host.
+        pids = [
+            pid
+            for pid in map(int, filter(str.isdigit, os.listdir(PROC)))
+            if comm(pid) == "beam.smp" and b"rabbit" in read_cmdline(pid)
+        ]
+        if not pids:
+            raise CpuUnavailable("RabbitMQ is not a local process")
+        return pids, f"RabbitMQ beam.smp {', '.join(map(str, pids))}"
+    raise CpuUnavailable(f"unknown server for {scheme}://")
+
+
 @dataclass
 class Running:
     pair: Pair
     queue: str
     worker: WorkerProcess
     app: Celery
+    #: Roots of the process trees of the pair's broker and backend servers.
+    servers: list[int] = field(default_factory=list)
+    #: What ``servers`` are.
+    server_text: str = ""
+    #: Why a CPU part cannot be measured (part -> reason).
+    cpu_errors: dict[str, str] = field(default_factory=dict)
+
+    def find_servers(self) -> None:
+        if not (PROC / "self" / "stat").exists():
+            self.cpu_errors = dict.fromkeys(CPU_PARTS, "no /proc on this platform")
+            return
+        texts = []
+        try:
+            for url in dict.fromkeys([self.pair.broker, self.pair.backend]):
+                pids, text = server_processes(url)
+                self.servers += [p for p in pids if p not in self.servers]
+                texts += [text] if text else []
+        except Exception as exc:
+            self.cpu_errors["server"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        self.server_text = " + ".join(texts)
+
+
+def cpu_seconds(run: Running) -> dict[str, float | None]:
+    """CPU seconds used so far by the pair's servers (every process, their
+    other clients included), its worker (the ``celery worker`` process and
+    its pool) and the client (this process, every thread); None where
+    unknown (``run.cpu_errors`` says why)."""
+    if len(run.cpu_errors) == len(CPU_PARTS):
+        return dict.fromkeys(CPU_PARTS)
+    stats = proc_stats()  # a few ms of the client's time, once per window
+    own = (PROC / "self" / "stat").read_text().rsplit(")", 1)[1].split()
+    return {
+        "server": None if "server" in run.cpu_errors else tree_cpu(stats, run.servers),
+        "worker": tree_cpu(stats, [run.worker.proc.pid]),
+        "client": sum(int(x) for x in own[11:13]) / os.sysconf("SC_CLK_TCK"),
+    }
 
 
 @contextlib.contextmanager
@@ -227,6 +362,7 @@ def running_pairs(
                 # Warm up: connections open, pool processes forked and importing.
                 for _ in range(10):
                     r.app.send_task(NOOP, queue=r.queue).get(timeout=60)
+                r.find_servers()
                 live.append(r)
             except Exception as exc:
                 on_error(r.pair, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])

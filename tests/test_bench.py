@@ -9,6 +9,7 @@ measured": timing targets are the benchmark's own output.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from compat import bench
+from compat import bench, bench_celery
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +88,8 @@ def test_quick_run_of_every_part(pg_admin_url: str, tmp_path: Path) -> None:
         "idle_celery_quiet", "backlog_empty", "backlog_full",
         "scale_one_1", "scale_one_2", "scale_spread_1", "scale_spread_2",
     }  # fmt: skip
+    cpu_parts = ("server", "worker", "client")
+    expected |= {f"{k}_cpu_{p}" for k in ("celery_tasks", "chains") for p in cpu_parts}
     assert set(figures) == expected
     for key, f in figures.items():
         assert {
@@ -102,6 +105,8 @@ def test_quick_run_of_every_part(pg_admin_url: str, tmp_path: Path) -> None:
         } <= set(f)
         cell = f["cells"]["pgbroker"]
         assert {"median", "values", "configured", "note", "error"} <= set(cell)
+        if key.endswith("_cpu_server") and "not a local process" in cell["error"]:
+            continue  # PostgreSQL in a container: its processes are not in our /proc
         # Every part measured pgbroker.
         assert cell["median"] is not None and cell["median"] >= 0, (key, cell)
         if f["target"]:
@@ -120,8 +125,34 @@ def test_quick_run_of_every_part(pg_admin_url: str, tmp_path: Path) -> None:
             assert figures[key]["ratio"] == pytest.approx(
                 figures[key]["cells"]["pgbroker"]["median"] / redis["median"]
             )
+    check_cpu_rows(stdout, figures, data["settings"]["celery"]["chain_length"])
     if chart is not None:
         assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def check_cpu_rows(stdout: str, figures: dict[str, Any], chain_length: int) -> None:
+    """CPU ms per task: a row per part, positive for pgbroker, and no more CPU
+    than the cores could give over the timed window."""
+    for key, what, tasks_per_unit in (
+        ("celery_tasks", "Celery tasks", 1),
+        ("chains", "chains", chain_length),
+    ):
+        wall_ms_per_task = 1000 / (figures[key]["cells"]["pgbroker"]["median"] * tasks_per_unit)
+        total = 0.0
+        for part in ("server", "worker", "client"):
+            row = table_row(stdout, f"{what}: CPU ms per task, {part}")
+            cell = figures[f"{key}_cpu_{part}"]["cells"]["pgbroker"]
+            if part == "server" and "not a local process" in cell["error"]:
+                assert row[1] == "n/a", row  # PostgreSQL in a container
+                continue
+            assert re.fullmatch(r"[\d,.]+", row[1]), row
+            assert cell["median"] > 0, (key, part, cell)
+            total += cell["median"]
+            if part != "server" and redis_answers():  # its worker and client are ours
+                assert figures[f"{key}_cpu_{part}"]["cells"]["redis"]["median"] > 0, part
+        # Within the cores' time over the window, plus rounding: a 10 ms tick
+        # per busy process over --quick's 50 tasks.
+        assert total <= (os.cpu_count() or 1) * wall_ms_per_task + 3, (key, total)
 
 
 def test_unreachable_systems_are_na_not_a_crash(pg_admin_url: str) -> None:
@@ -151,3 +182,31 @@ def test_targets() -> None:
     assert absolute.text() == "< 2"
     assert absolute.check(1.9, None) == (None, True)
     assert absolute.check(2.0, 5.0) == (None, False)
+
+
+def test_tree_cpu_counts_descendants_and_reaped_children() -> None:
+    def stat(ppid: int, utime: int, stime: int, cutime: int = 0, cstime: int = 0) -> list[str]:
+        return ["S", str(ppid), *["0"] * 9, str(utime), str(stime), str(cutime), str(cstime)]
+
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {
+        10: stat(1, 100, 50, 30, 20),  # root; 50 ticks from children it reaped
+        11: stat(10, 10, 5),
+        12: stat(11, 1, 1),  # grandchild
+        20: stat(1, 999, 999),  # another tree
+    }
+    assert bench_celery.tree_cpu(stats, [10]) == pytest.approx(217 / tick)
+    assert bench_celery.tree_cpu(stats, [10, 20]) == pytest.approx(2215 / tick)
+    assert bench_celery.tree_cpu(stats, [99]) == 0  # gone: nothing, no error
+
+
+def test_cpu_rows_are_na_without_proc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(bench_celery, "PROC", tmp_path / "no-proc")
+    pair = bench_celery.Pair("pgbroker", "pgbroker", "postgresql://x/y", "postgresql://x/y")
+    run_ = bench_celery.Running(pair, "q", None, None)  # type: ignore[arg-type]
+    run_.find_servers()
+    assert bench_celery.cpu_seconds(run_) == dict.fromkeys(bench_celery.CPU_PARTS)
+    cells = [bench.Cell() for _ in bench_celery.CPU_PARTS]
+    bench.record_cpu(run_, cells, dict.fromkeys(bench_celery.CPU_PARTS), 10)
+    assert [c.error for c in cells] == ["no /proc on this platform"] * 3
+    assert [c.value() for c in cells] == [None] * 3
