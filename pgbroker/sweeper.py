@@ -9,15 +9,21 @@ worker's tasks come back after 5 s on average.
 With ``fast_recovery`` (the default), every process that consumes also runs
 one daemon thread per (URL, schema) with a session of its own
 (``application_name`` ``pgbroker-sweeper:<host>:<pid>``), which calls
-``sweeper_wait`` (:file:`migrations/007_sweeper.sql`) in a loop. Advisory
+``sweeper_wait`` (:file:`migrations/007_sweeper.sql`, replaced by
+:file:`migrations/009_sweeper_quiet.sql`) in a loop. Advisory
 locks give the sessions of one schema their roles:
 
 * the sweeper: the call polls ``pg_locks`` inside the server every
   :data:`POLL_SECONDS` and returns as soon as a consumer's lock is gone, or
   after ``sweep_interval``; the thread then runs the sweep and calls again.
   A SIGKILLed worker's messages are back in their queues well under a
-  second later. (Alone, with no other process's consumers to watch, it
-  does not wait in the server: the thread sleeps between calls.)
+  second later. Alone, with no other process's consumers to watch (its
+  own die with it), it does not wait in the server: it keeps its lock and
+  sends only the sweep every ``sweep_interval``, which also says whether
+  another process has consumers now; then it calls again. So a new
+  process is watched from the lone sweeper's next sweep, within one
+  ``sweep_interval``. The session never LISTENs: every NOTIFY in the
+  database (each publish, each result) would wake it;
 * one standby: the call waits for the sweeper lock, so the standby becomes
   the sweeper the moment the sweeper's session ends (its process died: the
   server checks the client socket every 250 ms while a call runs, from
@@ -26,9 +32,10 @@ locks give the sessions of one schema their roles:
   ``sweep_interval`` before the next, taking a role that has become free.
 
 Either way the client sends one statement per ``sweep_interval`` (the
-sweeper, two: the call and the sweep), and the consumers' own periodic
-sweep is skipped while this thread is healthy (:meth:`Sweeper.covers`): an
-idle worker sends at most two statements per interval. The waits commit about
+sweeper while other processes have consumers, two: the call and the
+sweep), and the consumers' own periodic sweep is skipped while this thread
+is healthy (:meth:`Sweeper.covers`): an idle worker sends at most two
+statements per interval, a lone one only its sweep. The waits commit about
 every second inside the procedure, so they never hold back the xmin horizon
 for longer than that (see the migration for why).
 
@@ -82,7 +89,9 @@ PRUNE_ROUNDS = 20
 
 
 def sweep_params(options: TransportOptions, lock_oid: int, queues: list[str]) -> dict[str, object]:
-    """The parameters of the ``sweep`` query (sql/queries.sql)."""
+    """The parameters of the ``sweep`` query (sql/queries.sql). (This
+    process's host name and pid tell its consumers from others', for the
+    ``others`` column.)"""
     return {
         "lock_oid": lock_oid,
         "channel": options.schema,
@@ -94,6 +103,8 @@ def sweep_params(options: TransportOptions, lock_oid: int, queues: list[str]) ->
         # after the default window.
         "dedup_window": options.dedup_window or TransportOptions.dedup_window,
         "prune_limit": PRUNE_BATCH,
+        "own_host": socket.gethostname(),
+        "own_pid": os.getpid(),
     }
 
 
@@ -156,9 +167,11 @@ class Sweeper:
         self._sweep_sql = queries.for_schema(options.schema)
         self._conn: psycopg.Connection | None = None
         self._session_name = ""
-        self._woken = False
+        #: True while this process is the sweeper and alone: the thread only
+        #: sweeps, every sweep_interval, without calling.
+        self.alone = False
         self._lock_oid = 0
-        self._last_ok: float | None = None  # when a call last returned
+        self._last_ok: float | None = None  # when a call (or a lone sweep) last returned
         self._served = False  # a call returned on the current session
         self._stuck_warned: set[int] = set()
         self._stopping = threading.Event()
@@ -240,8 +253,6 @@ class Sweeper:
             # Not set in the URL: mark the session as the sweeper's.
             name = f"pgbroker-sweeper:{socket.gethostname()}:{os.getpid()}"
         self._session_name = name
-        # A NOTIFY read while a call runs (psycopg hands it to this handler).
-        self._conn.add_notify_handler(self._on_notify)
         self.role = "idle"
 
     def _disconnect(self) -> None:
@@ -250,6 +261,7 @@ class Sweeper:
         if self.is_sweeper:
             logger.info("pgbroker sweeper of schema %r: no longer the sweeper", self.schema)
         self.role = "idle"
+        self.alone = False
         if conn is not None and not self._forked:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -268,7 +280,6 @@ class Sweeper:
         wait = min(self.interval, 1.0)
         while not self._stopping.is_set() and self._conn is not None:
             conn = self._conn
-            self._woken = False
             row = conn.execute(
                 self._sql["wait"],
                 {
@@ -316,34 +327,44 @@ class Sweeper:
                 known = []
             previous = dead
             self._last_ok = time.monotonic()
-            if not waited:
-                # Nothing to wait for in the server (an idle process, or the
-                # sweeper with no other process's consumers to watch).
+            if not waited and role == "sweeper":
+                # No other process's consumers to watch.
+                self._sweep_alone(conn, queue_names)
+                known, previous = [], []
+                last_sweep = time.monotonic()
+            elif not waited:
+                self._sleep(conn)  # an idle process
+
+    def _sweep_alone(self, conn: psycopg.Connection, queue_names: list[str]) -> None:
+        """The lone sweeper keeps its role (the lock stays with the session)
+        with no call: it sleeps and sweeps, every sweep_interval, until the
+        sweep says that another process has consumers."""
+        self.alone = True
+        try:
+            while not self._stopping.is_set():
                 self._sleep(conn)
+                if self._stopping.is_set():
+                    return
+                if self._sweep(conn, queue_names):
+                    return
+                self._last_ok = time.monotonic()
+        finally:
+            self.alone = False
 
     def _sleep(self, conn: psycopg.Connection) -> None:
-        """Wait sweep_interval without a query; a lone sweeper wakes up
-        early when a new process's standby NOTIFYs (the call LISTENed)."""
+        """Wait sweep_interval without a query, watching the socket so that
+        a session the server ended is noticed at once."""
         deadline = time.monotonic() + self.interval
-        pgconn = conn.pgconn
-        while not self._stopping.is_set() and not self._woken:
+        while not self._stopping.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             readable, _, _ = select.select([conn.fileno()], [], [], min(remaining, 0.5))
             if readable:
                 with conn.lock:
-                    pgconn.consume_input()
-                    woken = False
-                    while pgconn.notifies() is not None:
-                        woken = True
-                if pgconn.status != psycopg.pq.ConnStatus.OK:
+                    conn.pgconn.consume_input()
+                if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
                     raise psycopg.OperationalError("the connection to PostgreSQL was lost")
-                if woken:
-                    return
-
-    def _on_notify(self, notify: psycopg.Notify) -> None:
-        self._woken = True
 
     def _warn_stuck(self, dead: list[int], known: list[int]) -> None:
         """Consumers still dead after a sweep: the sweep does not see them as
@@ -358,11 +379,15 @@ class Sweeper:
                 ", ".join(map(str, stuck)),
             )
 
-    def _sweep(self, conn: psycopg.Connection, queue_names: list[str]) -> None:
-        """Run the transport's sweep on this session; log as the transport does."""
+    def _sweep(self, conn: psycopg.Connection, queue_names: list[str]) -> bool:
+        """Run the transport's sweep on this session; log as the transport
+        does. True if other processes have live consumers."""
+        # Prepared at once, not after psycopg's five runs: a lone sweeper
+        # sends only this statement, so it should not be parsed each time.
         row = conn.execute(
             self._sweep_sql["sweep"],
             sweep_params(self.options, self._lock_oid, list(queue_names)),
+            prepare=True,
         ).fetchone()
         assert row is not None
         self.sweeps += 1
@@ -372,6 +397,7 @@ class Sweeper:
             return conn.execute(self._sweep_sql[name], params).rowcount
 
         prune_published(run_count, self.options, int(row[8]))
+        return bool(row[11])
 
 
 # --- one sweeper per (URL, schema) per process ---------------------------------

@@ -36,16 +36,18 @@ from tests.kombu_helpers import Child, collect, drain_quietly, drain_until, rows
 ODD_SCHEMA = 'Odd "schema" Name'
 
 # A consumer process: consumes QUEUE with prefetch PREFETCH and default
-# options (sweep_interval 10 s, fast_recovery on); prints "ready <consumer
-# id>", then "held <payloads>" once it holds HOLD messages (never acked);
-# with FORK set, forks a child that reports what it inherited and sleeps.
+# options (sweep_interval 10 s unless SWEEP_INTERVAL, fast_recovery on);
+# prints "ready <consumer id>", then "held <payloads>" once it holds HOLD
+# messages (never acked); with FORK set, forks a child that reports what it inherited and sleeps.
 CONSUMER = """
 import os, sys, time
 from kombu import Connection, Consumer, Queue
 from pgbroker import sweeper
 hold = int(os.environ.get("HOLD", "0"))
 got = []
-conn = Connection(os.environ["TEST_URL"], transport_options={"schema": os.environ["SCHEMA"]})
+options = {"schema": os.environ["SCHEMA"],
+           "sweep_interval": float(os.environ.get("SWEEP_INTERVAL", "10"))}
+conn = Connection(os.environ["TEST_URL"], transport_options=options)
 with Consumer(conn, [Queue(os.environ["QUEUE"])], callbacks=[lambda body, m: got.append(body)],
               prefetch_count=int(os.environ.get("PREFETCH", "10"))):
     try:
@@ -86,6 +88,18 @@ def sweeper_holder(db: psycopg.Connection, schema: str = "pgbroker") -> str | No
         [schema],
     ).fetchone()
     return None if row is None else str(row[0])
+
+
+def waits_in_server(db: psycopg.Connection, name: str) -> bool:
+    """The sweeper session ``name`` is in a sweeper_wait call (not alone)."""
+    return bool(
+        scalar(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            " AND state = 'active' AND query LIKE '%%sweeper_wait%%'",
+            name,
+        )
+    )
 
 
 def sessions_named(db: psycopg.Connection, name: str) -> int:
@@ -145,7 +159,9 @@ def test_sigkilled_consumer_is_recovered_by_the_sweeper_at_once(
             assert holder.read_line() == "held 0 1 2"
             got: list[Message] = []
             Consumer(conn, [Queue("work")], callbacks=[collect(got)]).consume()
-            drain_quietly(conn, 0.5)
+            # Alone until now, the sweeper notices the new process at its
+            # next sweep (within sweep_interval) and then watches it.
+            drain_until(conn, lambda: waits_in_server(db, sweeper_name(os.getpid())), timeout=15)
             assert got == []  # the holder has them
             killed_at = kill(holder)
             drain_until(conn, lambda: len(got) == 3, timeout=15)
@@ -214,8 +230,10 @@ def test_live_busy_consumer_keeps_its_messages_while_the_sweeper_polls(
                 assert rows(db, "SELECT state, count(*) FROM pgbroker.message GROUP BY 1") == [
                     ("reserved", 2)
                 ]
-    assert scalar(db, "SELECT count(*) FROM pgbroker.redelivery") == 0
-    assert got == []
+                # (Checked while the holder lives: once it is killed on the way
+                # out, the sweeper may requeue its messages before this closes.)
+                assert scalar(db, "SELECT count(*) FROM pgbroker.redelivery") == 0
+                assert got == []
 
 
 # --- idle cost ------------------------------------------------------------------
@@ -341,10 +359,10 @@ def test_idle_workers_send_at_most_two_statements_per_sweep_interval(
     db_url: str, db: psycopg.Connection, counter: StatementCounter
 ) -> None:
     """Three idle consumer processes (default sweep_interval, 10 s), each
-    through its own counting proxy: the sweeper sends its call and its
-    sweep once per interval, the standby and the idle process only their
-    call; their consumer sessions send nothing (no periodic sweep while the
-    sweeper thread works)."""
+    through its own counting proxy: the sweeper, watching the others'
+    consumers, sends its call and its sweep once per interval, the standby
+    and the idle process only their call; their consumer sessions send
+    nothing (no periodic sweep while the sweeper thread works)."""
     counters = [counter, StatementCounter(db_url), StatementCounter(db_url)]
     window = 20.0
     with contextlib.ExitStack() as stack:
@@ -354,6 +372,9 @@ def test_idle_workers_send_at_most_two_statements_per_sweep_interval(
             if len(children) == 1:
                 wait_for(lambda: sweeper_holder(db) == sweeper_name(children[0].proc.pid), 15)
         time.sleep(3.0)  # start-up statements are over
+        # The first process, alone when it started, waits in the server
+        # from its next sweep on.
+        wait_for(lambda: waits_in_server(db, sweeper_name(children[0].proc.pid)), 15)
         xacts = xact_count(db)
         start = time.monotonic()
         time.sleep(window)
@@ -377,29 +398,74 @@ def test_idle_workers_send_at_most_two_statements_per_sweep_interval(
     ), sweeper_ + standby + idle
 
 
-def test_a_lone_worker_does_not_wait_in_the_server(
+def test_a_lone_worker_sends_only_its_sweep(
     db_url: str, db: psycopg.Connection, counter: StatementCounter
 ) -> None:
     """With no other process's consumers to watch (its own die with it), the
-    sweeper sends its call and sleeps: its session is idle, costing no
-    transaction between calls, until a second process comes (which wakes
-    it with a NOTIFY: see the redelivery tests)."""
-    with start_consumer(counter.url(db_url), "idle") as lone:
+    sweeper keeps its lock and sends only the sweep, once per interval: no
+    call, so no LISTEN either (which every NOTIFY in the database would
+    wake). Its session is idle between sweeps, costing no transaction."""
+    interval = 1.0
+    with start_consumer(counter.url(db_url), "idle", SWEEP_INTERVAL=str(interval)) as lone:
         name = sweeper_name(lone.proc.pid)
         wait_for(lambda: sweeper_holder(db) == name, 15)
         time.sleep(2.0)
         start = time.monotonic()
         states = []
-        while time.monotonic() < start + 12.0:
+        while time.monotonic() < start + 6.0:
             states.append(
                 scalar(db, "SELECT state FROM pg_stat_activity WHERE application_name = %s", name)
             )
-            time.sleep(0.2)
+            time.sleep(0.1)
         end = time.monotonic()
+        assert sweeper_holder(db) == name
     sent = counter.count(start, end)
-    print(f"\nlone worker over 12 s: {len(sent)} statements; session states {set(states)}")
+    window = end - start
+    print(f"\nlone worker over {window:.1f} s: {len(sent)} statements; states {set(states)}")
     assert states.count("idle") >= 0.9 * len(states), states
-    assert len(sent) <= 4, sent
+    assert window / interval - 2 <= len(sent) <= window / interval + 1, sent
+    assert all("safety sweep" in s for s in sent), sent
+
+
+def test_the_sweeper_session_never_listens(db: psycopg.Connection) -> None:
+    """sweeper_wait (as migrated) neither LISTENs nor NOTIFYs: on PostgreSQL
+    every NOTIFY committed in the database wakes every listening backend."""
+    source = scalar(
+        db,
+        "SELECT prosrc FROM pg_proc WHERE proname = 'sweeper_wait'"
+        " AND pronamespace = 'pgbroker'::regnamespace",
+    )
+    assert "LISTEN" not in source.upper()
+    assert "NOTIFY" not in source.upper()
+
+
+def test_a_lone_sweeper_watches_a_new_process_from_its_next_sweep(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """A second process starts consuming: the lone sweeper's next sweep
+    says so, and its thread goes back to waiting in the server (watching
+    the new consumers' locks) within one sweep_interval."""
+    interval = 2.0
+    with Connection(db_url, transport_options={"sweep_interval": interval}) as conn:
+        Consumer(conn, [Queue("idle")], callbacks=[collect([])]).consume()
+        drain_quietly(conn, 0.2)
+        own = conn.transport._sweeper
+        assert own is not None
+        name = sweeper_name(os.getpid())
+        wait_for(lambda: own.alone, 15)
+        assert own.is_sweeper and not waits_in_server(db, name)
+        with start_consumer(db_url, "idle", SWEEP_INTERVAL=str(interval)) as other:
+            wait_for(lambda: waits_in_server(db, name), interval + 5)
+            # From the new consumer's registration (server clock).
+            elapsed = scalar(
+                db,
+                "SELECT extract(epoch FROM now() - started_at)::float8"
+                " FROM pgbroker.consumer WHERE pid = %s",
+                other.proc.pid,
+            )
+            assert own.is_sweeper and not own.alone
+    print(f"\nnew process watched by the lone sweeper {elapsed:.2f} s after it registered")
+    assert elapsed < interval + 1.0, elapsed
 
 
 def test_waits_do_not_hold_the_xmin_horizon(db_url: str, db: psycopg.Connection) -> None:
@@ -409,6 +475,8 @@ def test_waits_do_not_hold_the_xmin_horizon(db_url: str, db: psycopg.Connection)
     with start_consumer(db_url, "idle") as first:
         wait_for(lambda: sweeper_holder(db) == sweeper_name(first.proc.pid), 15)
         with start_consumer(db_url, "idle"):
+            # The first, alone until now, waits in the server from its next sweep.
+            wait_for(lambda: waits_in_server(db, sweeper_name(first.proc.pid)), 15)
             time.sleep(1.0)
             samples: list[tuple[Any, ...]] = []
             deadline = time.monotonic() + 8.0
@@ -548,7 +616,8 @@ def test_closing_stops_the_thread_and_hands_the_role_over(
         # be closing theirs.)
         assert not own._thread.is_alive()
         assert own not in sweeper._sweepers.values()
-        assert sessions_named(db, name) == 0
+        # (The server ends the backend after the client closed the socket.)
+        wait_for(lambda: sessions_named(db, name) == 0, 5)
         # The standby becomes the sweeper as this session ends.
         wait_for(lambda: sweeper_holder(db) == sweeper_name(other.proc.pid), 5)
     print(f"\nclose() stopped the sweeper thread in {stopped:.2f} s")
