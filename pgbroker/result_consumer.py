@@ -9,18 +9,24 @@ stored row itself as payload when it fits (see ``store_result`` in
 Round trips. The consumer's connection runs in libpq's pipeline mode, so
 that nothing it sends has to wait for its reply:
 
-* When a result starts being waited for (``get()``, ``then()``: Celery's
-  ``add_pending_result``), ``consume_from`` queues ``LISTEN`` on the task's
-  channel and, in a second transaction, a read of the task's row, in one
-  round trip, without waiting. Nothing is sent when a task is published
-  (``on_task_call``), so a client that never waits pays nothing, and the
-  publish never waits behind a LISTEN.
-* The wait then starts by taking those two replies. That is all a waiter
-  needs, whenever it starts: a state committed before the read is in the
-  read, one committed after the LISTEN is notified, and the read starts
-  after the LISTEN committed.
+* ``consume_from`` (Celery's ``add_pending_result``: ``get()``, ``then()``,
+  building a ``ResultSet``) only notes the task's channel. Nothing is sent
+  when a task is published (``on_task_call``) either, so a client that
+  never waits pays nothing, and the publish never waits behind a LISTEN.
+* When a wait starts (``on_wait_for_pending``, or any ``drain_events``), the
+  channels noted since go out at once: one transaction with their
+  ``LISTEN``s, then a second one with ONE read of all their rows
+  (``get_results_json``), in one round trip. A ``ResultSet.get()`` of 5,000
+  tasks costs 5,000 LISTENs and one read, in two transactions.
+* The wait then takes those replies. That is all a waiter needs: a state
+  committed before the read is in the read, one committed after the LISTEN
+  is notified, and the read starts after the LISTEN committed.
 * While nothing happens, a waiting ``get()`` waits on the socket and sends
   no query at all.
+* A finished task's channel is not UNLISTENed at once: the stale channels
+  are dropped in bulk (``UNLISTEN *`` and the LISTENs of those still
+  waited for, one transaction) once they outnumber the live ones and
+  ``STALE_MAX`` (see ``_sync_listens``). Notifications on them are ignored.
 
 Modelled on Celery's Redis ``ResultConsumer``: one thread at a time reads
 the connection; the others wait on a condition the reader signals after it
@@ -47,6 +53,7 @@ from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
 from celery.result import ResultSet
 from psycopg import pq, sql
+from psycopg.adapt import PyFormat, Transformer
 from psycopg.errors import error_from_result
 
 from pgbroker.forking import neutralise
@@ -61,9 +68,16 @@ logger = logging.getLogger("pgbroker")
 MAX_WAIT = 1.0
 #: Longest wait for the replies to LISTEN after a reconnect.
 RECONNECT_TIMEOUT = 30.0
+#: Stale channels (finished tasks, still LISTENed) are dropped once there are
+#: at least this many, and ``STALE_RATIO`` times as many as live ones: then
+#: ``UNLISTEN *`` plus the live LISTENs is a fraction of one UNLISTEN each.
+#: Until then they only cost the server a string comparison per channel in
+#: each notification it checks for this session.
+STALE_MAX = 1000
+STALE_RATIO = 4
 
-_TEXT_OID = 25
-_READ_STATEMENT = b"pgbroker_get_result_json"
+_TEXT_ARRAY_OID = 1009
+_READ_STATEMENT = b"pgbroker_get_results_json"
 #: In the queue of replies expected from the pipeline: a sync point.
 _SYNC = object()
 #: In the queue of replies expected from the pipeline: a command (LISTEN...).
@@ -77,7 +91,7 @@ def channel_for(schema: str, task_id: str) -> str:
 
 
 def row_from_json(values: list[Any]) -> tuple[Any, ...]:
-    """A ``get_result_json`` array as the row ``PostgresBackend`` decodes."""
+    """A ``get_results_json`` array as the row ``PostgresBackend`` decodes."""
     (
         task_id,
         state,
@@ -134,10 +148,10 @@ def _fire_if_complete(result: ResultSet) -> None:
     only fires on a later member (``barrier.__call__`` checks ``finalized``,
     and ``finalize()`` does nothing once the constructor set it). Members are
     fulfilled during that construction when their state is already known:
-    ``add_pending_result`` takes it from Celery's message buffer, or
-    ``consume_from`` delivers the read it queued because the server answered
-    at once (a loaded machine). If that happens to every member, the set's
-    ``get()`` would wait on a promise nothing fulfils, to its timeout.
+    ``add_pending_result`` takes it from Celery's message buffer (or a
+    ``drain_events`` run by another thread delivers the read it sent). If
+    that happens to every member, the set's ``get()`` would wait on a
+    promise nothing fulfils, to its timeout.
     """
     for member in result.results:
         if isinstance(member, ResultSet):
@@ -168,12 +182,17 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._pid = os.getpid()
         #: channel -> task id, for every channel we LISTEN on (or will).
         self._channels: dict[str, str] = {}
-        #: channels whose LISTEN was sent on the current connection.
+        #: channels whose LISTEN was sent on the current connection (stale
+        #: ones included).
         self._listening: set[str] = set()
-        #: channels to UNLISTEN when the lock is next taken; never blocks.
+        #: channels of _channels whose LISTEN is still to send.
+        self._to_listen: set[str] = set()
+        #: channels of _listening no longer wanted, not UNLISTENed yet.
+        self._stale: set[str] = set()
+        #: channels cancelled, to leave when the lock is next taken; never blocks.
         self._pending_unlisten: set[str] = set()
         #: replies still expected from the pipeline, in order: _COMMAND, a
-        #: task id (the read of its row) or _SYNC.
+        #: list of task ids (the read of their rows) or _SYNC.
         self._inflight: deque[object] = deque()
         self._sent = 0  # sync points sent
         self._synced = 0  # sync points whose reply arrived
@@ -196,11 +215,13 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             conn.pgconn.enter_pipeline_mode()
             self._connection = conn
             self._listening = set()
+            self._stale = set()
+            self._to_listen = set(self._channels)
             self._inflight.clear()
             self._synced = self._sent
             # Prepared once: parsing the read costs more than running it.
-            query = self.backend.queries["get_result_json"].as_bytes(conn)
-            conn.pgconn.send_prepare(_READ_STATEMENT, query, [_TEXT_OID])
+            query = self.backend.queries["get_results_json"].as_bytes(conn)
+            conn.pgconn.send_prepare(_READ_STATEMENT, query, [_TEXT_ARRAY_OID])
             self._inflight.append(_COMMAND)
             self._sync(conn)
         elif conn.closed:
@@ -231,7 +252,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                     self._connection.close()
             self._connection = None
             conn = self._conn()
-            self._sync_listens()
+            self._sync_listens(conn)
             self._flush(conn)
             deadline = time.monotonic() + RECONNECT_TIMEOUT
             while self._synced < self._sent:
@@ -251,13 +272,10 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         conn.pgconn.send_query_params(query.as_bytes(conn), None)
         self._inflight.append(tag)
 
-    def _send_read(self, conn: psycopg.Connection, task_id: str) -> None:
-        value = task_id.encode(conn.info.encoding)
-        if b"\0" in value:
-            # libpq would cut the id at the NUL, and read another task's row.
-            raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+    def _send_read(self, conn: psycopg.Connection, task_ids: list[str]) -> None:
+        value = Transformer(conn).get_dumper(task_ids, PyFormat.TEXT).dump(task_ids)
         conn.pgconn.send_query_prepared(_READ_STATEMENT, [value])
-        self._inflight.append(task_id)
+        self._inflight.append(task_ids)
 
     def _sync(self, conn: psycopg.Connection) -> None:
         conn.pgconn.pipeline_sync()
@@ -273,29 +291,45 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             if readable:
                 pgconn.consume_input()
 
-    def _sync_listens(self, keep: str | None = None) -> None:
-        """Queue LISTEN/UNLISTEN to bring the connection in line, one transaction.
+    def _sync_listens(self, conn: psycopg.Connection) -> list[str]:
+        """Queue the LISTENs (and bulk UNLISTEN) due, as one transaction.
 
-        ``keep`` is the channel being consumed: a cancel_for that ran since
-        (a finaliser of another result object for the same task, which the
-        garbage collector may run at any point) must not undo it.
+        Returns the ids of the tasks whose LISTEN it queued: they need a read
+        once it is in effect (``_send_pending``).
         """
-        conn = self._conn()
         # Swap first: cancel_for (maybe from a finaliser) adds to the new set.
         pending, self._pending_unlisten = self._pending_unlisten, set()
-        pending.discard(keep)  # type: ignore[arg-type]
         for channel in pending:
             self._channels.pop(channel, None)
-        gone = pending & self._listening
-        wanted = set(self._channels) - self._listening
-        if not gone and not wanted:
-            return
-        for channel in sorted(gone):
-            self._send(conn, sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)), _COMMAND)
-        for channel in sorted(wanted):
+            self._to_listen.discard(channel)
+            if channel in self._listening:
+                self._stale.add(channel)
+        live = len(self._listening) - len(self._stale)
+        reset = len(self._stale) >= max(STALE_MAX, STALE_RATIO * live)
+        if not self._to_listen and not reset:
+            return []
+        relisten: set[str] = set()
+        if reset:
+            # Applied in order at commit: the live channels are never left.
+            self._send(conn, sql.SQL("UNLISTEN *"), _COMMAND)
+            relisten = self._listening - self._stale
+            self._listening, self._stale = set(), set()
+        new = sorted(self._to_listen)
+        for channel in sorted(relisten) + new:
             self._send(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)), _COMMAND)
         self._sync(conn)
-        self._listening = (self._listening - gone) | wanted
+        self._listening.update(relisten, new)
+        self._to_listen = set()
+        return [self._channels[channel] for channel in new]
+
+    def _send_pending(self, conn: psycopg.Connection) -> None:
+        """Queue what is due: LISTENs, then one read of those tasks' rows."""
+        task_ids = self._sync_listens(conn)
+        if task_ids:
+            self._send_read(conn, task_ids)
+            self._sync(conn)
+            for task_id in task_ids:
+                self._initial[task_id] = self._sent
 
     def _collect(self, conn: psycopg.Connection) -> None:
         """Take the replies and notifications already received; never blocks."""
@@ -312,13 +346,17 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             elif res is None:  # the end of one query's replies
                 self._inflight.popleft()
             elif res.status == pq.ExecStatus.FATAL_ERROR:
-                if isinstance(tag, str):
-                    self._failed_reads.add(tag)  # its waiter reads again
+                if isinstance(tag, list):
+                    self._failed_reads.update(tag)  # their waiters read again
                 else:
                     error = error or error_from_result(res, encoding=enc)
-            elif res.status == pq.ExecStatus.TUPLES_OK and isinstance(tag, str):
-                value = res.get_value(0, 0) if res.ntuples else None
-                self._incoming.append((tag, None if value is None else value.decode(enc)))
+            elif res.status == pq.ExecStatus.TUPLES_OK and isinstance(tag, list):
+                found = set()
+                for row in range(res.ntuples):
+                    row_id = (res.get_value(row, 0) or b"").decode(enc)
+                    found.add(row_id)
+                    self._incoming.append((row_id, (res.get_value(row, 1) or b"").decode(enc)))
+                self._incoming.extend((i, None) for i in tag if i not in found)
         while (n := pgconn.notifies()) is not None:
             task_id = self._channels.get(n.relname.decode(enc))
             if task_id is not None:
@@ -386,25 +424,20 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             self._synced = self._sent
 
     def consume_from(self, task_id: str) -> None:
+        # Only noted: the LISTEN and the read go out when a wait starts, one
+        # transaction each for all the tasks noted by then (_send_pending).
+        if "\0" in task_id:
+            # libpq would cut the id at the NUL, and read another task's row.
+            raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
         self._check_fork()
         channel = channel_for(self.backend.schema, task_id)
         with self._lock:
             self._pending_unlisten.discard(channel)
             self._channels[channel] = task_id
             if channel in self._listening:
-                return
-            with self.reconnect_on_error():
-                conn = self._conn()
-                self._channels[channel] = task_id
-                self._sync_listens(keep=channel)
-                self._send_read(conn, task_id)
-                self._sync(conn)
-                self._initial[task_id] = self._sent
-                self._flush(conn)
-                # Take what came meanwhile, so that a client that never
-                # waits does not pile up replies.
-                self._collect(conn)
-            self._deliver()
+                self._stale.discard(channel)
+            else:
+                self._to_listen.add(channel)
 
     def cancel_for(self, task_id: str) -> None:
         # Runs from AsyncResult.__del__ too, so it never blocks: the UNLISTEN
@@ -422,6 +455,10 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         ids = [r.id for r in result.results] if isinstance(result, ResultSet) else [result.id]
         self._check_fork()
         with self._lock:
+            with self.reconnect_on_error():
+                conn = self._conn()
+                self._send_pending(conn)
+                self._flush(conn)
             read = [self._initial.pop(task_id, None) for task_id in ids]
             target = self._sent
         # Every LISTEN sent so far is in effect once its sync point is back,
@@ -462,8 +499,8 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                 return
             with self.reconnect_on_error():
                 conn = self._conn()
-                if self._pending_unlisten:
-                    self._sync_listens()
+                if self._pending_unlisten or self._to_listen:
+                    self._send_pending(conn)
                     self._flush(conn)
                 self._collect(conn)
             conn = self._connection  # type: ignore[assignment]

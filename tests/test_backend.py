@@ -274,10 +274,11 @@ def test_group_whose_parts_are_ready_while_it_is_built(
 ) -> None:
     """Every part fulfilled while the GroupResult is constructed: it still joins.
 
-    The interleaving of a loaded machine, forced: the read queued by
-    ``consume_from`` is answered before ``add_pending_result`` returns, so each
-    part is fulfilled before vine's barrier is finalised, and the barrier
-    (built from already-fulfilled promises) never fires on its own.
+    The interleaving of a loaded machine, forced: each part's LISTEN and read
+    go out and are answered before ``add_pending_result`` returns (as when
+    another thread's wait sends them), so each part is fulfilled before
+    vine's barrier is finalised, and the barrier (built from
+    already-fulfilled promises) never fires on its own.
     """
     _, ids = _stored_group(app, 5)
     consumer = app.backend.result_consumer
@@ -285,6 +286,7 @@ def test_group_whose_parts_are_ready_while_it_is_built(
 
     def consume_and_deliver(self: Any, task_id: str) -> None:
         consume_from(self, task_id)
+        self._step(0)  # sends the LISTEN and the read
         self._wait_synced(self._sent)  # the server answered at once
 
     monkeypatch.setattr(type(consumer), "consume_from", consume_and_deliver)

@@ -124,7 +124,9 @@ def test_get_of_a_small_result_is_listen_and_one_read(
     client: Celery, worker: PostgresBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The result arrives in the notification: no query to fetch it."""
-    client.backend.result_consumer.consume_from("warm-up")  # opens the connection
+    client.backend.result_consumer.consume_from("warm-up")
+    client.backend.result_consumer.drain_events(timeout=0.2)
+    client.backend.result_consumer.drain_events(timeout=0.2)  # opens the connection, LISTENs
     counts = count_statements(client.backend, monkeypatch)
     task_id = str(uuid.uuid4())
     store_later(0.3, lambda: worker.mark_as_done(task_id, {"answer": 42}, request=request(task_id)))
@@ -151,6 +153,7 @@ def test_get_of_a_large_result_fetches_it_once(
 ) -> None:
     """Too large for a NOTIFY payload: announced by state, read once."""
     client.backend.result_consumer.consume_from("warm-up")
+    client.backend.result_consumer.drain_events(timeout=0.2)  # opens the connection, LISTENs
     counts = count_statements(client.backend, monkeypatch)
     task_id = str(uuid.uuid4())
     big = "x" * 20_000
@@ -348,29 +351,6 @@ def test_success_is_final_within_the_shared_transaction(
 
 
 # --- the result consumer keeps what it consumes ------------------------------------------
-
-
-def test_consume_survives_a_cancel_from_a_finaliser(client: Celery) -> None:
-    """The garbage collector may run another result object's finaliser, which
-    cancels the same task, in the middle of consume_from: the channel must
-    stay listened to."""
-    consumer = client.backend.result_consumer
-    task_id = str(uuid.uuid4())
-    real_conn = consumer._conn
-
-    def conn_with_finaliser() -> Any:
-        consumer.cancel_for(task_id)  # as AsyncResult.__del__ would
-        return real_conn()
-
-    consumer._conn = conn_with_finaliser  # type: ignore[method-assign]
-    try:
-        consumer.consume_from(task_id)
-    finally:
-        consumer._conn = real_conn  # type: ignore[method-assign]
-    consumer.drain_events(timeout=0.2)  # sends pending (UN)LISTENs, if any
-    channel = channel_for("pgbroker", task_id)
-    assert channel in consumer._listening
-    assert channel in consumer._channels
 
 
 def test_task_id_with_nul_is_refused_not_cut(client: Celery, worker: PostgresBackend) -> None:

@@ -9,7 +9,7 @@
 -- nothing and notifies nobody. Extended fields a later write does not know
 -- (e.g. REVOKED stored by a client) keep their earlier values.
 --
--- The notification carries the stored row (the payload of get_result_json)
+-- The notification carries the stored row (the payload of get_results_json)
 -- when it fits in a NOTIFY payload (under 8000 bytes with the default
 -- block size), so a waiting get() needs no query to read it; a larger row
 -- is announced as [task_id, state] and read by the waiter. NOTIFY is
@@ -65,18 +65,20 @@ SELECT count(pg_notify(%(channel)s,
            END))
 FROM stored s;
 
--- name: get_result_json
--- A task's row as one JSON array (the store_result payload, whatever its
--- size), or no row. Sent by the result consumer through libpq's pipeline
--- right after its LISTEN, hence the positional parameter.
-SELECT json_build_array(
+-- name: get_results_json
+-- The rows of the given tasks, each as one JSON array (the store_result
+-- payload, whatever its size); tasks without a row are left out. Sent by
+-- the result consumer through libpq's pipeline right after the LISTENs of
+-- the tasks a wait starts on, one read for them all (hence the positional
+-- text[] parameter).
+SELECT r.task_id, json_build_array(
     r.task_id, r.state, encode(r.result, 'base64'), r.content_type,
     r.content_encoding, r.traceback, encode(r.children, 'base64'), r.date_done,
     r.name, encode(r.args, 'base64'), encode(r.kwargs, 'base64'), r.worker,
     r.retries, r.queue, r.parent_id, r.root_id, r.group_id,
     encode(r.extra, 'base64'))::text
 FROM {schema}.task_result r
-WHERE r.task_id = $1;
+WHERE r.task_id = ANY($1);
 
 -- name: get_result
 SELECT task_id, state, result, content_type, content_encoding, traceback,
