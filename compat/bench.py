@@ -44,6 +44,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -748,21 +749,44 @@ def sample_statements(
     are the statements sent. Read from the admin database, so the sampler's
     own queries are not counted. Two statements of one session started
     within one sample interval count as one: an idle client sends far fewer.
+    One statement of the extended protocol sets ``query_start`` twice, at
+    Bind and at Execute (``exec_bind_message`` and ``exec_execute_message``
+    both report it), so values of one session and one query text less than
+    :data:`SAME_STATEMENT` apart are one statement.
     """
-    seen: dict[str, set[tuple[int, Any]]] = {name: set() for name in names}
+    seen: dict[str, dict[tuple[int, str], list[datetime]]] = {name: {} for name in names}
     window_start = admin.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         rows = admin.execute(
-            "SELECT datname, pid, query_start FROM pg_stat_activity"
+            "SELECT datname, pid, query, query_start FROM pg_stat_activity"
             " WHERE datname = ANY(%s) AND backend_type = 'client backend'"
             " AND query_start >= %s",
             [names, window_start],
         ).fetchall()
-        for datname, pid, query_start in rows:
-            seen[datname].add((pid, query_start))
+        for datname, pid, query, query_start in rows:
+            starts = seen[datname].setdefault((pid, query), [])
+            if query_start not in starts:
+                starts.append(query_start)
         time.sleep(SAMPLE_INTERVAL)
-    return {name: len(values) for name, values in seen.items()}
+    return {
+        name: sum(statements_in(starts) for starts in by_session.values())
+        for name, by_session in seen.items()
+    }
+
+
+#: Bind and Execute of one statement set query_start this close together.
+SAME_STATEMENT = timedelta(milliseconds=100)
+
+
+def statements_in(starts: list[datetime]) -> int:
+    """The statements behind one session's query_start values for one query."""
+    count, last = 0, None
+    for start in sorted(starts):
+        if last is None or start - last >= SAME_STATEMENT:
+            count += 1
+        last = start
+    return count
 
 
 # --- the run ------------------------------------------------------------------

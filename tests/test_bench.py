@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,16 @@ def test_cpu_rows_are_na_without_proc(monkeypatch: pytest.MonkeyPatch, tmp_path:
     bench.record_cpu(run_, cells, dict.fromkeys(bench_celery.CPU_PARTS), 10)
     assert [c.error for c in cells] == ["no /proc on this platform"] * 3
     assert [c.value() for c in cells] == [None] * 3
+
+
+def test_bind_and_execute_of_one_statement_count_once() -> None:
+    """query_start is set at Bind and again at Execute: values of one
+    session and query less than 100 ms apart are one statement; a sweep
+    every 10 s over a minute is 6 statements, not up to 12."""
+    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    ms = timedelta(milliseconds=1)
+    sweeps = [t + i * 10_000 * ms for i in range(6)]
+    doubled = sorted(sweeps + [s + 2 * ms for s in sweeps[::2]])
+    assert bench.statements_in(doubled) == 6
+    assert bench.statements_in([t, t + 150 * ms, t + 300 * ms]) == 3
+    assert bench.statements_in([]) == 0
