@@ -20,10 +20,12 @@ locks give the sessions of one schema their roles:
   second later. Alone, with no other process's consumers to watch (its
   own die with it), it does not wait in the server: it keeps its lock and
   sends only the sweep every ``sweep_interval``, which also says whether
-  another process has consumers now; then it calls again. So a new
-  process is watched from the lone sweeper's next sweep, within one
-  ``sweep_interval``. The session never LISTENs: every NOTIFY in the
-  database (each publish, each result) would wake it;
+  another process has consumers now; then it calls again. A new process's
+  standby nudges it at once (:meth:`Sweeper.nudge`, through a NOTIFY
+  that this process's consumer session receives anyway); a process
+  without a sweeper thread is noticed at the next sweep. The sweeper's
+  session never LISTENs: every NOTIFY in the database (each publish, each
+  result) would wake it;
 * one standby: the call waits for the sweeper lock, so the standby becomes
   the sweeper the moment the sweeper's session ends (its process died: the
   server checks the client socket every 250 ms while a call runs, from
@@ -70,6 +72,8 @@ logger = logging.getLogger("pgbroker")
 
 #: How often the sweeper looks for dead consumers, inside the server.
 POLL_SECONDS = 0.2
+#: How often a sleeping thread looks for a nudge (no query: a flag).
+NUDGE_POLL = 0.1
 #: Backoff between attempts after an error, in seconds.
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
@@ -175,6 +179,8 @@ class Sweeper:
         self._served = False  # a call returned on the current session
         self._stuck_warned: set[int] = set()
         self._stopping = threading.Event()
+        # Set by nudge(): a new process's standby announced itself.
+        self._nudged = threading.Event()
         self._forked = False
         self._thread = threading.Thread(
             target=self._run, name=f"pgbroker-sweeper[{self.schema}]", daemon=True
@@ -193,6 +199,12 @@ class Sweeper:
             and last is not None
             and time.monotonic() - last < 2 * self.interval + 1.0
         )
+
+    def nudge(self) -> None:
+        """A new process consumes (its standby's NOTIFY, read by this
+        process's transport): a lone sweeper calls again at once, so that
+        it watches the new consumers from now on, not from its next sweep."""
+        self._nudged.set()
 
     # --- the thread ------------------------------------------------------------
 
@@ -280,6 +292,9 @@ class Sweeper:
         wait = min(self.interval, 1.0)
         while not self._stopping.is_set() and self._conn is not None:
             conn = self._conn
+            # Cleared before the call, so that a nudge that comes while it
+            # runs is not lost: the call may not see the new consumer yet.
+            self._nudged.clear()
             row = conn.execute(
                 self._sql["wait"],
                 {
@@ -343,7 +358,7 @@ class Sweeper:
         try:
             while not self._stopping.is_set():
                 self._sleep(conn)
-                if self._stopping.is_set():
+                if self._stopping.is_set() or self._nudged.is_set():
                     return
                 if self._sweep(conn, queue_names):
                     return
@@ -353,13 +368,13 @@ class Sweeper:
 
     def _sleep(self, conn: psycopg.Connection) -> None:
         """Wait sweep_interval without a query, watching the socket so that
-        a session the server ended is noticed at once."""
+        a session the server ended is noticed at once; a nudge ends it."""
         deadline = time.monotonic() + self.interval
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not self._nudged.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            readable, _, _ = select.select([conn.fileno()], [], [], min(remaining, 0.5))
+            readable, _, _ = select.select([conn.fileno()], [], [], min(remaining, NUDGE_POLL))
             if readable:
                 with conn.lock:
                     conn.pgconn.consume_input()

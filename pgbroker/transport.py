@@ -869,6 +869,12 @@ class Transport(virtual.Transport):
             self._ready.add(notify.payload)
             self._woken = True
         elif notify.channel == self.due_channel:
+            if notify.payload == "sweeper":
+                # A new process's standby: this process's sweeper may be
+                # alone and only sweeping (see 009_sweeper_quiet.sql).
+                if self._sweeper is not None:
+                    self._sweeper.nudge()
+                return
             due, _, queue = notify.payload.partition(" ")
             if queue in self._attached:
                 with contextlib.suppress(ValueError):

@@ -36,7 +36,8 @@ from tests.kombu_helpers import Child, collect, drain_quietly, drain_until, rows
 ODD_SCHEMA = 'Odd "schema" Name'
 
 # A consumer process: consumes QUEUE with prefetch PREFETCH and default
-# options (sweep_interval 10 s unless SWEEP_INTERVAL, fast_recovery on);
+# options (sweep_interval 10 s unless SWEEP_INTERVAL, fast_recovery on unless
+# FAST_RECOVERY=0);
 # prints "ready <consumer id>", then "held <payloads>" once it holds HOLD
 # messages (never acked); with FORK set, forks a child that reports what it inherited and sleeps.
 CONSUMER = """
@@ -46,7 +47,8 @@ from pgbroker import sweeper
 hold = int(os.environ.get("HOLD", "0"))
 got = []
 options = {"schema": os.environ["SCHEMA"],
-           "sweep_interval": float(os.environ.get("SWEEP_INTERVAL", "10"))}
+           "sweep_interval": float(os.environ.get("SWEEP_INTERVAL", "10")),
+           "fast_recovery": os.environ.get("FAST_RECOVERY", "1") == "1"}
 conn = Connection(os.environ["TEST_URL"], transport_options=options)
 with Consumer(conn, [Queue(os.environ["QUEUE"])], callbacks=[lambda body, m: got.append(body)],
               prefetch_count=int(os.environ.get("PREFETCH", "10"))):
@@ -428,34 +430,41 @@ def test_a_lone_worker_sends_only_its_sweep(
 
 
 def test_the_sweeper_session_never_listens(db: psycopg.Connection) -> None:
-    """sweeper_wait (as migrated) neither LISTENs nor NOTIFYs: on PostgreSQL
-    every NOTIFY committed in the database wakes every listening backend."""
+    """sweeper_wait (as migrated) never LISTENs: on PostgreSQL every NOTIFY
+    committed in the database wakes every listening backend. Its one NOTIFY
+    (a new standby's nudge) goes to the due channel, which consumer
+    sessions LISTEN on anyway."""
     source = scalar(
         db,
         "SELECT prosrc FROM pg_proc WHERE proname = 'sweeper_wait'"
         " AND pronamespace = 'pgbroker'::regnamespace",
     )
     assert "LISTEN" not in source.upper()
-    assert "NOTIFY" not in source.upper()
+    assert source.upper().count("NOTIFY") == 1
+    assert "'pgbd_' || pg_catalog.md5(" in source
 
 
-def test_a_lone_sweeper_watches_a_new_process_from_its_next_sweep(
-    db_url: str, db: psycopg.Connection
-) -> None:
-    """A second process starts consuming: the lone sweeper's next sweep
-    says so, and its thread goes back to waiting in the server (watching
-    the new consumers' locks) within one sweep_interval."""
-    interval = 2.0
-    with Connection(db_url, transport_options={"sweep_interval": interval}) as conn:
+def test_a_lone_sweeper_watches_a_new_process_at_once(db_url: str, db: psycopg.Connection) -> None:
+    """A second process starts consuming: its standby nudges the lone
+    sweeper (a NOTIFY on the due channel, read by the first process's
+    consumer session), whose thread goes back to waiting in the server,
+    watching the new consumers' locks, at once rather than at its next
+    sweep (10 s here)."""
+    with Connection(db_url) as conn:
         Consumer(conn, [Queue("idle")], callbacks=[collect([])]).consume()
         drain_quietly(conn, 0.2)
         own = conn.transport._sweeper
-        assert own is not None
+        assert own is not None and own.interval == 10
         name = sweeper_name(os.getpid())
         wait_for(lambda: own.alone, 15)
         assert own.is_sweeper and not waits_in_server(db, name)
-        with start_consumer(db_url, "idle", SWEEP_INTERVAL=str(interval)) as other:
-            wait_for(lambda: waits_in_server(db, name), interval + 5)
+        with start_consumer(db_url, "idle") as other:
+
+            def watched() -> bool:
+                drain_quietly(conn, 0.05)  # the consumer session reads the nudge
+                return waits_in_server(db, name)
+
+            wait_for(watched, 8)
             # From the new consumer's registration (server clock).
             elapsed = scalar(
                 db,
@@ -465,6 +474,33 @@ def test_a_lone_sweeper_watches_a_new_process_from_its_next_sweep(
             )
             assert own.is_sweeper and not own.alone
     print(f"\nnew process watched by the lone sweeper {elapsed:.2f} s after it registered")
+    assert elapsed < 3.0, elapsed
+
+
+def test_a_process_without_a_sweeper_is_watched_from_the_next_sweep(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """A consumer with fast_recovery off has no standby to nudge the lone
+    sweeper: the sweeper's next sweep says that other consumers exist, and
+    its thread goes back to waiting in the server within one interval."""
+    interval = 2.0
+    with Connection(db_url, transport_options={"sweep_interval": interval}) as conn:
+        Consumer(conn, [Queue("idle")], callbacks=[collect([])]).consume()
+        drain_quietly(conn, 0.2)
+        own = conn.transport._sweeper
+        assert own is not None
+        name = sweeper_name(os.getpid())
+        wait_for(lambda: own.alone, 15)
+        with start_consumer(db_url, "idle", FAST_RECOVERY="0") as other:
+            wait_for(lambda: waits_in_server(db, name), interval + 5)
+            # From the new consumer's registration (server clock).
+            elapsed = scalar(
+                db,
+                "SELECT extract(epoch FROM now() - started_at)::float8"
+                " FROM pgbroker.consumer WHERE pid = %s",
+                other.proc.pid,
+            )
+            assert own.is_sweeper and not own.alone
     assert elapsed < interval + 1.0, elapsed
 
 

@@ -1,20 +1,26 @@
--- 009_sweeper_quiet: the sweeper's session no longer LISTENs, and the
--- standby no longer NOTIFYs (pgbroker/sweeper.py, docs/fast-recovery.md).
+-- 009_sweeper_quiet: the sweeper's session no longer LISTENs
+-- (pgbroker/sweeper.py, docs/fast-recovery.md).
 --
 -- Why: every NOTIFY committed in a database signals every backend of that
--- database that LISTENs, whatever its channel (PostgreSQL 15). A lone
--- sweeper that LISTENed (so that a new process's standby could wake it)
--- woke up for every publish and every result NOTIFY: under a Celery load
--- its backend used more CPU than any other, for nothing.
+-- database that LISTENs, whatever its channel (up to PostgreSQL 18). A
+-- lone sweeper that LISTENed (so that a new process's standby could wake
+-- it) woke up for every publish and every result NOTIFY: under a Celery
+-- load its backend used more CPU than any other, for nothing.
 --
 -- Instead, a sweeper alone (no other process has consumers) keeps its lock
 -- and only runs the sweep every sweep_interval; the sweep says whether
 -- other processes have consumers now (`others` in sql/queries.sql, sweep),
--- and the client then calls sweeper_wait again, which watches them. So a
--- new process is noticed within one sweep_interval.
+-- and the client then calls sweeper_wait again, which watches them. A new
+-- process's standby also nudges it at once: a NOTIFY with payload
+-- 'sweeper' on the schema's due channel ('pgbd_' || md5(schema name),
+-- pgbroker.transport.due_channel_for), which the consumer sessions of
+-- every consuming process LISTEN on anyway; the transport hands the nudge
+-- to its process's sweeper thread. (A process without fast_recovery has
+-- no standby: it is noticed at the next sweep, within one sweep_interval.)
 --
 -- The same procedure as in 007_sweeper.sql (see its comments), with the
--- LISTEN and the pg_notify removed; same signature.
+-- sweeper's LISTEN removed and the standby's NOTIFY on the due channel;
+-- same signature.
 CREATE OR REPLACE PROCEDURE {schema}.sweeper_wait(
     wait_seconds double precision,
     poll_seconds double precision,
@@ -71,9 +77,11 @@ BEGIN
         END IF;
         role := 'sweeper';
     ELSIF role = 'idle' AND pg_catalog.pg_try_advisory_lock(lock_class, -1) THEN
-        -- A lone sweeper learns of this process's consumers from its next
-        -- sweep (see above).
         role := 'standby';
+        -- A new process consumes: nudge a lone sweeper (see above).
+        PERFORM pg_catalog.pg_notify('pgbd_' || pg_catalog.md5(
+            (SELECT n.nspname FROM pg_catalog.pg_namespace n WHERE n.oid = lock_oid)),
+            'sweeper');
     END IF;
     dead := {schema}.dead_consumers(lock_oid);
     waited := role = 'standby' OR (role = 'sweeper' AND (
