@@ -403,9 +403,10 @@ WHERE p.ctid = ANY (ARRAY (
 -- 5. one batch of published_task rows older than the dedup window goes.
 -- It also says whether live consumers of processes other than
 -- (own_host, own_pid) exist: a lone sweeper thread (pgbroker/sweeper.py)
--- then goes back to watching them. Results are written to task_result only where the task's row is not
--- final yet (SUCCESS, FAILURE, REVOKED), and announced on the task's
--- channel (pgbroker.result_consumer.channel_for) so a waiting get() wakes.
+-- then goes back to watching them. Results are written to task_result
+-- only where the task's row is not final yet (SUCCESS, FAILURE, REVOKED),
+-- and announced on the task's channel (pgbroker.result_consumer.channel_for)
+-- so a waiting get() wakes.
 WITH dead AS (
     -- Locked, and skipped when locked: two sweeps running at once (two
     -- workers, or a worker and its sweeper thread) never both handle one
