@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 
 from pgbroker.errors import SchemaError
+from pgbroker.options import schema_name
 
 logger = logging.getLogger("pgbroker")
 
@@ -88,6 +89,7 @@ def pending_sql(conn: psycopg.Connection, schema: str) -> str:
 def migration_sql(schema: str, from_version: int = 0, context: Any = None) -> str:
     """The SQL that brings ``schema`` from ``from_version`` to the latest
     version (from 0: a new database), or "" when there is nothing to do."""
+    schema_name("", "schema", schema)  # before anything is created
     pending = [m for m in migrations() if m.version > from_version]
     if not pending:
         return ""
@@ -107,6 +109,7 @@ def migration_sql(schema: str, from_version: int = 0, context: Any = None) -> st
 
 def migrate(conn: psycopg.Connection, schema: str) -> list[Migration]:
     """Bring ``schema`` to the latest version; return what was applied."""
+    schema_name("", "schema", schema)  # before anything is created
     wanted = latest_version()
     version = current_version(conn, schema)
     if version is not None and version >= wanted:
@@ -162,6 +165,7 @@ def migrate(conn: psycopg.Connection, schema: str) -> list[Migration]:
 def require_current(conn: psycopg.Connection, schema: str) -> None:
     """Raise a clear error unless the schema is at the latest version and
     this session may use it."""
+    schema_name("", "schema", schema)
     version = current_version(conn, schema)
     wanted = latest_version()
     if version == wanted:
