@@ -161,7 +161,9 @@ class TransportOptions:
     #: Seconds between safety sweeps: requeue messages of dead consumers,
     #: remove expired messages and queues. One query per sweep.
     sweep_interval: float = checked(10.0, seconds)
-    #: Largest message body accepted by publish, in bytes.
+    #: Largest message accepted by publish, in bytes: its body plus its
+    #: headers (as JSON). Queue, exchange and routing key names may have at
+    #: most 255 bytes (pgbroker.transport.MAX_NAME_BYTES).
     max_message_size: int = checked(
         16 * MiB, partial(whole, minimum=1, maximum=MAX_FIELD, unit="bytes")
     )
