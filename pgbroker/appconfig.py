@@ -19,7 +19,7 @@ from pgbroker.urls import SCHEMES, to_conninfo
 
 @dataclasses.dataclass(frozen=True)
 class AppDatabase:
-    url: str
+    url: str = dataclasses.field(repr=False)  # holds the password
     schema: str
     auto_migrate: bool
 

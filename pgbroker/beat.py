@@ -151,7 +151,7 @@ class EntryNotFound(PgBrokerError, KeyError):
 
 @dataclasses.dataclass(frozen=True)
 class BeatConfig:
-    url: str
+    url: str = dataclasses.field(repr=False)  # holds the password
     schema: str = "pgbroker"
     auto_migrate: bool = True
     catchup: float = DEFAULT_CATCHUP

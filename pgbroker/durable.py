@@ -220,7 +220,7 @@ class DurableWaitError(PgBrokerError):
 
 @dataclasses.dataclass(frozen=True)
 class DurableConfig:
-    url: str
+    url: str = dataclasses.field(repr=False)  # holds the password
     schema: str = "pgbroker"
     auto_migrate: bool = True
     keep: float = DEFAULT_KEEP

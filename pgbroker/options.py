@@ -118,7 +118,8 @@ def whole(
 
 
 def schema_name(where: str, name: str, value: Any) -> str:
-    """A PostgreSQL schema name pgbroker can use (see docs/operations.md)."""
+    """A schema name pgbroker can use: 1 to 63 bytes of anything but '%' and NUL
+    (pgbroker's queries run with parameters, where psycopg reads every '%')."""
     if not isinstance(value, str) or not 1 <= len(value.encode()) <= 63:
         raise _bad(where, name, "a name of 1 to 63 bytes (PostgreSQL's limit)", value)
     if "%" in value or "\0" in value:

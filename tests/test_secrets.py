@@ -178,3 +178,20 @@ def test_celery_with_a_one_slash_typo(command: list[str]) -> None:
     assert PW not in output
     assert "broker URL 'postgresql:/app:**@127.0.0.1:1/jobs' is not a URL" in output
     assert "write postgresql://user:password@host:port/database" in output
+
+
+def test_settings_reprs() -> None:
+    from celery import Celery
+
+    from pgbroker.appconfig import app_database
+    from pgbroker.beat import BeatConfig
+    from pgbroker.durable import DurableConfig
+
+    app = Celery("secrets", broker=f"postgresql://app:{PW}@127.0.0.1/jobs", set_as_current=False)
+    for config in (
+        BeatConfig.from_app(app),
+        DurableConfig.from_app(app),
+        app_database(app.conf, "beat", "beat"),
+    ):
+        assert PW not in repr(config)
+        assert PW not in str(config)
