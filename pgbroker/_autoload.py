@@ -15,6 +15,8 @@ from types import ModuleType
 from typing import Any
 
 _TARGET = "kombu.transport"
+# Refuses a mistyped pgbroker URL before Kombu prints its password.
+_GUARDED = "kombu.connection"
 _ALIASES = {
     "postgresql": "pgbroker.transport:Transport",
     "postgres": "pgbroker.transport:Transport",
@@ -38,12 +40,17 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self._wrapped.exec_module(module)
-        _add_aliases(module)
+        if module.__name__ == _GUARDED:
+            from pgbroker.urltypo import guard_module
+
+            guard_module(module)
+        else:
+            _add_aliases(module)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != _TARGET:
+        if fullname not in (_TARGET, _GUARDED):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -57,10 +64,16 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
+    if _GUARDED in sys.modules:
+        from pgbroker.urltypo import guard_module
+
+        guard_module(sys.modules[_GUARDED])
     module = sys.modules.get(_TARGET)
     if module is not None:
         _add_aliases(module)
-    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+    if module is not None and _GUARDED in sys.modules:
+        return
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
 
 

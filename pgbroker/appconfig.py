@@ -13,12 +13,13 @@ import dataclasses
 from typing import Any
 
 from pgbroker.errors import ConfigurationError
+from pgbroker.options import flag, schema_name
 from pgbroker.urls import SCHEMES, to_conninfo
 
 
 @dataclasses.dataclass(frozen=True)
 class AppDatabase:
-    url: str
+    url: str = dataclasses.field(repr=False)  # holds the password
     schema: str
     auto_migrate: bool
 
@@ -41,10 +42,15 @@ def app_database(conf: Any, feature: str, needed_by: str) -> AppDatabase:
         options = dict(conf.get("result_backend_transport_options") or {})
     else:
         options = {}
-    name = conf.get(f"pgbroker_{feature}_schema") or options.get("schema") or "pgbroker"
-    if not isinstance(name, str) or not 1 <= len(name.encode()) <= 63:
-        raise ConfigurationError(f"{needed_by}: schema must be 1 to 63 bytes, got {name!r}")
-    return AppDatabase(url, name, bool(options.get("auto_migrate", True)))
+    where = "broker_transport_options" if broker else "result_backend_transport_options"
+    setting = f"pgbroker_{feature}_schema"
+    if conf.get(setting) is not None:
+        name = schema_name("", setting, conf.get(setting))
+    else:
+        name = schema_name(where, "schema", options.get("schema", "pgbroker"))
+    # flag(): the string "false" means False, not True.
+    auto_migrate = flag(where, "auto_migrate", options.get("auto_migrate", True))
+    return AppDatabase(url, name, auto_migrate)
 
 
 def pgbroker_url(value: Any) -> str | None:

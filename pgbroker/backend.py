@@ -72,6 +72,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -91,6 +92,7 @@ from psycopg.errors import error_from_result
 from pgbroker import pools, queries
 from pgbroker.db import connect, session_lost
 from pgbroker.errors import ConfigurationError, PgBrokerError
+from pgbroker.options import MAX_FIELD, checked, flag, schema_name, seconds, validated, whole
 from pgbroker.result_consumer import ResultConsumer, channel_for
 from pgbroker.urls import SCHEMES, mask_password, to_conninfo
 
@@ -113,40 +115,36 @@ class ResultTooLarge(PgBrokerError, EncodeError):
     """
 
 
+_WHERE = "result_backend_transport_options"
+
+
 @dataclasses.dataclass(frozen=True)
 class BackendOptions:
-    schema: str = "pgbroker"
-    auto_migrate: bool = True
-    max_result_size: int = 16 * MiB
-    cleanup_interval: float = 60.0
-    pool_size: int = 4
+    schema: str = checked("pgbroker", schema_name)
+    auto_migrate: bool = checked(True, flag)
+    max_result_size: int = checked(
+        16 * MiB, partial(whole, minimum=1, maximum=MAX_FIELD, unit="bytes")
+    )
+    cleanup_interval: float = checked(
+        60.0, partial(seconds, zero="0: left to celery.backend_cleanup")
+    )
+    # At least 2: a chord's last part holds one connection while it stores
+    # the body's state through another.
+    pool_size: int = checked(4, partial(whole, minimum=2, maximum=1000))
 
     @classmethod
     def from_mapping(cls, given: dict[str, Any]) -> BackendOptions:
         known = [f.name for f in dataclasses.fields(cls)]
         for name in given:
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
+                close = difflib.get_close_matches(str(name), known, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ConfigurationError(
-                    f"result_backend_transport_options: unknown option {name!r}.{hint} "
+                    f"{_WHERE}: unknown option {name!r}.{hint} "
                     f"pgbroker's result backend takes: {', '.join(known)} "
                     "(see pgbroker.backend)."
                 )
-        options = cls(**given)
-        if not options.schema or len(options.schema.encode()) > 63:
-            raise ConfigurationError(
-                "result_backend_transport_options: 'schema' must be 1 to 63 bytes long"
-            )
-        if options.max_result_size <= 0:
-            raise ConfigurationError(
-                "result_backend_transport_options: 'max_result_size' must be > 0"
-            )
-        if options.pool_size < 2:
-            # A chord's last part holds one connection while it stores the
-            # body's state through another.
-            raise ConfigurationError("result_backend_transport_options: 'pool_size' must be >= 2")
-        return options
+        return validated(_WHERE, cls(**given))
 
 
 # --- one pool per process (pgbroker.pools) ------------------------------------------

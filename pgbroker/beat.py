@@ -125,6 +125,7 @@ from pgbroker import schema as pg_schema
 from pgbroker.appconfig import app_database
 from pgbroker.db import connect
 from pgbroker.errors import ConfigurationError, DatabaseUnavailable, PgBrokerError
+from pgbroker.options import TEN_YEARS, schema_name, seconds
 from pgbroker.urls import mask_password, to_conninfo
 
 logger = logging.getLogger("pgbroker.beat")
@@ -150,7 +151,7 @@ class EntryNotFound(PgBrokerError, KeyError):
 
 @dataclasses.dataclass(frozen=True)
 class BeatConfig:
-    url: str
+    url: str = dataclasses.field(repr=False)  # holds the password
     schema: str = "pgbroker"
     auto_migrate: bool = True
     catchup: float = DEFAULT_CATCHUP
@@ -160,19 +161,14 @@ class BeatConfig:
         """Where an app's schedule lives (see the module docstring)."""
         conf = app.conf
         db = app_database(conf, "beat", "pgbroker's beat scheduler")
-        catchup = conf.get("pgbroker_beat_catchup", DEFAULT_CATCHUP)
-        if isinstance(catchup, timedelta):
-            catchup = catchup.total_seconds()
-        if isinstance(catchup, bool) or not isinstance(catchup, (int, float)) or catchup < 0:
-            raise ConfigurationError(
-                f"pgbroker_beat_catchup must be a number of seconds >= 0, got {catchup!r}"
-            )
-        return cls(
-            url=db.url,
-            schema=db.schema,
-            auto_migrate=db.auto_migrate,
-            catchup=float(catchup),
+        catchup = seconds(
+            "",
+            "pgbroker_beat_catchup",
+            conf.get("pgbroker_beat_catchup", DEFAULT_CATCHUP),
+            zero="0: skip every missed run",
+            maximum=TEN_YEARS,
         )
+        return cls(url=db.url, schema=db.schema, auto_migrate=db.auto_migrate, catchup=catchup)
 
 
 def _open(config: BeatConfig) -> psycopg.Connection:
@@ -352,6 +348,8 @@ def _config_hash(params: Mapping[str, Any]) -> str:
 
 
 def _config_of(target: Any, schema: str | None) -> BeatConfig:
+    if schema is not None:
+        schema = schema_name("", "schema", schema)
     if isinstance(target, str):
         to_conninfo(target)
         return BeatConfig(url=target, schema=schema or "pgbroker")

@@ -30,6 +30,7 @@ import psycopg
 
 from pgbroker import __version__, admin, cli_ops, demo, schema
 from pgbroker.errors import ConfigurationError, PgBrokerError
+from pgbroker.options import schema_name
 from pgbroker.urls import redact
 
 EXIT_OK = 0
@@ -903,10 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _schema_name(args: argparse.Namespace) -> str:
-    name = str(args.schema)
-    if not 1 <= len(name.encode()) <= 63:
-        raise ConfigurationError(f"--schema must be a name of 1 to 63 bytes, got {name!r}")
-    return name
+    return schema_name("", "--schema", str(args.schema))
 
 
 def _require_url(args: argparse.Namespace) -> str:

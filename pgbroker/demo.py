@@ -33,6 +33,7 @@ import psycopg
 from psycopg import sql
 
 from pgbroker.errors import ConfigurationError, PgBrokerError
+from pgbroker.options import schema_name
 from pgbroker.urls import mask_password
 
 DEFAULT_SCHEMA = "pgbroker_demo"
@@ -103,9 +104,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run(args: argparse.Namespace) -> int:
-    name = str(args.schema)
-    if not 1 <= len(name.encode()) <= 63:
-        raise ConfigurationError(f"--schema must be a name of 1 to 63 bytes, got {name!r}")
+    name = schema_name("", "--schema", str(args.schema))
     _say("pgbroker demo: a workflow of durable Celery tasks survives the SIGKILL of its worker")
     with (
         _database(args.url) as (url, embedded),

@@ -158,6 +158,8 @@ from pgbroker import pools, queries
 from pgbroker.appconfig import app_database
 from pgbroker.db import connect, session_lost
 from pgbroker.errors import ConfigurationError, PgBrokerError, SchemaError
+from pgbroker.options import TEN_YEARS
+from pgbroker.options import seconds as check_seconds
 
 logger = logging.getLogger("pgbroker")
 
@@ -218,7 +220,7 @@ class DurableWaitError(PgBrokerError):
 
 @dataclasses.dataclass(frozen=True)
 class DurableConfig:
-    url: str
+    url: str = dataclasses.field(repr=False)  # holds the password
     schema: str = "pgbroker"
     auto_migrate: bool = True
     keep: float = DEFAULT_KEEP
@@ -233,20 +235,24 @@ class DurableConfig:
             url=db.url,
             schema=db.schema,
             auto_migrate=db.auto_migrate,
-            keep=_seconds("pgbroker_durable_keep", conf.get("pgbroker_durable_keep", DEFAULT_KEEP)),
-            prune_interval=_seconds(
+            keep=_keep("pgbroker_durable_keep", conf.get("pgbroker_durable_keep", DEFAULT_KEEP)),
+            prune_interval=check_seconds(
+                "",
                 "pgbroker_durable_prune_interval",
                 conf.get("pgbroker_durable_prune_interval", DEFAULT_PRUNE_INTERVAL),
+                zero="0: leave pruning to pgbroker.durable.prune()",
             ),
         )
 
 
+def _keep(what: str, value: Any) -> float:
+    return check_seconds(
+        "", what, value, zero="0: delete them when the task succeeds", maximum=TEN_YEARS
+    )
+
+
 def _seconds(what: str, value: Any) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigurationError(f"{what} must be a number of seconds >= 0, got {value!r}")
-    return float(value)
+    return check_seconds("", what, value, zero="0 allowed", maximum=TEN_YEARS)
 
 
 # --- one pool per process -----------------------------------------------------------
@@ -1002,9 +1008,7 @@ class DurableTask(Task):  # type: ignore[misc]
         config = self.durable_config
         q = queries.for_schema(config.schema, "durable.sql")
         keep = (
-            config.keep
-            if self.durable_keep is None
-            else _seconds("durable_keep", self.durable_keep)
+            config.keep if self.durable_keep is None else _keep("durable_keep", self.durable_keep)
         )
         if keep == 0:
             _run(config, lambda c: c.execute(q["delete_task"], {"task_id": task_id}))

@@ -32,4 +32,8 @@ class SchemaError(PgBrokerError):
 
 
 class MessageTooLarge(PgBrokerError, ValueError):
-    """A message body is larger than the ``max_message_size`` option."""
+    """A message (body plus headers) is larger than the ``max_message_size`` option."""
+
+
+class NameTooLong(PgBrokerError, ValueError):
+    """A queue, exchange or routing key name is longer than pgbroker takes."""

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+import math
+from collections.abc import Callable
+from datetime import timedelta
+from functools import partial
+from typing import Any, TypeVar
 
 from pgbroker.errors import ConfigurationError
 
@@ -23,37 +27,169 @@ MiB = 1024 * 1024
 
 _WHERE = "broker_transport_options"
 
+T = TypeVar("T")
+
+
+# --- one validation for every setting of every feature ------------------------------
+#
+# Broker, result backend, beat and durable settings all go through these, so
+# that a wrong value fails at connect with an error naming the option and what
+# it accepts. NaN and infinities are refused (NaN compares false with
+# everything: sweep_interval=NaN used to pass and stop crash recovery).
+
+#: PostgreSQL's largest field value (1 GiB - 1).
+MAX_FIELD = 2**30 - 1
+#: One day: the longest interval between two periodic passes.
+DAY = 86400.0
+#: Ten years: the longest retention or deduplication window.
+TEN_YEARS = 3650 * DAY
+
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+def _bad(where: str, name: str, rule: str, value: Any, accepted: str = "") -> ConfigurationError:
+    prefix = f"{where}: {name!r}" if where else name
+    note = f" (accepted: {accepted})" if accepted else ""
+    return ConfigurationError(f"{prefix} must be {rule}, got {value!r}{note}")
+
+
+def flag(where: str, name: str, value: Any) -> bool:
+    """True or False; also the strings Celery's own boolean settings take."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _bad(
+        where, name, "True or False", value, "also 'true'/'false', 'yes'/'no', 'on'/'off', '1'/'0'"
+    )
+
+
+def _number(value: Any, *, integer: bool) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if integer and value != int(value):
+        return None
+    return value
+
+
+def seconds(
+    where: str, name: str, value: Any, *, zero: str | None = None, maximum: float = DAY
+) -> float:
+    """A finite number of seconds (or a timedelta), > 0; >= 0 when ``zero``
+    says what 0 means."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    number = _number(value, integer=False)
+    low = f">= 0 ({zero})" if zero else "> 0"
+    accepted = f"{'0 <=' if zero else '0 <'} seconds <= {maximum:g}"
+    if number is None or number < 0 or (number == 0 and not zero) or number > maximum:
+        raise _bad(where, name, f"a number of seconds {low}", value, accepted)
+    return float(number)
+
+
+def whole(
+    where: str,
+    name: str,
+    value: Any,
+    *,
+    minimum: int,
+    maximum: int,
+    unit: str = "",
+    zero: str | None = None,
+) -> int:
+    """A whole number from ``minimum`` to ``maximum`` (0 meaning ``zero``)."""
+    number = _number(value, integer=True)
+    what = f"a whole number{' of ' + unit if unit else ''}"
+    if zero:
+        rule, minimum = f"{what} >= 0 ({zero})", 0
+    else:
+        rule = f"{what} > 0" if minimum == 1 else f"{what} >= {minimum}"
+    if number is None or not minimum <= number <= maximum:
+        raise _bad(where, name, rule, value, f"{minimum} to {maximum}")
+    return int(number)
+
+
+def schema_name(where: str, name: str, value: Any) -> str:
+    """A schema name pgbroker can use: 1 to 63 bytes of anything but '%' and NUL
+    (pgbroker's queries run with parameters, where psycopg reads every '%')."""
+    if not isinstance(value, str) or not 1 <= len(value.encode()) <= 63:
+        raise _bad(where, name, "a name of 1 to 63 bytes (PostgreSQL's limit)", value)
+    if "%" in value or "\0" in value:
+        raise _bad(
+            where,
+            name,
+            "a name without '%' or NUL (psycopg would read '%' as a query placeholder)",
+            value,
+        )
+    return value
+
+
+def checked_fields(where: str, options: Any) -> dict[str, Any]:
+    """Every field of a settings dataclass, checked by its ``check`` metadata."""
+    return {
+        f.name: f.metadata["check"](where, f.name, getattr(options, f.name))
+        for f in dataclasses.fields(options)
+        if "check" in f.metadata
+    }
+
+
+def checked(default: Any, check: Callable[[str, str, Any], Any]) -> Any:
+    """A dataclass field whose value ``validated`` checks with ``check``."""
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+def validated(where: str, options: T) -> T:
+    """``options`` (a settings dataclass) with every checked field checked
+    and normalised ("false" -> False, "10" -> 10.0)."""
+    return dataclasses.replace(options, **checked_fields(where, options))  # type: ignore[type-var]
+
 
 @dataclasses.dataclass(frozen=True)
 class TransportOptions:
     #: PostgreSQL schema that holds pgbroker's tables.
-    schema: str = "pgbroker"
+    schema: str = checked("pgbroker", schema_name)
     #: Create or upgrade the schema on first connect. Turn off when a DBA
     #: runs ``pgbroker migrate`` instead; a missing schema is then an error.
-    auto_migrate: bool = True
+    auto_migrate: bool = checked(True, flag)
     #: Seconds between safety sweeps: requeue messages of dead consumers,
     #: remove expired messages and queues. One query per sweep.
-    sweep_interval: float = 10.0
-    #: Largest message body accepted by publish, in bytes.
-    max_message_size: int = 16 * MiB
+    sweep_interval: float = checked(10.0, seconds)
+    #: Largest message accepted by publish, in bytes: its body plus its
+    #: headers (as JSON). Queue, exchange and routing key names may have at
+    #: most 255 bytes (pgbroker.transport.MAX_NAME_BYTES).
+    max_message_size: int = checked(
+        16 * MiB, partial(whole, minimum=1, maximum=MAX_FIELD, unit="bytes")
+    )
     #: Kombu's generic option; pgbroker is woken by LISTEN/NOTIFY, so this is
     #: only the longest wait between checks in blocking ``drain_events``.
-    polling_interval: float = 10.0
+    polling_interval: float = checked(10.0, seconds)
     #: One process per schema watches for dead consumers inside PostgreSQL
     #: and recovers their messages within a second instead of a
     #: sweep_interval; each consuming process keeps one extra session for
     #: it (see pgbroker.sweeper). False: only the periodic sweep.
-    fast_recovery: bool = True
+    fast_recovery: bool = checked(True, flag)
     #: A message delivered this many times without being acknowledged (its
     #: consumer died each time, or it was requeued) goes to ``dead_letter``
     #: instead of back to its queue; a Celery task gets a FAILURE result.
     #: 0 means no limit.
-    max_deliveries: int = 10
+    max_deliveries: int = checked(
+        10, partial(whole, minimum=0, maximum=2**31 - 1, zero="0: no limit")
+    )
     #: Seconds during which publishing a Celery task message again with the
     #: same task id and ``retries`` (and the same routing) stores nothing: a
     #: chain's next link is sent once even when the task that sends it runs
     #: twice. 0 turns deduplication off.
-    dedup_window: float = 7 * 24 * 3600.0
+    dedup_window: float = checked(
+        7 * 24 * 3600.0, partial(seconds, zero="0: off", maximum=TEN_YEARS)
+    )
 
     @classmethod
     def from_mapping(cls, given: dict[str, Any]) -> TransportOptions:
@@ -73,51 +209,7 @@ class TransportOptions:
                     f"{_WHERE}: unknown option {name!r}.{hint} "
                     f"pgbroker takes: {', '.join(sorted(known))} (see pgbroker.options)."
                 )
-        options = cls(**ours)
-        options._check()
-        return options
-
-    def _check(self) -> None:
-        if not isinstance(self.schema, str) or not 1 <= len(self.schema.encode()) <= 63:
-            raise ConfigurationError(
-                f"{_WHERE}: 'schema' must be a name of 1 to 63 bytes, got {self.schema!r}"
-            )
-        if not isinstance(self.auto_migrate, bool):
-            raise ConfigurationError(
-                f"{_WHERE}: 'auto_migrate' must be True or False, got {self.auto_migrate!r}"
-            )
-        if not isinstance(self.fast_recovery, bool):
-            raise ConfigurationError(
-                f"{_WHERE}: 'fast_recovery' must be True or False, got {self.fast_recovery!r}"
-            )
-        _positive("sweep_interval", self.sweep_interval)
-        _positive("polling_interval", self.polling_interval)
-        _positive("max_message_size", self.max_message_size, integer=True)
-        if (
-            isinstance(self.max_deliveries, bool)
-            or not isinstance(self.max_deliveries, int)
-            or self.max_deliveries < 0
-        ):
-            raise ConfigurationError(
-                f"{_WHERE}: 'max_deliveries' must be a whole number >= 0 (0: no limit), "
-                f"got {self.max_deliveries!r}"
-            )
-        if (
-            isinstance(self.dedup_window, bool)
-            or not isinstance(self.dedup_window, (int, float))
-            or self.dedup_window < 0
-        ):
-            raise ConfigurationError(
-                f"{_WHERE}: 'dedup_window' must be a number of seconds >= 0 (0: off), "
-                f"got {self.dedup_window!r}"
-            )
-
-
-def _positive(name: str, value: Any, *, integer: bool = False) -> None:
-    kinds: tuple[type[int] | type[float], ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        what = "a whole number of bytes" if integer else "a number of seconds"
-        raise ConfigurationError(f"{_WHERE}: {name!r} must be {what} > 0, got {value!r}")
+        return validated(_WHERE, cls(**ours))
 
 
 #: Options Kombu itself reads from ``transport_options`` (connection retry

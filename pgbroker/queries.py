@@ -12,6 +12,8 @@ from importlib import resources
 
 from psycopg import sql
 
+from pgbroker.options import schema_name
+
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
@@ -24,8 +26,12 @@ def _texts(filename: str = "queries.sql") -> dict[str, str]:
 
 @lru_cache(maxsize=16)
 def for_schema(schema: str, filename: str = "queries.sql") -> dict[str, sql.Composed]:
-    """Every query of ``filename`` with ``{schema}`` replaced by the quoted identifier."""
-    ident = sql.Identifier(schema)
+    """Every query of ``filename`` with ``{schema}`` replaced by the quoted identifier.
+
+    The queries run with parameters, so psycopg reads every '%' in them as
+    a placeholder, a quoted identifier's too: names with '%' are refused.
+    """
+    ident = sql.Identifier(schema_name("", "schema", schema))
     return {
         name: sql.SQL(text).format(schema=ident)  # type: ignore[arg-type]
         for name, text in _texts(filename).items()

@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 
 from pgbroker.errors import SchemaError
+from pgbroker.options import schema_name
 
 logger = logging.getLogger("pgbroker")
 
@@ -88,6 +89,7 @@ def pending_sql(conn: psycopg.Connection, schema: str) -> str:
 def migration_sql(schema: str, from_version: int = 0, context: Any = None) -> str:
     """The SQL that brings ``schema`` from ``from_version`` to the latest
     version (from 0: a new database), or "" when there is nothing to do."""
+    schema_name("", "schema", schema)  # before anything is created
     pending = [m for m in migrations() if m.version > from_version]
     if not pending:
         return ""
@@ -107,6 +109,7 @@ def migration_sql(schema: str, from_version: int = 0, context: Any = None) -> st
 
 def migrate(conn: psycopg.Connection, schema: str) -> list[Migration]:
     """Bring ``schema`` to the latest version; return what was applied."""
+    schema_name("", "schema", schema)  # before anything is created
     wanted = latest_version()
     version = current_version(conn, schema)
     if version is not None and version >= wanted:
@@ -162,6 +165,7 @@ def migrate(conn: psycopg.Connection, schema: str) -> list[Migration]:
 def require_current(conn: psycopg.Connection, schema: str) -> None:
     """Raise a clear error unless the schema is at the latest version and
     this session may use it."""
+    schema_name("", "schema", schema)
     version = current_version(conn, schema)
     wanted = latest_version()
     if version == wanted:
@@ -194,27 +198,44 @@ def check_access(conn: psycopg.Connection, schema: str) -> None:
 
 
 # Whether the session has USAGE on the schema and the DML privileges on
-# every table; identity columns need no sequence privilege.
+# every table (SELECT only on schema_version; identity columns need no
+# sequence privilege); else what is missing, grouped by the privileges
+# missing: "no DELETE privilege on binding, message; no privileges on ...".
 _ACCESS = """
 WITH s AS (SELECT oid FROM pg_namespace WHERE nspname = %(schema)s),
-missing AS (
-    SELECT c.relname::text AS name
+objects AS (
+    SELECT c.relname::text AS name,
+           array_remove(ARRAY[
+               CASE WHEN NOT has_table_privilege(c.oid, 'SELECT') THEN 'SELECT' END,
+               CASE WHEN c.relname <> 'schema_version'
+                         AND NOT has_table_privilege(c.oid, 'INSERT') THEN 'INSERT' END,
+               CASE WHEN c.relname <> 'schema_version'
+                         AND NOT has_table_privilege(c.oid, 'UPDATE') THEN 'UPDATE' END,
+               CASE WHEN c.relname <> 'schema_version'
+                         AND NOT has_table_privilege(c.oid, 'DELETE') THEN 'DELETE' END
+           ], NULL) AS privileges
+    FROM pg_class c, s
+    WHERE c.relnamespace = s.oid AND c.relkind IN ('r', 'p')
+    UNION ALL
+    SELECT c.relname::text, ARRAY['USAGE']
     FROM pg_class c, s
     WHERE c.relnamespace = s.oid
-      AND ((c.relkind IN ('r', 'p')
-            AND NOT (has_table_privilege(c.oid, 'SELECT')
-                     AND (c.relname = 'schema_version'
-                          OR (has_table_privilege(c.oid, 'INSERT')
-                              AND has_table_privilege(c.oid, 'UPDATE')
-                              AND has_table_privilege(c.oid, 'DELETE')))))
-        OR (c.relkind = 'S'
-            AND NOT has_sequence_privilege(c.oid, 'USAGE')
-            AND NOT EXISTS (SELECT FROM pg_depend d
-                            WHERE d.objid = c.oid AND d.deptype = 'i')))
+      -- CASE: the planner may test the privilege before the relkind.
+      AND CASE WHEN c.relkind = 'S' THEN NOT has_sequence_privilege(c.oid, 'USAGE') END
+      AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'i')
+),
+missing AS (SELECT * FROM objects WHERE privileges <> '{}'),
+grouped AS (
+    SELECT CASE WHEN privileges = ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']
+                THEN 'no privileges on '
+                ELSE 'no ' || array_to_string(privileges, ', ') || ' privilege on ' END
+           || string_agg(name, ', ' ORDER BY name) AS text,
+           cardinality(privileges) AS n
+    FROM missing GROUP BY privileges
 )
 SELECT has_schema_privilege(s.oid, 'USAGE') AND NOT EXISTS (SELECT FROM missing),
        CASE WHEN has_schema_privilege(s.oid, 'USAGE')
-            THEN 'no privileges on ' || (SELECT string_agg(name, ', ' ORDER BY name) FROM missing)
+            THEN (SELECT string_agg(text, '; ' ORDER BY n DESC, text) FROM grouped)
             ELSE 'no USAGE privilege on the schema' END
 FROM s
 """

@@ -75,7 +75,7 @@ from psycopg.types.json import Json, Jsonb, set_json_loads
 
 from pgbroker import enqueue, queries, schema, sweeper
 from pgbroker.db import connect, prefer_indexes
-from pgbroker.errors import MessageTooLarge
+from pgbroker.errors import MessageTooLarge, NameTooLong
 from pgbroker.forking import neutralise
 from pgbroker.options import TransportOptions
 from pgbroker.routing import topic_pattern
@@ -88,6 +88,11 @@ logger = logging.getLogger("pgbroker")
 UNLIMITED_CLAIM = 100
 
 _PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding")
+
+#: Longest queue, exchange or routing key name, in bytes: AMQP's limit
+#: (shortstr). PostgreSQL would fail later and less clearly: a btree index
+#: row holds at most 2,704 bytes, and a binding's key holds three names.
+MAX_NAME_BYTES = 255
 
 #: Queries run through libpq's pipeline (``Transport._run_pipelined``): the
 #: name of their prepared statement, and the type oid of each parameter.
@@ -156,6 +161,7 @@ class Channel(virtual.Channel):
     ) -> None:
         type = type or "direct"
         exchange = exchange or f"amq.{type}"
+        check_name("exchange", exchange)
         t = self.connection
         if passive:
             if t.run("exchange_type", name=exchange) is None:
@@ -195,6 +201,7 @@ class Channel(virtual.Channel):
 
     def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
         queue = queue or f"amq.gen-{uuid()}"
+        check_name("queue", queue)
         t = self.connection
         if passive:
             if not self._has_queue(queue):
@@ -232,6 +239,9 @@ class Channel(virtual.Channel):
         arguments: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        check_name("queue", queue)
+        check_name("exchange", exchange)
+        check_name("routing key", routing_key)
         self.connection.run(
             "bind",
             exchange=exchange or "amq.direct",
@@ -282,6 +292,7 @@ class Channel(virtual.Channel):
     def basic_consume(
         self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
     ) -> Any:
+        check_name("queue", queue)
         if no_ack:
             self._no_ack_queues.add(queue)
         else:
@@ -626,15 +637,21 @@ class Transport(virtual.Transport):
         body = message.get("body") or b""
         if isinstance(body, str):
             body = body.encode(message.get("content-encoding") or "utf-8")
-        if len(body) > self.options.max_message_size:
-            raise MessageTooLarge(
-                f"message for exchange {exchange!r} routing key {routing_key!r} is "
-                f"{len(body)} bytes, more than max_message_size={self.options.max_message_size}: "
-                "send a reference to the data instead, or raise the max_message_size "
-                "transport option"
-            )
+        check_name("exchange", exchange)
+        check_name("routing key", routing_key)
         props = message.get("properties") or {}
         headers = message.get("headers") or {}
+        # Headers count too (stored as JSON next to the body); dumped once.
+        headers_json = json.dumps(headers)
+        size = len(body) + (len(headers_json) if headers else 0)
+        if size > self.options.max_message_size:
+            parts = f" (body {len(body)}, headers {len(headers_json)})" if headers else ""
+            raise MessageTooLarge(
+                f"message for exchange {exchange!r} routing key {routing_key!r} is "
+                f"{size} bytes{parts}, more than max_message_size="
+                f"{self.options.max_message_size}: send a reference to the data instead, "
+                "or raise the max_message_size transport option"
+            )
         expiration = props.get("expiration")
         task_id = _text_or_none(headers.get("id"))
         task_name = _text_or_none(headers.get("task"))
@@ -659,7 +676,7 @@ class Transport(virtual.Transport):
             content_type=message.get("content-type"),
             content_encoding=message.get("content-encoding"),
             # json, not jsonb: see the message table in 001_broker.sql.
-            headers=Json(headers, dumps=json.dumps),
+            headers=Json(headers, dumps=lambda _: headers_json),
             properties=Json(
                 {k: v for k, v in props.items() if k not in _PROPERTIES_NOT_STORED},
                 dumps=json.dumps,
@@ -1185,6 +1202,15 @@ def _ms_to_seconds(value: Any) -> float | None:
 
 def _text_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def check_name(kind: str, name: str | None) -> None:
+    """Refuse a name longer than MAX_NAME_BYTES before any SQL runs."""
+    if name and len(name.encode()) > MAX_NAME_BYTES:
+        raise NameTooLong(
+            f"{kind} name of {len(name.encode())} bytes ({name[:40]!r}...): pgbroker takes "
+            f"names of at most {MAX_NAME_BYTES} bytes (as AMQP does); use a shorter name"
+        )
 
 
 def due_channel_for(schema: str) -> str:

@@ -682,4 +682,4 @@ def test_fast_recovery_off_keeps_the_periodic_sweep(db_url: str, db: psycopg.Con
 def test_fast_recovery_must_be_a_boolean() -> None:
     assert TransportOptions().fast_recovery is True
     with pytest.raises(ConfigurationError, match="fast_recovery"):
-        TransportOptions.from_mapping({"fast_recovery": "yes"})
+        TransportOptions.from_mapping({"fast_recovery": "maybe"})
