@@ -38,7 +38,8 @@ How it works, in short:
   on ``due_channel`` and from each promotion) and promotes then, so idle
   consumers send no extra query. ``expires`` caps the message's lifetime
   (expired tasks are dead-lettered and REVOKED by the sweep). A task message
-  published again with the same (task id, retries) is not stored again
+  that the run of one message publishes again with the same (task id,
+  retries), as a redelivered run does, is not stored again
   (``dedup_window``). A message handed out ``max_deliveries`` times goes to
   dead_letter, its task to FAILURE.
 """
@@ -53,6 +54,7 @@ import os
 import re
 import select
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -87,7 +89,20 @@ logger = logging.getLogger("pgbroker")
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
 
-_PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding")
+#: Properties of a delivered message naming its row: the message id and the
+#: schema's oid. A Celery worker hands them to the task run (its request's
+#: ``properties``), so what that run publishes says which message's run
+#: published it (publish deduplication, see ``_source_message``).
+MESSAGE_ID = "pgbroker_message_id"
+SCHEMA_OID = "pgbroker_schema_oid"
+
+_PROPERTIES_NOT_STORED = (
+    "delivery_tag",
+    "delivery_info",
+    "body_encoding",
+    MESSAGE_ID,
+    SCHEMA_OID,
+)
 
 #: Queries run through libpq's pipeline (``Transport._run_pipelined``): the
 #: name of their prepared statement, and the type oid of each parameter.
@@ -638,9 +653,15 @@ class Transport(virtual.Transport):
         expiration = props.get("expiration")
         task_id = _text_or_none(headers.get("id"))
         task_name = _text_or_none(headers.get("task"))
-        # A Celery task message (protocol 2: id and task in the headers) is
-        # stored once per (task id, retries): see `publish` in queries.sql.
-        dedup = self.options.dedup_window > 0 and task_id is not None and task_name is not None
+        # A Celery task message (protocol 2: id and task in the headers)
+        # published by a task run is stored once per (task id, retries,
+        # message being run): see `publish` in queries.sql.
+        source = (
+            _source_message(self._lock_oid)
+            if self.options.dedup_window > 0 and task_id is not None and task_name is not None
+            else None
+        )
+        dedup = source is not None
         # Inside pgbroker.enqueue_in(conn), the statement runs on the caller's
         # connection, in the caller's transaction.
         row = enqueue.runner(self).run(
@@ -654,6 +675,7 @@ class Transport(virtual.Transport):
             task_name=task_name,
             dedup=dedup,
             retries=_retries(headers.get("retries")) if dedup else 0,
+            source_message=source,
             eta=_timestamp(headers.get("eta")) if task_name is not None else None,
             expires=_timestamp(headers.get("expires")) if task_name is not None else None,
             content_type=message.get("content-type"),
@@ -671,12 +693,14 @@ class Transport(virtual.Transport):
         if row and row[4]:
             logger.info(
                 "task %s (%s, retries %s) was already published to exchange %r with "
-                "routing key %r: not stored again (dedup_window transport option)",
+                "routing key %r by an earlier run of message %s: not stored again "
+                "(dedup_window transport option)",
                 task_id,
                 task_name,
                 headers.get("retries", 0),
                 exchange,
                 routing_key,
+                source,
             )
         elif row and row[0] == 0 and row[1]:
             logger.warning(
@@ -761,6 +785,7 @@ class Transport(virtual.Transport):
         props.update(
             delivery_tag=id_,
             body_encoding=None,
+            **{MESSAGE_ID: id_, SCHEMA_OID: self._lock_oid},
             delivery_info={
                 "exchange": exchange,
                 "routing_key": routing_key,
@@ -1203,6 +1228,27 @@ def _timestamp(value: Any) -> datetime | None:
     except ValueError:
         return None
     return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def _source_message(schema_oid: int) -> int | None:
+    """The id of the message whose task run is publishing, or None outside
+    a task run.
+
+    Celery's worker hands a delivered message's properties to the task run
+    (``Task.request.properties``), with the message id that ``to_raw`` put
+    there. A run of a message delivered by another schema or broker (its
+    ids are another sequence's) counts as outside. Celery is looked up only
+    if it is loaded: plain Kombu users publish outside task runs.
+    """
+    state = sys.modules.get("celery._state")
+    if state is None:
+        return None
+    task = state.get_current_worker_task()
+    props = getattr(getattr(task, "request", None), "properties", None)
+    if not isinstance(props, dict) or props.get(SCHEMA_OID) != schema_oid:
+        return None
+    source = props.get(MESSAGE_ID)
+    return source if isinstance(source, int) else None
 
 
 def _retries(value: Any) -> int:
