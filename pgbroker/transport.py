@@ -92,7 +92,7 @@ UNLIMITED_CLAIM = 100
 #: Properties of a delivered message naming its row: the message id and the
 #: schema's oid. A Celery worker hands them to the task run (its request's
 #: ``properties``), so what that run publishes says which message's run
-#: published it (publish deduplication, see ``_source_message``).
+#: published it (publish deduplication, see ``_publication_source``).
 MESSAGE_ID = "pgbroker_message_id"
 SCHEMA_OID = "pgbroker_schema_oid"
 
@@ -654,10 +654,10 @@ class Transport(virtual.Transport):
         task_id = _text_or_none(headers.get("id"))
         task_name = _text_or_none(headers.get("task"))
         # A Celery task message (protocol 2: id and task in the headers)
-        # published by a task run is stored once per (task id, retries,
-        # message being run): see `publish` in queries.sql.
+        # published by a task run, or copied, is stored once per (task id,
+        # retries, source): see `publish` in queries.sql.
         source = (
-            _source_message(self._lock_oid)
+            _publication_source(props, self._lock_oid)
             if self.options.dedup_window > 0 and task_id is not None and task_name is not None
             else None
         )
@@ -675,7 +675,7 @@ class Transport(virtual.Transport):
             task_name=task_name,
             dedup=dedup,
             retries=_retries(headers.get("retries")) if dedup else 0,
-            source_message=source,
+            source=source,
             eta=_timestamp(headers.get("eta")) if task_name is not None else None,
             expires=_timestamp(headers.get("expires")) if task_name is not None else None,
             content_type=message.get("content-type"),
@@ -693,7 +693,7 @@ class Transport(virtual.Transport):
         if row and row[4]:
             logger.info(
                 "task %s (%s, retries %s) was already published to exchange %r with "
-                "routing key %r by an earlier run of message %s: not stored again "
+                "routing key %r by the same source (%s): not stored again "
                 "(dedup_window transport option)",
                 task_id,
                 task_name,
@@ -1230,16 +1230,24 @@ def _timestamp(value: Any) -> datetime | None:
     return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
-def _source_message(schema_oid: int) -> int | None:
-    """The id of the message whose task run is publishing, or None outside
-    a task run.
+def _publication_source(properties: dict[str, Any], schema_oid: int) -> str | None:
+    """What makes a publication a duplicate when it is made again: 'copy
+    <tag>' for a copy of a delivered message, 'run <id>' for a publication
+    of the task run of message <id>, None (never a duplicate) otherwise.
 
-    Celery's worker hands a delivered message's properties to the task run
-    (``Task.request.properties``), with the message id that ``to_raw`` put
-    there. A run of a message delivered by another schema or broker (its
-    ids are another sequence's) counts as outside. Celery is looked up only
-    if it is loaded: plain Kombu users publish outside task runs.
+    A copy: celery.contrib.migrate (``celery migrate``) republishes a
+    message with its properties, delivery tag included, which a virtual
+    transport (Redis, SQS, pgbroker) keeps with the message for good.
+    A run: Celery's worker hands a delivered message's properties to the
+    task run (``Task.request.properties``), with the message id that
+    ``to_raw`` put there. A run of a message delivered by another schema or
+    broker (its ids are another sequence's) counts as no run. Celery is
+    looked up only if it is loaded: plain Kombu users publish outside task
+    runs.
     """
+    tag = properties.get("delivery_tag")
+    if tag is not None:
+        return f"copy {tag}"
     state = sys.modules.get("celery._state")
     if state is None:
         return None
@@ -1247,8 +1255,8 @@ def _source_message(schema_oid: int) -> int | None:
     props = getattr(getattr(task, "request", None), "properties", None)
     if not isinstance(props, dict) or props.get(SCHEMA_OID) != schema_oid:
         return None
-    source = props.get(MESSAGE_ID)
-    return source if isinstance(source, int) else None
+    message_id = props.get(MESSAGE_ID)
+    return f"run {message_id}" if isinstance(message_id, int) else None
 
 
 def _retries(value: Any) -> int:

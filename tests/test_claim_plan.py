@@ -158,7 +158,7 @@ PUBLISH = {
     "due_channel": "pgbd_x",
     "dedup": False,
     "retries": 0,
-    "source_message": None,
+    "source": None,
     "eta": None,
     "expires": None,
 }

@@ -126,6 +126,31 @@ def test_other_sources_and_no_source_go_through(db_url: str, db: psycopg.Connect
     assert scalar(db, "SELECT count(*) FROM pgbroker.published_task") == 2
 
 
+def test_copies_of_one_delivered_message_are_stored_once(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """celery migrate republishes a message with its properties, delivery
+    tag included (stable on Redis and pgbroker): a copy made again (a
+    migration run again) stores nothing; a copy of another message does."""
+    q = Queue("dd-copy")
+    task_id = str(uuid.uuid4())
+    with connect(db_url) as conn:
+        producer = Producer(conn.default_channel)
+        for tag in ("tag-1", "tag-1", "tag-2"):
+            producer.publish(
+                "x",
+                routing_key=q.name,
+                declare=[q],
+                headers=task_headers(task_id),
+                delivery_tag=tag,
+            )
+    assert stored(db, task_id) == [("dd-copy", 0)] * 2
+    assert scalar(db, "SELECT array_agg(source ORDER BY source) FROM pgbroker.published_task") == [
+        "copy tag-1",
+        "copy tag-2",
+    ]
+
+
 def test_delivered_messages_name_their_row(db_url: str, db: psycopg.Connection) -> None:
     """Each delivered message carries its row id and the schema's oid, which
     a Celery worker hands to the task run; they are not stored when a message
@@ -202,14 +227,14 @@ def test_requeue_and_dead_letter_replay_are_not_publications(
 
 def test_sweep_prunes_old_publications_in_batches(db_url: str, db: psycopg.Connection) -> None:
     db.execute(
-        "INSERT INTO pgbroker.published_task (task_id, retries, source_message, exchange, "
-        "routing_key, published_at) SELECT 'old' || i, 0, i, '', 'q', "
+        "INSERT INTO pgbroker.published_task (task_id, retries, source, exchange, "
+        "routing_key, published_at) SELECT 'old' || i, 0, 'run ' || i, '', 'q', "
         "now() - interval '8 days' "
         "FROM generate_series(1, 7000) i"
     )
     db.execute(
-        "INSERT INTO pgbroker.published_task (task_id, retries, source_message, exchange, "
-        "routing_key) VALUES ('recent', 0, 1, '', 'q')"
+        "INSERT INTO pgbroker.published_task (task_id, retries, source, exchange, "
+        "routing_key) VALUES ('recent', 0, 'run 1', '', 'q')"
     )
     q = Queue("dd-prune")
     with connect(db_url) as conn, Consumer(conn, [q], callbacks=[collect([])]):
@@ -227,8 +252,8 @@ def test_sweep_prunes_old_publications_in_batches(db_url: str, db: psycopg.Conne
 @pytest.mark.parametrize("how", [explain, explain_generic])
 def test_prune_walks_the_published_at_index(db: psycopg.Connection, how: Any) -> None:
     db.execute(
-        "INSERT INTO pgbroker.published_task (task_id, retries, source_message, exchange, "
-        "routing_key, published_at) SELECT 't' || i, 0, i, '', 'q', "
+        "INSERT INTO pgbroker.published_task (task_id, retries, source, exchange, "
+        "routing_key, published_at) SELECT 't' || i, 0, 'run ' || i, '', 'q', "
         "now() - i * interval '1 minute' "
         "FROM generate_series(1, 50000) i"
     )
@@ -303,8 +328,8 @@ def test_sweep_and_publish_use_published_task_indexes(db: psycopg.Connection, ho
     from tests.test_claim_plan import PUBLISH, SWEEP
 
     db.execute(
-        "INSERT INTO pgbroker.published_task (task_id, retries, source_message, exchange, "
-        "routing_key, published_at) SELECT 't' || i, 0, i, '', 'q', "
+        "INSERT INTO pgbroker.published_task (task_id, retries, source, exchange, "
+        "routing_key, published_at) SELECT 't' || i, 0, 'run ' || i, '', 'q', "
         "now() - i * interval '1 minute' "
         "FROM generate_series(1, 50000) i"
     )
@@ -314,7 +339,7 @@ def test_sweep_and_publish_use_published_task_indexes(db: psycopg.Connection, ho
         "publish": how(
             db,
             "publish",
-            {**PUBLISH, "dedup": True, "task_id": "t77", "task_name": "x", "source_message": 77},
+            {**PUBLISH, "dedup": True, "task_id": "t77", "task_name": "x", "source": "run 77"},
         ),
     }
     for name, plan in plans.items():

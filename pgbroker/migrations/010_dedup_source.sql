@@ -13,20 +13,23 @@
 --   message M dies before acknowledging M; M is redelivered (same row id:
 --   recovery hands the row back, it is not published again), runs again,
 --   and publishes the same task again. So a publication is now recorded
---   with source_message, the id of the message whose task run made it
---   (the transport hands every delivered message its row id, and reads it
---   back from Celery's current task request when that task publishes; see
---   pgbroker/transport.py, _source_message). A publication is a duplicate
---   only if the same (task id, retries, source message) was published
+--   with its source: 'run <id>', the id of the message whose task run made
+--   it (the transport hands every delivered message its row id, and reads
+--   it back from Celery's current task request when that task publishes;
+--   see pgbroker/transport.py, _publication_source), or 'copy <delivery
+--   tag>' for a copy of a delivered message (celery migrate passes the
+--   copied message's properties on; a Redis message keeps its tag), so
+--   that a migration run again stores nothing twice. A publication is a
+--   duplicate only if the same (task id, retries, source) was published
 --   before, with the same routing.
--- * Publications made outside a task run (clients, celery migrate, beat)
---   have no source message: never deduplicated, and no row is written.
+-- * Other publications (clients, beat, a task id reused, a resend) have no
+--   source: never deduplicated, and no row is written.
 -- * Rows written before this migration have no source and could never
 --   match again: they go. (A task whose worker died after its hand-off
 --   just before the upgrade, and runs again after it, hands off again.)
 
 TRUNCATE {schema}.published_task;
 ALTER TABLE {schema}.published_task
-    ADD COLUMN source_message bigint NOT NULL,
+    ADD COLUMN source text NOT NULL,
     DROP CONSTRAINT published_task_pkey,
-    ADD PRIMARY KEY (task_id, retries, source_message);
+    ADD PRIMARY KEY (task_id, retries, source);

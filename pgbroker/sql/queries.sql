@@ -90,17 +90,18 @@ SELECT queue, exchange, routing_key FROM {schema}.binding ORDER BY exchange, rou
 -- persistent message that matches nothing goes to dead_letter; a transient
 -- one, or one sent to a non-durable exchange, is dropped, as AMQP does.
 --
--- A Celery task message published by a task run (`source_message`: the id
--- of the message being run; `dedup` is set for those when deduplication is
--- on) is stored only the first time that run's message publishes its (task
--- id, retries) with this routing: first_publish inserts into published_task,
--- and a conflict (the same key, the same routing) inserts nothing, so
--- nothing else is stored. That is the redelivered run of a message whose
--- worker died after publishing (a chain's next link, a retry, a
--- replacement) publishing it again. Concurrent duplicates wait on each
--- other's key. Any other publication goes through: from another message's
--- run (Task.replace of a replacement), from outside a task run (clients,
--- celery migrate), or with another routing.
+-- A Celery task message with a `source` (`dedup` is set for those when
+-- deduplication is on) is stored only the first time that source publishes
+-- its (task id, retries) with this routing: first_publish inserts into
+-- published_task, and a conflict (the same key, the same routing) inserts
+-- nothing, so nothing else is stored. The source is 'run <id>' for a
+-- publication made by the task run of message <id> (a redelivered run of a
+-- message whose worker died after publishing a chain's next link, a retry
+-- or a replacement publishes it again), 'copy <delivery tag>' for a copy of
+-- a delivered message (celery migrate run again). Concurrent duplicates
+-- wait on each other's key. Any other publication goes through: from
+-- another message's run (Task.replace of a replacement), from outside a
+-- task run (clients, a task id reused, a resend), or with another routing.
 --
 -- A message with a future `eta` (Celery's countdown/eta) is stored 'delayed'
 -- until then: the NOTIFY on `due_channel` tells consumers when ("<epoch>
@@ -108,10 +109,10 @@ SELECT queue, exchange, routing_key FROM {schema}.binding ORDER BY exchange, rou
 -- task expiry) caps expires_at like a TTL: claims skip the message after it.
 WITH first_publish AS (
     INSERT INTO {schema}.published_task AS p (
-        task_id, retries, source_message, exchange, routing_key)
-    SELECT %(task_id)s, %(retries)s, %(source_message)s, %(exchange)s, %(routing_key)s
+        task_id, retries, source, exchange, routing_key)
+    SELECT %(task_id)s, %(retries)s, %(source)s, %(exchange)s, %(routing_key)s
     WHERE %(dedup)s
-    ON CONFLICT (task_id, retries, source_message) DO UPDATE SET
+    ON CONFLICT (task_id, retries, source) DO UPDATE SET
         exchange = EXCLUDED.exchange, routing_key = EXCLUDED.routing_key,
         published_at = now()
     WHERE (p.exchange, p.routing_key) IS DISTINCT FROM (EXCLUDED.exchange, EXCLUDED.routing_key)
