@@ -81,7 +81,12 @@ from pgbroker.errors import MessageTooLarge
 from pgbroker.forking import neutralise
 from pgbroker.options import TransportOptions
 from pgbroker.routing import topic_pattern
-from pgbroker.sweeper import PROMOTE_BATCH, log_sweep, prune_published
+from pgbroker.sweeper import (
+    PROMOTE_BATCH,
+    drop_dead_consumers_queues,
+    log_sweep,
+    prune_published,
+)
 from pgbroker.urls import mask_password
 
 logger = logging.getLogger("pgbroker")
@@ -221,6 +226,9 @@ class Channel(virtual.Channel):
                 )
             return queue_declare_ok_t(queue, self._size(queue), 0)
         arguments = kwargs.get("arguments") or {}
+        # An exclusive queue goes with this connection: it belongs to the
+        # session's consumer, whose end (close or death) drops it.
+        exclusive = bool(kwargs.get("exclusive"))
         row = t.run(
             "declare_queue",
             name=queue,
@@ -229,7 +237,9 @@ class Channel(virtual.Channel):
             message_ttl=_ms_to_seconds(arguments.get("x-message-ttl")),
             expires=_ms_to_seconds(arguments.get("x-expires")),
             arguments=_json(arguments),
+            exclusive_to=t._ensure_consumer() if exclusive else None,
         )
+        t._declared_exclusive |= exclusive
         return queue_declare_ok_t(queue, row[0] if row else 0, 0)
 
     def queue_delete(
@@ -432,6 +442,8 @@ class Transport(virtual.Transport):
         self._clock_offset = 0.0
         self._due_tref: Any = None  # the event loop's timer for _due_at
         self._due_armed: float | None = None
+        # This session declared exclusive queues: they go when it closes.
+        self._declared_exclusive = False
 
     # --- connection -----------------------------------------------------------
 
@@ -503,6 +515,8 @@ class Transport(virtual.Transport):
                         channel=self.channel_name,
                         lock_class=self._lock_class,
                     )
+                    if self._declared_exclusive:
+                        self.run("drop_unused_queues", queue=None)
         except psycopg.Error as exc:
             logger.info("closing after a database error; the sweep recovers the rest: %s", exc)
         finally:
@@ -745,7 +759,10 @@ class Transport(virtual.Transport):
         if queue in self._attached and self.consumer_id is not None:
             self._attached.discard(queue)
             self._ready.discard(queue)
-            self.run("detach_queue", consumer_id=self.consumer_id, queue=queue)
+            row = self.run("detach_queue", consumer_id=self.consumer_id, queue=queue)
+            if row and row[0]:
+                # Auto-delete: it goes if that was its last consumer.
+                self.run("drop_unused_queues", queue=queue)
 
     def claim(self, queue: str, limit: int, no_ack: bool, settle: bool = True) -> list[Any]:
         """Claim up to ``limit`` messages; with ``settle`` off, return before
@@ -1010,6 +1027,7 @@ class Transport(virtual.Transport):
         if promoted >= PROMOTE_BATCH:
             self._due_at = time.monotonic()  # more are due: promote again now
         prune_published(self.run_count, self.options, int(row[8]))
+        drop_dead_consumers_queues(self.run, row)
         return requeued, expired_messages, expired_queues
 
     # --- delayed messages (ETA) -----------------------------------------------------------
