@@ -94,20 +94,14 @@ logger = logging.getLogger("pgbroker")
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
 
-#: Properties of a delivered message naming its row: the message id and the
-#: schema's oid. A Celery worker hands them to the task run (its request's
-#: ``properties``), so what that run publishes says which message's run
-#: published it (publish deduplication, see ``_publication_source``).
-MESSAGE_ID = "pgbroker_message_id"
+#: A property of every delivered message: the schema's oid, which says that
+#: its ``delivery_tag`` is the id of its row in that schema. A Celery worker
+#: hands the properties to the task run (its request's ``properties``), so
+#: what that run publishes says which message's run published it (publish
+#: deduplication, see ``_publication_source``).
 SCHEMA_OID = "pgbroker_schema_oid"
 
-_PROPERTIES_NOT_STORED = (
-    "delivery_tag",
-    "delivery_info",
-    "body_encoding",
-    MESSAGE_ID,
-    SCHEMA_OID,
-)
+_PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding", SCHEMA_OID)
 
 #: Queries run through libpq's pipeline (``Transport._run_pipelined``): the
 #: name of their prepared statement, and the type oid of each parameter.
@@ -802,7 +796,7 @@ class Transport(virtual.Transport):
         props.update(
             delivery_tag=id_,
             body_encoding=None,
-            **{MESSAGE_ID: id_, SCHEMA_OID: self._lock_oid},
+            **{SCHEMA_OID: self._lock_oid},
             delivery_info={
                 "exchange": exchange,
                 "routing_key": routing_key,
@@ -1257,8 +1251,8 @@ def _publication_source(properties: dict[str, Any], schema_oid: int) -> str | No
     message with its properties, delivery tag included, which a virtual
     transport (Redis, SQS, pgbroker) keeps with the message for good.
     A run: Celery's worker hands a delivered message's properties to the
-    task run (``Task.request.properties``), with the message id that
-    ``to_raw`` put there. A run of a message delivered by another schema or
+    task run (``Task.request.properties``): its delivery tag is the message
+    id, in the schema ``to_raw`` named there. A run of a message delivered by another schema or
     broker (its ids are another sequence's) counts as no run. Celery is
     looked up only if it is loaded: plain Kombu users publish outside task
     runs.
@@ -1273,7 +1267,7 @@ def _publication_source(properties: dict[str, Any], schema_oid: int) -> str | No
     props = getattr(getattr(task, "request", None), "properties", None)
     if not isinstance(props, dict) or props.get(SCHEMA_OID) != schema_oid:
         return None
-    message_id = props.get(MESSAGE_ID)
+    message_id = props.get("delivery_tag")
     return f"run {message_id}" if isinstance(message_id, int) else None
 
 

@@ -28,7 +28,7 @@ from celery._state import _task_stack
 from kombu import Connection, Consumer, Message, Producer, Queue
 
 from pgbroker import admin
-from pgbroker.transport import MESSAGE_ID, SCHEMA_OID
+from pgbroker.transport import SCHEMA_OID
 from tests.apps.delivery_log import runs, setup_run_log
 from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
 from tests.kombu_helpers import collect, connect, drain_until, scalar
@@ -61,7 +61,7 @@ def running(conn: Connection, message_id: int) -> Iterator[None]:
     @app.task(shared=False)
     def t() -> None: ...
 
-    props = {MESSAGE_ID: message_id, SCHEMA_OID: conn.transport._lock_oid}
+    props = {"delivery_tag": message_id, SCHEMA_OID: conn.transport._lock_oid}
     t.push_request(properties=props, called_directly=False)
     _task_stack.push(t)
     try:
@@ -152,9 +152,9 @@ def test_copies_of_one_delivered_message_are_stored_once(
 
 
 def test_delivered_messages_name_their_row(db_url: str, db: psycopg.Connection) -> None:
-    """Each delivered message carries its row id and the schema's oid, which
-    a Celery worker hands to the task run; they are not stored when a message
-    is published with them."""
+    """Each delivered message carries its row id (its delivery tag) and the
+    schema's oid, which a Celery worker hands to the task run; the oid is not
+    stored when a message is published with it."""
     q = Queue("dd-props")
     got: list[Message] = []
     with connect(db_url) as conn:
@@ -164,18 +164,16 @@ def test_delivered_messages_name_their_row(db_url: str, db: psycopg.Connection) 
         with Consumer(conn, [q], callbacks=[collect(got)]):
             drain_until(conn, lambda: len(got) == 1)
             props = got[0].properties
-            assert props[MESSAGE_ID] == row_id
+            assert props["delivery_tag"] == row_id
             assert props[SCHEMA_OID] == conn.transport._lock_oid
             got[0].ack()
         conn.default_channel.basic_publish(
-            conn.default_channel.prepare_message(
-                "y", properties={MESSAGE_ID: 1, SCHEMA_OID: 2}, headers={}
-            ),
+            conn.default_channel.prepare_message("y", properties={SCHEMA_OID: 2}, headers={}),
             exchange="",
             routing_key=q.name,
         )
     stored_props = scalar(db, "SELECT properties::text FROM pgbroker.message")
-    assert MESSAGE_ID not in stored_props and SCHEMA_OID not in stored_props
+    assert SCHEMA_OID not in stored_props
 
 
 def test_messages_without_task_id_are_never_deduplicated(
