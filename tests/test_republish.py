@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from tests.celery_helpers import celery_env, client_app, execute, start_worker
+from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
 
 APP = "tests.apps.republish_app"
 
@@ -58,3 +58,33 @@ def test_revoked_task_resent_with_its_id(db_url: str, tmp_path: Path) -> None:
         with start_worker(APP, env, tmp_path, name="w2") as w2:
             w2.wait_for_log("ready.")
             assert resent.get(timeout=30) == 4
+
+
+def test_replacement_is_handed_off_once_when_the_worker_dies(db_url: str, tmp_path: Path) -> None:
+    """The replaced task's worker is SIGKILLed after publishing the
+    replacement, before its ack: the redelivered task runs again and
+    replaces itself again, and that second replacement is not stored (the
+    same message's run published it); the replacement runs once."""
+    env = celery_env(db_url, TEST_MARKER_DIR=str(tmp_path))
+    with client_app(APP, db_url) as tasks:
+        # w1 does not consume the replacements' queue: nothing runs them
+        # before the kill.
+        with start_worker(APP, env, tmp_path, name="w1", extra=("-Q", "celery")) as w1:
+            w1.wait_for_log("ready.")
+            result = tasks.replaced_then_killed.delay("k")
+            assert w1.wait_exit(60) == -9
+        assert (tmp_path / "killed-after-replace").exists()
+        assert execute(db_url, "SELECT queue, state FROM pgbroker.message ORDER BY id") == [
+            ("celery", "reserved"),
+            ("replacements", "ready"),
+        ]
+        with start_worker(APP, env, tmp_path, name="w2", extra=("-Q", "celery,replacements")) as w2:
+            w2.wait_for_log("ready.")
+            assert result.get(timeout=60) == "k replaced"
+            wait_until(
+                lambda: not execute(db_url, "SELECT 1 FROM pgbroker.message"),
+                30,
+                "every message to be acknowledged",
+            )
+            assert "already published" in w2.log()
+    assert (tmp_path / "replacement-k").read_text().count("\n") == 1
