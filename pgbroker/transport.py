@@ -1252,10 +1252,10 @@ def _publication_source(properties: dict[str, Any], schema_oid: int) -> str | No
     transport (Redis, SQS, pgbroker) keeps with the message for good.
     A run: Celery's worker hands a delivered message's properties to the
     task run (``Task.request.properties``): its delivery tag is the message
-    id, in the schema ``to_raw`` named there. A run of a message delivered by another schema or
-    broker (its ids are another sequence's) counts as no run. Celery is
-    looked up only if it is loaded: plain Kombu users publish outside task
-    runs.
+    id, in the schema ``to_raw`` named there. A run of a message delivered
+    by another schema or broker (its ids are another sequence's) counts as
+    no run. Celery is looked up only if it is loaded: plain Kombu users
+    publish outside task runs.
     """
     tag = properties.get("delivery_tag")
     if tag is not None:
