@@ -151,6 +151,20 @@ def prune_published(run_count: Callable[..., int], options: TransportOptions, pr
         rounds += 1
 
 
+def drop_dead_consumers_queues(run: Callable[..., Any], row: Any) -> None:
+    """After a sweep that removed dead consumers (its ``dead_consumers``
+    column), drop the auto-delete queues they were the last consumers of and
+    the exclusive queues they declared (``run("drop_unused_queues", ...)``
+    runs the named query and returns its row)."""
+    if int(row[12]):
+        dropped = run("drop_unused_queues", queue=None)
+        if dropped and dropped[0]:
+            logger.info(
+                "dropped %d auto-delete or exclusive queue(s) of consumers whose sessions ended",
+                dropped[0],
+            )
+
+
 class Sweeper:
     """The sweeper thread of one (URL, schema) in this process.
 
@@ -412,6 +426,9 @@ class Sweeper:
             return conn.execute(self._sweep_sql[name], params).rowcount
 
         prune_published(run_count, self.options, int(row[8]))
+        drop_dead_consumers_queues(
+            lambda name, **params: conn.execute(self._sweep_sql[name], params).fetchone(), row
+        )
         return bool(row[11])
 
 

@@ -38,7 +38,8 @@ How it works, in short:
   on ``due_channel`` and from each promotion) and promotes then, so idle
   consumers send no extra query. ``expires`` caps the message's lifetime
   (expired tasks are dead-lettered and REVOKED by the sweep). A task message
-  published again with the same (task id, retries) is not stored again
+  that the run of one message publishes again with the same (task id,
+  retries), as a redelivered run does, is not stored again
   (``dedup_window``). A message handed out ``max_deliveries`` times goes to
   dead_letter, its task to FAILURE.
 """
@@ -53,6 +54,7 @@ import os
 import re
 import select
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -79,7 +81,12 @@ from pgbroker.errors import MessageTooLarge, NameTooLong
 from pgbroker.forking import neutralise
 from pgbroker.options import TransportOptions
 from pgbroker.routing import topic_pattern
-from pgbroker.sweeper import PROMOTE_BATCH, log_sweep, prune_published
+from pgbroker.sweeper import (
+    PROMOTE_BATCH,
+    drop_dead_consumers_queues,
+    log_sweep,
+    prune_published,
+)
 from pgbroker.urls import mask_password
 
 logger = logging.getLogger("pgbroker")
@@ -87,7 +94,14 @@ logger = logging.getLogger("pgbroker")
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
 
-_PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding")
+#: A property of every delivered message: the schema's oid, which says that
+#: its ``delivery_tag`` is the id of its row in that schema. A Celery worker
+#: hands the properties to the task run (its request's ``properties``), so
+#: what that run publishes says which message's run published it (publish
+#: deduplication, see ``_publication_source``).
+SCHEMA_OID = "pgbroker_schema_oid"
+
+_PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding", SCHEMA_OID)
 
 #: Longest queue, exchange or routing key name, in bytes: AMQP's limit
 #: (shortstr). PostgreSQL would fail later and less clearly: a btree index
@@ -213,6 +227,9 @@ class Channel(virtual.Channel):
                 )
             return queue_declare_ok_t(queue, self._size(queue), 0)
         arguments = kwargs.get("arguments") or {}
+        # An exclusive queue goes with this connection: it belongs to the
+        # session's consumer, whose end (close or death) drops it.
+        exclusive = bool(kwargs.get("exclusive"))
         row = t.run(
             "declare_queue",
             name=queue,
@@ -221,7 +238,9 @@ class Channel(virtual.Channel):
             message_ttl=_ms_to_seconds(arguments.get("x-message-ttl")),
             expires=_ms_to_seconds(arguments.get("x-expires")),
             arguments=_json(arguments),
+            exclusive_to=t._ensure_consumer() if exclusive else None,
         )
+        t._declared_exclusive |= exclusive
         return queue_declare_ok_t(queue, row[0] if row else 0, 0)
 
     def queue_delete(
@@ -428,6 +447,8 @@ class Transport(virtual.Transport):
         self._clock_offset = 0.0
         self._due_tref: Any = None  # the event loop's timer for _due_at
         self._due_armed: float | None = None
+        # This session declared exclusive queues: they go when it closes.
+        self._declared_exclusive = False
 
     # --- connection -----------------------------------------------------------
 
@@ -499,6 +520,8 @@ class Transport(virtual.Transport):
                         channel=self.channel_name,
                         lock_class=self._lock_class,
                     )
+                    if self._declared_exclusive:
+                        self.run("drop_unused_queues", queue=None)
         except psycopg.Error as exc:
             logger.info("closing after a database error; the sweep recovers the rest: %s", exc)
         finally:
@@ -655,9 +678,15 @@ class Transport(virtual.Transport):
         expiration = props.get("expiration")
         task_id = _text_or_none(headers.get("id"))
         task_name = _text_or_none(headers.get("task"))
-        # A Celery task message (protocol 2: id and task in the headers) is
-        # stored once per (task id, retries): see `publish` in queries.sql.
-        dedup = self.options.dedup_window > 0 and task_id is not None and task_name is not None
+        # A Celery task message (protocol 2: id and task in the headers)
+        # published by a task run, or copied, is stored once per (task id,
+        # retries, source): see `publish` in queries.sql.
+        source = (
+            _publication_source(props, self._lock_oid)
+            if self.options.dedup_window > 0 and task_id is not None and task_name is not None
+            else None
+        )
+        dedup = source is not None
         # Inside pgbroker.enqueue_in(conn), the statement runs on the caller's
         # connection, in the caller's transaction.
         row = enqueue.runner(self).run(
@@ -671,6 +700,7 @@ class Transport(virtual.Transport):
             task_name=task_name,
             dedup=dedup,
             retries=_retries(headers.get("retries")) if dedup else 0,
+            source=source,
             eta=_timestamp(headers.get("eta")) if task_name is not None else None,
             expires=_timestamp(headers.get("expires")) if task_name is not None else None,
             content_type=message.get("content-type"),
@@ -688,12 +718,14 @@ class Transport(virtual.Transport):
         if row and row[4]:
             logger.info(
                 "task %s (%s, retries %s) was already published to exchange %r with "
-                "routing key %r: not stored again (dedup_window transport option)",
+                "routing key %r by the same source (%s): not stored again "
+                "(dedup_window transport option)",
                 task_id,
                 task_name,
                 headers.get("retries", 0),
                 exchange,
                 routing_key,
+                source,
             )
         elif row and row[0] == 0 and row[1]:
             logger.warning(
@@ -738,7 +770,10 @@ class Transport(virtual.Transport):
         if queue in self._attached and self.consumer_id is not None:
             self._attached.discard(queue)
             self._ready.discard(queue)
-            self.run("detach_queue", consumer_id=self.consumer_id, queue=queue)
+            row = self.run("detach_queue", consumer_id=self.consumer_id, queue=queue)
+            if row and row[0]:
+                # Auto-delete: it goes if that was its last consumer.
+                self.run("drop_unused_queues", queue=queue)
 
     def claim(self, queue: str, limit: int, no_ack: bool, settle: bool = True) -> list[Any]:
         """Claim up to ``limit`` messages; with ``settle`` off, return before
@@ -778,6 +813,7 @@ class Transport(virtual.Transport):
         props.update(
             delivery_tag=id_,
             body_encoding=None,
+            **{SCHEMA_OID: self._lock_oid},
             delivery_info={
                 "exchange": exchange,
                 "routing_key": routing_key,
@@ -1002,6 +1038,7 @@ class Transport(virtual.Transport):
         if promoted >= PROMOTE_BATCH:
             self._due_at = time.monotonic()  # more are due: promote again now
         prune_published(self.run_count, self.options, int(row[8]))
+        drop_dead_consumers_queues(self.run, row)
         return requeued, expired_messages, expired_queues
 
     # --- delayed messages (ETA) -----------------------------------------------------------
@@ -1229,6 +1266,35 @@ def _timestamp(value: Any) -> datetime | None:
     except ValueError:
         return None
     return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def _publication_source(properties: dict[str, Any], schema_oid: int) -> str | None:
+    """What makes a publication a duplicate when it is made again: 'copy
+    <tag>' for a copy of a delivered message, 'run <id>' for a publication
+    of the task run of message <id>, None (never a duplicate) otherwise.
+
+    A copy: celery.contrib.migrate (``celery migrate``) republishes a
+    message with its properties, delivery tag included, which a virtual
+    transport (Redis, SQS, pgbroker) keeps with the message for good.
+    A run: Celery's worker hands a delivered message's properties to the
+    task run (``Task.request.properties``): its delivery tag is the message
+    id, in the schema ``to_raw`` named there. A run of a message delivered
+    by another schema or broker (its ids are another sequence's) counts as
+    no run. Celery is looked up only if it is loaded: plain Kombu users
+    publish outside task runs.
+    """
+    tag = properties.get("delivery_tag")
+    if tag is not None:
+        return f"copy {tag}"
+    state = sys.modules.get("celery._state")
+    if state is None:
+        return None
+    task = state.get_current_worker_task()
+    props = getattr(getattr(task, "request", None), "properties", None)
+    if not isinstance(props, dict) or props.get(SCHEMA_OID) != schema_oid:
+        return None
+    message_id = props.get("delivery_tag")
+    return f"run {message_id}" if isinstance(message_id, int) else None
 
 
 def _retries(value: Any) -> int:

@@ -158,6 +158,7 @@ PUBLISH = {
     "due_channel": "pgbd_x",
     "dedup": False,
     "retries": 0,
+    "source": None,
     "eta": None,
     "expires": None,
 }
@@ -212,13 +213,19 @@ def test_statements_on_one_queue_use_indexes(big: psycopg.Connection) -> None:
             "message_ttl": None,
             "expires": None,
             "arguments": None,
+            "exclusive_to": None,
         },
+        "drop_unused_queues": {"queue": "q1"},
     }
     for name, params in cases.items():
         for how in (explain, explain_generic):
             plan = how(big, name, params)
             seq = [s for s in scans_of(plan, "message") if s[0] == "Seq Scan"]
             assert not seq, (name, how.__name__, scans_of(plan, "message"))
+    # After a close or a sweep: every queue, but no message scanned.
+    for how in (explain, explain_generic):
+        plan = how(big, "drop_unused_queues", {"queue": None})
+        assert not [s for s in scans_of(plan, "message") if s[0] == "Seq Scan"], how.__name__
 
 
 def test_the_claim_and_its_acks_use_the_primary_key(big: psycopg.Connection) -> None:

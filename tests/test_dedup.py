@@ -1,28 +1,34 @@
-"""Exactly-once hand-off: a Celery task message published again with the same
-(task id, retries) and the same routing stores nothing.
+"""Exactly-once hand-off: a Celery task message that the run of one message
+publishes again with the same (task id, retries) and the same routing
+stores nothing.
 
 A chain's next link is published by the worker that ran the previous link,
 before it stores the result and acknowledges. Killed in between, the
-previous link is redelivered, runs again, and publishes the next link again;
-pgbroker stores it only once. The Celery test kills a real worker at exactly
-that point.
+previous link is redelivered (the same message), runs again, and publishes
+the next link again; pgbroker stores it only once. The Celery test kills a
+real worker at exactly that point. Publications from another message's run
+or from outside any task run always go through (tests/test_republish.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from celery import chain
-from kombu import Consumer, Message, Producer, Queue
+from celery import Celery, chain
+from celery._state import _task_stack
+from kombu import Connection, Consumer, Message, Producer, Queue
 
 from pgbroker import admin
+from pgbroker.transport import SCHEMA_OID
 from tests.apps.delivery_log import runs, setup_run_log
 from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
 from tests.kombu_helpers import collect, connect, drain_until, scalar
@@ -45,12 +51,32 @@ def stored(db: psycopg.Connection, task_id: str) -> list[tuple[str, int]]:
     return [(str(q), int(r)) for q, r in rows]
 
 
-def test_same_task_and_retries_is_stored_once(
+@contextlib.contextmanager
+def running(conn: Connection, message_id: int) -> Iterator[None]:
+    """As inside a Celery worker's task run of the message ``message_id``
+    (delivered by ``conn``'s schema): the task request carries the message's
+    properties, as Celery's worker hands them to the run."""
+    app = Celery(set_as_current=False)
+
+    @app.task(shared=False)
+    def t() -> None: ...
+
+    props = {"delivery_tag": message_id, SCHEMA_OID: conn.transport._lock_oid}
+    t.push_request(properties=props, called_directly=False)
+    _task_stack.push(t)
+    try:
+        yield
+    finally:
+        _task_stack.pop()
+        t.pop_request()
+
+
+def test_same_task_retries_and_source_is_stored_once(
     db_url: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
     q, other = Queue("dd-a"), Queue("dd-b")
     task_id = str(uuid.uuid4())
-    with connect(db_url) as conn:
+    with connect(db_url) as conn, running(conn, 101):
         producer = Producer(conn.default_channel)
         producer.publish("x", routing_key=q.name, declare=[q, other], headers=task_headers(task_id))
         counts = count_queries(conn, monkeypatch)
@@ -71,13 +97,90 @@ def test_same_task_and_retries_is_stored_once(
         # A duplicate that matches no queue is not dead-lettered either.
         producer.publish("x", routing_key=q.name, headers=task_headers(task_id))
         assert scalar(db, "SELECT count(*) FROM pgbroker.dead_letter") == 0
+        assert scalar(db, "SELECT count(*) FROM pgbroker.published_task") == 2
+
+
+def test_other_sources_and_no_source_go_through(db_url: str, db: psycopg.Connection) -> None:
+    """The same (task id, retries, routing) from another message's run (a
+    replacement of a replacement), from outside any task run (a client, celery
+    migrate, a resend), or from a run of another schema's message: stored."""
+    q = Queue("dd-src")
+    task_id = str(uuid.uuid4())
+    with connect(db_url) as conn:
+        producer = Producer(conn.default_channel)
+        with running(conn, 201):
+            producer.publish("x", routing_key=q.name, declare=[q], headers=task_headers(task_id))
+        with running(conn, 202):
+            producer.publish("x", routing_key=q.name, headers=task_headers(task_id))
+        producer.publish("x", routing_key=q.name, headers=task_headers(task_id))
+        producer.publish("x", routing_key=q.name, headers=task_headers(task_id))
+        with running(conn, 201):
+            conn.transport._lock_oid += 1  # as if delivered by another schema
+            try:
+                producer.publish("x", routing_key=q.name, headers=task_headers(task_id))
+            finally:
+                conn.transport._lock_oid -= 1
+            producer.publish("x", routing_key=q.name, headers=task_headers(task_id))
+    assert stored(db, task_id) == [("dd-src", 0)] * 5
+    # Only publications of task runs are recorded.
+    assert scalar(db, "SELECT count(*) FROM pgbroker.published_task") == 2
+
+
+def test_copies_of_one_delivered_message_are_stored_once(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """celery migrate republishes a message with its properties, delivery
+    tag included (stable on Redis and pgbroker): a copy made again (a
+    migration run again) stores nothing; a copy of another message does."""
+    q = Queue("dd-copy")
+    task_id = str(uuid.uuid4())
+    with connect(db_url) as conn:
+        producer = Producer(conn.default_channel)
+        for tag in ("tag-1", "tag-1", "tag-2"):
+            producer.publish(
+                "x",
+                routing_key=q.name,
+                declare=[q],
+                headers=task_headers(task_id),
+                delivery_tag=tag,
+            )
+    assert stored(db, task_id) == [("dd-copy", 0)] * 2
+    assert scalar(db, "SELECT array_agg(source ORDER BY source) FROM pgbroker.published_task") == [
+        "copy tag-1",
+        "copy tag-2",
+    ]
+
+
+def test_delivered_messages_name_their_row(db_url: str, db: psycopg.Connection) -> None:
+    """Each delivered message carries its row id (its delivery tag) and the
+    schema's oid, which a Celery worker hands to the task run; the oid is not
+    stored when a message is published with it."""
+    q = Queue("dd-props")
+    got: list[Message] = []
+    with connect(db_url) as conn:
+        producer = Producer(conn.default_channel)
+        producer.publish("x", routing_key=q.name, declare=[q])
+        row_id = scalar(db, "SELECT id FROM pgbroker.message")
+        with Consumer(conn, [q], callbacks=[collect(got)]):
+            drain_until(conn, lambda: len(got) == 1)
+            props = got[0].properties
+            assert props["delivery_tag"] == row_id
+            assert props[SCHEMA_OID] == conn.transport._lock_oid
+            got[0].ack()
+        conn.default_channel.basic_publish(
+            conn.default_channel.prepare_message("y", properties={SCHEMA_OID: 2}, headers={}),
+            exchange="",
+            routing_key=q.name,
+        )
+    stored_props = scalar(db, "SELECT properties::text FROM pgbroker.message")
+    assert SCHEMA_OID not in stored_props
 
 
 def test_messages_without_task_id_are_never_deduplicated(
     db_url: str, db: psycopg.Connection
 ) -> None:
     q = Queue("dd-plain")
-    with connect(db_url) as conn:
+    with connect(db_url) as conn, running(conn, 301):
         producer = Producer(conn.default_channel)
         for _ in range(3):
             producer.publish("same", routing_key=q.name, declare=[q])
@@ -90,7 +193,7 @@ def test_messages_without_task_id_are_never_deduplicated(
 def test_dedup_window_zero_turns_it_off(db_url: str, db: psycopg.Connection) -> None:
     q = Queue("dd-off")
     task_id = str(uuid.uuid4())
-    with connect(db_url, dedup_window=0) as conn:
+    with connect(db_url, dedup_window=0) as conn, running(conn, 401):
         producer = Producer(conn.default_channel)
         producer.publish("x", routing_key=q.name, declare=[q], headers=task_headers(task_id))
         producer.publish("x", routing_key=q.name, headers=task_headers(task_id))
@@ -122,13 +225,14 @@ def test_requeue_and_dead_letter_replay_are_not_publications(
 
 def test_sweep_prunes_old_publications_in_batches(db_url: str, db: psycopg.Connection) -> None:
     db.execute(
-        "INSERT INTO pgbroker.published_task (task_id, retries, exchange, routing_key, "
-        "published_at) SELECT 'old' || i, 0, '', 'q', now() - interval '8 days' "
+        "INSERT INTO pgbroker.published_task (task_id, retries, source, exchange, "
+        "routing_key, published_at) SELECT 'old' || i, 0, 'run ' || i, '', 'q', "
+        "now() - interval '8 days' "
         "FROM generate_series(1, 7000) i"
     )
     db.execute(
-        "INSERT INTO pgbroker.published_task (task_id, retries, exchange, routing_key) "
-        "VALUES ('recent', 0, '', 'q')"
+        "INSERT INTO pgbroker.published_task (task_id, retries, source, exchange, "
+        "routing_key) VALUES ('recent', 0, 'run 1', '', 'q')"
     )
     q = Queue("dd-prune")
     with connect(db_url) as conn, Consumer(conn, [q], callbacks=[collect([])]):
@@ -146,8 +250,9 @@ def test_sweep_prunes_old_publications_in_batches(db_url: str, db: psycopg.Conne
 @pytest.mark.parametrize("how", [explain, explain_generic])
 def test_prune_walks_the_published_at_index(db: psycopg.Connection, how: Any) -> None:
     db.execute(
-        "INSERT INTO pgbroker.published_task (task_id, retries, exchange, routing_key, "
-        "published_at) SELECT 't' || i, 0, '', 'q', now() - i * interval '1 minute' "
+        "INSERT INTO pgbroker.published_task (task_id, retries, source, exchange, "
+        "routing_key, published_at) SELECT 't' || i, 0, 'run ' || i, '', 'q', "
+        "now() - i * interval '1 minute' "
         "FROM generate_series(1, 50000) i"
     )
     db.execute("ANALYZE pgbroker.published_task")
@@ -221,15 +326,18 @@ def test_sweep_and_publish_use_published_task_indexes(db: psycopg.Connection, ho
     from tests.test_claim_plan import PUBLISH, SWEEP
 
     db.execute(
-        "INSERT INTO pgbroker.published_task (task_id, retries, exchange, routing_key, "
-        "published_at) SELECT 't' || i, 0, '', 'q', now() - i * interval '1 minute' "
+        "INSERT INTO pgbroker.published_task (task_id, retries, source, exchange, "
+        "routing_key, published_at) SELECT 't' || i, 0, 'run ' || i, '', 'q', "
+        "now() - i * interval '1 minute' "
         "FROM generate_series(1, 50000) i"
     )
     db.execute("ANALYZE pgbroker.published_task")
     plans = {
         "sweep": how(db, "sweep", SWEEP),
         "publish": how(
-            db, "publish", {**PUBLISH, "dedup": True, "task_id": "t77", "task_name": "x"}
+            db,
+            "publish",
+            {**PUBLISH, "dedup": True, "task_id": "t77", "task_name": "x", "source": "run 77"},
         ),
     }
     for name, plan in plans.items():

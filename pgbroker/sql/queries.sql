@@ -48,11 +48,15 @@ DELETE FROM {schema}.exchange WHERE name = %(name)s;
 
 -- name: declare_queue
 -- Declaring a queue also marks it used (x-expires counts from last use).
-INSERT INTO {schema}.queue (name, durable, auto_delete, message_ttl, expires, arguments)
+-- An exclusive queue belongs to the declaring session's consumer
+-- (`exclusive_to`), the last one to declare it (see drop_unused_queues).
+INSERT INTO {schema}.queue AS q (
+    name, durable, auto_delete, message_ttl, expires, arguments, exclusive_to)
 VALUES (%(name)s, %(durable)s, %(auto_delete)s,
         make_interval(secs => %(message_ttl)s), make_interval(secs => %(expires)s),
-        %(arguments)s)
-ON CONFLICT (name) DO UPDATE SET last_used_at = now()
+        %(arguments)s, %(exclusive_to)s)
+ON CONFLICT (name) DO UPDATE SET
+    last_used_at = now(), exclusive_to = coalesce(EXCLUDED.exclusive_to, q.exclusive_to)
 RETURNING (SELECT count(*) FROM {schema}.message m
            WHERE m.queue = %(name)s AND m.state = 'ready');
 
@@ -90,22 +94,29 @@ SELECT queue, exchange, routing_key FROM {schema}.binding ORDER BY exchange, rou
 -- persistent message that matches nothing goes to dead_letter; a transient
 -- one, or one sent to a non-durable exchange, is dropped, as AMQP does.
 --
--- A Celery task message (`dedup` is set for those when deduplication is on)
--- is stored only the first time its (task id, retries) is published with
--- this routing: first_publish inserts into published_task, and a conflict
--- (the same key, the same routing) inserts nothing, so nothing else is
--- stored. Concurrent duplicates wait on each other's key. The same task sent
--- with another routing is a move (celery.contrib.migrate) and goes through.
+-- A Celery task message with a `source` (`dedup` is set for those when
+-- deduplication is on) is stored only the first time that source publishes
+-- its (task id, retries) with this routing: first_publish inserts into
+-- published_task, and a conflict (the same key, the same routing) inserts
+-- nothing, so nothing else is stored. The source is 'run <id>' for a
+-- publication made by the task run of message <id> (a redelivered run of a
+-- message whose worker died after publishing a chain's next link, a retry
+-- or a replacement publishes it again), 'copy <delivery tag>' for a copy of
+-- a delivered message (celery migrate run again). Concurrent duplicates
+-- wait on each other's key. Any other publication goes through: from
+-- another message's run (Task.replace of a replacement), from outside a
+-- task run (clients, a task id reused, a resend), or with another routing.
 --
 -- A message with a future `eta` (Celery's countdown/eta) is stored 'delayed'
 -- until then: the NOTIFY on `due_channel` tells consumers when ("<epoch>
 -- <queue>"), so they wake up at that time (see `promote`). `expires` (Celery's
 -- task expiry) caps expires_at like a TTL: claims skip the message after it.
 WITH first_publish AS (
-    INSERT INTO {schema}.published_task AS p (task_id, retries, exchange, routing_key)
-    SELECT %(task_id)s, %(retries)s, %(exchange)s, %(routing_key)s
+    INSERT INTO {schema}.published_task AS p (
+        task_id, retries, source, exchange, routing_key)
+    SELECT %(task_id)s, %(retries)s, %(source)s, %(exchange)s, %(routing_key)s
     WHERE %(dedup)s
-    ON CONFLICT (task_id, retries) DO UPDATE SET
+    ON CONFLICT (task_id, retries, source) DO UPDATE SET
         exchange = EXCLUDED.exchange, routing_key = EXCLUDED.routing_key,
         published_at = now()
     WHERE (p.exchange, p.routing_key) IS DISTINCT FROM (EXCLUDED.exchange, EXCLUDED.routing_key)
@@ -317,9 +328,10 @@ DELETE FROM {schema}.message WHERE queue = %(queue)s AND state = 'ready';
 
 -- name: attach_queue
 -- Also returns when the queue's earliest delayed message is due, and the
--- server's clock, so the consumer can set its timer (see promote).
+-- server's clock, so the consumer can set its timer (see promote). The
+-- queue has had a consumer from now on (`consumed`, see drop_unused_queues).
 WITH touched AS (
-    UPDATE {schema}.queue SET last_used_at = now() WHERE name = %(queue)s
+    UPDATE {schema}.queue SET last_used_at = now(), consumed = true WHERE name = %(queue)s
 ), attached AS (
     INSERT INTO {schema}.consumer_queue (consumer_id, queue)
     VALUES (%(consumer_id)s, %(queue)s)
@@ -332,11 +344,42 @@ SELECT extract(epoch FROM (
        extract(epoch FROM now())::float8 AS server_now;
 
 -- name: detach_queue
+-- Says whether the queue is auto-delete: then the consumer runs
+-- drop_unused_queues for it next (a statement of its own, so that it sees
+-- the detaches other sessions committed meanwhile).
 WITH touched AS (
     UPDATE {schema}.queue SET last_used_at = now() WHERE name = %(queue)s
+    RETURNING auto_delete
+), detached AS (
+    DELETE FROM {schema}.consumer_queue
+    WHERE consumer_id = %(consumer_id)s AND queue = %(queue)s
 )
-DELETE FROM {schema}.consumer_queue
-WHERE consumer_id = %(consumer_id)s AND queue = %(queue)s;
+SELECT coalesce((SELECT auto_delete FROM touched), false);
+
+-- name: drop_unused_queues
+-- Queues that go as AMQP deletes them, with their bindings (foreign key)
+-- and their messages: auto-delete queues that have had a consumer and have
+-- none now (the last one cancelled, closed its connection, or died and was
+-- removed by the sweep), and exclusive queues whose declaring session's
+-- consumer is gone. `queue`: only that one (after a cancel); NULL: all of
+-- them (after a close, and after a sweep that removed dead consumers).
+WITH gone AS (
+    DELETE FROM {schema}.queue q
+    WHERE (%(queue)s::text IS NULL OR q.name = %(queue)s::text)
+      AND ((q.auto_delete AND q.consumed
+            AND NOT EXISTS (SELECT 1 FROM {schema}.consumer_queue cq WHERE cq.queue = q.name))
+           OR (q.exclusive_to IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM {schema}.consumer c WHERE c.id = q.exclusive_to)))
+    RETURNING q.name
+), ready AS (
+    -- (Two statements so that each uses its partial index.)
+    DELETE FROM {schema}.message m
+    WHERE m.queue IN (SELECT name FROM gone) AND m.state = 'ready'
+), unready AS (
+    DELETE FROM {schema}.message m
+    WHERE m.queue IN (SELECT name FROM gone) AND m.state <> 'ready'
+)
+SELECT count(*) FROM gone;
 
 -- name: promote
 -- Delayed messages of this consumer's queues that are due become ready, a
@@ -552,4 +595,7 @@ SELECT (SELECT count(*) FROM requeued) AS requeued,
        extract(epoch FROM now())::float8 AS server_now,
        EXISTS (SELECT 1 FROM {schema}.consumer c
                WHERE NOT (c.hostname = %(own_host)s AND c.pid = %(own_pid)s)
-                 AND c.id NOT IN (SELECT id FROM dead)) AS others;
+                 AND c.id NOT IN (SELECT id FROM dead)) AS others,
+       -- Dead consumers removed: their auto-delete and exclusive queues go
+       -- next (drop_unused_queues).
+       (SELECT count(*) FROM dead) AS dead_consumers;
