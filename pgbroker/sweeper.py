@@ -259,7 +259,8 @@ class Sweeper:
             delay = min(delay * 2, RETRY_MAX)
 
     def _connect(self) -> None:
-        self._conn = connect(self.url, connect_timeout=10)
+        # Its calls wait by design: no role's statement or lock timeout.
+        self._conn = connect(self.url, connect_timeout=10, waits=True)
         name = self._conn.info.parameter_status("application_name")
         if name is None or name == default_application_name():
             # Not set in the URL: mark the session as the sweeper's.
