@@ -248,8 +248,9 @@ def _detail(text: str) -> str:
 
 #: SQLSTATEs of a session the server ended: pg_terminate_backend or a fast
 #: shutdown (57P01), a crash of another backend (57P02), a server still
-#: starting (57P03).
-_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
+#: starting (57P03), the database dropped (57P04), idle_session_timeout
+#: (57P05), idle_in_transaction_session_timeout (25P03).
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05", "25P03"})
 
 
 def session_lost(exc: BaseException) -> bool:
@@ -257,10 +258,13 @@ def session_lost(exc: BaseException) -> bool:
     work may be tried once more on a fresh one: a server restart,
     pg_terminate_backend, a network failure. Not an error of the statement
     (a constraint, a statement timeout), which a retry would only repeat."""
-    if not isinstance(exc, psycopg.OperationalError):
+    if not isinstance(exc, psycopg.Error):
         return False
     state = exc.sqlstate
-    return state is None or state.startswith("08") or state in _SESSION_ENDED
+    if state is None:
+        # libpq's own errors: the socket closed, the server did not answer.
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith("08") or state in _SESSION_ENDED
 
 
 def is_privilege_error(exc: BaseException) -> bool:
