@@ -76,7 +76,7 @@ from psycopg.types.json import Json, Jsonb, set_json_loads
 from pgbroker import enqueue, queries, schema, sweeper
 from pgbroker.db import connect, prefer_indexes, session_lost
 from pgbroker.errors import ConnectionLost, DatabaseUnavailable, MessageTooLarge, PgBrokerError
-from pgbroker.forking import neutralise
+from pgbroker.forking import neutralise, process_key
 from pgbroker.options import TransportOptions
 from pgbroker.routing import topic_pattern
 from pgbroker.sweeper import PROMOTE_BATCH, log_sweep, prune_published
@@ -465,10 +465,10 @@ class Transport(virtual.Transport):
                 schema.migrate(conn, self.options.schema)
             else:
                 schema.require_current(conn, self.options.schema)
+            # The schema's oid; and this session holds the process's key.
             row = conn.execute(
-                # Not to_regnamespace(): it case-folds and parses quotes.
-                "SELECT oid::bigint FROM pg_namespace WHERE nspname = %s",
-                [self.options.schema],
+                self.queries["process_lock"],
+                {"schema_name": self.options.schema, "process_key": process_key()},
             ).fetchone()
         except BaseException:
             conn.close()
@@ -741,6 +741,7 @@ class Transport(virtual.Transport):
                 "register_consumer",
                 hostname=socket.gethostname(),
                 pid=os.getpid(),
+                process_key=process_key(),
                 lock_class=self._lock_class,
             )
             self.consumer_id = int(row[0])
