@@ -294,3 +294,47 @@ def test_task_killing_its_pool_process_ends_in_dead_letter(
             "a result",
         )
         assert state == [("FAILURE",)]
+
+
+def test_worker_whose_session_is_terminated_keeps_its_task_alive(
+    db_url: str, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    """A real worker's consumer session is terminated three times while it
+    runs an acks_late task (max_deliveries=2): the worker lives, so each
+    loss is 'session lost', not counted; the task is never dead-lettered and
+    ends in SUCCESS."""
+    setup_run_log(db)
+    app = "tests.apps.sessions_app"
+    env = celery_env(db_url, TEST_MAX_DELIVERIES="2", TEST_PREFETCH="1")
+    with start_worker(app, env, tmp_path) as w, client_app(app, db_url) as tasks:
+        w.wait_for_log("ready.")
+        result = tasks.work.delay("long", 6.0)
+        for loss in range(1, 4):
+            wait_until(
+                lambda: execute(
+                    db_url,
+                    "SELECT 1 FROM pgbroker.message WHERE state = 'reserved' AND consumer_id IN"
+                    " (SELECT id FROM pgbroker.consumer)",
+                ),
+                30,
+                f"the task to be held by a live consumer (loss {loss})",
+            )
+            execute(
+                db_url,
+                "SELECT pg_terminate_backend(c.backend_pid) FROM pgbroker.consumer c"
+                " JOIN pgbroker.message m ON m.consumer_id = c.id",
+            )
+            wait_until(
+                lambda loss=loss: len(execute(db_url, "SELECT 1 FROM pgbroker.redelivery")) >= loss,
+                30,
+                f"loss {loss} to be recovered",
+            )
+        assert result.get(timeout=60) == "long"
+        assert w.proc.poll() is None
+    # (Copies still held when the worker stopped were restored at close.)
+    assert execute(
+        db_url,
+        "SELECT reason, count(*) FROM pgbroker.redelivery"
+        " WHERE reason <> 'restored at close' GROUP BY 1",
+    ) == [("session lost", 3)]
+    assert execute(db_url, "SELECT count(*) FROM pgbroker.dead_letter") == [(0,)]

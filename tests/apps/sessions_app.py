@@ -24,7 +24,10 @@ app.conf.broker_url = BROKER_URL
 app.conf.result_backend = BROKER_URL
 app.conf.broker_connection_retry_on_startup = True
 app.conf.worker_prefetch_multiplier = int(os.environ.get("TEST_PREFETCH", "4"))
-app.conf.broker_transport_options = {"sweep_interval": 1.0}
+app.conf.broker_transport_options = {
+    "sweep_interval": 1.0,
+    "max_deliveries": int(os.environ.get("TEST_MAX_DELIVERIES", "10")),
+}
 app.conf.beat_schedule = {"tick": {"task": "sessions_app.work", "schedule": 1.0, "args": ["beat"]}}
 app.conf.beat_max_loop_interval = 1
 
