@@ -86,9 +86,8 @@ def session_settings(server_version: int, *, waits: bool = False) -> str:
     * with ``waits`` (a session whose statements wait by design: the
       sweeper's ``sweeper_wait``), ``statement_timeout = 0`` and
       ``lock_timeout = 0``. Other sessions keep the role's values: their
-      statements are short, and a timeout is a statement error there,
-      reported as such (pgbroker.errors.StatementFailed), not a lost
-      connection.
+      statements are short, and a timeout is a statement error there (a
+      Kombu channel error), not a lost connection (see pgbroker.errors).
 
     ``idle_in_transaction_session_timeout`` is left alone: pgbroker never
     leaves a transaction open while idle.
