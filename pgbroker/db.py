@@ -61,8 +61,14 @@ def connect(
     try:
         pin_session(conn, waits=waits)
         conn.autocommit = autocommit
-    except BaseException:
+    except BaseException as exc:
         conn.close()
+        if isinstance(exc, psycopg.Error) and session_lost(exc):
+            # Ended as it started (a restart, pg_terminate_backend): retry.
+            raise DatabaseUnavailable(
+                f"cannot connect to PostgreSQL at {describe(given)}: the session ended as it "
+                f"started, retry in a moment ({_detail(str(exc))})"
+            ) from None
         raise
     return conn
 

@@ -449,9 +449,8 @@ class Transport(virtual.Transport):
         return self._conn is not None and not self._conn.closed
 
     def _open(self) -> psycopg.Connection:
-        conn = connect(self.url, connect_timeout=self.client.connect_timeout)
         try:
-            return self._prepare(conn)
+            return self._prepare(connect(self.url, connect_timeout=self.client.connect_timeout))
         except psycopg.Error as exc:
             if session_lost(exc) and not isinstance(exc, PgBrokerError):
                 raise ConnectionLost(
@@ -557,6 +556,7 @@ class Transport(virtual.Transport):
                     f"pgbroker: the session with PostgreSQL was lost "
                     f"({type(exc).__name__}: {detail})"
                 ) from exc
+            exc.pgbroker_statement = True  # type: ignore[attr-defined]  # see _in_loop
             raise
 
     def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
@@ -1167,9 +1167,9 @@ class Transport(virtual.Transport):
         hand back every message it holds. Say so and try again shortly."""
         try:
             yield
-        except ConnectionLost:
-            raise
         except psycopg.OperationalError as exc:
+            if not getattr(exc, "pgbroker_statement", False):
+                raise  # a lost session, or not one of this session's statements
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             logger.warning(
                 "pgbroker: a statement on the consumer's session failed (%s: %s); "
