@@ -32,12 +32,17 @@ def default_application_name() -> str:
 
 
 def connect(
-    url: str, *, connect_timeout: float | None = None, autocommit: bool = True
+    url: str,
+    *,
+    connect_timeout: float | None = None,
+    autocommit: bool = True,
+    waits: bool = False,
 ) -> psycopg.Connection:
     """Connect to the database named by a broker/backend URL.
 
     libpq parameters in the URL win; ``connect_timeout`` and
-    ``application_name`` are only defaults.
+    ``application_name`` are only defaults. The session's settings are
+    pinned (:func:`pin_session`), before any other statement.
     """
     conninfo = to_conninfo(url)
     given = _params(url, conninfo)
@@ -47,12 +52,69 @@ def connect(
     if connect_timeout and "connect_timeout" not in given:
         defaults["connect_timeout"] = max(1, round(connect_timeout))
     try:
-        return psycopg.connect(conninfo, autocommit=autocommit, **defaults)  # type: ignore[arg-type]
+        conn = psycopg.connect(conninfo, autocommit=True, **defaults)  # type: ignore[arg-type]
     except psycopg.OperationalError as exc:
         raise explain_connect_error(exc, given, url) from None
     except psycopg.ProgrammingError as exc:
         # psycopg checks some values itself ("bad value for connect_timeout").
         raise _bad_url(url, str(exc)) from None
+    try:
+        pin_session(conn, waits=waits)
+        conn.autocommit = autocommit
+    except BaseException as exc:
+        conn.close()
+        if isinstance(exc, psycopg.Error) and session_lost(exc):
+            # Ended as it started (a restart, pg_terminate_backend): retry.
+            raise DatabaseUnavailable(
+                f"cannot connect to PostgreSQL at {describe(given)}: the session ended as it "
+                f"started, retry in a moment ({_detail(str(exc))})"
+            ) from None
+        raise
+    return conn
+
+
+def session_settings(server_version: int, *, waits: bool = False) -> str:
+    """The SET statements that pin what a pgbroker session depends on,
+    whatever the database, the role or the server's configuration set
+    (``ALTER DATABASE/ROLE ... SET``, postgresql.conf); see
+    docs/production.md, "Settings pgbroker pins":
+
+    * ``default_transaction_isolation = 'read committed'``: every statement
+      is written for it (SKIP LOCKED claims, fenced acks, the sweep's
+      dead-consumer check, ON CONFLICT upserts of results and steps); under
+      REPEATABLE READ or SERIALIZABLE competing consumers fail with
+      serialization errors instead of skipping each other's rows;
+    * ``idle_session_timeout = 0`` (PostgreSQL 14 and later): pgbroker's
+      sessions are long-lived and silent by design (a consumer between
+      NOTIFYs while its prefetched tasks run, pooled sessions, the beat
+      leader holding its lock, a durable run holding its task's lock);
+      ending one costs redeliveries and leader changes;
+    * with ``waits`` (a session whose statements wait by design: the
+      sweeper's ``sweeper_wait``), ``statement_timeout = 0`` and
+      ``lock_timeout = 0``. Other sessions keep the role's values: their
+      statements are short, and a timeout is a statement error there (a
+      Kombu channel error), not a lost connection (see pgbroker.errors).
+
+    ``idle_in_transaction_session_timeout`` is left alone: pgbroker never
+    leaves a transaction open while idle.
+
+    Not the libpq ``options`` startup parameter: PgBouncer refuses it (or
+    accepts only a few parameters), and a server older than 14 refuses an
+    unknown parameter there at login. One statement after connecting
+    instead, once per session.
+    """
+    settings = {"default_transaction_isolation": "'read committed'"}
+    if server_version >= 140000:
+        settings["idle_session_timeout"] = "0"
+    if waits:
+        settings.update(statement_timeout="0", lock_timeout="0")
+    return "; ".join(f"SET {name} = {value}" for name, value in settings.items())
+
+
+def pin_session(conn: psycopg.Connection, *, waits: bool = False) -> None:
+    """Pin the session's settings (see :func:`session_settings`), on an
+    autocommit connection. One statement, once per session."""
+    conn.execute(session_settings(conn.info.server_version, waits=waits))  # type: ignore[arg-type]
 
 
 def prefer_indexes(conn: psycopg.Connection) -> None:
@@ -191,8 +253,9 @@ def _detail(text: str) -> str:
 
 #: SQLSTATEs of a session the server ended: pg_terminate_backend or a fast
 #: shutdown (57P01), a crash of another backend (57P02), a server still
-#: starting (57P03).
-_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
+#: starting (57P03), the database dropped (57P04), idle_session_timeout
+#: (57P05), idle_in_transaction_session_timeout (25P03).
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05", "25P03"})
 
 
 def session_lost(exc: BaseException) -> bool:
@@ -200,10 +263,13 @@ def session_lost(exc: BaseException) -> bool:
     work may be tried once more on a fresh one: a server restart,
     pg_terminate_backend, a network failure. Not an error of the statement
     (a constraint, a statement timeout), which a retry would only repeat."""
-    if not isinstance(exc, psycopg.OperationalError):
+    if not isinstance(exc, psycopg.Error):
         return False
     state = exc.sqlstate
-    return state is None or state.startswith("08") or state in _SESSION_ENDED
+    if state is None:
+        # libpq's own errors: the socket closed, the server did not answer.
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith("08") or state in _SESSION_ENDED
 
 
 def is_privilege_error(exc: BaseException) -> bool:

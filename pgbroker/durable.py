@@ -366,7 +366,10 @@ def _begin_run(config: DurableConfig, task_id: str, task_name: str) -> _Run:
                     task_id,
                     f"session {holder[0]}, {holder[1]}" if holder else "another session",
                 )
-                conn.execute(q["lock"], lock)
+                with conn.transaction():
+                    # A session lock taken in a transaction outlives it.
+                    conn.execute(q["set_lock_timeout"], {"timeout": "0"})
+                    conn.execute(q["lock"], lock)
                 conn.execute(q["begin_run"], {**params, "locked": True})
             return run
         except psycopg.OperationalError as exc:

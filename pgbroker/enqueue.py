@@ -158,6 +158,15 @@ class _OnCallerConnection:
                 "of the broker's role (GRANT broker_role TO app_role), or GRANT it USAGE ON "
                 f"SCHEMA {quoted} and SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {quoted}"
             ) from exc
+        except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected) as exc:
+            # Serialization failure or deadlock: the caller's transaction, at
+            # its own isolation level (pgbroker does not change it), lost.
+            raise EnqueueError(
+                f"enqueue_in: the caller's transaction failed at the publish "
+                f"({type(exc).__name__}, SQLSTATE {exc.sqlstate}: {_first_line(exc)}). Under "
+                "REPEATABLE READ or SERIALIZABLE any transaction can fail this way: roll it "
+                "back and run the whole transaction again"
+            ) from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise EnqueueError(
                 f"enqueue_in: the connection given to enqueue_in ({_where(self.conn)}) failed: "

@@ -1,10 +1,15 @@
 """Errors pgbroker raises, each naming the cause and the fix.
 
-Connection problems subclass psycopg's ``OperationalError`` so that Kombu and
-Celery, which list psycopg's errors in ``connection_errors``, retry them.
-Everything else (a wrong URL or option, a schema the role may not create or
-use, an oversized message) is deliberately not a connection error: retrying
-cannot fix it, so the worker stops with the message instead of looping.
+Connection problems subclass psycopg's ``OperationalError`` and are listed in
+the transport's ``connection_errors``, so that Kombu and Celery reconnect on
+them: :class:`DatabaseUnavailable` (cannot connect) and :class:`ConnectionLost`
+(a session that ended). Any other error of a statement (a statement or lock
+timeout, a serialization failure, a cancel) is raised as psycopg raised it and
+counts as a channel error: the session still works, and a consumer keeps the
+messages it holds (see ``Transport.connection_errors``). Everything else (a
+wrong URL or option, a schema the role may not create or use, an oversized
+message) is deliberately not a connection error: retrying cannot fix it, so
+the worker stops with the message instead of looping.
 Messages never contain a password: they are built from the host, port, user
 and database only, and URLs are shown masked.
 """
@@ -24,6 +29,13 @@ class ConfigurationError(PgBrokerError, ValueError):
 
 class DatabaseUnavailable(PgBrokerError, psycopg.OperationalError):
     """The server could not be reached or refused the login."""
+
+
+class ConnectionLost(PgBrokerError, psycopg.OperationalError):
+    """The session with PostgreSQL ended (server restart or crash,
+    pg_terminate_backend, network failure, an idle timeout): reconnect. A
+    consumer's unacked messages go back to their queues; a session lost
+    while its process lives does not count towards ``max_deliveries``."""
 
 
 class SchemaError(PgBrokerError):

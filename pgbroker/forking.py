@@ -11,6 +11,7 @@ consumer session must end with it, so that the sweep sees it dead.
 from __future__ import annotations
 
 import os
+import secrets
 
 import psycopg
 
@@ -34,3 +35,19 @@ def neutralise(conn: psycopg.Connection) -> None:
     finally:
         os.close(devnull)
     _inherited.append(conn)
+
+
+_process_key: tuple[int, int] | None = None  # (pid, key)
+
+
+def process_key() -> int:
+    """This process's key: a random negative int4 other than -1, new in
+    every process (a forked child gets its own). Its sessions hold it as a
+    shared advisory lock (``process_lock`` in sql/queries.sql), so that the
+    sweep can tell a consumer whose session was lost while its process
+    lives from one whose process died (migrations/012_sessions_lost.sql)."""
+    global _process_key
+    pid = os.getpid()
+    if _process_key is None or _process_key[0] != pid:
+        _process_key = (pid, -secrets.randbelow(2**31 - 1) - 2)
+    return _process_key[1]

@@ -18,7 +18,7 @@ import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 
 from pgbroker import schema
-from pgbroker.db import connect, default_application_name, session_lost
+from pgbroker.db import connect, default_application_name, pin_session, session_lost
 from pgbroker.errors import DatabaseUnavailable
 from pgbroker.forking import neutralise
 from pgbroker.urls import to_conninfo
@@ -60,10 +60,17 @@ def pool_for(
                 open=True,
                 timeout=30,
                 name=f"pgbroker-{purpose}",
-                configure=_conns.add,
+                configure=_configure,
             )
             _pools[key] = pool
     return pool
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    """A new pooled session: pin its settings as every pgbroker session's
+    (pgbroker.db.session_settings), and track it for fork."""
+    pin_session(conn)
+    _conns.add(conn)
 
 
 def _check_schema(url: str, schema_name: str, auto_migrate: bool) -> None:

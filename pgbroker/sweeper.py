@@ -72,6 +72,9 @@ logger = logging.getLogger("pgbroker")
 
 #: How often the sweeper looks for dead consumers, inside the server.
 POLL_SECONDS = 0.2
+#: How long the sweeper lets a dead consumer's process's other sessions end
+#: before it sweeps (they hold the process's key: migrations/012_sessions_lost.sql).
+SETTLE_SECONDS = 0.05
 #: How often a sleeping thread looks for a nudge (no query: a flag).
 NUDGE_POLL = 0.1
 #: Backoff between attempts after an error, in seconds.
@@ -273,7 +276,8 @@ class Sweeper:
             delay = min(delay * 2, RETRY_MAX)
 
     def _connect(self) -> None:
-        self._conn = connect(self.url, connect_timeout=10)
+        # Its calls wait by design: no role's statement or lock timeout.
+        self._conn = connect(self.url, connect_timeout=10, waits=True)
         name = self._conn.info.parameter_status("application_name")
         if name is None or name == default_application_name():
             # Not set in the URL: mark the session as the sweeper's.
@@ -336,6 +340,11 @@ class Sweeper:
             self.role = role
             if role == "sweeper":
                 self._warn_stuck(dead, known)
+                if set(dead) - set(known):
+                    # A killed process's sessions end one by one: let its
+                    # other sessions go too, so that the sweep does not take
+                    # the death for a lost session (see 012_sessions_lost.sql).
+                    self._stopping.wait(SETTLE_SECONDS)
                 if set(dead) - set(known) or time.monotonic() - last_sweep >= self.interval:
                     self._sweep(conn, queue_names)
                     last_sweep = time.monotonic()

@@ -58,7 +58,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from queue import Empty
 from typing import Any
@@ -76,9 +76,15 @@ from psycopg.errors import error_from_result
 from psycopg.types.json import Json, Jsonb, set_json_loads
 
 from pgbroker import enqueue, queries, schema, sweeper
-from pgbroker.db import connect, prefer_indexes
-from pgbroker.errors import MessageTooLarge, NameTooLong
-from pgbroker.forking import neutralise
+from pgbroker.db import connect, prefer_indexes, session_lost
+from pgbroker.errors import (
+    ConnectionLost,
+    DatabaseUnavailable,
+    MessageTooLarge,
+    NameTooLong,
+    PgBrokerError,
+)
+from pgbroker.forking import neutralise, process_key
 from pgbroker.options import TransportOptions
 from pgbroker.routing import topic_pattern
 from pgbroker.sweeper import (
@@ -93,6 +99,8 @@ logger = logging.getLogger("pgbroker")
 
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
+#: Seconds before the event loop claims again after a statement's error.
+STATEMENT_RETRY = 1.0
 
 #: A property of every delivered message: the schema's oid, which says that
 #: its ``delivery_tag`` is the id of its row in that schema. A Celery worker
@@ -394,15 +402,29 @@ class Transport(virtual.Transport):
         heartbeats=False,
     )
 
-    # Celery reconnects on these; psycopg raises OperationalError for lost
-    # connections, server restarts and refused logins, InterfaceError for a
-    # connection that is already closed.
+    # Celery reconnects on these, and a reconnection hands back every message
+    # the consumer held: only a session that is gone (ConnectionLost, see
+    # _statements) or cannot be opened (DatabaseUnavailable), or a psycopg
+    # connection already closed (InterfaceError).
     connection_errors = (  # type: ignore[assignment]
         *virtual.Transport.connection_errors,
-        psycopg.OperationalError,
+        ConnectionLost,
+        DatabaseUnavailable,
         psycopg.InterfaceError,
     )
-    channel_errors = (*virtual.Transport.channel_errors,)
+    # The error of one statement on a session that still works: a statement
+    # or lock timeout, a cancel, a serialization failure or deadlock, a full
+    # disk. psycopg raises them as OperationalError too; every lost session
+    # is ConnectionLost (also an OperationalError, and listed above, which
+    # Kombu and Celery test first). The consumer keeps its messages.
+    channel_errors = (  # type: ignore[assignment]
+        *virtual.Transport.channel_errors,
+        psycopg.OperationalError,
+    )
+    # Kombu's Connection.ensure (a publish with retry): reconnect on the
+    # first, retry on the same session on the second.
+    recoverable_connection_errors = connection_errors
+    recoverable_channel_errors = (psycopg.OperationalError,)
 
     channels: list[_PgChannel]  # type: ignore[assignment]
 
@@ -446,6 +468,7 @@ class Transport(virtual.Transport):
         self._due_at: float | None = None
         self._clock_offset = 0.0
         self._due_tref: Any = None  # the event loop's timer for _due_at
+        self._retry_tref: Any = None  # after a statement's error in the loop
         self._due_armed: float | None = None
         # This session declared exclusive queues: they go when it closes.
         self._declared_exclusive = False
@@ -464,16 +487,25 @@ class Transport(virtual.Transport):
         return self._conn is not None and not self._conn.closed
 
     def _open(self) -> psycopg.Connection:
-        conn = connect(self.url, connect_timeout=self.client.connect_timeout)
+        try:
+            return self._prepare(connect(self.url, connect_timeout=self.client.connect_timeout))
+        except psycopg.Error as exc:
+            if session_lost(exc) and not isinstance(exc, PgBrokerError):
+                raise ConnectionLost(
+                    f"pgbroker: the session with PostgreSQL was lost as it started ({exc})"
+                ) from exc
+            raise
+
+    def _prepare(self, conn: psycopg.Connection) -> psycopg.Connection:
         try:
             if self.options.auto_migrate:
                 schema.migrate(conn, self.options.schema)
             else:
                 schema.require_current(conn, self.options.schema)
+            # The schema's oid; and this session holds the process's key.
             row = conn.execute(
-                # Not to_regnamespace(): it case-folds and parses quotes.
-                "SELECT oid::bigint FROM pg_namespace WHERE nspname = %s",
-                [self.options.schema],
+                self.queries["process_lock"],
+                {"schema_name": self.options.schema, "process_key": process_key()},
             ).fetchone()
         except BaseException:
             conn.close()
@@ -543,8 +575,29 @@ class Transport(virtual.Transport):
 
     def _live(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            raise psycopg.OperationalError("pgbroker: the connection to PostgreSQL is closed")
+            raise ConnectionLost("pgbroker: the connection to PostgreSQL is closed")
         return self._conn
+
+    @contextlib.contextmanager
+    def _statements(self) -> Iterator[None]:
+        """Class a psycopg error by what it is: a session that is gone
+        becomes ConnectionLost (a connection error: Kombu and Celery
+        reconnect); a statement's own error (a timeout, a cancel, a
+        serialization failure) is raised as it is, a channel error."""
+        try:
+            yield
+        except PgBrokerError:
+            raise
+        except psycopg.Error as exc:
+            conn = self._conn
+            if session_lost(exc) or conn is None or conn.closed or conn.broken:
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ConnectionLost(
+                    f"pgbroker: the session with PostgreSQL was lost "
+                    f"({type(exc).__name__}: {detail})"
+                ) from exc
+            exc.pgbroker_statement = True  # type: ignore[attr-defined]  # see _in_loop
+            raise
 
     def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
         return uri if include_password else mask_password(uri, mask)
@@ -556,18 +609,18 @@ class Transport(virtual.Transport):
 
     def run(self, query: str, /, **params: Any) -> Any:
         """Run a named query; return its first row (or None)."""
-        with self._io:
+        with self._io, self._statements():
             cur = self.conn.execute(self._sql[query], params)
             return cur.fetchone() if cur.description else None
 
     def run_all(self, query: str, /, **params: Any) -> list[Any]:
-        if query in _PIPELINED:
-            return self._run_pipelined(query, params)
-        with self._io:
+        with self._io, self._statements():
+            if query in _PIPELINED:
+                return self._run_pipelined(query, params)
             return self.conn.execute(self._sql[query], params).fetchall()
 
     def run_count(self, query: str, /, **params: Any) -> int:
-        with self._io:
+        with self._io, self._statements():
             return self.conn.execute(self._sql[query], params).rowcount
 
     # --- statements whose commit is not waited for ---------------------------------
@@ -626,7 +679,7 @@ class Transport(virtual.Transport):
         Without ``block``, return False when the reply has not arrived yet.
         A failed commit raises here: the claim did not happen.
         """
-        with self._io:
+        with self._io, self._statements():
             if not self._commit_pending:
                 return True
             conn = self._live()
@@ -743,6 +796,7 @@ class Transport(virtual.Transport):
                 "register_consumer",
                 hostname=socket.gethostname(),
                 pid=os.getpid(),
+                process_key=process_key(),
                 lock_class=self._lock_class,
             )
             self.consumer_id = int(row[0])
@@ -753,7 +807,7 @@ class Transport(virtual.Transport):
     def attach(self, queue: str) -> None:
         consumer_id = self._ensure_consumer()
         if not self._listening:
-            with self._io:
+            with self._io, self._statements():
                 self.conn.execute(
                     sql.SQL("LISTEN {}; LISTEN {}").format(
                         sql.Identifier(self.channel_name), sql.Identifier(self.due_channel)
@@ -852,7 +906,11 @@ class Transport(virtual.Transport):
                 # the claim's reply (a message committed after the claim's
                 # snapshot) sets it again and must not be lost.
                 self._ready.discard(queue)
-                rows = self.claim(queue, limit, no_ack, settle=False)
+                try:
+                    rows = self.claim(queue, limit, no_ack, settle=False)
+                except psycopg.OperationalError:
+                    self._ready.add(queue)  # nothing claimed: the work is still there
+                    raise
                 if len(rows) >= limit:
                     self._ready.add(queue)
                 rows.sort(key=lambda r: (-r[1], r[0]))
@@ -935,7 +993,7 @@ class Transport(virtual.Transport):
 
     def read_notifies(self) -> None:
         """Read notifications that arrived while idle, without a query."""
-        with self._io:
+        with self._io, self._statements():
             conn = self._live()
             # The socket may be readable for a claim's commit: take it if
             # it is there, never wait for it here.
@@ -952,7 +1010,7 @@ class Transport(virtual.Transport):
                     psycopg.Notify(n.relname.decode(enc), n.extra.decode(enc), n.be_pid)
                 )
         if pgconn.status != psycopg.pq.ConnStatus.OK:
-            raise psycopg.OperationalError("pgbroker: the connection to PostgreSQL was lost")
+            raise ConnectionLost("pgbroker: the connection to PostgreSQL was lost")
 
     # --- acks -----------------------------------------------------------------------
 
@@ -1124,6 +1182,9 @@ class Transport(virtual.Transport):
             self._due_tref.cancel()
             self._due_tref = None
         self._due_armed = None
+        if self._retry_tref is not None:
+            self._retry_tref.cancel()
+            self._retry_tref = None
 
     def _arm_due_timer(self) -> bool:
         """Keep the event loop's timer at ``_due_at``; True if it moved."""
@@ -1142,22 +1203,53 @@ class Transport(virtual.Transport):
     def _on_due_timer(self) -> None:
         self._due_tref = None
         self._due_armed = None
-        self.maybe_promote()
-        self.claim_and_deliver()
+        with self._in_loop():
+            self.maybe_promote()
+            self.claim_and_deliver()
         self._arm_due_timer()
 
     def _on_readable(self) -> None:
-        self.read_notifies()
-        self.claim_and_deliver()
+        with self._in_loop():
+            self.read_notifies()
+            self.claim_and_deliver()
         self._arm_due_timer()
+
+    def _on_retry(self) -> None:
+        self._retry_tref = None
+        self._on_readable()
+
+    @contextlib.contextmanager
+    def _in_loop(self) -> Iterator[None]:
+        """An event-loop callback's statements. A statement's own error (a
+        statement or lock timeout, a cancel, a serialization failure) leaves
+        the session working: raised into Celery's loop it would stop the
+        worker's consumer (channel errors) or, were it a connection error,
+        hand back every message it holds. Say so and try again shortly."""
+        try:
+            yield
+        except psycopg.OperationalError as exc:
+            if not getattr(exc, "pgbroker_statement", False):
+                raise  # a lost session, or not one of this session's statements
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            logger.warning(
+                "pgbroker: a statement on the consumer's session failed (%s: %s); "
+                "the session and the messages it holds are kept, trying again in %g s",
+                type(exc).__name__,
+                detail,
+                STATEMENT_RETRY,
+            )
+            if self._loop is not None and self._retry_tref is None:
+                self._retry_tref = self._loop.call_later(STATEMENT_RETRY, self._on_retry)
 
     def _on_tick(self) -> None:
         # Acks made in the loop wait for the next tick: a claim in it takes
         # them along (one commit); otherwise they are written then.
         earlier_acks = bool(self._acks)
-        wake = bool(self._ready and self.claim_and_deliver())
-        if earlier_acks and self._acks:  # no claim took them along
-            self.flush_acks()
+        wake = False
+        with self._in_loop():
+            wake = bool(self._ready and self.claim_and_deliver())
+            if earlier_acks and self._acks:  # no claim took them along
+                self.flush_acks()
         # Celery's prefork pool sends queued tasks to its children from
         # its own on_tick callback, which may already have run in this
         # tick: wake the loop so that its next tick does, instead of the
@@ -1171,8 +1263,9 @@ class Transport(virtual.Transport):
 
     def _on_sweep_timer(self) -> None:
         if self.consumer_id is not None and not self._swept_elsewhere():
-            self.sweep()
-            self.maybe_promote()  # a sweep that found more due rows
+            with self._in_loop():
+                self.sweep()
+                self.maybe_promote()  # a sweep that found more due rows
         self._arm_due_timer()
 
 
@@ -1220,7 +1313,7 @@ def _wait_result(pgconn: Any) -> None:
         select.select([pgconn.socket], [], [], 1.0)
         pgconn.consume_input()
         if pgconn.status != pq.ConnStatus.OK:
-            raise psycopg.OperationalError("pgbroker: the connection to PostgreSQL was lost")
+            raise ConnectionLost("pgbroker: the connection to PostgreSQL was lost")
 
 
 def _url_of(client: Any) -> str:
@@ -1332,6 +1425,7 @@ class _ForgetAfterFork:
             transport.consumer_id = None
             transport._sweeper = None  # the thread is not in the child (see sweeper)
             transport._due_at = transport._due_tref = transport._due_armed = None
+            transport._retry_tref = None
             transport._commit_pending = False
             transport._io = threading.RLock()  # may be held by a parent's thread
             if conn is not None and not conn.closed:

@@ -229,6 +229,31 @@ def test_repeatable_read_snapshot_does_not_see_later_queues(
     assert scalar(db, "SELECT reason FROM pgbroker.dead_letter") == "unroutable"
 
 
+def test_serialization_failure_of_the_callers_transaction(
+    db_url: str, db: psycopg.Connection, broker: Connection
+) -> None:
+    """At REPEATABLE READ the caller's transaction can fail at the publish
+    (the same task id published meanwhile, elsewhere): EnqueueError says
+    to run the transaction again, with psycopg's error as its cause."""
+    headers = {"id": "task-1", "task": "t.x", "retries": 0}
+    other = Queue("elsewhere")
+    other(broker.default_channel).declare()
+    with psycopg.connect(pgserver.libpq_url(db_url)) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.execute("SELECT 1 FROM pgbroker.queue LIMIT 1")  # the snapshot is taken
+        Producer(broker.default_channel).publish({"n": 0}, routing_key=other.name, headers=headers)
+        with (
+            pytest.raises(EnqueueError, match="run the whole transaction again") as info,
+            enqueue_in(conn),
+        ):
+            Producer(broker.default_channel).publish(
+                {"n": 1}, routing_key=QUEUE.name, headers=headers
+            )
+        assert isinstance(info.value.__cause__, psycopg.errors.SerializationFailure)
+        conn.rollback()
+    assert count(db) == 1
+
+
 def test_one_statement_per_publish_and_one_check_per_connection(
     db_url: str, db: psycopg.Connection, broker: Connection
 ) -> None:

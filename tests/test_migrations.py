@@ -41,6 +41,8 @@ EXPECTED_TABLES = {
         "durable_event",
         "durable_run",
         "durable_wait",
+        # 012_sessions_lost
+        "consumer_process",
         # bookkeeping
         "schema_version",
     ],

@@ -476,10 +476,13 @@ def test_idle_consumer_sends_no_queries(db_url: str, pg_admin_url: str) -> None:
             print(f"idle consumer: {short} commits with a 0.01 s wait, {long} with a 3 s wait")
             assert short > 3  # the measurement sees the consumer's own queries
             extra.append(long - short)
-            if long - short <= 2:
+            if long - short <= 3:
                 break
-    # Three seconds of waiting cost at most two queries more than none.
-    assert min(extra) <= 2, extra
+    # Three seconds of waiting cost at most two queries more than none, plus
+    # the one SET the sweeper thread's new session starts with (the settings
+    # every pgbroker session pins: pgbroker.db.session_settings), which only
+    # the longer wait lets it reach.
+    assert min(extra) <= 3, extra
 
 
 def test_notify_wakes_a_blocked_consumer_promptly(db_url: str) -> None:

@@ -294,6 +294,9 @@ WHERE (task_id, step_index) IN (
     LIMIT %(batch)s);
 
 -- name: set_lock_timeout
--- For a run waiting for its exclusive key (exclusive_timeout), in the
--- transaction that takes the lock.
-SELECT set_config('lock_timeout', %(timeout)s, true);
+-- For a run waiting for its exclusive key (exclusive_timeout), or for
+-- another run of its task id ('0': no limit), in the transaction that
+-- takes the lock. The wait lasts as long as the other run, so a role's
+-- statement_timeout must not cut it short either.
+SELECT set_config('lock_timeout', %(timeout)s, true),
+       set_config('statement_timeout', '0', true);

@@ -1,14 +1,31 @@
 -- Every query pgbroker runs, by name. `{schema}` is replaced by the quoted
 -- schema identifier; values are always bound parameters.
 
+-- name: process_lock
+-- Every transport session holds its process's key as a shared advisory
+-- lock (schema oid, process_key): while any of them lives, a consumer of
+-- that process whose own lock is gone lost its session, its process did not
+-- die (012_sessions_lost.sql).
+-- Also returns the schema's oid, the consumers' lock class.
+SELECT n.oid::bigint,
+       pg_advisory_lock_shared(
+           (n.oid::bigint - CASE WHEN n.oid::bigint >= 2147483648 THEN 4294967296 ELSE 0 END)::integer,
+           %(process_key)s)
+FROM pg_namespace n
+WHERE n.nspname = %(schema_name)s;
+
 -- name: register_consumer
 -- A consumer is a session holding the advisory lock (schema oid, consumer
 -- id). The lock is taken in the same statement that creates the row, so no
--- sweep can ever see the row without the lock.
+-- sweep can ever see the row without the lock. The row also names its
+-- process's key (see process_lock).
 WITH c AS (
     INSERT INTO {schema}.consumer (hostname, pid)
     VALUES (%(hostname)s, %(pid)s)
     RETURNING id
+), p AS (
+    INSERT INTO {schema}.consumer_process (consumer_id, process_key)
+    SELECT id, %(process_key)s FROM c
 )
 SELECT id, pg_advisory_lock(%(lock_class)s, id) FROM c;
 
@@ -239,17 +256,21 @@ WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s;
 -- task_failed below). Without it (messages handed back as a channel
 -- closes or recovers: held, perhaps never processed), none is dead-lettered;
 -- the delivery still counts (the message is redelivered), so it may be
--- dead-lettered at its next counted recovery.
+-- dead-lettered at its next counted recovery. (Deliveries that ended with
+-- a lost session, 'session lost' in redelivery, never count: see sweep.)
 WITH exhausted AS (
-    DELETE FROM {schema}.message
+    DELETE FROM {schema}.message m
     WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s
       AND %(counted)s AND %(max_deliveries)s > 0 AND delivery_count >= %(max_deliveries)s
+      AND delivery_count - (SELECT count(*) FROM {schema}.redelivery r
+                            WHERE r.message_id = m.id AND r.reason = 'session lost')
+          >= %(max_deliveries)s
     RETURNING *
 ), back AS (
     UPDATE {schema}.message
     SET state = 'ready', consumer_id = NULL
     WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s
-      AND NOT (%(counted)s AND %(max_deliveries)s > 0 AND delivery_count >= %(max_deliveries)s)
+      AND id NOT IN (SELECT id FROM exhausted)
     RETURNING id, queue, task_id, delivery_count
 ), logged AS (
     INSERT INTO {schema}.redelivery (
@@ -428,10 +449,13 @@ WHERE p.ctid = ANY (ARRAY (
 -- 1. consumers whose session is gone (their advisory lock is free) are
 --    removed and the messages they held go back to their queues, logged in
 --    redelivery. Only rows still owned by a dead consumer are touched, so a
---    message a live consumer has since claimed is never taken from it. A
---    message already delivered max_deliveries times goes to dead_letter
---    instead (also logged in redelivery), and a Celery task gets a FAILURE
---    result;
+--    message a live consumer has since claimed is never taken from it. If
+--    the consumer's process still has a session (its key is locked, see
+--    process_lock), only the session was lost: reason 'session lost', which
+--    max_deliveries does not count (012_sessions_lost.sql). Otherwise
+--    (reason 'consumer died') a message already delivered max_deliveries
+--    times, not counting those, goes to dead_letter instead (also logged in
+--    redelivery), and a Celery task gets a FAILURE result;
 -- 2. expired ready messages (TTL, Celery's `expires`) are removed; those
 --    of Celery tasks go to dead_letter (reason 'expired') and the task
 --    gets a REVOKED result, as Celery's worker stores for an expired task;
@@ -457,7 +481,15 @@ WITH dead AS (
     -- first, find the row requeued, and still hold a lock on it until it
     -- ends: the claim woken by the first sweep's NOTIFY would skip the
     -- locked row (SKIP LOCKED), and no NOTIFY would come again.
-    SELECT c.id
+    SELECT c.id,
+           -- Its process lives on (another of its sessions holds its key).
+           EXISTS (
+               SELECT 1 FROM {schema}.consumer_process p, pg_locks l
+               WHERE p.consumer_id = c.id AND l.locktype = 'advisory'
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND l.classid = %(lock_oid)s::oid
+                 AND l.objid = (p.process_key::bigint & 4294967295)::oid
+                 AND l.objsubid = 2 AND l.granted) AS lost
     FROM {schema}.consumer c
     WHERE NOT EXISTS (
         SELECT 1 FROM pg_locks l
@@ -471,24 +503,32 @@ WITH dead AS (
     WHERE q.expires IS NOT NULL AND q.last_used_at + q.expires < now()
       AND NOT EXISTS (SELECT 1 FROM {schema}.consumer_queue cq WHERE cq.queue = q.name)
     RETURNING q.name
+), exhausted AS (
+    -- A process death: the deliveries that ended with a lost session
+    -- (looked up only for a message that reached max_deliveries) do not count.
+    DELETE FROM {schema}.message m
+    USING dead
+    WHERE m.state = 'reserved' AND m.consumer_id = dead.id AND NOT dead.lost
+      AND m.queue NOT IN (SELECT name FROM expired_queues)
+      AND %(max_deliveries)s > 0 AND m.delivery_count >= %(max_deliveries)s
+      AND m.delivery_count - (SELECT count(*) FROM {schema}.redelivery r
+                              WHERE r.message_id = m.id AND r.reason = 'session lost')
+          >= %(max_deliveries)s
+    RETURNING m.*, (SELECT count(*) FROM {schema}.redelivery r
+                    WHERE r.message_id = m.id AND r.reason = 'session lost') AS lost_deliveries
 ), requeued AS (
     UPDATE {schema}.message m
     SET state = 'ready', consumer_id = NULL
     FROM dead
     WHERE m.state = 'reserved' AND m.consumer_id = dead.id
       AND m.queue NOT IN (SELECT name FROM expired_queues)
-      AND NOT (%(max_deliveries)s > 0 AND m.delivery_count >= %(max_deliveries)s)
-    RETURNING m.id, m.queue, m.task_id, m.delivery_count, dead.id AS consumer_id
-), exhausted AS (
-    DELETE FROM {schema}.message m
-    USING dead
-    WHERE m.state = 'reserved' AND m.consumer_id = dead.id
-      AND m.queue NOT IN (SELECT name FROM expired_queues)
-      AND %(max_deliveries)s > 0 AND m.delivery_count >= %(max_deliveries)s
-    RETURNING m.*
+      AND m.id NOT IN (SELECT id FROM exhausted)
+    RETURNING m.id, m.queue, m.task_id, m.delivery_count, dead.id AS consumer_id, dead.lost
 ), logged AS (
     INSERT INTO {schema}.redelivery (reason, message_id, queue, task_id, consumer_id, delivery_count)
-    SELECT 'consumer died', id, queue, task_id, consumer_id, delivery_count FROM requeued
+    SELECT CASE WHEN lost THEN 'session lost' ELSE 'consumer died' END,
+           id, queue, task_id, consumer_id, delivery_count
+    FROM requeued
     UNION ALL
     SELECT 'max deliveries (consumer died)', id, queue, task_id, consumer_id, delivery_count
     FROM exhausted
@@ -541,9 +581,14 @@ WITH dead AS (
         FROM expired_messages
         UNION ALL
         SELECT task_id, task_name, 'FAILURE', 'WorkerLostError',
-               format('pgbroker: its worker died in each of %%s deliveries '
-                      '(max_deliveries=%%s); the message is in the dead_letter table',
-                      delivery_count, %(max_deliveries)s)
+               format('pgbroker: delivered %%s times without an ack (max_deliveries=%%s), '
+                      'the last time to a worker process that died holding it%%s; the '
+                      'message is in the dead_letter table',
+                      delivery_count - lost_deliveries, %(max_deliveries)s,
+                      CASE WHEN lost_deliveries > 0
+                           THEN format(' (%%s more deliveries ended with only the worker''s '
+                                       'database session lost: not counted)', lost_deliveries)
+                           ELSE '' END)
         FROM exhausted
     ) e
     WHERE e.task_id IS NOT NULL AND e.task_name IS NOT NULL
