@@ -9,8 +9,11 @@ Celery config does the same.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pgbroker import _autoload
 
+# Not typing.TYPE_CHECKING: importing typing costs more than the rest of
+# this module, and the .pth file imports it in every Python process.
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers; at run time, see __getattr__ below
     from pgbroker.enqueue import EnqueueError as EnqueueError
     from pgbroker.enqueue import enqueue_in as enqueue_in
@@ -22,14 +25,18 @@ SCHEMES = ("postgresql", "postgres", "pgbroker")
 
 
 def register_transport() -> None:
-    """Make Kombu resolve postgresql://, postgres:// and pgbroker:// to pgbroker."""
+    """Make Kombu resolve postgresql://, postgres:// and pgbroker:// to pgbroker
+    now (this imports Kombu)."""
     from kombu.transport import TRANSPORT_ALIASES
 
     for scheme in SCHEMES:
         TRANSPORT_ALIASES[scheme] = TRANSPORT
 
 
-register_transport()
+# `import pgbroker` registers the schemes as the .pth file does: at once if
+# Kombu's transports are loaded, else when they are (importing Kombu here
+# would cost every process that runs the .pth about 80 ms).
+_autoload.install()
 
 
 def __getattr__(name: str) -> object:

@@ -20,9 +20,14 @@ Options (``result_backend_transport_options``; an unknown one is an error):
     Largest encoded result, in bytes. A larger one fails its task with
     :class:`ResultTooLarge` instead of being stored.
 ``cleanup_interval`` (``60``)
-    Seconds between two expiry passes run by the backend itself (one batch
-    of deletes each), so result tables stay bounded by ``result_expires``
-    without celery beat. ``0`` leaves expiry to ``celery.backend_cleanup``.
+    Seconds between two expiry passes run by the backend itself, in a
+    daemon thread of each process that stores results (one batch of deletes
+    each, never on a task's path), so result tables stay bounded by
+    ``result_expires`` without celery beat; the broker's sweeper also
+    deletes expired results, a batch per sweep. ``0`` leaves deleting to
+    ``celery.backend_cleanup`` and the sweeper. Either way a result past
+    ``result_expires`` reads as PENDING at once, as on Redis: each row
+    carries its ``expires_at`` and every read skips rows past it.
 ``pool_size`` (``4``)
     Largest number of connections in the per-process pool.
 
@@ -164,6 +169,7 @@ def _pool_for(url: str, options: BackendOptions) -> psycopg_pool.ConnectionPool:
 
 #: How each store_result parameter is sent: (type oid, format: 0 text, 1 binary).
 _TEXT, _BYTEA, _INT4, _TIMESTAMPTZ = (25, 0), (17, 1), (23, 0), (1184, 0)
+_FLOAT8 = (701, 0)
 _STORE_PARAMS = {
     "task_id": _TEXT,
     "state": _TEXT,
@@ -183,6 +189,7 @@ _STORE_PARAMS = {
     "children": _BYTEA,
     "extra": _BYTEA,
     "date_done": _TIMESTAMPTZ,
+    "expires": _FLOAT8,
     "channel": _TEXT,
 }
 _PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
@@ -403,7 +410,6 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         self.extended = bool(conf.find_value_for_key("extended", "result"))
         # Expiry is ours when we run it ourselves; beat need not schedule it.
         self.supports_autoexpire = bool(self.options.cleanup_interval and self.expires)
-        self._next_cleanup = 0.0
         #: This thread's _Pipeline holding a write not waited for.
         self._held = threading.local()
         self.result_consumer = self.ResultConsumer(
@@ -537,12 +543,13 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             "children": self._dump(children)[0] if children else None,
             "extra": self._dump(extra)[0] if extra else None,
             "date_done": meta.get("date_done"),
+            "expires": self._expires_seconds(),
             "channel": channel_for(self.schema, task_id),
         }
         # STARTED is advisory: the task need not wait for it to be durable.
         self._write_result(params, defer=state == states.STARTED)
         if state in states.READY_STATES:
-            self._maybe_cleanup()
+            self._start_expiry()
         return result
 
     # --- pipelined writes ---------------------------------------------------------
@@ -849,6 +856,7 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
                 "result": payload,
                 "content_type": content_type,
                 "content_encoding": content_encoding,
+                "expires": self._expires_seconds(),
             },
         )
         return result
@@ -973,30 +981,60 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
 
     # --- expiry ----------------------------------------------------------------------
 
-    def cleanup(self) -> None:
-        """Remove results, groups and chords older than ``result_expires``."""
+    def _expires_seconds(self) -> float | None:
+        """result_expires in seconds, stored with each row (None: never)."""
+        return float(self.expires) if self.expires else None
+
+    def cleanup(self) -> int:
+        """Remove one batch each of results, groups and chords older than
+        ``result_expires`` (Celery's ``backend_cleanup`` task calls this too).
+        Readers already treat expired rows as missing: deleting them is only
+        about space, so a backlog goes a batch per pass, never all at once.
+        Returns the number of rows deleted."""
         if not self.expires:
-            return
+            return 0
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=float(self.expires))
         params = {"cutoff": cutoff, "batch": CLEANUP_BATCH}
+        deleted = 0
         for name in ("cleanup_results", "cleanup_groups", "cleanup_chords"):
             query = self.queries[name]
 
             def delete(conn: psycopg.Connection, query: Any = query) -> int:
                 return conn.execute(query, params).rowcount
 
-            while self._run(delete) >= CLEANUP_BATCH:
-                pass
+            deleted += self._run(delete)
+        return deleted
 
-    def _maybe_cleanup(self) -> None:
-        interval = self.options.cleanup_interval
-        if not interval or not self.expires:
+    def _start_expiry(self) -> None:
+        """Start this process's expiry thread for (URL, schema), once: it
+        runs :meth:`cleanup` every ``cleanup_interval``, whether or not new
+        results come (a forked child starts its own)."""
+        if not self.options.cleanup_interval or not self.expires:
             return
-        now = time.monotonic()
-        if now < self._next_cleanup:
+        key = (self.url, self.schema)
+        thread = _expiry_threads.get(key)
+        if thread is not None and thread.is_alive():
             return
-        self._next_cleanup = now + interval
-        try:
-            self.cleanup()
-        except psycopg.Error as exc:  # never fail a task because of expiry
-            logger.warning("pgbroker: result expiry failed: %s", exc)
+        with _expiry_lock:
+            thread = _expiry_threads.get(key)
+            if thread is None or not thread.is_alive():
+                thread = threading.Thread(
+                    target=self._expire_forever,
+                    name=f"pgbroker-result-expiry[{self.schema}]",
+                    daemon=True,
+                )
+                _expiry_threads[key] = thread
+                thread.start()
+
+    def _expire_forever(self) -> None:
+        while True:
+            time.sleep(self.options.cleanup_interval)
+            try:
+                self.cleanup()
+            except Exception as exc:  # a daemon thread: log, try again next time
+                logger.warning("pgbroker: result expiry failed: %s", exc)
+
+
+#: The expiry thread of each (URL, schema) in this process.
+_expiry_threads: dict[tuple[str, str], threading.Thread] = {}
+_expiry_lock = threading.Lock()

@@ -186,10 +186,12 @@ class TransportOptions:
     #: Seconds during which publishing a Celery task message again with the
     #: same task id and ``retries`` (and the same routing) stores nothing: a
     #: chain's next link is sent once even when the task that sends it runs
-    #: twice. 0 turns deduplication off.
-    dedup_window: float = checked(
-        7 * 24 * 3600.0, partial(seconds, zero="0: off", maximum=TEN_YEARS)
-    )
+    #: twice. 0 turns deduplication off. One hour (Redis's visibility_timeout
+    #: default, which long tasks are already sized against): it must cover
+    #: the time from a link's publish to its publish again by a re-run, i.e.
+    #: the crash's recovery, the redelivered task's wait for a worker and its
+    #: run time up to the publish (docs/delivery.md).
+    dedup_window: float = checked(3600.0, partial(seconds, zero="0: off", maximum=TEN_YEARS))
 
     @classmethod
     def from_mapping(cls, given: dict[str, Any]) -> TransportOptions:

@@ -41,8 +41,10 @@ statements per interval, a lone one only its sweep. The waits commit about
 every second inside the procedure, so they never hold back the xmin horizon
 for longer than that (see the migration for why).
 
-The standby and the idle processes also sweep when consumers stay dead for a
-whole ``sweep_interval``: a sweeper that is alive but stuck does not stop
+The standby also sweeps when a consumer stays dead from one of its checks
+to the next (under a second apart, see 013_expiry_and_standby.sql), and the
+idle processes when consumers stay dead for a whole ``sweep_interval``: a
+sweeper that is alive but stopped (SIGSTOP) or stuck does not stop
 recovery. If this thread cannot work (connection lost, server restarting),
 it logs, retries with backoff, and meanwhile the consumers' periodic sweep
 runs as before: nothing depends on it but speed. It never raises into the
@@ -82,23 +84,35 @@ RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
 #: How long closing waits for the thread.
 STOP_TIMEOUT = 5.0
+#: Seconds after the server shut the session down during which failures to
+#: reconnect are logged at INFO (a restart), not WARNING.
+SHUTDOWN_QUIET = 15.0
 
 
 #: Delayed messages promoted per statement (run again while full).
 PROMOTE_BATCH = 1000
-#: published_task rows pruned per statement (run again while full).
+#: published_task rows pruned per sweep (run again while full).
 PRUNE_BATCH = 5000
-#: Rounds of pruning after a sweep whose batch came back full.
-PRUNE_ROUNDS = 20
+#: Expired messages, results and groups removed per sweep (each kind).
+HOUSEKEEP_BATCH = 2000
+#: How long a sweep's housekeeping may go on (the sweep run again while a
+#: batch comes back full); what is left goes on HOUSEKEEP_AGAIN later.
+HOUSEKEEP_SECONDS = 0.5
+HOUSEKEEP_AGAIN = 0.5
+
+# Columns of the sweep's row (``sweep`` in sql/queries.sql).
+EXPIRED_MESSAGES, EXPIRED_QUEUES, OTHERS, FULL, DEAD_CONSUMERS = 1, 2, 11, 13, 14
 
 
 # --- the sweep statement, shared by the transport and the sweeper thread --------------
 
 
-def sweep_params(options: TransportOptions, lock_oid: int, queues: list[str]) -> dict[str, object]:
-    """The parameters of the ``sweep`` query (sql/queries.sql). (This
-    process's host name and pid tell its consumers from others', for the
-    ``others`` column.)"""
+def sweep_params(
+    options: TransportOptions, lock_oid: int, queues: list[str], housekeep: bool = True
+) -> dict[str, object]:
+    """The parameters of the ``sweep`` query (sql/queries.sql); without
+    ``housekeep``, recovery alone (batches of 0). (This process's host name
+    and pid tell its consumers from others', for the ``others`` column.)"""
     return {
         "lock_oid": lock_oid,
         "channel": options.schema,
@@ -109,7 +123,8 @@ def sweep_params(options: TransportOptions, lock_oid: int, queues: list[str]) ->
         # With deduplication off here, rows other publishers wrote still go
         # after the default window.
         "dedup_window": options.dedup_window or TransportOptions.dedup_window,
-        "prune_limit": PRUNE_BATCH,
+        "prune_limit": PRUNE_BATCH if housekeep else 0,
+        "housekeep_limit": HOUSEKEEP_BATCH if housekeep else 0,
         "own_host": socket.gethostname(),
         "own_pid": os.getpid(),
     }
@@ -141,17 +156,27 @@ def log_sweep(row: Any, options: TransportOptions) -> None:
         )
 
 
-def prune_published(run_count: Callable[..., int], options: TransportOptions, pruned: int) -> None:
-    """After a sweep that pruned a full batch of the dedup log, prune on
-    (``run_count("prune_published", **params)`` runs the named query)."""
-    rounds = 0
-    while pruned >= PRUNE_BATCH and rounds < PRUNE_ROUNDS:
-        pruned = run_count(
-            "prune_published",
-            window=options.dedup_window or TransportOptions.dedup_window,
-            limit=PRUNE_BATCH,
-        )
-        rounds += 1
+def sweep_more(
+    run: Callable[..., Any],
+    options: TransportOptions,
+    params: dict[str, object],
+    row: Any,
+    budget: float = HOUSEKEEP_SECONDS,
+) -> tuple[int, int, bool]:
+    """After a sweep whose housekeeping batch came back full, sweep again
+    (each its own transaction; ``run("sweep", **params)`` returns the row)
+    while batches come back full, for up to ``budget`` seconds. Returns the
+    expired messages and queues removed by these sweeps and ``row``, and
+    whether more is left for the next pass. (Each sweep also recovers: a
+    consumer that dies meanwhile waits for no backlog.)"""
+    deadline = time.monotonic() + budget
+    expired_messages, expired_queues = int(row[EXPIRED_MESSAGES]), int(row[EXPIRED_QUEUES])
+    while row[FULL] and time.monotonic() < deadline:
+        row = run("sweep", **params)
+        log_sweep(row, options)
+        expired_messages += int(row[EXPIRED_MESSAGES])
+        expired_queues += int(row[EXPIRED_QUEUES])
+    return expired_messages, expired_queues, bool(row[FULL])
 
 
 def drop_dead_consumers_queues(run: Callable[..., Any], row: Any) -> None:
@@ -159,7 +184,7 @@ def drop_dead_consumers_queues(run: Callable[..., Any], row: Any) -> None:
     column), drop the auto-delete queues they were the last consumers of and
     the exclusive queues they declared (``run("drop_unused_queues", ...)``
     runs the named query and returns its row)."""
-    if int(row[12]):
+    if int(row[DEAD_CONSUMERS]):
         dropped = run("drop_unused_queues", queue=None)
         if dropped and dropped[0]:
             logger.info(
@@ -194,6 +219,7 @@ class Sweeper:
         self._lock_oid = 0
         self._last_ok: float | None = None  # when a call (or a lone sweep) last returned
         self._served = False  # a call returned on the current session
+        self._backlog = False  # housekeeping left work for its next pass
         self._stuck_warned: set[int] = set()
         self._stopping = threading.Event()
         # Set by nudge(): a new process's standby announced itself.
@@ -250,6 +276,7 @@ class Sweeper:
 
     def _run(self) -> None:
         delay = RETRY_FIRST
+        quiet_until = 0.0
         while not self._stopping.is_set():
             self._served = False
             try:
@@ -260,7 +287,15 @@ class Sweeper:
                     break
                 if self._served:
                     delay = RETRY_FIRST  # it worked until now: a new failure
-                logger.warning(
+                # The server shutting down (or an operator ending this
+                # session) is not a failure: said at INFO, as are failures to
+                # reconnect for SHUTDOWN_QUIET seconds (a restart), so that a
+                # process that outlives its server by a moment (the examples
+                # with an embedded server) ends silently.
+                if isinstance(exc, psycopg.errors.AdminShutdown):
+                    quiet_until = time.monotonic() + SHUTDOWN_QUIET
+                logger.log(
+                    logging.INFO if time.monotonic() < quiet_until else logging.WARNING,
                     "pgbroker sweeper of schema %r: %s: %s; retrying in %.0f s "
                     "(meanwhile consumers sweep every sweep_interval=%g s)",
                     self.schema,
@@ -328,7 +363,8 @@ class Sweeper:
             role, self._lock_oid = str(row[0]), int(row[1])
             dead, stale = list(row[2] or ()), list(row[3] or ())
             queue_names, waited = list(row[4] or ()), bool(row[5])
-            wait = self.interval
+            # A housekeeping backlog: its next pass comes soon, between waits.
+            wait = HOUSEKEEP_AGAIN if self._backlog else self.interval
             self._served = True
             self._last_ok = time.monotonic()
             if role != self.role and "sweeper" in (role, self.role):
@@ -345,7 +381,11 @@ class Sweeper:
                     # other sessions go too, so that the sweep does not take
                     # the death for a lost session (see 012_sessions_lost.sql).
                     self._stopping.wait(SETTLE_SECONDS)
-                if set(dead) - set(known) or time.monotonic() - last_sweep >= self.interval:
+                    # Urgent: recovery alone, then housekeeping in batches.
+                    self._sweep(conn, queue_names, housekeep=False)
+                    self._sweep(conn, queue_names)
+                    last_sweep = time.monotonic()
+                elif self._backlog or time.monotonic() - last_sweep >= self.interval:
                     self._sweep(conn, queue_names)
                     last_sweep = time.monotonic()
                 known = dead
@@ -354,15 +394,16 @@ class Sweeper:
                     stale = sorted(set(dead) & set(previous))
                 if stale:
                     logger.warning(
-                        "pgbroker sweeper of schema %r: consumer(s) %s stayed dead for "
-                        "%g s without being swept (is the sweeper process stuck?): "
+                        "pgbroker sweeper of schema %r: consumer(s) %s stayed dead "
+                        "without being swept (is the sweeper process stopped or stuck?): "
                         "sweeping here",
                         self.schema,
                         ", ".join(map(str, stale)),
-                        self.interval,
                     )
                     self._sweep(conn, queue_names)
-                known = []
+                # A standby's next wait leaves the consumers it swept (if the
+                # sweep could not remove them) to its end, not to every check.
+                known = stale if role == "standby" else []
             previous = dead
             self._last_ok = time.monotonic()
             if not waited and role == "sweeper":
@@ -380,7 +421,7 @@ class Sweeper:
         self.alone = True
         try:
             while not self._stopping.is_set():
-                self._sleep(conn)
+                self._sleep(conn, HOUSEKEEP_AGAIN if self._backlog else self.interval)
                 if self._stopping.is_set() or self._nudged.is_set():
                     return
                 if self._sweep(conn, queue_names):
@@ -389,10 +430,11 @@ class Sweeper:
         finally:
             self.alone = False
 
-    def _sleep(self, conn: psycopg.Connection) -> None:
-        """Wait sweep_interval without a query, watching the socket so that
-        a session the server ended is noticed at once; a nudge ends it."""
-        deadline = time.monotonic() + self.interval
+    def _sleep(self, conn: psycopg.Connection, seconds: float | None = None) -> None:
+        """Wait sweep_interval (or ``seconds``) without a query, watching the
+        socket so that a session the server ended is noticed at once; a
+        nudge ends it."""
+        deadline = time.monotonic() + (self.interval if seconds is None else seconds)
         while not self._stopping.is_set() and not self._nudged.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -417,28 +459,28 @@ class Sweeper:
                 ", ".join(map(str, stuck)),
             )
 
-    def _sweep(self, conn: psycopg.Connection, queue_names: list[str]) -> bool:
-        """Run the transport's sweep on this session; log as the transport
-        does. True if other processes have live consumers."""
-        # Prepared at once, not after psycopg's five runs: a lone sweeper
-        # sends only this statement, so it should not be parsed each time.
-        row = conn.execute(
-            self._sweep_sql["sweep"],
-            sweep_params(self.options, self._lock_oid, list(queue_names)),
-            prepare=True,
-        ).fetchone()
+    def _sweep(
+        self, conn: psycopg.Connection, queue_names: list[str], housekeep: bool = True
+    ) -> bool:
+        """Run the transport's sweep on this session (without ``housekeep``,
+        recovery alone), and again while its housekeeping has more for up
+        to HOUSEKEEP_SECONDS; log as the transport does. True if other
+        processes have live consumers."""
+        params = sweep_params(self.options, self._lock_oid, list(queue_names), housekeep)
+
+        def run(name: str, **params: Any) -> Any:
+            # Prepared at once, not after psycopg's five runs: a lone sweeper
+            # sends only this statement, so it should not be parsed each time.
+            return conn.execute(self._sweep_sql[name], params, prepare=True).fetchone()
+
+        row = run("sweep", **params)
         assert row is not None
         self.sweeps += 1
         log_sweep(row, self.options)
-
-        def run_count(name: str, **params: Any) -> int:
-            return conn.execute(self._sweep_sql[name], params).rowcount
-
-        prune_published(run_count, self.options, int(row[8]))
-        drop_dead_consumers_queues(
-            lambda name, **params: conn.execute(self._sweep_sql[name], params).fetchone(), row
-        )
-        return bool(row[11])
+        if housekeep:
+            self._backlog = sweep_more(run, self.options, params, row)[2]
+        drop_dead_consumers_queues(run, row)
+        return bool(row[OTHERS])
 
 
 # --- one sweeper per (URL, schema) per process ---------------------------------

@@ -87,12 +87,7 @@ from pgbroker.errors import (
 from pgbroker.forking import neutralise, process_key
 from pgbroker.options import TransportOptions
 from pgbroker.routing import topic_pattern
-from pgbroker.sweeper import (
-    PROMOTE_BATCH,
-    drop_dead_consumers_queues,
-    log_sweep,
-    prune_published,
-)
+from pgbroker.sweeper import PROMOTE_BATCH, drop_dead_consumers_queues, log_sweep, sweep_more
 from pgbroker.urls import mask_password
 
 logger = logging.getLogger("pgbroker")
@@ -1081,21 +1076,22 @@ class Transport(virtual.Transport):
     # --- sweep ------------------------------------------------------------------------
 
     def sweep(self) -> tuple[int, int, int]:
-        """Recover dead consumers' messages, drop expired messages and queues,
-        promote due delayed messages, prune the dedup log (see ``sweep`` in
-        queries.sql). Returns (requeued, expired messages, expired queues)."""
-        row = self.run(
-            "sweep", **sweeper.sweep_params(self.options, self._lock_oid, sorted(self._attached))
-        )
+        """Recover dead consumers' messages, drop expired messages, queues
+        and results, promote due delayed messages, prune the dedup log (see
+        ``sweep`` in queries.sql); housekeeping a batch at a time, the
+        sweep run again while batches come back full for a bounded time.
+        Returns (requeued, expired messages, expired queues)."""
+        params = sweeper.sweep_params(self.options, self._lock_oid, sorted(self._attached))
+        row = self.run("sweep", **params)
         log_sweep(row, self.options)
-        requeued, expired_messages, expired_queues = int(row[0]), int(row[1]), int(row[2])
+        requeued = int(row[0])
+        expired_messages, expired_queues, _ = sweep_more(self.run, self.options, params, row)
         promoted = int(row[7])
         if promoted:
             logger.debug("sweep promoted %d due delayed message(s)", promoted)
         self._learn_due(row[9], row[10])
         if promoted >= PROMOTE_BATCH:
             self._due_at = time.monotonic()  # more are due: promote again now
-        prune_published(self.run_count, self.options, int(row[8]))
         drop_dead_consumers_queues(self.run, row)
         return requeued, expired_messages, expired_queues
 

@@ -174,7 +174,7 @@ def test_concurrent_last_parts_fire_once(db_url: str) -> None:
 
 def test_expired_results_groups_and_chords_are_removed(db_url: str, db: psycopg.Connection) -> None:
     app = make_app(
-        db_url, result_expires=1, result_backend_transport_options={"cleanup_interval": 0.2}
+        db_url, result_expires=5, result_backend_transport_options={"cleanup_interval": 0.2}
     )
     b = app.backend
     b.mark_as_done("old", 1)
@@ -183,12 +183,66 @@ def test_expired_results_groups_and_chords_are_removed(db_url: str, db: psycopg.
     db.execute("UPDATE pgbroker.task_result SET updated_at = now() - interval '1 minute'")
     db.execute("UPDATE pgbroker.group_result SET date_done = now() - interval '1 minute'")
     db.execute("UPDATE pgbroker.chord SET updated_at = now() - interval '1 minute'")
-    time.sleep(0.3)
-    b.mark_as_done("new", 2)  # a ready result runs the periodic expiry pass
-    ids = [r[0] for r in db.execute("SELECT task_id FROM pgbroker.task_result")]
+    b.mark_as_done("new", 2)  # starts the expiry thread (it does not delete on this path)
+    ids = [r[0] for r in db.execute("SELECT task_id FROM pgbroker.task_result ORDER BY 1")]
+    assert ids == ["new", "old"]
+    # With no further activity, the thread's passes (every 0.2 s) remove them.
+    started = time.monotonic()
+    while time.monotonic() - started < 4.0:
+        ids = [r[0] for r in db.execute("SELECT task_id FROM pgbroker.task_result")]
+        if ids == ["new"]:
+            break
+        time.sleep(0.05)
     assert ids == ["new"]
     assert db.execute("SELECT count(*) FROM pgbroker.group_result").fetchone() == (0,)
     assert db.execute("SELECT count(*) FROM pgbroker.chord").fetchone() == (0,)
+
+
+def test_an_expired_result_reads_pending_with_no_other_activity(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """As on Redis, whose key would be gone: past result_expires, a result
+    (and a saved group) reads as missing, deleted or not."""
+    app = make_app(
+        db_url, result_expires=1, result_backend_transport_options={"cleanup_interval": 0}
+    )
+    app.backend.mark_as_done("short", 42)
+    app.GroupResult("gshort", [app.AsyncResult("short")]).save()
+    reader = make_app(db_url, result_expires=1).backend
+    assert reader.get_task_meta("short")["status"] == states.SUCCESS
+    time.sleep(2.0)
+    reader = make_app(db_url, result_expires=1).backend  # nothing cached
+    assert reader.get_task_meta("short")["status"] == states.PENDING
+    assert app.AsyncResult("short", backend=reader).state == states.PENDING
+    assert reader.get_metas(["short"]) == []
+    assert not reader.task_result_exists("short")
+    assert reader.restore_group("gshort") is None
+    # Still in the table (nothing deleted it: no thread, no sweeper here).
+    assert db.execute("SELECT count(*) FROM pgbroker.task_result").fetchone() == (1,)
+
+
+def test_store_result_never_deletes_and_cleanup_deletes_one_batch(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """Expiry is off the task's path: storing a result deletes nothing,
+    whatever the backlog, and each expiry pass deletes one batch."""
+    from pgbroker.backend import CLEANUP_BATCH
+
+    db.execute(
+        "INSERT INTO pgbroker.task_result (task_id, state, content_type, content_encoding, "
+        "updated_at) SELECT 'old' || i, 'SUCCESS', 'application/json', 'utf-8', "
+        "now() - interval '1 hour' FROM generate_series(1, %s) i",
+        [CLEANUP_BATCH * 2 + 500],
+    )
+    app = make_app(
+        db_url, result_expires=60, result_backend_transport_options={"cleanup_interval": 3600}
+    )
+    b = app.backend
+    b.mark_as_done("new", 1)
+    count = "SELECT count(*) FROM pgbroker.task_result"
+    assert db.execute(count).fetchone() == (CLEANUP_BATCH * 2 + 501,)
+    assert b.cleanup() == CLEANUP_BATCH
+    assert db.execute(count).fetchone() == (CLEANUP_BATCH + 501,)
 
 
 def test_backend_cleanup_task_path(db_url: str, db: psycopg.Connection) -> None:

@@ -180,6 +180,7 @@ SWEEP = {
     "promote_limit": 1000,
     "dedup_window": 604800.0,
     "prune_limit": 5000,
+    "housekeep_limit": 2000,
     "own_host": "h",
     "own_pid": 1,
 }

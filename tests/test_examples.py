@@ -61,3 +61,7 @@ def test_quickstart_with_embedded_postgres() -> None:
     env = {k: v for k, v in os.environ.items() if k != "PGBROKER_URL"}
     output = run_quickstart(env)
     assert "(embedded PostgreSQL)" in output
+    # The server stops while the example's process still has its sweeper
+    # session: a clean shutdown is silent (no "AdminShutdown ... retrying").
+    assert "AdminShutdown" not in output, output
+    assert "retrying" not in output, output

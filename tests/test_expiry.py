@@ -150,3 +150,31 @@ def test_expired_queue_takes_its_reserved_messages_with_it(
         assert scalar(db, "SELECT count(*) FROM pgbroker.message") == 0
         held.ack()
     assert scalar(db, "SELECT count(*) FROM pgbroker.dead_letter") == 0
+
+
+def test_the_sweep_deletes_expired_results_a_batch_at_a_time(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """Results past their expires_at (result_expires when stored) and
+    expired queues' messages go in batches; the sweep runs again while a
+    batch comes back full, so a backlog far larger than a batch goes."""
+    from pgbroker import sweeper
+
+    backlog = 3 * sweeper.HOUSEKEEP_BATCH + 7
+    db.execute(
+        "INSERT INTO pgbroker.task_result (task_id, state, content_type, content_encoding, "
+        "expires_at) SELECT 'r' || i, 'SUCCESS', 'application/json', 'utf-8', "
+        "now() - interval '1 second' FROM generate_series(1, %s) i",
+        [backlog],
+    )
+    db.execute(
+        "INSERT INTO pgbroker.task_result (task_id, state, content_type, content_encoding, "
+        "expires_at) VALUES ('later', 'SUCCESS', 'application/json', 'utf-8', "
+        "now() + interval '1 hour'), ('never', 'SUCCESS', 'application/json', 'utf-8', NULL)"
+    )
+    with connect(db_url, sweep_interval=60) as conn:
+        conn.transport.sweep()
+    assert rows(db, "SELECT task_id FROM pgbroker.task_result ORDER BY 1") == [
+        ("later",),
+        ("never",),
+    ]

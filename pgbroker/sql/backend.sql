@@ -18,12 +18,14 @@ WITH stored AS (
     INSERT INTO {schema}.task_result AS r (
         task_id, state, name, args, kwargs, worker, retries, queue,
         parent_id, root_id, group_id, result, content_type, content_encoding,
-        traceback, children, extra, date_done)
+        traceback, children, extra, date_done, expires_at)
     VALUES (
         %(task_id)s, %(state)s, %(name)s, %(args)s, %(kwargs)s, %(worker)s,
         %(retries)s, %(queue)s, %(parent_id)s, %(root_id)s, %(group_id)s,
         %(result)s, %(content_type)s, %(content_encoding)s, %(traceback)s,
-        %(children)s, %(extra)s, %(date_done)s)
+        %(children)s, %(extra)s, %(date_done)s,
+        -- result_expires (NULL: kept until pruned).
+        now() + make_interval(secs => %(expires)s))
     ON CONFLICT (task_id) DO UPDATE SET
         state = EXCLUDED.state,
         name = coalesce(EXCLUDED.name, r.name),
@@ -42,8 +44,10 @@ WITH stored AS (
         children = coalesce(EXCLUDED.children, r.children),
         extra = coalesce(EXCLUDED.extra, r.extra),
         date_done = EXCLUDED.date_done,
-        updated_at = now()
-    WHERE r.state <> 'SUCCESS'
+        updated_at = now(),
+        expires_at = EXCLUDED.expires_at
+    -- (An expired row is gone for readers: a new run may write it again.)
+    WHERE r.state <> 'SUCCESS' OR r.expires_at <= now()
     RETURNING r.task_id, r.state,
         -- Only rows that can fit are encoded (base64 grows them by 4/3).
         CASE WHEN coalesce(octet_length(r.result), 0) + coalesce(octet_length(r.args), 0)
@@ -78,41 +82,47 @@ SELECT r.task_id, json_build_array(
     r.retries, r.queue, r.parent_id, r.root_id, r.group_id,
     encode(r.extra, 'base64'))::text
 FROM {schema}.task_result r
-WHERE r.task_id = ANY($1);
+WHERE r.task_id = ANY($1)
+  AND (r.expires_at IS NULL OR r.expires_at > now());
 
 -- name: get_result
 SELECT task_id, state, result, content_type, content_encoding, traceback,
        children, date_done, name, args, kwargs, worker, retries, queue,
        parent_id, root_id, group_id, extra
 FROM {schema}.task_result
-WHERE task_id = %(task_id)s;
+-- A row past its expires_at reads as missing (PENDING), deleted or not.
+WHERE task_id = %(task_id)s AND (expires_at IS NULL OR expires_at > now());
 
 -- name: get_results
 SELECT task_id, state, result, content_type, content_encoding, traceback,
        children, date_done, name, args, kwargs, worker, retries, queue,
        parent_id, root_id, group_id, extra
 FROM {schema}.task_result
-WHERE task_id = ANY(%(task_ids)s);
+WHERE task_id = ANY(%(task_ids)s) AND (expires_at IS NULL OR expires_at > now());
 
 -- name: result_exists
-SELECT EXISTS (SELECT 1 FROM {schema}.task_result WHERE task_id = %(task_id)s);
+SELECT EXISTS (SELECT 1 FROM {schema}.task_result
+               WHERE task_id = %(task_id)s AND (expires_at IS NULL OR expires_at > now()));
 
 -- name: forget_result
 DELETE FROM {schema}.task_result WHERE task_id = %(task_id)s;
 
 -- name: save_group
-INSERT INTO {schema}.group_result AS g (group_id, result, content_type, content_encoding)
-VALUES (%(group_id)s, %(result)s, %(content_type)s, %(content_encoding)s)
+INSERT INTO {schema}.group_result AS g (
+    group_id, result, content_type, content_encoding, expires_at)
+VALUES (%(group_id)s, %(result)s, %(content_type)s, %(content_encoding)s,
+        now() + make_interval(secs => %(expires)s))
 ON CONFLICT (group_id) DO UPDATE SET
     result = EXCLUDED.result,
     content_type = EXCLUDED.content_type,
     content_encoding = EXCLUDED.content_encoding,
-    date_done = now();
+    date_done = now(),
+    expires_at = EXCLUDED.expires_at;
 
 -- name: get_group
 SELECT result, content_type, content_encoding, date_done
 FROM {schema}.group_result
-WHERE group_id = %(group_id)s;
+WHERE group_id = %(group_id)s AND (expires_at IS NULL OR expires_at > now());
 
 -- name: delete_group
 DELETE FROM {schema}.group_result WHERE group_id = %(group_id)s;

@@ -432,9 +432,9 @@ SELECT (SELECT count(*) FROM promoted) AS promoted,
        extract(epoch FROM now())::float8 AS server_now;
 
 -- name: prune_published
--- published_task rows older than the dedup window, a batch at a time (the
--- sweep deletes one batch; the transport runs this while batches come back
--- full).
+-- published_task rows older than the dedup window, one batch (housekeep
+-- prunes the same way among its other batches; this one alone is for
+-- measuring and for operators).
 -- (By ctid: a TID scan, where a join on the key would scan the table.)
 DELETE FROM {schema}.published_task p
 WHERE p.ctid = ANY (ARRAY (
@@ -445,7 +445,15 @@ WHERE p.ctid = ANY (ARRAY (
     FOR UPDATE SKIP LOCKED));
 
 -- name: sweep
--- The safety sweep, one statement every sweep_interval seconds:
+-- The safety sweep, one statement every sweep_interval seconds (and at once
+-- when the sweeper thread sees a consumer die). Recovery (1) is small and
+-- urgent; housekeeping (2, 3, 5, 6) is done in bounded batches, rows locked
+-- by another sweep skipped (SKIP LOCKED), so that a large backlog of
+-- expired rows never delays a recovery by more than one batch: the client
+-- (pgbroker.sweeper.sweep_more) runs the sweep again while a batch comes
+-- back full (`full`), for a bounded time, and the rest goes at the next
+-- sweeps. The sweeper thread's urgent sweep, right after a death, passes
+-- limits of 0: recovery alone.
 -- 1. consumers whose session is gone (their advisory lock is free) are
 --    removed and the messages they held go back to their queues, logged in
 --    redelivery. Only rows still owned by a dead consumer are touched, so a
@@ -456,18 +464,22 @@ WHERE p.ctid = ANY (ARRAY (
 --    (reason 'consumer died') a message already delivered max_deliveries
 --    times, not counting those, goes to dead_letter instead (also logged in
 --    redelivery), and a Celery task gets a FAILURE result;
--- 2. expired ready messages (TTL, Celery's `expires`) are removed; those
---    of Celery tasks go to dead_letter (reason 'expired') and the task
---    gets a REVOKED result, as Celery's worker stores for an expired task;
--- 3. queues unused for longer than their x-expires are removed with all
---    their messages (as AMQP deletes a queue's unacked messages with it, so
---    none is left behind in a queue that no longer exists); a queue whose
+-- 2. expired ready messages (TTL, Celery's `expires`) are removed, a batch
+--    at a time; those of Celery tasks go to dead_letter (reason 'expired')
+--    and the task gets a REVOKED result, as Celery's worker stores for an
+--    expired task;
+-- 3. queues unused for longer than their x-expires lose their messages, a
+--    batch at a time (as AMQP deletes a queue's unacked messages with it,
+--    so none is left behind in a queue that no longer exists), and the
+--    queue row goes in the sweep after its last batch; a queue whose
 --    consumer just died gets a fresh last_used_at instead, so its expiry
 --    counts from the death;
 -- 4. due delayed messages of this consumer's queues are promoted (the
 --    consumer's timer normally does it; this is the safety net), and the
 --    next due time is returned for the timer;
--- 5. one batch of published_task rows older than the dedup window goes.
+-- 5. one batch of published_task rows older than the dedup window goes;
+-- 6. one batch of results and saved groups past their expires_at
+--    (result_expires when stored; reads already treat them as gone) goes.
 -- It also says whether live consumers of processes other than
 -- (own_host, own_pid) exist: a lone sweeper thread (pgbroker/sweeper.py)
 -- then goes back to watching them. Results are written to task_result
@@ -499,9 +511,18 @@ WITH dead AS (
           AND l.objid = c.id::oid AND l.objsubid = 2 AND l.granted)
     FOR UPDATE OF c SKIP LOCKED
 ), expired_queues AS (
-    DELETE FROM {schema}.queue q
+    SELECT q.name FROM {schema}.queue q
     WHERE q.expires IS NOT NULL AND q.last_used_at + q.expires < now()
       AND NOT EXISTS (SELECT 1 FROM {schema}.consumer_queue cq WHERE cq.queue = q.name)
+), removed_queues AS (
+    -- Empty when this statement began: the sweep after its last batch.
+    DELETE FROM {schema}.queue q
+    USING expired_queues e
+    WHERE q.name = e.name AND %(housekeep_limit)s > 0
+      AND NOT EXISTS (SELECT 1 FROM {schema}.message m
+                      WHERE m.queue = q.name AND m.state = 'ready')
+      AND NOT EXISTS (SELECT 1 FROM {schema}.message m
+                      WHERE m.queue = q.name AND m.state <> 'ready')
     RETURNING q.name
 ), exhausted AS (
     -- A process death: the deliveries that ended with a lost session
@@ -539,16 +560,37 @@ WITH dead AS (
     FROM {schema}.consumer_queue cq JOIN dead ON dead.id = cq.consumer_id
     WHERE q.name = cq.queue AND q.expires IS NOT NULL
 ), dropped_ready AS (
-    -- (Two statements so that each uses its partial index.)
+    -- (Two statements so that each uses its partial index; a batch per
+    -- queue, by a lateral join, which the planner keeps on the index.)
     DELETE FROM {schema}.message m
-    WHERE m.queue IN (SELECT name FROM expired_queues) AND m.state = 'ready'
+    WHERE m.id = ANY (ARRAY (
+        SELECT d.id FROM expired_queues e CROSS JOIN LATERAL (
+            SELECT id FROM {schema}.message
+            WHERE queue = e.name AND state = 'ready'
+            ORDER BY priority DESC, id  -- (the index's order: no scan of the table)
+            LIMIT %(housekeep_limit)s FOR UPDATE SKIP LOCKED) d
+        LIMIT %(housekeep_limit)s))
+    RETURNING m.id
 ), dropped_unready AS (
     DELETE FROM {schema}.message m
-    WHERE m.queue IN (SELECT name FROM expired_queues) AND m.state <> 'ready'
+    WHERE m.id = ANY (ARRAY (
+        SELECT d.id FROM expired_queues e CROSS JOIN LATERAL (
+            SELECT id FROM {schema}.message
+            WHERE queue = e.name AND state <> 'ready'
+            LIMIT %(housekeep_limit)s FOR UPDATE SKIP LOCKED) d
+        LIMIT %(housekeep_limit)s))
+    RETURNING m.id
 ), expired_messages AS (
+    -- (Expired queues' rows are left to dropped_*, outside the subquery:
+    -- inside, the planner misjudges the filter and scans the table.)
     DELETE FROM {schema}.message m
-    WHERE m.expires_at <= now() AND m.state = 'ready'
-      AND m.queue NOT IN (SELECT name FROM expired_queues)
+    WHERE m.id = ANY (ARRAY (
+        SELECT id FROM {schema}.message
+        WHERE expires_at <= now() AND state = 'ready'
+        ORDER BY expires_at
+        LIMIT %(housekeep_limit)s
+        FOR UPDATE SKIP LOCKED))
+      AND m.queue <> ALL (ARRAY (SELECT name FROM expired_queues))
     RETURNING m.*
 ), lettered AS (
     INSERT INTO {schema}.dead_letter (
@@ -596,8 +638,9 @@ WITH dead AS (
     ON CONFLICT (task_id) DO UPDATE SET
         state = EXCLUDED.state, result = EXCLUDED.result,
         content_type = EXCLUDED.content_type, content_encoding = EXCLUDED.content_encoding,
-        traceback = NULL, date_done = EXCLUDED.date_done, updated_at = now()
-    WHERE r.state NOT IN ('SUCCESS', 'FAILURE', 'REVOKED')
+        traceback = NULL, date_done = EXCLUDED.date_done, updated_at = now(),
+        expires_at = NULL
+    WHERE r.state NOT IN ('SUCCESS', 'FAILURE', 'REVOKED') OR r.expires_at <= now()
     RETURNING r.task_id, r.state
 ), promoted AS (
     UPDATE {schema}.message m SET state = 'ready'
@@ -617,10 +660,34 @@ WITH dead AS (
         LIMIT %(prune_limit)s
         FOR UPDATE SKIP LOCKED))
     RETURNING 1
+), expired_results AS (
+    -- (Not the rows task_ended writes: one statement must not both update
+    -- and delete a row.)
+    DELETE FROM {schema}.task_result r
+    WHERE r.task_id = ANY (ARRAY (
+        SELECT task_id FROM {schema}.task_result
+        WHERE expires_at <= now()
+        ORDER BY expires_at
+        LIMIT %(housekeep_limit)s
+        FOR UPDATE SKIP LOCKED))
+      AND r.task_id <> ALL (ARRAY (
+          SELECT task_id FROM expired_messages WHERE task_id IS NOT NULL
+          UNION ALL
+          SELECT task_id FROM exhausted WHERE task_id IS NOT NULL))
+    RETURNING 1
+), expired_groups AS (
+    DELETE FROM {schema}.group_result g
+    WHERE g.group_id = ANY (ARRAY (
+        SELECT group_id FROM {schema}.group_result
+        WHERE expires_at <= now()
+        ORDER BY expires_at
+        LIMIT %(housekeep_limit)s
+        FOR UPDATE SKIP LOCKED))
+    RETURNING 1
 )
 SELECT (SELECT count(*) FROM requeued) AS requeued,
        (SELECT count(*) FROM expired_messages) AS expired_messages,
-       (SELECT count(*) FROM expired_queues) AS expired_queues,
+       (SELECT count(*) FROM removed_queues) AS expired_queues,
        (SELECT count(pg_notify(%(channel)s, r.queue))
         FROM (SELECT queue FROM requeued UNION SELECT queue FROM promoted) r) AS notified,
        (SELECT count(*) FROM exhausted) AS dead_lettered,
@@ -641,6 +708,17 @@ SELECT (SELECT count(*) FROM requeued) AS requeued,
        EXISTS (SELECT 1 FROM {schema}.consumer c
                WHERE NOT (c.hostname = %(own_host)s AND c.pid = %(own_pid)s)
                  AND c.id NOT IN (SELECT id FROM dead)) AS others,
+       (SELECT count(*) FROM expired_results) + (SELECT count(*) FROM expired_groups)
+           AS expired_results,
+       -- Some housekeeping batch came back full (or emptied an expired
+       -- queue, whose row goes next time): run again.
+       %(housekeep_limit)s > 0 AND (
+           (SELECT count(*) FROM expired_messages) >= %(housekeep_limit)s
+           OR (SELECT count(*) FROM pruned) >= %(prune_limit)s
+           OR (SELECT count(*) FROM expired_results) >= %(housekeep_limit)s
+           OR (SELECT count(*) FROM expired_groups) >= %(housekeep_limit)s
+           OR EXISTS (SELECT 1 FROM dropped_ready)
+           OR EXISTS (SELECT 1 FROM dropped_unready)) AS full,
        -- Dead consumers removed: their auto-delete and exclusive queues go
        -- next (drop_unused_queues).
        (SELECT count(*) FROM dead) AS dead_consumers;
