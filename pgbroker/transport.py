@@ -62,6 +62,7 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from queue import Empty
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from kombu.exceptions import ChannelError
@@ -77,7 +78,7 @@ from psycopg.types.json import Json, Jsonb, set_json_loads
 
 from pgbroker import enqueue, queries, schema, sweeper
 from pgbroker.db import connect, prefer_indexes
-from pgbroker.errors import MessageTooLarge
+from pgbroker.errors import ConfigurationError, MessageTooLarge
 from pgbroker.forking import neutralise
 from pgbroker.options import TransportOptions
 from pgbroker.routing import topic_pattern
@@ -528,6 +529,8 @@ class Transport(virtual.Transport):
         return self._conn
 
     def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        if "://" not in uri:  # switched to a failover URL: Kombu parsed it
+            uri = self.url
         return uri if include_password else mask_password(uri, mask)
 
     def driver_version(self) -> str:
@@ -1296,11 +1299,39 @@ def _wait_result(pgconn: Any) -> None:
 
 
 def _url_of(client: Any) -> str:
-    # With can_parse_url, Kombu hands over the whole URL as the hostname.
+    """The URL to connect to: the one the Kombu connection is on now.
+
+    With ``can_parse_url``, Kombu hands over the whole URL as the hostname
+    (libpq parameters included). Failover is the exception: Kombu's
+    ``switch()`` to an alternate URL (``"postgresql://a;postgresql://b"``)
+    always parses it into hostname, port, userid, password and
+    virtual_host, so the URL is put together again from those.
+    """
+    _check_failover_urls(client)
     url = client.hostname or ""
-    if "://" not in url:
-        url = "postgresql://" + (url or "localhost")
-    return url
+    if "://" in url:
+        return url
+    user = quote(client.userid or "", safe="")
+    if client.password:
+        user += ":" + quote(str(client.password), safe="")
+    host = url or "localhost"
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    port = f":{client.port}" if client.port else ""
+    database = client.virtual_host if client.virtual_host not in (None, "", "/") else ""
+    return f"postgresql://{user}{'@' if user else ''}{host}{port}/{quote(database, safe='')}"
+
+
+def _check_failover_urls(client: Any) -> None:
+    alternates = [a for a in client.alt or [] if isinstance(a, str)]
+    if len(alternates) > 1 and any("?" in a for a in alternates):
+        shown = ";".join(mask_password(a) for a in alternates)
+        raise ConfigurationError(
+            f"failover URLs {shown!r} carry libpq parameters (?...): Kombu's failover "
+            "(Connection.switch) cannot pass them on. Set them in the environment "
+            "instead (PGSSLMODE, PGCONNECT_TIMEOUT, PGAPPNAME...) or in a "
+            "pg_service.conf service, and leave them out of the URLs"
+        )
 
 
 def _ms_to_seconds(value: Any) -> float | None:
