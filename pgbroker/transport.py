@@ -90,6 +90,14 @@ logger = logging.getLogger("pgbroker")
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
 
+#: Longest sleep of an idle event loop (seconds). Celery's worker checks
+#: for a shutdown between two turns of its loop; a shutdown asked for from
+#: another thread (``celery.contrib.pytest``'s ``celery_worker`` sets
+#: ``state.should_terminate``) wakes nothing, and an idle consumer has no
+#: I/O until its next sweep. A timer that runs no query bounds the wait
+#: (Redis's loop wakes up every second for its BRPOP timeout).
+LOOP_WAKE_INTERVAL = 0.5
+
 _PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding")
 
 #: Queries run through libpq's pipeline (``Transport._run_pipelined``): the
@@ -407,6 +415,7 @@ class Transport(virtual.Transport):
         self._loop: Any = None
         self._loop_thread: int | None = None
         self._sweep_tref: Any = None
+        self._wake_tref: Any = None  # LOOP_WAKE_INTERVAL
         self._next_sweep = 0.0
         self._turn = 0  # round robin over consumed queues
         self._woken = False  # a NOTIFY marked a queue ready
@@ -1179,6 +1188,7 @@ class Transport(virtual.Transport):
         loop.add_reader(self._fd, self._on_readable)
         loop.on_tick.add(self._on_tick)
         self._sweep_tref = loop.call_repeatedly(self.options.sweep_interval, self._on_sweep_timer)
+        self._wake_tref = loop.call_repeatedly(LOOP_WAKE_INTERVAL, _nothing)
         # Sweep once at start too, as drain_events does: a worker restarted
         # after a crash takes back the dead workers' messages at once, not
         # one sweep_interval later.
@@ -1195,6 +1205,9 @@ class Transport(virtual.Transport):
         if self._sweep_tref is not None:
             self._sweep_tref.cancel()
             self._sweep_tref = None
+        if self._wake_tref is not None:
+            self._wake_tref.cancel()
+            self._wake_tref = None
         if self._due_tref is not None:
             self._due_tref.cancel()
             self._due_tref = None
@@ -1249,6 +1262,10 @@ class Transport(virtual.Transport):
             self.sweep()
             self.maybe_promote()  # a sweep that found more due rows
         self._arm_due_timer()
+
+
+def _nothing() -> None:
+    """A timer's callback whose only effect is a turn of the event loop."""
 
 
 def _text_param(value: Any, encoding: str) -> bytes | None:
