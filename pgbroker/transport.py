@@ -579,23 +579,33 @@ class Transport(virtual.Transport):
             text, names = _numbered(self._sql[query])
             enc = conn.info.encoding
             values = [_text_param(params[n], enc) for n in names]
-            statements = []
+            # Its own transaction, whose COMMIT cannot fail while the session
+            # lives (see claim_begin in queries.sql). Every step is a prepared
+            # statement: parsed once per session.
+            steps = [
+                (b"pgbroker_claim_begin", "claim_begin", []),
+                (b"pgbroker_claim_immediate", "claim_immediate", []),
+                (name, query, values),
+                (b"pgbroker_claim_commit", "claim_commit", []),
+            ]
+            statements: list[bytes] = []  # those whose replies are read here
             with conn.lock:
                 pgconn.enter_pipeline_mode()
                 self._commit_pending = True  # from here on, _settle cleans up
-                if name not in self._prepared:
-                    pgconn.send_prepare(name, text, [types[n] for n in names])
-                    self._prepared.add(name)
-                    statements.append("prepare")
-                # Its own transaction, whose COMMIT cannot fail while the
-                # session lives (see claim_begin in queries.sql).
-                for setup in ("claim_begin", "claim_immediate"):
-                    pgconn.send_query_params(self._sql[setup], None)
-                    statements.append(setup)
-                pgconn.send_query_prepared(name, values)
-                statements.append(query)
-                pgconn.send_flush_request()
-                pgconn.send_query_params(self._sql["claim_commit"], None)
+                for step, key, _ in steps:
+                    if step not in self._prepared:
+                        step_text, step_names = (
+                            (text, names) if step == name else _numbered(self._sql[key])
+                        )
+                        pgconn.send_prepare(step, step_text, [types[n] for n in step_names])
+                        self._prepared.add(step)
+                        statements.append(b"prepare " + step)
+                for step, key, step_values in steps:
+                    pgconn.send_query_prepared(step, step_values)
+                    if step == name:
+                        pgconn.send_flush_request()  # its rows now, the commit later
+                    if key != "claim_commit":  # read by _settle
+                        statements.append(step)
                 pgconn.pipeline_sync()
                 _flush(pgconn)
                 rows: pq.abc.PGresult | None = None
@@ -610,8 +620,9 @@ class Transport(virtual.Transport):
                             rows = res
                         elif res.status == pq.ExecStatus.FATAL_ERROR:
                             error = error or error_from_result(res, encoding=enc)
-                            if statement == "prepare":
-                                self._prepared.discard(name)  # prepared again next time
+                            if statement.startswith(b"prepare "):
+                                # prepared again next time
+                                self._prepared.discard(statement[len(b"prepare ") :])
             if error is not None or rows is None:
                 self._unride()  # the acks did not commit: they are pending again
                 self._settle()
