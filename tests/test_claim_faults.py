@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
+from kombu.asynchronous import Hub
 
 from pgbroker.transport import Transport
 from tests import pgserver
@@ -82,9 +83,11 @@ def consume(
     stop: threading.Event,
     errors: list[BaseException],
     in_callback: Callable[[Connection], None] | None = None,
+    event_loop: bool = False,
 ) -> None:
     """Consume both queues until stopped; on any error start over with a new
-    connection, as Celery's worker does."""
+    connection, as Celery's worker does. With ``event_loop``, in a Kombu
+    event loop as Celery's worker does (acks then ride on the next claim)."""
     while not stop.is_set():
         conn = Connection(url, transport_options={"sweep_interval": 0.3})
         try:
@@ -97,7 +100,18 @@ def consume(
                     message.ack()
                     ledger.ack(who, body["key"])
 
-                with Consumer(conn, QUEUES, callbacks=[on_message], prefetch_count=5):
+                # Event loop: one message per claim, each claim carrying
+                # the ack of the message before.
+                prefetch = 1 if event_loop else 5
+                with Consumer(conn, QUEUES, callbacks=[on_message], prefetch_count=prefetch):
+                    if event_loop:
+                        hub = Hub()
+                        try:
+                            conn.register_with_event_loop(hub)
+                            while not stop.is_set():
+                                hub.run_once()
+                        finally:
+                            hub.close()
                     while not stop.is_set():
                         with contextlib.suppress(TimeoutError):
                             conn.drain_events(timeout=0.3)
@@ -190,6 +204,7 @@ POINTS = [
     "claim, before its commit reply",
     "after delivery, before ack",
     "ack, before its commit",
+    "event loop: claim carrying acks, before its commit reply",
 ]
 
 
@@ -208,12 +223,14 @@ def test_terminated_backend_loses_no_ack(
             return claim(self, *args, **kwargs)
 
         monkeypatch.setattr(Transport, "claim", killing_claim)
-    elif point == "claim, before its commit reply":
+    elif point.endswith("claim, before its commit reply"):
         pipelined = Transport._run_pipelined
+        riding_only = point.startswith("event loop")
 
-        def killing_pipelined(self: Transport, *args: Any) -> Any:
-            rows = pipelined(self, *args)
-            killer.maybe_kill(self)
+        def killing_pipelined(self: Transport, query: str, params: dict[str, Any]) -> Any:
+            rows = pipelined(self, query, params)
+            if params.get("acks") or not riding_only:
+                killer.maybe_kill(self)
             return rows
 
         monkeypatch.setattr(Transport, "_run_pipelined", killing_pipelined)
@@ -233,7 +250,8 @@ def test_terminated_backend_loses_no_ack(
     stop = threading.Event()
     errors: list[BaseException] = []
     thread = threading.Thread(
-        target=consume, args=(db_url, "consumer", ledger, stop, errors, in_callback)
+        target=consume,
+        args=(db_url, "consumer", ledger, stop, errors, in_callback, point.startswith("event")),
     )
     thread.start()
     deadline = time.monotonic() + 60
