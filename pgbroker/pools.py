@@ -4,10 +4,17 @@ The result backend, durable steps and the beat scheduler each keep a pool
 per (URL, schema) in every process. After a fork the child must not use or
 close the parent's connections (see :mod:`pgbroker.forking`): it detaches
 them and opens its own pool on first use.
+
+Pools are closed when a Celery worker (or pool process) shuts down, and at
+interpreter exit: a pool left to its finaliser would stop its worker
+threads while the interpreter is tearing down, which under gevent and
+eventlet (threads are green) prints ``Exception ignored in:
+ConnectionPool.__del__ ... greenlet is being finalized``.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import weakref
@@ -63,6 +70,7 @@ def pool_for(
                 configure=_configure,
             )
             _pools[key] = pool
+            _close_at_shutdown()
     return pool
 
 
@@ -97,6 +105,29 @@ def close_pools(purpose: str | None = None) -> None:
         pools = [_pools.pop(k) for k in keys]
     for pool in pools:
         pool.close()
+
+
+def _close_on_signal(**_: Any) -> None:
+    close_pools()
+
+
+_shutdown_hooked = False
+
+
+def _close_at_shutdown() -> None:
+    """Close the pools when the worker stops (before its pool's greenlets
+    or threads are gone) and, failing that, at exit."""
+    global _shutdown_hooked
+    if _shutdown_hooked:
+        return
+    _shutdown_hooked = True
+    from celery import signals
+
+    signals.worker_shutdown.connect(_close_on_signal, weak=False, dispatch_uid="pgbroker.pools")
+    signals.worker_process_shutdown.connect(
+        _close_on_signal, weak=False, dispatch_uid="pgbroker.pools"
+    )
+    atexit.register(close_pools)
 
 
 def _after_fork_in_child() -> None:

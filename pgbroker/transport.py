@@ -22,9 +22,11 @@ How it works, in short:
   are flushed to us before the Sync that commits). Until the commit, the
   rows stay locked by the claiming transaction, so no other consumer can
   take them; the next statement on the session waits for the commit's
-  reply first (``_settle``). Should the commit never happen (server crash),
-  the session is gone with it and the messages are redelivered, exactly as
-  after a crash that follows a committed claim.
+  reply first (``_settle``). The commit cannot fail while the session
+  lives (``claim_begin`` in :file:`sql/queries.sql`). Should it never
+  happen (a lost session), the messages are redelivered, exactly as after a
+  crash that follows a committed claim; acks made for a lost session are
+  written by the process's next session (``_orphan``, docs/delivery.md).
 * A consumer holds an advisory lock for as long as its session lives. The
   sweep hands the messages of consumers whose lock is gone back to their
   queues, and a live but slow consumer never loses its messages. The
@@ -62,6 +64,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from queue import Empty
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from kombu.exceptions import ChannelError
@@ -78,6 +81,7 @@ from psycopg.types.json import Json, Jsonb, set_json_loads
 from pgbroker import enqueue, queries, schema, sweeper
 from pgbroker.db import connect, prefer_indexes, session_lost
 from pgbroker.errors import (
+    ConfigurationError,
     ConnectionLost,
     DatabaseUnavailable,
     MessageTooLarge,
@@ -96,6 +100,14 @@ logger = logging.getLogger("pgbroker")
 UNLIMITED_CLAIM = 100
 #: Seconds before the event loop claims again after a statement's error.
 STATEMENT_RETRY = 1.0
+
+#: Longest sleep of an idle event loop (seconds). Celery's worker checks
+#: for a shutdown between two turns of its loop; a shutdown asked for from
+#: another thread (``celery.contrib.pytest``'s ``celery_worker`` sets
+#: ``state.should_terminate``) wakes nothing, and an idle consumer has no
+#: I/O until its next sweep. A timer that runs no query bounds the wait
+#: (Redis's loop wakes up every second for its BRPOP timeout).
+LOOP_WAKE_INTERVAL = 0.5
 
 #: A property of every delivered message: the schema's oid, which says that
 #: its ``delivery_tag`` is the id of its row in that schema. A Celery worker
@@ -441,9 +453,17 @@ class Transport(virtual.Transport):
         # Queues that may have ready messages: set by NOTIFY and by full claims.
         self._ready: set[str] = set()
         self._acks: list[int] = []
+        # Acks sent with a claim whose commit is not confirmed yet.
+        self._riding: list[int] = []
+        # Messages handed out by a claim: delivery tag -> (consumer id,
+        # delivery count), so that an ack can still apply after its session
+        # was lost (see _orphan).
+        self._held: dict[int, tuple[int, int]] = {}
+        self._orphan_key = (self.url, self.options.schema)
         self._loop: Any = None
         self._loop_thread: int | None = None
         self._sweep_tref: Any = None
+        self._wake_tref: Any = None  # LOOP_WAKE_INTERVAL
         self._next_sweep = 0.0
         self._turn = 0  # round robin over consumed queues
         self._woken = False  # a NOTIFY marked a queue ready
@@ -523,10 +543,10 @@ class Transport(virtual.Transport):
         old session's consumer is gone, and with it every message it held,
         which the sweep requeues. Start over as a new consumer."""
         previous.close()
+        self._orphan(self._unwritten_acks())  # sent by the new session
         queues, self._attached = self._attached, set()
         self.consumer_id = None
         self._listening = False
-        self._acks = []  # fenced to the old consumer: they could not apply
         for queue in queues:
             self.attach(queue)
         if self._loop is not None:
@@ -552,6 +572,9 @@ class Transport(virtual.Transport):
         except psycopg.Error as exc:
             logger.info("closing after a database error; the sweep recovers the rest: %s", exc)
         finally:
+            # Acks that could not be written: the process's next session for
+            # this broker sends them (see _orphan).
+            self._orphan(self._unwritten_acks())
             self.consumer_id = None
             if self._conn is not None:
                 self._conn.close()
@@ -567,6 +590,9 @@ class Transport(virtual.Transport):
         if self._commit_pending:
             self._settle()
         return conn
+
+    def _session_gone(self) -> bool:
+        return self._conn is None or self._conn.closed
 
     def _live(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -595,6 +621,8 @@ class Transport(virtual.Transport):
             raise
 
     def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        if "://" not in uri:  # switched to a failover URL: Kombu parsed it
+            uri = self.url
         return uri if include_password else mask_password(uri, mask)
 
     def driver_version(self) -> str:
@@ -634,17 +662,33 @@ class Transport(virtual.Transport):
             text, names = _numbered(self._sql[query])
             enc = conn.info.encoding
             values = [_text_param(params[n], enc) for n in names]
-            statements = []
+            # Its own transaction, whose COMMIT cannot fail while the session
+            # lives (see claim_begin in queries.sql). Every step is a prepared
+            # statement: parsed once per session.
+            steps = [
+                (b"pgbroker_claim_begin", "claim_begin", []),
+                (b"pgbroker_claim_immediate", "claim_immediate", []),
+                (name, query, values),
+                (b"pgbroker_claim_commit", "claim_commit", []),
+            ]
+            statements: list[bytes] = []  # those whose replies are read here
             with conn.lock:
                 pgconn.enter_pipeline_mode()
                 self._commit_pending = True  # from here on, _settle cleans up
-                if name not in self._prepared:
-                    pgconn.send_prepare(name, text, [types[n] for n in names])
-                    self._prepared.add(name)
-                    statements.append("prepare")
-                pgconn.send_query_prepared(name, values)
-                statements.append(query)
-                pgconn.send_flush_request()
+                for step, key, _ in steps:
+                    if step not in self._prepared:
+                        step_text, step_names = (
+                            (text, names) if step == name else _numbered(self._sql[key])
+                        )
+                        pgconn.send_prepare(step, step_text, [types[n] for n in step_names])
+                        self._prepared.add(step)
+                        statements.append(b"prepare " + step)
+                for step, key, step_values in steps:
+                    pgconn.send_query_prepared(step, step_values)
+                    if step == name:
+                        pgconn.send_flush_request()  # its rows now, the commit later
+                    if key != "claim_commit":  # read by _settle
+                        statements.append(step)
                 pgconn.pipeline_sync()
                 _flush(pgconn)
                 rows: pq.abc.PGresult | None = None
@@ -659,9 +703,11 @@ class Transport(virtual.Transport):
                             rows = res
                         elif res.status == pq.ExecStatus.FATAL_ERROR:
                             error = error or error_from_result(res, encoding=enc)
-                            if statement == "prepare":
-                                self._prepared.discard(name)  # prepared again next time
+                            if statement.startswith(b"prepare "):
+                                # prepared again next time
+                                self._prepared.discard(statement[len(b"prepare ") :])
             if error is not None or rows is None:
+                self._unride()  # the acks did not commit: they are pending again
                 self._settle()
                 raise error or psycopg.InternalError(f"pgbroker: {query} returned no rows")
             tx = Transformer(conn)
@@ -672,32 +718,42 @@ class Transport(virtual.Transport):
         """Read the reply to a claim's commit and leave pipeline mode.
 
         Without ``block``, return False when the reply has not arrived yet.
-        A failed commit raises here: the claim did not happen.
+        A failed commit raises here: the claim did not happen, and the acks
+        that rode on it are pending again (retried, or after a lost session
+        sent by the next one: see ``_orphan``).
         """
         with self._io, self._statements():
             if not self._commit_pending:
                 return True
-            conn = self._live()
-            pgconn = conn.pgconn
-            error: psycopg.Error | None = None
-            with conn.lock:
-                pgconn.consume_input()
-                if not block and pgconn.is_busy():
-                    return False
-                while True:
-                    _wait_result(pgconn)
-                    res = pgconn.get_result()
-                    if res is None:
-                        continue
-                    if res.status == pq.ExecStatus.PIPELINE_SYNC:
-                        break
-                    if res.status == pq.ExecStatus.FATAL_ERROR:
-                        error = error or error_from_result(res, encoding=conn.info.encoding)
-                pgconn.exit_pipeline_mode()
-                self._commit_pending = False
+            try:
+                conn = self._live()
+                pgconn = conn.pgconn
+                error: psycopg.Error | None = None
+                with conn.lock:
+                    pgconn.consume_input()
+                    if not block and pgconn.is_busy():
+                        return False
+                    while True:
+                        _wait_result(pgconn)
+                        res = pgconn.get_result()
+                        if res is None:
+                            continue
+                        if res.status == pq.ExecStatus.PIPELINE_SYNC:
+                            break
+                        if res.status == pq.ExecStatus.FATAL_ERROR:
+                            error = error or error_from_result(res, encoding=conn.info.encoding)
+                    pgconn.exit_pipeline_mode()
+                    self._commit_pending = False
+                    failed_block = pgconn.transaction_status == pq.TransactionStatus.INERROR
+                if failed_block:  # the claim failed inside its BEGIN: end that
+                    conn.execute("ROLLBACK")
+                if error is not None:
+                    raise error
+            except BaseException:
+                self._unride()
+                raise
+            self._rode()
             self._dispatch_notifies(conn)
-            if error is not None:
-                raise error
             return True
 
     # --- publishing -------------------------------------------------------------
@@ -797,6 +853,8 @@ class Transport(virtual.Transport):
             self.consumer_id = int(row[0])
             if self.options.fast_recovery and self._sweeper is None:
                 self._sweeper = sweeper.acquire(self.url, self.options)
+            # Before this consumer claims anything: the acks of a lost session.
+            self._flush_orphans()
         return self.consumer_id
 
     def attach(self, queue: str) -> None:
@@ -830,9 +888,21 @@ class Transport(virtual.Transport):
         if no_ack:
             return self.run_all("claim_no_ack", queue=queue, limit=limit)
         consumer_id = self._ensure_consumer()
-        # The acks not written yet commit with the claim (see `claim` in queries.sql).
-        acks, self._acks = self._acks, []
-        rows = self.run_all("claim", queue=queue, limit=limit, consumer_id=consumer_id, acks=acks)
+        if _orphaned.get(self._orphan_key):
+            self._flush_orphans()
+        # The acks not written yet commit with the claim (see `claim` in
+        # queries.sql); until its commit is confirmed they are "riding".
+        self._settle()
+        self._riding, self._acks = self._acks, []
+        try:
+            rows = self.run_all(
+                "claim", queue=queue, limit=limit, consumer_id=consumer_id, acks=self._riding
+            )
+        except BaseException:
+            self._unride()
+            raise
+        for row in rows:
+            self._held[row[0]] = (consumer_id, row[2])
         if settle:
             self._settle()
         return rows
@@ -1010,6 +1080,13 @@ class Transport(virtual.Transport):
     # --- acks -----------------------------------------------------------------------
 
     def ack(self, delivery_tag: int) -> None:
+        held = self._held.get(delivery_tag)
+        if held is not None and (held[0] != self.consumer_id or self._session_gone()):
+            # Delivered by a session that is gone: the next one writes it.
+            self._orphan([delivery_tag])
+            if self.consumer_id is not None:
+                self._flush_orphans()
+            return
         self._acks.append(delivery_tag)
         # Acks made while messages are being delivered (inside drain_events,
         # or in the event loop's thread) are written together at the end of
@@ -1023,14 +1100,80 @@ class Transport(virtual.Transport):
         self.flush_acks()
 
     def flush_acks(self) -> None:
+        if _orphaned.get(self._orphan_key) and self.consumer_id is not None:
+            self._flush_orphans()
         if not self._acks:
             return
+        if self.consumer_id is None:  # no session has started: none to write them
+            self._orphan(self._unwritten_acks())
+            return
         ids, self._acks = self._acks, []
-        # Without a consumer (a new session after a reconnect) this session
-        # holds nothing: the messages went back to their queues and the
-        # fenced ack could not remove them anyway.
-        if self.consumer_id is not None:
+        try:
             self.run_count("ack", ids=ids, consumer_id=self.consumer_id)
+        except BaseException:
+            self._acks = ids + self._acks  # kept: retried, or sent by the next session
+            if self._session_gone():
+                self._orphan(self._unwritten_acks())
+            raise
+        for tag in ids:
+            self._held.pop(tag, None)
+
+    # --- acks whose session is gone ------------------------------------------------
+
+    def _unride(self) -> None:
+        """The claim that carried acks failed: they are pending again."""
+        if self._riding:
+            self._acks = self._riding + self._acks
+            self._riding = []
+
+    def _rode(self) -> None:
+        """The claim that carried acks committed: they are written."""
+        for tag in self._riding:
+            self._held.pop(tag, None)
+        self._riding = []
+
+    def _unwritten_acks(self) -> list[int]:
+        self._unride()
+        tags, self._acks = self._acks, []
+        return tags
+
+    def _orphan(self, tags: list[int]) -> None:
+        """Keep acks whose session is gone for the process's next session on
+        this broker (any transport of the same URL and schema), which writes
+        them before it claims (``ack_orphaned`` in queries.sql): a message
+        the application acknowledged is not delivered again because the
+        connection was lost before its ack was written."""
+        entries = []
+        for tag in tags:
+            held = self._held.pop(tag, None)
+            if held is not None:
+                entries.append((tag, *held))
+        if entries:
+            with _orphaned_lock:
+                _orphaned.setdefault(self._orphan_key, []).extend(entries)
+
+    def _flush_orphans(self) -> None:
+        with _orphaned_lock:
+            entries = _orphaned.pop(self._orphan_key, [])
+        if not entries:
+            return
+        try:
+            written = self.run_count(
+                "ack_orphaned",
+                ids=[e[0] for e in entries],
+                consumer_ids=[e[1] for e in entries],
+                counts=[e[2] for e in entries],
+            )
+        except BaseException:
+            with _orphaned_lock:
+                _orphaned.setdefault(self._orphan_key, [])[:0] = entries
+            raise
+        logger.info(
+            "wrote %d of %d ack(s) made for a lost session (the others' messages "
+            "were delivered again meanwhile)",
+            written,
+            len(entries),
+        )
 
     def requeue(self, delivery_tags: list[int], counted: bool = True) -> None:
         """Hand messages back to their queues (logged in ``redelivery``).
@@ -1039,6 +1182,7 @@ class Transport(virtual.Transport):
         ``max_deliveries`` (a message that reached it goes to dead_letter);
         off for messages handed back unprocessed when a channel closes.
         """
+        self._release(delivery_tags)
         if self.consumer_id is None:
             return
         row = self.run(
@@ -1061,6 +1205,7 @@ class Transport(virtual.Transport):
 
     def unclaim(self, delivery_tags: list[int]) -> None:
         """Hand back claimed messages that were never delivered."""
+        self._release(delivery_tags)
         if self.consumer_id is not None:
             self.run(
                 "unclaim",
@@ -1069,7 +1214,12 @@ class Transport(virtual.Transport):
                 channel=self.channel_name,
             )
 
+    def _release(self, delivery_tags: list[int]) -> None:
+        for tag in delivery_tags:
+            self._held.pop(tag, None)
+
     def dead_letter(self, delivery_tags: list[int]) -> None:
+        self._release(delivery_tags)
         if self.consumer_id is not None:
             self.run_count("reject", ids=list(delivery_tags), consumer_id=self.consumer_id)
 
@@ -1158,6 +1308,7 @@ class Transport(virtual.Transport):
         loop.add_reader(self._fd, self._on_readable)
         loop.on_tick.add(self._on_tick)
         self._sweep_tref = loop.call_repeatedly(self.options.sweep_interval, self._on_sweep_timer)
+        self._wake_tref = loop.call_repeatedly(LOOP_WAKE_INTERVAL, _nothing)
         # Sweep once at start too, as drain_events does: a worker restarted
         # after a crash takes back the dead workers' messages at once, not
         # one sweep_interval later.
@@ -1174,6 +1325,9 @@ class Transport(virtual.Transport):
         if self._sweep_tref is not None:
             self._sweep_tref.cancel()
             self._sweep_tref = None
+        if self._wake_tref is not None:
+            self._wake_tref.cancel()
+            self._wake_tref = None
         if self._due_tref is not None:
             self._due_tref.cancel()
             self._due_tref = None
@@ -1265,6 +1419,10 @@ class Transport(virtual.Transport):
         self._arm_due_timer()
 
 
+def _nothing() -> None:
+    """A timer's callback whose only effect is a turn of the event loop."""
+
+
 def _text_param(value: Any, encoding: str) -> bytes | None:
     """A parameter in text format, for libpq (a list: an array of integers)."""
     if value is None:
@@ -1313,11 +1471,39 @@ def _wait_result(pgconn: Any) -> None:
 
 
 def _url_of(client: Any) -> str:
-    # With can_parse_url, Kombu hands over the whole URL as the hostname.
+    """The URL to connect to: the one the Kombu connection is on now.
+
+    With ``can_parse_url``, Kombu hands over the whole URL as the hostname
+    (libpq parameters included). Failover is the exception: Kombu's
+    ``switch()`` to an alternate URL (``"postgresql://a;postgresql://b"``)
+    always parses it into hostname, port, userid, password and
+    virtual_host, so the URL is put together again from those.
+    """
+    _check_failover_urls(client)
     url = client.hostname or ""
-    if "://" not in url:
-        url = "postgresql://" + (url or "localhost")
-    return url
+    if "://" in url:
+        return url
+    user = quote(client.userid or "", safe="")
+    if client.password:
+        user += ":" + quote(str(client.password), safe="")
+    host = url or "localhost"
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    port = f":{client.port}" if client.port else ""
+    database = client.virtual_host if client.virtual_host not in (None, "", "/") else ""
+    return f"postgresql://{user}{'@' if user else ''}{host}{port}/{quote(database, safe='')}"
+
+
+def _check_failover_urls(client: Any) -> None:
+    alternates = [a for a in client.alt or [] if isinstance(a, str)]
+    if len(alternates) > 1 and any("?" in a for a in alternates):
+        shown = ";".join(mask_password(a) for a in alternates)
+        raise ConfigurationError(
+            f"failover URLs {shown!r} carry libpq parameters (?...): Kombu's failover "
+            "(Connection.switch) cannot pass them on. Set them in the environment "
+            "instead (PGSSLMODE, PGCONNECT_TIMEOUT, PGAPPNAME...) or in a "
+            "pg_service.conf service, and leave them out of the URLs"
+        )
 
 
 def _ms_to_seconds(value: Any) -> float | None:
@@ -1423,6 +1609,7 @@ class _ForgetAfterFork:
             transport._due_at = transport._due_tref = transport._due_armed = None
             transport._retry_tref = None
             transport._commit_pending = False
+            transport._acks, transport._riding, transport._held = [], [], {}
             transport._io = threading.RLock()  # may be held by a parent's thread
             if conn is not None and not conn.closed:
                 neutralise(conn)
@@ -1430,3 +1617,17 @@ class _ForgetAfterFork:
 
 
 _forget_after_fork = _ForgetAfterFork()
+
+#: Acks whose session was lost before they were written, by (URL, schema):
+#: (delivery tag, consumer id, delivery count). See Transport._orphan.
+_orphaned: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+_orphaned_lock = threading.Lock()
+
+
+def _forget_orphans_after_fork() -> None:
+    global _orphaned_lock
+    _orphaned_lock = threading.Lock()
+    _orphaned.clear()  # the parent's to write
+
+
+os.register_at_fork(after_in_child=_forget_orphans_after_fork)

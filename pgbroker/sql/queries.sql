@@ -225,6 +225,37 @@ RETURNING m.id, m.priority, m.delivery_count, m.exchange, m.routing_key,
           -- Was delayed until its eta: the consumer drops the eta header (due).
           m.visible_at IS NOT NULL;
 
+-- name: claim_begin
+-- A claim runs in its own transaction (`_run_pipelined`): READ COMMITTED
+-- whatever the database's default, and every deferred constraint or
+-- constraint trigger checked at the end of each statement instead of at
+-- COMMIT. A claim's rows reach the consumer before its COMMIT's reply; so
+-- its COMMIT must not be able to fail while the session lives (a failure
+-- would free rows the application already runs). An error now fails the
+-- claim statement itself, before any row is handed over.
+BEGIN ISOLATION LEVEL READ COMMITTED;
+
+-- name: claim_immediate
+SET CONSTRAINTS ALL IMMEDIATE;
+
+-- name: claim_commit
+COMMIT;
+
+-- name: ack_orphaned
+-- Acks made for a session that is gone (lost before they were written, see
+-- "When a claim or an ack fails" in docs/delivery.md). An ack still applies
+-- while nobody has had its message since the delivery that was acked: the
+-- message is still reserved by that session's consumer, or it is ready
+-- again (recovered by the sweep, or its claim never committed) and its
+-- delivery count has not grown since. A message claimed by another consumer
+-- meanwhile is left alone (that consumer holds it now).
+DELETE FROM {schema}.message m
+USING unnest(%(ids)s::bigint[], %(consumer_ids)s::int[], %(counts)s::int[])
+      AS a(id, consumer_id, delivery_count)
+WHERE m.id = a.id
+  AND m.delivery_count <= a.delivery_count
+  AND (m.state = 'ready' OR (m.state = 'reserved' AND m.consumer_id = a.consumer_id));
+
 -- name: claim_no_ack
 -- The same for consumers that do not acknowledge (pidbox, events): the
 -- message is removed as it is handed over.
