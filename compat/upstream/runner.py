@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         print("\n".join(all_modules))
         return 0
-    wanted = (all_modules if a.celery == "all" else
+    wanted = ([m for m in all_modules if m not in known.NOT_RUN] if a.celery == "all" else
               [] if a.celery == "none" else a.celery.split(","))
     for m in wanted:
         if m not in all_modules:
