@@ -152,9 +152,10 @@ def is_internal_queue(name: str | None) -> bool:
     return name is not None and (name.endswith(".pidbox") or name.startswith("celeryev."))
 
 
-def status(conn: psycopg.Connection, schema: str, *, all_queues: bool = False) -> Status:
-    """Queues, consumers and recent activity of one schema."""
-    queues = [
+def queue_stats(conn: psycopg.Connection, schema: str) -> list[QueueStats]:
+    """Every queue's counts (the ``queue_stats`` view's query), Celery's
+    broadcast queues included."""
+    return [
         QueueStats(
             name=r[0],
             ready=r[1],
@@ -167,6 +168,11 @@ def status(conn: psycopg.Connection, schema: str, *, all_queues: bool = False) -
         )
         for r in conn.execute(_q(schema, "queue_stats")).fetchall()
     ]
+
+
+def status(conn: psycopg.Connection, schema: str, *, all_queues: bool = False) -> Status:
+    """Queues, consumers and recent activity of one schema."""
+    queues = queue_stats(conn, schema)
     shown = queues if all_queues else [q for q in queues if not is_internal_queue(q.name)]
     consumers = [
         ConsumerInfo(

@@ -3,7 +3,9 @@
 A real ``celery worker -E`` and a real ``celery flower`` subprocess share a
 pgbroker database; Flower's HTTP API must list the worker (its ``inspect``
 replies travel over pgbroker's pidbox queues) and show a task's events
-(received, started, succeeded) as the worker sent them.
+(received, started, succeeded) as the worker sent them; with
+``pgbroker.flower.install()`` in its configuration file, its Broker page and
+``/api/queues/length`` show pgbroker's queue lengths.
 """
 
 from __future__ import annotations
@@ -42,7 +44,16 @@ def test_flower_sees_workers_and_task_events(db_url: str, tmp_path: Path) -> Non
     env = celery_env(db_url, FLOWER_UNAUTHENTICATED_API="true")
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    flower_args = ["flower", f"--port={port}", "--address=127.0.0.1", "--persistent=False"]
+    # Flower runs its configuration file as Python: the documented two lines.
+    conf = tmp_path / "flowerconfig.py"
+    conf.write_text("from pgbroker.flower import install\ninstall()\n")
+    flower_args = [
+        "flower",
+        f"--port={port}",
+        "--address=127.0.0.1",
+        "--persistent=False",
+        f"--conf={conf}",
+    ]
     with start_worker("tests.apps.basic", env, tmp_path, extra=("-E",)) as worker:
         worker.wait_for_log("ready.", timeout=60)
         with started("flower", "tests.apps.basic", flower_args, env, tmp_path) as flower:
@@ -73,6 +84,9 @@ def _check_flower(base: str, db_url: str) -> None:
     with client_app("tests.apps.basic", db_url) as mod:
         result = mod.add.delay(2, 3)
         assert result.get(timeout=60) == 5
+        # For the queue lengths below: three tasks that wait in the queue.
+        for _ in range(3):
+            mod.add.apply_async((1, 1), countdown=3600)
     task_id = result.id
 
     def task_done() -> dict[str, Any] | None:
@@ -90,14 +104,22 @@ def _check_flower(base: str, db_url: str) -> None:
     dashboard = wait_until(lambda: _api(base, "/api/workers?status=1"), 30, "worker status")
     assert dashboard.get(name) is True
 
-    # Flower's queue lengths (its Broker page) know only RabbitMQ and Redis:
-    # with pgbroker, as with SQS, that one page answers 404. `pgbroker
-    # status` and `pgbroker metrics` give the same figures.
-    try:
-        urllib.request.urlopen(base + "/api/queues/length", timeout=30)
-        raise AssertionError("Flower learnt pgbroker's queue lengths: update docs/operations.md")
-    except urllib.error.HTTPError as exc:
-        assert exc.code == 404
+    # Queue lengths (Flower's Broker page, /api/queues/length): the three
+    # countdown tasks wait in the worker's queue, as pgbroker counts them.
+    def lengths() -> dict[str, Any] | None:
+        found = _api(base, "/api/queues/length")
+        queues = {q["name"]: q for q in (found or {}).get("active_queues", [])}
+        celery = queues.get("celery")
+        return celery if celery and celery["messages"] == 3 else None
+
+    celery = wait_until(lengths, 30, "Flower's queue lengths", interval=0.5)
+    assert celery["messages_delayed"] == 3
+    assert celery["messages_ready"] == 0
+    assert celery["consumers"] >= 1
+    with urllib.request.urlopen(base + "/broker", timeout=30) as response:
+        page = response.read().decode()
+    assert 'id="celery"' in page, page
+    assert "not supported" not in page
 
 
 def _healthy(base: str) -> bool:

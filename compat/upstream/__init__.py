@@ -1,0 +1,1 @@
+"""Celery's and Kombu's own integration suites against pgbroker (runner.py)."""

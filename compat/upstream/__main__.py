@@ -1,0 +1,5 @@
+import sys
+
+from compat.upstream.runner import main
+
+sys.exit(main())
