@@ -20,13 +20,18 @@ from typing import Any
 import pytest
 
 from compat import bench, bench_celery
+from tests.refbrokers import AMQP_URL, REDIS_URL, answers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    # The bench names its queues and exchanges after its pid and a random
+    # suffix, deletes them at the end, and never flushes: the references
+    # may be shared servers.
+    urls = ["--redis-url", REDIS_URL, "--amqp-url", AMQP_URL]
     return subprocess.run(
-        [sys.executable, "-m", "compat.bench", "--quick", *args],
+        [sys.executable, "-m", "compat.bench", "--quick", *urls, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -42,12 +47,7 @@ def table_row(stdout: str, label_start: str) -> list[str]:
 
 
 def redis_answers() -> bool:
-    try:
-        import redis
-
-        return bool(redis.Redis.from_url("redis://127.0.0.1:6379/15", socket_timeout=2).ping())
-    except Exception:
-        return False
+    return answers(REDIS_URL)
 
 
 def test_quick_run_of_every_part(pg_admin_url: str, tmp_path: Path) -> None:

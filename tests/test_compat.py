@@ -19,33 +19,25 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
-from kombu import Connection, Queue
+from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from compat.suite import ERROR, PASS, SCENARIOS, System, run_suite
 from compat.suite.appcheck import FAIL, OK, WARN, check_app, sample_arguments
 from compat.suite.runner import Outcome, Report, SystemRun, classify, render_table
+from tests.refbrokers import AMQP_URL, REDIS_URL, answers
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = "redis://127.0.0.1:6379/13"
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
-
-
-def _answers(url: str) -> bool:
-    try:
-        with Connection(url, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
-        return True
-    except Exception:
-        return False
 
 
 def references() -> list[System]:
+    # The suite names every queue and exchange after a fresh namespace and
+    # deletes them at the end: the references may be shared servers.
     refs = []
-    redis = _answers(REDIS_URL)
+    redis = answers(REDIS_URL)
     if redis:
         refs.append(System("redis", REDIS_URL, REDIS_URL))
-    if _answers(AMQP_URL):
+    if answers(AMQP_URL):
         refs.append(System("rabbitmq", AMQP_URL, REDIS_URL if redis else "rpc://"))
     return refs
 
@@ -80,7 +72,7 @@ def test_cli_runs_and_writes_json(db_url: str, tmp_path: Path) -> None:
             app = Celery("user_app", broker="memory://")
             app.conf.task_routes = {"user_app.report": {"queue": "reports"}}
 
-            @app.task(name="user_app.report")
+            @app.task(shared=False, name="user_app.report")
             def report(day: str, limit: int) -> int:
                 return limit
             """
@@ -131,7 +123,7 @@ def test_cli_exit_status_when_the_app_check_fails(db_url: str, tmp_path: Path) -
             app = Celery("bad_app", broker="memory://")
             app.conf.accept_content = ["json"]
 
-            @app.task(name="bad_app.pickled", serializer="pickle")
+            @app.task(shared=False, name="bad_app.pickled", serializer="pickle")
             def pickled(x):
                 return x
             """
@@ -186,19 +178,19 @@ def test_app_check_routes_serialises_and_flags_problems() -> None:
     }
     app.conf.accept_content = ["json"]
 
-    @app.task(name="user.send")
+    @app.task(shared=False, name="user.send")
     def send(to: str, *, retries: int) -> None: ...
 
-    @app.task(name="user.plain")
+    @app.task(shared=False, name="user.plain")
     def plain() -> None: ...
 
-    @app.task(name="user.text")
+    @app.task(shared=False, name="user.text")
     def text() -> None: ...
 
-    @app.task(name="user.orphan")
+    @app.task(shared=False, name="user.orphan")
     def orphan() -> None: ...
 
-    @app.task(name="user.pickled", serializer="pickle")
+    @app.task(shared=False, name="user.pickled", serializer="pickle")
     def pickled() -> None: ...
 
     checks = {c.task: c for c in check_app(app)}
