@@ -42,3 +42,25 @@ def test_reference_broker_urls_come_from_the_environment() -> None:
         if hard_coded.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+def test_reimported_test_apps_register_no_duplicate_task_names() -> None:
+    """Tests import an app module afresh for each test (client_app): its
+    tasks belong to that app only (shared=False), so a second import, and
+    any other app, do not meet the first import's tasks under the same name."""
+    import warnings
+
+    from celery.exceptions import DuplicateTaskNameWarning
+
+    from tests.celery_helpers import client_app
+
+    apps = ["tests.apps.basic", "tests.apps.results_app", "tests.apps.durable_waits_app"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DuplicateTaskNameWarning)
+        names = []
+        for module in [*apps, *apps]:
+            with client_app(module, "memory://") as mod:
+                names.append(sorted(n for n in mod.app.tasks if not n.startswith("celery.")))
+    for first, again in zip(names[: len(apps)], names[len(apps) :], strict=True):
+        assert first == again
+    assert not any(n.startswith("tests.apps.basic") for n in names[1]), names[1]
