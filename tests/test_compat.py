@@ -159,6 +159,66 @@ def test_cli_usage_errors() -> None:
     assert listed.stdout.split() == list(SCENARIOS)
 
 
+#: Runs ``python -m compat`` with the redis client made impossible to import,
+#: as on a machine where it is not installed.
+WITHOUT_REDIS = """
+import importlib.abc, runpy, sys
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "redis" or name.startswith("redis."):
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+for name in [n for n in sys.modules if n == "redis" or n.startswith("redis.")]:
+    del sys.modules[name]
+sys.argv = ["compat", *sys.argv[1:]]
+runpy.run_module("compat", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_cli_missing_client_and_unreachable_reference_are_not_run(db_url: str) -> None:
+    """A reference whose client is not installed, or whose broker does not
+    answer, is "not run" with the reason, not a column of FAILs; the target
+    passed, so the exit status is 0."""
+    args = [
+        "--only", "basic,chord",
+        "--reference-broker", "amqp://guest:s3cret@127.0.0.1:1//",
+        "--reference-backend", "rpc://",
+        "--reference-broker", REDIS_URL,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_REDIS, *args],
+        env={**_env(), "COMPAT_BROKER_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "| basic     | pass     | not run [1] | not run [2] |" in out, out
+    assert "| chord     | pass     | not run [1] | not run [2] |" in out, out
+    assert "FAIL" not in out, out
+    assert "[1] rabbitmq: not run (not reachable at amqp://guest:**@127.0.0.1:1//" in out, out
+    assert "[2] redis: not run (the redis client is not installed: pip install redis)" in out, out
+    assert "s3cret" not in out + proc.stderr
+
+
+def test_cli_exit_status_when_the_target_is_not_reachable() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "compat", "--only", "basic"],
+        env={**_env(), "COMPAT_BROKER_URL": "postgresql://postgres:s3cret@127.0.0.1:1/none"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "| basic     | not run [1] |" in proc.stdout, proc.stdout
+    assert "not reachable at postgresql://postgres:**@127.0.0.1:1/none" in proc.stdout
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
