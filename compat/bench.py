@@ -1,7 +1,7 @@
 """pgbroker beside Redis and RabbitMQ, measured in one run with the same settings.
 
     python -m compat.bench                                         # quick: tiny sizes, ~1 minute
-    python -m compat.bench --full --json out.json --chart out.png  # the figures: ~15 minutes
+    python -m compat.bench --full --json out.json --chart out.png  # the figures: ~10 minutes
     python -m compat.bench --only kombu,celery --rounds 5          # some parts only
 
 Parts (``--only``), each run for every system with the same code and
@@ -220,7 +220,7 @@ class Settings:
 
 
 #: Sizes: (quick, full). Quick is the default (about a minute, a smoke run);
-#: --full takes about 15 minutes on 2 cores and gives the published figures.
+#: --full takes about 10 minutes on 2 cores and gives the published figures.
 SIZES: dict[str, tuple[Any, Any]] = {
     "messages": (100, 10000),
     "rounds": (1, 3),
@@ -247,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     preset = p.add_mutually_exclusive_group()
     preset.add_argument(
-        "--full", action="store_true", help="full sizes: the published figures, ~15 minutes"
+        "--full", action="store_true", help="full sizes: the published figures, ~10 minutes"
     )
     preset.add_argument(
         "--quick", action="store_true", help="tiny sizes, about a minute (the default)"
