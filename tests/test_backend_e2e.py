@@ -55,7 +55,8 @@ class Worker:
             start_new_session=True,
         )
         self._ready = threading.Event()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pumping = threading.Thread(target=self._pump, daemon=True)
+        self._pumping.start()
         if not self._ready.wait(60):
             self.stop()
             raise RuntimeError("worker did not start:\n" + "".join(self.output[-50:]))
@@ -76,6 +77,9 @@ class Worker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        self._pumping.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def log(self) -> str:
         return "".join(self.output)
@@ -115,6 +119,8 @@ def running(
         yield results_app, worker
     finally:
         worker.stop()
+        # Celery's app.close() leaves the result backend's LISTEN connection open.
+        results_app.app.backend.result_consumer.stop()
         results_app.app.close()
         os.environ.clear()
         os.environ.update(saved)

@@ -97,6 +97,7 @@ def _check_flower(base: str, db_url: str) -> None:
         urllib.request.urlopen(base + "/api/queues/length", timeout=30)
         raise AssertionError("Flower learnt pgbroker's queue lengths: update docs/operations.md")
     except urllib.error.HTTPError as exc:
+        exc.close()
         assert exc.code == 404
 
 
