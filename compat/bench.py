@@ -646,7 +646,11 @@ def measure_throughput(
 
 def delete_queue(system: System, queue: Queue) -> None:
     with contextlib.suppress(Exception), system.connect() as conn:
-        queue(conn.channel()).delete()
+        bound = queue(conn.channel())
+        # Declared again first: Redis deletes only the bindings this
+        # connection knows of (their keys would outlive the run).
+        bound.declare()
+        bound.delete()
 
 
 def measure_redelivery(

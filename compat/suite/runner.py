@@ -317,6 +317,16 @@ def _close(app: Celery) -> None:
         if conn is not None:
             conn.close()
     with contextlib.suppress(Exception):
+        # Other backends' result consumers (Redis: its pub/sub connection).
+        # Forget the subscriptions too: Celery's Redis backend unsubscribes a
+        # result when it is finalised, which would open a new connection.
+        consumer = app.backend.result_consumer
+        consumer.stop()
+        getattr(consumer, "subscribed_to", set()).clear()
+    with contextlib.suppress(Exception):
+        # The Redis result backend's own connections (its client's pool).
+        app.backend.client.connection_pool.disconnect()
+    with contextlib.suppress(Exception):
         if app._pool is not None:
             app._pool.force_close_all()
     with contextlib.suppress(Exception):
