@@ -111,9 +111,8 @@ def running(
     os.environ.update({k: v for k, v in env.items() if k.startswith("RB_")})
     import importlib
 
-    from tests.apps import results_app
-
-    importlib.reload(results_app)
+    # Imported again if another test dropped it from sys.modules (client_app).
+    results_app = importlib.reload(importlib.import_module("tests.apps.results_app"))
     worker = Worker(env, pool=pool)
     try:
         yield results_app, worker
