@@ -7,9 +7,11 @@
 Runs every scenario of :mod:`compat.suite.scenarios` against the target
 system (``--broker`` + ``--backend``) and then against each reference, each
 with its own ``celery worker`` (prefork, concurrency 2, the same settings for
-all), and prints one table. Exit status: 0 when every scenario passes (or is
-skipped) on the target and the ``--app`` check has no failure, 1 otherwise,
-2 for a usage error.
+all), and prints one table. A system whose client library is not installed,
+or whose broker or backend does not answer, is reported as "not run" with the
+reason. Exit status: 0 when every scenario passes (or is skipped) on the
+target and the ``--app`` check has no failure, 1 otherwise (a target that is
+not run included; references are only reported), 2 for a usage error.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """pgbroker beside Redis and RabbitMQ, measured in one run with the same settings.
 
-    python -m compat.bench --full --json out.json --chart out.png   # about 15 minutes
-    python -m compat.bench --quick                                 # tiny sizes, a smoke test
+    python -m compat.bench                                         # quick: tiny sizes, ~1 minute
+    python -m compat.bench --full --json out.json --chart out.png  # the figures: ~10 minutes
     python -m compat.bench --only kombu,celery --rounds 5          # some parts only
 
 Parts (``--only``), each run for every system with the same code and
@@ -24,7 +24,11 @@ medians over rounds. compat/README.md says how each figure is taken.
 * scale: 1..64 consumers, each with its own connection, on one queue and
   over 16 queues (:mod:`compat.bench_scale`).
 
-Each figure with a target prints the target and whether it is met.
+Each figure with a target prints the target and whether it is met. A
+system whose client library is not installed, or that does not answer, is
+"not run" with the reason. Exit status: 1 when pgbroker is not run or one of
+its measurements failed (a target not met is a figure, not a failure), 2
+for a usage error, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import os
 import platform
@@ -51,6 +56,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.utils.url import maybe_sanitize_url
 from psycopg import sql
 
 from compat import bench_backlog, bench_celery, bench_scale
@@ -85,6 +91,8 @@ class Cell:
     configured: float | None = None
     note: str = ""
     error: str = ""
+    #: The measurement raised (not merely "does not apply" or "not run").
+    failed: bool = False
 
     def value(self) -> float | None:
         if self.configured is not None:
@@ -170,8 +178,16 @@ SYSTEM_LABELS = {
 BROKERS = ("pgbroker", "redis", "rabbitmq")
 
 
+#: A cell's error when its system (or one of a pair) is not run.
+NOT_RUN = "not run"
+
+
 class BenchError(Exception):
     pass
+
+
+class NotMeasured(BenchError):
+    """The figure cannot be taken here (e.g. too few free connections)."""
 
 
 # --- settings ---------------------------------------------------------------
@@ -203,7 +219,8 @@ class Settings:
     preset: str
 
 
-#: Sizes: (quick, full). --full is the default; --quick is for the tests.
+#: Sizes: (quick, full). Quick is the default (about a minute, a smoke run);
+#: --full takes about 10 minutes on 2 cores and gives the published figures.
 SIZES: dict[str, tuple[Any, Any]] = {
     "messages": (100, 10000),
     "rounds": (1, 3),
@@ -229,8 +246,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         description="Benchmark pgbroker beside Redis and RabbitMQ (see compat/README.md).",
     )
     preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--full", action="store_true", help="full sizes (the default)")
-    preset.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
+    preset.add_argument(
+        "--full", action="store_true", help="full sizes: the published figures, ~10 minutes"
+    )
+    preset.add_argument(
+        "--quick", action="store_true", help="tiny sizes, about a minute (the default)"
+    )
     p.add_argument("--only", help=f"comma-separated parts to run, of {','.join(PARTS)}")
     p.add_argument("--messages", type=int, help="Kombu messages per round (full: 10000)")
     p.add_argument("--rounds", type=int, help="rounds; cells are medians (full: 3)")
@@ -286,7 +307,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "--chart", dest="chart_path", help="draw the results to this PNG (needs matplotlib)"
     )
     a = p.parse_args(argv)
-    pick = 0 if a.quick else 1
+    pick = 1 if a.full else 0
 
     def size(name: str) -> Any:
         given = getattr(a, name)
@@ -333,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         systems=names(a.systems, BROKERS, "systems"),
         json_path=a.json_path,
         chart_path=a.chart_path,
-        preset="quick" if a.quick else "full",
+        preset="full" if a.full else "quick",
     )
 
 
@@ -378,14 +399,25 @@ def error_text(exc: BaseException) -> str:
     return text[:160]
 
 
+#: The client library each system needs, and how to install it.
+CLIENTS = {"redis": ("redis", "pip install redis"), "rabbitmq": ("amqp", "pip install amqp")}
+
+
 def probe(system: System) -> None:
-    """Set ``system.error`` when the system cannot be reached."""
+    """Set ``system.error`` when the system cannot be run."""
+    if system.key in CLIENTS:
+        module, install = CLIENTS[system.key]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            system.error = f"the {module} client is not installed: {install}"
+            return
     try:
         with system.connect() as conn:
             conn.ensure_connection(max_retries=1, timeout=10)
             conn.default_channel  # noqa: B018 - opens a channel: the real test
     except Exception as exc:
-        system.error = error_text(exc)
+        system.error = f"not reachable at {maybe_sanitize_url(system.url)}: {error_text(exc)}"
 
 
 # --- child processes ---------------------------------------------------------
@@ -531,6 +563,8 @@ class Databases:
         return url
 
     def drop_all(self) -> None:
+        if not self.created:
+            return
         with self.admin() as conn:
             for name in self.created:
                 conn.execute(
@@ -612,7 +646,11 @@ def measure_throughput(
 
 def delete_queue(system: System, queue: Queue) -> None:
     with contextlib.suppress(Exception), system.connect() as conn:
-        queue(conn.channel()).delete()
+        bound = queue(conn.channel())
+        # Declared again first: Redis deletes only the bindings this
+        # connection knows of (their keys would outlive the run).
+        bound.declare()
+        bound.delete()
 
 
 def measure_redelivery(
@@ -938,6 +976,7 @@ def attempt(cells: list[Cell], fn: Callable[[], Any], what: str) -> Any:
     except Exception as exc:
         for cell in cells:
             cell.error = error_text(exc)
+            cell.failed = not isinstance(exc, NotMeasured)
         log(f"{what} failed: {error_text(exc)}")
         return None
 
@@ -1001,16 +1040,17 @@ def prepare_systems(report: Report, dbs: Databases) -> None:
                 report.environment["postgresql"] = pg_environment(dbs.admin_url)
                 system.url = dbs.create()
             except psycopg.Error as exc:
-                system.error = error_text(exc)
+                admin = maybe_sanitize_url(dbs.admin_url)
+                system.error = f"cannot create a database with {admin}: {error_text(exc)}"
         if not system.error:
             probe(system)
         if system.error:
-            log(f"{system.label}: not reachable, skipped ({system.error})")
+            log(f"{system.label}: not run ({system.error})")
     live = {x.key for x in report.live()}
     for f in report.figures.values():
         for key in f.systems:
             if any(part not in live for part in column_needs(key)):
-                f.cell(key).error = "not reachable"
+                f.cell(key).error = NOT_RUN
     report.environment.update(other_environment(report.live()))
 
 
@@ -1061,6 +1101,7 @@ def run_celery(report: Report, dbs: Databases, prefix: str, workdir: Path) -> No
         log(f"{pair.label}: celery worker failed to start: {error}")
         for key in keys:
             figs[key].cell(pair.key).error = error
+            figs[key].cell(pair.key).failed = True
 
     log(f"celery: starting {len(pairs)} workers")
     with bench_celery.running_pairs(pairs, prefix, workdir, failed) as running:
@@ -1229,6 +1270,7 @@ def run_backlog(report: Report, dbs: Databases, prefix: str) -> None:
         report.environment["backlog_fill_seconds"] = round(time.monotonic() - started, 1)
     except Exception as exc:
         empty.error = full.error = error_text(exc)
+        empty.failed = full.failed = True
         log(f"backlog fill failed: {error_text(exc)}")
         return
     for r in range(s.rounds):
@@ -1293,7 +1335,7 @@ def measure_scale(
         free = bench_scale.free_connections(s.pg_admin_url)
         need = consumers + bench_scale.CONNECTION_HEADROOM
         if free < need:
-            raise BenchError(
+            raise NotMeasured(
                 f"{consumers} consumers need {need} free connections (with "
                 f"{bench_scale.CONNECTION_HEADROOM} left to others), the server has {free}: "
                 "raise max_connections or run with fewer --scale-consumers"
@@ -1409,7 +1451,7 @@ def table_rows(report: Report) -> list[list[str]]:
                 row.append("-")
                 continue
             cell = f.cells.get(key, Cell())
-            text = fmt(cell.value())
+            text = NOT_RUN if cell.error == NOT_RUN else fmt(cell.value())
             if cell.configured is not None:
                 text += " *"
             row.append(text)
@@ -1439,7 +1481,7 @@ def render(report: Report) -> str:
     lines = [*header_lines(report), "", *markdown_table(table_rows(report))]
     notes = [
         "",
-        "cells are medians over rounds; '-' = does not apply; n/a = unreachable or failed;",
+        "cells are medians over rounds; '-' = does not apply; n/a = failed (reason below);",
         "ratio = pgbroker / the target's reference (Redis unless the target names another);",
         "Celery figures: RabbitMQ = RabbitMQ broker + rpc:// backend; RabbitMQ+Redis = "
         "RabbitMQ broker + Redis backend",
@@ -1455,7 +1497,7 @@ def render(report: Report) -> str:
         for key, cell in f.cells.items():
             if cell.configured is not None:
                 notes.append(f"* {SYSTEM_LABELS[key]}, {f.key}: {cell.note}")
-            if cell.error and cell.error != "not reachable":
+            if cell.error and cell.error != NOT_RUN:
                 notes.append(f"! {SYSTEM_LABELS[key]}, {f.key}: {cell.error}")
             if f.part in ("redelivery", "kill") and len(cell.values) > 1:
                 notes.append(
@@ -1465,7 +1507,7 @@ def render(report: Report) -> str:
                 )
     for system in systems:
         if system.error:
-            notes.append(f"! {system.label} not reachable: {system.error}")
+            notes.append(f"! {system.label} not run ({system.error})")
     if "idle_sessions" in env:
         notes.append(
             "  idle: sessions connected at the end "
@@ -1504,7 +1546,14 @@ def main(argv: list[str] | None = None) -> int:
         from compat import bench_chart
 
         bench_chart.draw(report.to_json(), s.chart_path)
-    return 0
+    return 0 if pgbroker_ok(report) else 1
+
+
+def pgbroker_ok(report: Report) -> bool:
+    """pgbroker ran and none of its measurements failed."""
+    if "pgbroker" not in {x.key for x in report.live()}:
+        return False
+    return not any(f.cells.get("pgbroker", Cell()).failed for f in report.figures.values())
 
 
 if __name__ == "__main__":

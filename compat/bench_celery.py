@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 import psycopg
 from celery import Celery, chain, chord
 from celery.result import ResultSet
-from kombu import Queue
+from kombu import Exchange, Queue
 
 ROOT = Path(__file__).resolve().parents[1]
 NOOP = "compat.bench_app.noop"
@@ -156,8 +156,15 @@ def delete_queues(app: Celery, names: list[str]) -> None:
     with contextlib.suppress(Exception), app.connection_for_write() as conn:
         channel = conn.default_channel
         for name in names:
+            # The queue as Celery declared it (an exchange of its name), declared
+            # again first: Redis deletes only the bindings this connection
+            # knows of, and keeps an exchange's bindings in a key of its own.
+            queue = Queue(name, Exchange(name), routing_key=name)(channel)
             with contextlib.suppress(Exception):
-                Queue(name)(channel).delete()
+                queue.declare()
+                queue.delete()
+            with contextlib.suppress(Exception):
+                queue.exchange.delete()
 
 
 # --- measurements ----------------------------------------------------------------

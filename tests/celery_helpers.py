@@ -258,3 +258,59 @@ def _close_app(app: Any) -> None:
         if app._pool is not None:
             app._pool.force_close_all()
     app.close()
+
+
+# --- what an example leaves in the user's database ---------------------------
+
+
+#: Tables a user's application may well have, with the names the examples use.
+USER_TABLES = """
+CREATE TABLE public.shop_order (id int PRIMARY KEY, note text);
+INSERT INTO public.shop_order VALUES (1, 'the user''s own order');
+CREATE TABLE public.shop_email (id int, note text);
+INSERT INTO public.shop_email VALUES (1, 'the user''s own mail');
+CREATE TABLE public.durable_demo_log (id int, note text);
+INSERT INTO public.durable_demo_log VALUES (1, 'the user''s own log');
+"""
+
+
+def add_user_data(url: str) -> None:
+    """The user's own tables in ``public`` (named as the examples' tables),
+    and a message waiting in the ``celery`` queue of the ``pgbroker`` schema."""
+    from kombu import Connection
+
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        conn.execute(USER_TABLES)
+    with Connection(url) as conn:
+        conn.SimpleQueue("celery").put({"the user's": "message"})
+
+
+def database_contents(url: str) -> dict[str, Any]:
+    """Every schema, and every table's row count and a digest of its rows."""
+    from psycopg import sql
+
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        schemas = [
+            r[0]
+            for r in conn.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname !~ '^pg_' "
+                "AND nspname <> 'information_schema' ORDER BY 1"
+            )
+        ]
+        contents: dict[str, Any] = {"schemas": schemas}
+        tables = conn.execute(
+            "SELECT schemaname, tablename FROM pg_tables WHERE schemaname = ANY(%s) ORDER BY 1, 2",
+            [schemas],
+        ).fetchall()
+        for schema, table in tables:
+            contents[f"{schema}.{table}"] = conn.execute(
+                sql.SQL(
+                    "SELECT count(*), md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) "
+                    "FROM {} t"
+                ).format(sql.Identifier(schema, table))
+            ).fetchone()
+    return contents
+
+
+def _libpq(url: str) -> str:
+    return "postgresql://" + url.partition("://")[2]

@@ -96,7 +96,9 @@ class Child:
             text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._stderr: str | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -112,14 +114,25 @@ class Child:
             ) from None
 
     def stderr(self) -> str:
+        if self._stderr is not None:
+            return self._stderr
         if self.proc.poll() is None or self.proc.stderr is None:
             return ""
-        return self.proc.stderr.read()
+        self._stderr = self.proc.stderr.read()
+        return self._stderr
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+        # Close the pipes (a ResourceWarning otherwise), once read to the end.
+        self._reader.join(timeout=10)
+        if self._reader.is_alive():  # a grandchild holds the pipe: leave it be
+            return
+        self.stderr()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
     def __enter__(self) -> Child:
         return self

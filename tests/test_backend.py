@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -17,19 +18,33 @@ from celery.app.task import Context
 from pgbroker.backend import PostgresBackend, ResultTooLarge
 from pgbroker.errors import ConfigurationError, DatabaseUnavailable
 
+#: The apps a test made, closed after it (close_apps).
+_made: list[Celery] = []
+
 
 def make_app(url: str, **conf: Any) -> Celery:
     app = Celery("t", broker="memory://", backend=url, set_as_current=False)
     app.conf.result_extended = True
     app.conf.update(conf)
+    _made.append(app)
     return app
+
+
+@pytest.fixture(autouse=True)
+def close_apps() -> Iterator[None]:
+    """Close the LISTEN connection of every app the test made: Celery's
+    app.close() leaves the result backend's connections open."""
+    yield
+    while _made:
+        app = _made.pop()
+        with contextlib.suppress(ConfigurationError):  # a test of a bad option
+            app.backend.result_consumer.stop()
+        app.close()
 
 
 @pytest.fixture
 def app(db_url: str) -> Iterator[Celery]:
-    app = make_app(db_url)
-    yield app
-    app.close()
+    yield make_app(db_url)
 
 
 def request(task_id: str, **kw: Any) -> Context:

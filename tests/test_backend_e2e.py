@@ -20,11 +20,10 @@ import pytest
 from celery import chain, chord, group
 from celery.exceptions import ChordError, TaskRevokedError
 
-from tests import pgserver
+from tests import pgserver, refbrokers
 
 ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).with_name("celery"))
-REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
 class Worker:
@@ -56,7 +55,8 @@ class Worker:
             start_new_session=True,
         )
         self._ready = threading.Event()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pumping = threading.Thread(target=self._pump, daemon=True)
+        self._pumping.start()
         if not self._ready.wait(60):
             self.stop()
             raise RuntimeError("worker did not start:\n" + "".join(self.output[-50:]))
@@ -77,6 +77,9 @@ class Worker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        self._pumping.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def log(self) -> str:
         return "".join(self.output)
@@ -108,14 +111,15 @@ def running(
     os.environ.update({k: v for k, v in env.items() if k.startswith("RB_")})
     import importlib
 
-    from tests.apps import results_app
-
-    importlib.reload(results_app)
+    # Imported again if another test dropped it from sys.modules (client_app).
+    results_app = importlib.reload(importlib.import_module("tests.apps.results_app"))
     worker = Worker(env, pool=pool)
     try:
         yield results_app, worker
     finally:
         worker.stop()
+        # Celery's app.close() leaves the result backend's LISTEN connection open.
+        results_app.app.backend.result_consumer.stop()
         results_app.app.close()
         os.environ.clear()
         os.environ.update(saved)
@@ -314,10 +318,16 @@ def test_large_result_limit(pg_admin_url: str, template_db: str) -> None:
 
 
 def test_redis_broker_with_pgbroker_backend(pg_admin_url: str, template_db: str) -> None:
-    import redis
-
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    with database(pg_admin_url, template_db) as url, running(REDIS_URL, url) as (mod, worker):
+    # The Redis may be shared: a queue and a key prefix of the test's own,
+    # whose keys alone are deleted at the end (tests/refbrokers.py).
+    with (
+        refbrokers.redis_namespace("e2e") as (client, prefix),
+        database(pg_admin_url, template_db) as url,
+        running(
+            refbrokers.REDIS_URL, url, RB_QUEUE=prefix.rstrip(":"), RB_REDIS_PREFIX=prefix
+        ) as (mod, worker),
+    ):
+        assert mod.app.conf.task_default_queue == prefix.rstrip(":")
         assert mod.add.delay(20, 22).get(timeout=T) == 42
         r = chord(mod.add.s(i, i) for i in range(5))(mod.xsum.s())
         assert r.get(timeout=T) == 20
@@ -327,6 +337,8 @@ def test_redis_broker_with_pgbroker_backend(pg_admin_url: str, template_db: str)
         with pytest.raises(ValueError):
             mod.fail.delay("x").get(timeout=T)
         idle_get_sends_no_query(mod, url)
+        # Everything Kombu wrote is under the test's prefix.
+        assert any(client.scan_iter(match=f"{prefix}*"))
 
 
 def idle_get_sends_no_query(mod: Any, url: str) -> None:

@@ -20,13 +20,18 @@ from typing import Any
 import pytest
 
 from compat import bench, bench_celery
+from tests.refbrokers import AMQP_URL, REDIS_URL, answers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    # The bench names its queues and exchanges after its pid and a random
+    # suffix, deletes them at the end, and never flushes: the references
+    # may be shared servers.
+    urls = ["--redis-url", REDIS_URL, "--amqp-url", AMQP_URL]
     return subprocess.run(
-        [sys.executable, "-m", "compat.bench", "--quick", *args],
+        [sys.executable, "-m", "compat.bench", "--quick", *urls, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -42,12 +47,7 @@ def table_row(stdout: str, label_start: str) -> list[str]:
 
 
 def redis_answers() -> bool:
-    try:
-        import redis
-
-        return bool(redis.Redis.from_url("redis://127.0.0.1:6379/15", socket_timeout=2).ping())
-    except Exception:
-        return False
+    return answers(REDIS_URL)
 
 
 def test_quick_run_of_every_part(pg_admin_url: str, tmp_path: Path) -> None:
@@ -165,12 +165,71 @@ def test_unreachable_systems_are_na_not_a_crash(pg_admin_url: str) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     publish = table_row(proc.stdout, "Kombu publish msg/s")
-    assert publish[2:4] == ["n/a", "n/a"], publish
+    assert publish[2:4] == ["not run", "not run"], publish
     assert re.fullmatch(r"[\d,]+", publish[1]), publish
     assert publish[7] == "?", publish  # no reference: the target cannot be judged
     tasks = table_row(proc.stdout, "Celery tasks/s")
-    assert re.fullmatch(r"[\d,.]+", tasks[1]) and tasks[2:5] == ["n/a"] * 3, tasks
+    assert re.fullmatch(r"[\d,.]+", tasks[1]) and tasks[2:5] == ["not run"] * 3, tasks
+    assert "! RabbitMQ not run (not reachable at amqp://guest:**@127.0.0.1:1//" in proc.stdout
     assert "s3cret" not in proc.stdout + proc.stderr
+
+
+#: ``python -m compat.bench`` with the redis client impossible to import, as
+#: on a machine where it is not installed.
+WITHOUT_REDIS = """
+import importlib.abc, runpy, sys
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "redis" or name.startswith("redis."):
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+for name in [n for n in sys.modules if n == "redis" or n.startswith("redis.")]:
+    del sys.modules[name]
+sys.argv = ["compat.bench", *sys.argv[1:]]
+runpy.run_module("compat.bench", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_missing_client_is_not_run_and_quick_is_the_default(pg_admin_url: str) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable, "-c", WITHOUT_REDIS, "--pg-admin-url", pg_admin_url,
+            "--redis-url", REDIS_URL, "--systems", "pgbroker,redis", "--only", "kombu",
+        ],  # no --quick: the default
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "sizes (quick): 1 rounds; Kombu 100 messages" in proc.stdout, proc.stdout
+    publish = table_row(proc.stdout, "Kombu publish msg/s")
+    assert re.fullmatch(r"[\d,]+", publish[1]) and publish[2] == "not run", publish
+    assert "! Redis not run (the redis client is not installed: pip install redis)" in (
+        proc.stdout
+    )
+
+
+def test_exit_status_when_pgbroker_is_not_run() -> None:
+    proc = run_bench(
+        "--pg-admin-url", "postgresql://postgres:s3cret@127.0.0.1:1/postgres",
+        "--systems", "pgbroker", "--only", "kombu",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    assert "! pgbroker not run (cannot create a database with postgresql://postgres:**@" in (
+        proc.stdout
+    )
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_full_sizes_only_on_request() -> None:
+    assert bench.parse_args([]).preset == "quick"
+    assert bench.parse_args([]).messages == 100
+    full = bench.parse_args(["--full"])
+    assert (full.preset, full.messages, full.rounds) == ("full", 10000, 3)
 
 
 def test_targets() -> None:

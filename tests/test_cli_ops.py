@@ -334,23 +334,23 @@ def test_top(url: str, db_url: str) -> None:
 
     # Until Ctrl-C, which ends it quietly.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGBROKER_")}
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "pgbroker", "top", "--url", url, "--interval", "0.2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith("pgbroker top:")
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
-        assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    ) as proc:  # closes the pipes
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().startswith("pgbroker top:")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) == 0
+            assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 # --- purge ------------------------------------------------------------------------

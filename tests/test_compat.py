@@ -19,33 +19,25 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
-from kombu import Connection, Queue
+from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from compat.suite import ERROR, PASS, SCENARIOS, System, run_suite
 from compat.suite.appcheck import FAIL, OK, WARN, check_app, sample_arguments
 from compat.suite.runner import Outcome, Report, SystemRun, classify, render_table
+from tests.refbrokers import AMQP_URL, REDIS_URL, answers
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = "redis://127.0.0.1:6379/13"
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
-
-
-def _answers(url: str) -> bool:
-    try:
-        with Connection(url, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
-        return True
-    except Exception:
-        return False
 
 
 def references() -> list[System]:
+    # The suite names every queue and exchange after a fresh namespace and
+    # deletes them at the end: the references may be shared servers.
     refs = []
-    redis = _answers(REDIS_URL)
+    redis = answers(REDIS_URL)
     if redis:
         refs.append(System("redis", REDIS_URL, REDIS_URL))
-    if _answers(AMQP_URL):
+    if answers(AMQP_URL):
         refs.append(System("rabbitmq", AMQP_URL, REDIS_URL if redis else "rpc://"))
     return refs
 
@@ -80,7 +72,7 @@ def test_cli_runs_and_writes_json(db_url: str, tmp_path: Path) -> None:
             app = Celery("user_app", broker="memory://")
             app.conf.task_routes = {"user_app.report": {"queue": "reports"}}
 
-            @app.task(name="user_app.report")
+            @app.task(shared=False, name="user_app.report")
             def report(day: str, limit: int) -> int:
                 return limit
             """
@@ -131,7 +123,7 @@ def test_cli_exit_status_when_the_app_check_fails(db_url: str, tmp_path: Path) -
             app = Celery("bad_app", broker="memory://")
             app.conf.accept_content = ["json"]
 
-            @app.task(name="bad_app.pickled", serializer="pickle")
+            @app.task(shared=False, name="bad_app.pickled", serializer="pickle")
             def pickled(x):
                 return x
             """
@@ -167,6 +159,66 @@ def test_cli_usage_errors() -> None:
     assert listed.stdout.split() == list(SCENARIOS)
 
 
+#: Runs ``python -m compat`` with the redis client made impossible to import,
+#: as on a machine where it is not installed.
+WITHOUT_REDIS = """
+import importlib.abc, runpy, sys
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "redis" or name.startswith("redis."):
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+for name in [n for n in sys.modules if n == "redis" or n.startswith("redis.")]:
+    del sys.modules[name]
+sys.argv = ["compat", *sys.argv[1:]]
+runpy.run_module("compat", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_cli_missing_client_and_unreachable_reference_are_not_run(db_url: str) -> None:
+    """A reference whose client is not installed, or whose broker does not
+    answer, is "not run" with the reason, not a column of FAILs; the target
+    passed, so the exit status is 0."""
+    args = [
+        "--only", "basic,chord",
+        "--reference-broker", "amqp://guest:s3cret@127.0.0.1:1//",
+        "--reference-backend", "rpc://",
+        "--reference-broker", REDIS_URL,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_REDIS, *args],
+        env={**_env(), "COMPAT_BROKER_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "| basic     | pass     | not run [1] | not run [2] |" in out, out
+    assert "| chord     | pass     | not run [1] | not run [2] |" in out, out
+    assert "FAIL" not in out, out
+    assert "[1] rabbitmq: not run (not reachable at amqp://guest:**@127.0.0.1:1//" in out, out
+    assert "[2] redis: not run (the redis client is not installed: pip install redis)" in out, out
+    assert "s3cret" not in out + proc.stderr
+
+
+def test_cli_exit_status_when_the_target_is_not_reachable() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "compat", "--only", "basic"],
+        env={**_env(), "COMPAT_BROKER_URL": "postgresql://postgres:s3cret@127.0.0.1:1/none"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "| basic     | not run [1] |" in proc.stdout, proc.stdout
+    assert "not reachable at postgresql://postgres:**@127.0.0.1:1/none" in proc.stdout
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -186,19 +238,19 @@ def test_app_check_routes_serialises_and_flags_problems() -> None:
     }
     app.conf.accept_content = ["json"]
 
-    @app.task(name="user.send")
+    @app.task(shared=False, name="user.send")
     def send(to: str, *, retries: int) -> None: ...
 
-    @app.task(name="user.plain")
+    @app.task(shared=False, name="user.plain")
     def plain() -> None: ...
 
-    @app.task(name="user.text")
+    @app.task(shared=False, name="user.text")
     def text() -> None: ...
 
-    @app.task(name="user.orphan")
+    @app.task(shared=False, name="user.orphan")
     def orphan() -> None: ...
 
-    @app.task(name="user.pickled", serializer="pickle")
+    @app.task(shared=False, name="user.pickled", serializer="pickle")
     def pickled() -> None: ...
 
     checks = {c.task: c for c in check_app(app)}

@@ -93,7 +93,7 @@ def test_completed_steps_replay_their_output_on_the_same_task_id(
             raise Boom("mail server down")
         return "sent"
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def onboard(self: DurableTask, user: int) -> list[Any]:
         account = self.step("create_account", create_account, user)
         charge_id = self.step("charge", charge, account)
@@ -133,13 +133,13 @@ def test_a_renamed_step_raises_non_deterministic_workflow(
         calls.append(what)
         return what
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def v1(self: DurableTask) -> None:
         self.step("reserve", note, "reserve")
         self.step("charge", note, "charge")
         raise Boom("crash after charge")
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def v2(self: DurableTask) -> None:
         self.step("reserve", note, "reserve")
         self.step("refund", note, "refund")  # not what the first run recorded
@@ -157,7 +157,7 @@ def test_a_renamed_step_raises_non_deterministic_workflow(
 
 
 def test_direct_call_runs_steps_without_records(app: Celery, db: psycopg.Connection) -> None:
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def plain(self: DurableTask, x: int) -> int:
         return self.step("double", lambda v: v * 2, x) + self.step("inc", lambda v: v + 1, x)
 
@@ -170,7 +170,7 @@ def test_step_arguments_and_keywords(app: Celery, db: psycopg.Connection) -> Non
     def greet(name: str, *, greeting: str) -> str:
         return f"{greeting}, {name}"
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def hello(self: DurableTask) -> str:
         return self.step("greet", greet, "Ada", greeting="Hello")
 
@@ -208,7 +208,7 @@ def test_step_with_conn_commits_work_and_checkpoint_together(
         calls.append(amount)
         return add_entry(conn, f"debit {amount}")
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def pay(self: DurableTask, amount: int, fail: bool) -> int:
         with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
             entry = self.step("debit", debit, conn, amount, conn=conn)
@@ -236,7 +236,7 @@ def test_failed_step_with_conn_rolls_back_its_work(
             raise Boom("card declined")
         return entry
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def pay(self: DurableTask) -> int:
         with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
             return self.step("debit", debit, conn, conn=conn)
@@ -264,7 +264,7 @@ def test_checkpoint_rolls_back_with_the_callers_transaction(
         add_entry(conn, entry)
         return entry
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def transfer(self: DurableTask) -> list[str]:
         # Not autocommit: commits when the block exits, rolls back on error.
         with psycopg.connect(libpq_url(db_url)) as conn:
@@ -302,7 +302,7 @@ def test_two_runs_racing_on_a_conn_step_keep_only_the_first_commit(
     stepped = threading.Event()
     release = threading.Event()
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def pay(self: DurableTask, who: str, hold: bool) -> str:
         with psycopg.connect(libpq_url(db_url)) as conn:
             entry = self.step("pay", add_entry, conn, who, conn=conn)
@@ -348,7 +348,7 @@ def test_two_runs_racing_on_a_conn_step_keep_only_the_first_commit(
 def test_conn_on_another_database_is_a_clear_error(
     app: Celery, empty_db_url: str, db_url: str
 ) -> None:
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def wrong(self: DurableTask) -> None:
         with psycopg.connect(libpq_url(empty_db_url), autocommit=True) as conn:
             self.step("s", lambda: 1, conn=conn)
@@ -369,7 +369,7 @@ def test_retries_with_exponential_backoff_are_recorded(app: Celery, db: psycopg.
             raise TimeoutError(f"try {len(times)}")
         return "ok"
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def task(self: DurableTask) -> str:
         return self.step("call_api", flaky, retries=3, backoff=0.2)
 
@@ -391,7 +391,7 @@ def test_spent_retries_record_a_failed_step(app: Celery, db: psycopg.Connection)
             raise ConnectionError("refused")
         return "ok"
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def task(self: DurableTask) -> str:
         return self.step("call_api", api, retries=2, backoff=0.01)
 
@@ -411,7 +411,7 @@ def test_only_retry_on_exceptions_are_retried(app: Celery, db: psycopg.Connectio
         calls.append(1)
         raise KeyError("missing")
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def task(self: DurableTask) -> None:
         self.step("lookup", bad, retries=5, backoff=0.01, retry_on=TimeoutError)
 
@@ -433,7 +433,7 @@ def test_each_attempt_of_a_conn_step_is_its_own_transaction(
             raise TimeoutError("gateway")
         return entry
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def pay(self: DurableTask) -> int:
         with psycopg.connect(libpq_url(db_url)) as conn:
             return self.step("debit", debit, conn, conn=conn, retries=3, backoff=0.01)
@@ -449,7 +449,7 @@ def test_each_attempt_of_a_conn_step_is_its_own_transaction(
 def test_outputs_are_the_decoded_value_on_first_run_and_replay(
     app: Celery, db: psycopg.Connection, db_url: str, ledger: None
 ) -> None:
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def shapes(self: DurableTask) -> list[Any]:
         return [self.step("pair", lambda: (1, 2)), self.step("keys", lambda: {1: "a"})]
 
@@ -457,7 +457,7 @@ def test_outputs_are_the_decoded_value_on_first_run_and_replay(
     assert first == [[1, 2], {"1": "a"}]  # as json gives them back, first time too
     assert shapes.apply(task_id="s", throw=True).get() == first
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def bad(self: DurableTask) -> None:
         with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
             self.step("s", lambda: add_entry(conn, "x") and {1, 2}, conn=conn, retries=3)
@@ -467,7 +467,7 @@ def test_outputs_are_the_decoded_value_on_first_run_and_replay(
     assert ledger_entries(db) == []  # encoding failed inside the transaction: rolled back
     assert steps(db, "b")[0][2:4] == ("failed", 1)  # not retried: it would fail again
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def pooled(self: DurableTask) -> None:
         self.step("obj", object)
 
@@ -475,7 +475,7 @@ def test_outputs_are_the_decoded_value_on_first_run_and_replay(
         run(pooled, task_id="o")
     assert steps(db, "o")[0][2:4] == ("failed", 1)
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def rich(self: DurableTask) -> Any:
         return self.step("rich", lambda: [b"raw", datetime(2030, 1, 2), Decimal("1.50")])
 
@@ -486,7 +486,7 @@ def test_outputs_are_the_decoded_value_on_first_run_and_replay(
 def test_pickle_serializer_keeps_python_objects(db_url: str, db: psycopg.Connection) -> None:
     app = make_app(db_url, result_serializer="pickle", accept_content=["json", "pickle"])
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def task(self: DurableTask) -> Any:
         return self.step("set", lambda: {1, 2, (3, 4)})
 
@@ -504,13 +504,13 @@ def test_succeeded_tasks_keep_their_steps_for_the_configured_time(
 ) -> None:
     app = make_app(db_url, pgbroker_durable_keep=3600)
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def kept(self: DurableTask, fail: bool) -> None:
         self.step("a", lambda: 1)
         if fail:
             raise Boom()
 
-    @app.task(bind=True, base=DurableTask, durable_keep=0)
+    @app.task(shared=False, bind=True, base=DurableTask, durable_keep=0)
     def dropped(self: DurableTask) -> None:
         self.step("a", lambda: 1)
 
@@ -529,7 +529,7 @@ def test_succeeded_tasks_keep_their_steps_for_the_configured_time(
 def test_workers_prune_expired_steps_after_success(db_url: str, db: psycopg.Connection) -> None:
     app = make_app(db_url, pgbroker_durable_keep=0.2, pgbroker_durable_prune_interval=0.05)
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def task(self: DurableTask) -> None:
         self.step("a", lambda: 1)
 
@@ -550,8 +550,10 @@ def test_prune_removes_expired_and_idle_tasks(db_url: str, db: psycopg.Connectio
         if fail:
             raise Boom()
 
-    task = app.task(bind=True, base=DurableTask, name="task")(two_steps)
-    expiring = app.task(bind=True, base=DurableTask, name="expiring", durable_keep=0.2)(two_steps)
+    task = app.task(shared=False, bind=True, base=DurableTask, name="task")(two_steps)
+    expiring = app.task(
+        shared=False, bind=True, base=DurableTask, name="expiring", durable_keep=0.2
+    )(two_steps)
     run(expiring, False, task_id="expired")
     run(task, False, task_id="kept")  # kept one day
     for task_id in ("idle", "busy", "recent"):
@@ -620,7 +622,7 @@ def test_where_the_database_comes_from() -> None:
 def test_steps_auto_migrate_their_schema(empty_db_url: str) -> None:
     app = make_app(empty_db_url, broker_transport_options={"schema": "my steps"})
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def task(self: DurableTask) -> int:
         return self.step("a", lambda: 41) + 1
 
@@ -630,7 +632,7 @@ def test_steps_auto_migrate_their_schema(empty_db_url: str) -> None:
 
     strict = make_app(empty_db_url, broker_transport_options={"auto_migrate": False})
 
-    @strict.task(bind=True, base=DurableTask)
+    @strict.task(shared=False, bind=True, base=DurableTask)
     def other(self: DurableTask) -> int:
         return self.step("a", lambda: 1)
 
@@ -642,7 +644,7 @@ def test_steps_auto_migrate_their_schema(empty_db_url: str) -> None:
 
 
 def test_fork_child_gets_its_own_pool(app: Celery, db: psycopg.Connection) -> None:
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def task(self: DurableTask) -> int:
         return self.step("pid", os.getpid)
 

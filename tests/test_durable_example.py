@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.celery_helpers import with_password
+from tests.celery_helpers import add_user_data, database_contents, with_password
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "durable" / "run.py"
 
 EXPECTED = [
+    'schema: "pgbroker_durable_example" (the example\'s own)',
     "sent onboard(42)",
     "worker 1: task in pool process ",
     "killed worker 1 with SIGKILL",
@@ -27,6 +28,7 @@ EXPECTED = [
     "charge ran 1 time(s)",
     "welcome_email ran 1 time(s)",
     "every step ran exactly once",
+    'dropped schema "pgbroker_durable_example"',
     "done",
 ]
 
@@ -52,10 +54,15 @@ def run_example(env: dict[str, str]) -> str:
 
 
 def test_durable_example_with_pgbroker_url(db_url: str) -> None:
+    """Only the example's own schema: the user's tables (one named like the
+    example's log), pgbroker schema and queued message are as they were."""
+    add_user_data(db_url)
+    before = database_contents(db_url)
     url, password = with_password(db_url)
     output = run_example({**os.environ, "PGBROKER_URL": url})
     assert "(from PGBROKER_URL)" in output
     assert password not in output
+    assert database_contents(db_url) == before
 
 
 @pytest.mark.skipif(

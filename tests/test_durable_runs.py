@@ -84,7 +84,7 @@ def test_a_second_run_of_the_same_id_waits_then_replays(
     spans: list[tuple[str, float, float]] = []
     calls: list[str] = []
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def job(self: DurableTask, who: str) -> str:
         begin = time.monotonic()
         value = self.step("work", lambda: calls.append(who) or f"done by {who}")
@@ -121,7 +121,7 @@ def test_a_second_run_of_the_same_id_waits_then_replays(
 def test_other_task_ids_run_at_the_same_time(app: Celery) -> None:
     inside = threading.Barrier(2, timeout=30)
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def job(self: DurableTask) -> str:
         inside.wait()  # both bodies at once, or this times out
         return "ok"
@@ -146,7 +146,7 @@ def test_a_run_whose_lock_session_died_records_no_more_steps(
 ) -> None:
     calls: list[str] = []
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def job(self: DurableTask) -> str:
         self.step("one", lambda: calls.append("one"))
         db.execute("SELECT pg_terminate_backend(%s)", [_lock_session(db, self.request.id)])
@@ -172,7 +172,7 @@ def test_a_conn_step_of_a_run_that_lost_the_task_rolls_back(
     taken_over = threading.Event()
     old_done = threading.Event()
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def job(self: DurableTask, who: str) -> str:
         if who == "old":
             old_started.set()
@@ -214,7 +214,7 @@ def test_a_task_whose_success_is_stored_is_not_run_again(db_url: str) -> None:
     app.conf.update(broker_url=db_url, result_backend=db_url)
     calls: list[int] = []
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def job(self: DurableTask, n: int) -> int:
         calls.append(n)
         return n * 2
@@ -237,7 +237,7 @@ def test_exclusive_key_modes(app: Celery, db: psycopg.Connection) -> None:
     release = threading.Event()
     holding = threading.Event()
 
-    @app.task(bind=True, base=DurableTask, exclusive_key="customer:{customer}")
+    @app.task(shared=False, bind=True, base=DurableTask, exclusive_key="customer:{customer}")
     def holder(self: DurableTask, customer: int, hold: bool = True) -> str:
         if hold:
             holding.set()
@@ -245,6 +245,7 @@ def test_exclusive_key_modes(app: Celery, db: psycopg.Connection) -> None:
         return f"held {customer}"
 
     @app.task(
+        shared=False,
         bind=True,
         base=DurableTask,
         exclusive_key="customer:{customer}",
@@ -254,6 +255,7 @@ def test_exclusive_key_modes(app: Celery, db: psycopg.Connection) -> None:
         return "ran"
 
     @app.task(
+        shared=False,
         bind=True,
         base=DurableTask,
         exclusive_key=lambda customer: f"customer:{customer}",
@@ -283,7 +285,7 @@ def test_exclusive_key_modes(app: Celery, db: psycopg.Connection) -> None:
 
 
 def test_exclusive_key_naming_a_missing_argument_is_a_clear_error(app: Celery) -> None:
-    @app.task(bind=True, base=DurableTask, exclusive_key="customer:{customer_id}")
+    @app.task(shared=False, bind=True, base=DurableTask, exclusive_key="customer:{customer_id}")
     def job(self: DurableTask, customer: int) -> None:
         pass
 
@@ -299,7 +301,7 @@ def test_an_event_sent_before_the_wait_returns_at_once(
 ) -> None:
     calls: list[str] = []
 
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def flow(self: DurableTask) -> Any:
         self.step("prepare", lambda: calls.append("prepare"))
         answer = self.wait_for_event("approval:1", timeout=3600)
@@ -322,7 +324,7 @@ def test_an_event_sent_before_the_wait_returns_at_once(
 def test_a_timed_out_wait_raises_event_timeout_on_every_replay(
     app: Celery, db: psycopg.Connection
 ) -> None:
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def flow(self: DurableTask) -> str:
         try:
             self.wait_for_event("never", timeout=0)
@@ -337,7 +339,7 @@ def test_a_timed_out_wait_raises_event_timeout_on_every_replay(
 
 
 def test_waits_cannot_park_outside_a_worker(app: Celery, db: psycopg.Connection) -> None:
-    @app.task(bind=True, base=DurableTask)
+    @app.task(shared=False, bind=True, base=DurableTask)
     def flow(self: DurableTask) -> Any:
         return self.wait_for_event("later", timeout=60)
 
@@ -436,7 +438,7 @@ def test_task_cls_makes_every_task_of_an_app_exclusive_per_task_id(db_url: str) 
     spans: list[tuple[str, float, float]] = []
     first_started = threading.Event()
 
-    @app.task
+    @app.task(shared=False)
     def plain(who: str) -> str:
         start = time.monotonic()
         if who == "first":

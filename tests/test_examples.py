@@ -8,20 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from tests.celery_helpers import with_password
+from tests.celery_helpers import add_user_data, database_contents, with_password
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart" / "run.py"
 
 EXPECTED = [
+    'schema: "pgbroker_quickstart" (the example\'s own)',
     "sent add(2, 3) before any worker runs: it waits in PostgreSQL",
     "add(2, 3) = 5",
     "chain add(2, 2) | mul(10) | add(1) = 41",
     "group square(0..9) = [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]",
     "ping: [{'quickstart@",
     "worker stopped (exit code 0)",
+    'dropped schema "pgbroker_quickstart"',
     "done",
 ]
 
@@ -48,10 +51,32 @@ def run_quickstart(env: dict[str, str]) -> str:
 
 
 def test_quickstart_with_pgbroker_url(db_url: str) -> None:
+    """In the user's database, the example works in its own schema only: the
+    user's tables, pgbroker schema and queued message are as they were, and
+    nothing of the example's is left."""
+    add_user_data(db_url)
+    before = database_contents(db_url)
     url, password = with_password(db_url)
     output = run_quickstart({**os.environ, "PGBROKER_URL": url})
     assert "(from PGBROKER_URL)" in output
     assert password not in output
+    assert database_contents(db_url) == before
+
+
+def test_quickstart_leaves_a_schema_it_did_not_create(db_url: str, db: psycopg.Connection) -> None:
+    db.execute("CREATE SCHEMA pgbroker_quickstart; CREATE TABLE pgbroker_quickstart.mine (x int)")
+    before = database_contents(db_url)
+    proc = subprocess.run(
+        [sys.executable, str(QUICKSTART)],
+        env={**os.environ, "PGBROKER_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "schema 'pgbroker_quickstart' exists and is not the example's" in proc.stderr
+    assert "PGBROKER_EXAMPLE_SCHEMA" in proc.stderr
+    assert database_contents(db_url) == before
 
 
 @pytest.mark.skipif(

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.celery_helpers import with_password
+from tests.celery_helpers import add_user_data, database_contents, with_password
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "transactional"
 
 EXPECTED = [
+    'schema: "pgbroker_transactional" (the example\'s own)',
     "worker ready",
     "order 1: before commit, 0 message(s) visible to workers",
     "order 1 committed with its task",
@@ -29,6 +30,7 @@ EXPECTED = [
     "order 3 committed with its task",
     "send_order_email(3) = mail to carol for order 3",
     "emails sent for orders: [1, 3]",
+    'dropped schema "pgbroker_transactional"',
     "done",
 ]
 
@@ -64,7 +66,12 @@ def run_example(script: str, env: dict[str, str]) -> str:
 def test_transactional_example(db_url: str, script: str, needs: str | None) -> None:
     if needs and importlib.util.find_spec(needs) is None:
         pytest.skip(f"{needs} not installed (pip install {needs})")
+    # The user's own shop_order and shop_email in public, pgbroker schema and
+    # queued message are as they were: the example has a schema of its own.
+    add_user_data(db_url)
+    before = database_contents(db_url)
     url, password = with_password(db_url)
     output = run_example(script, {**os.environ, "PGBROKER_URL": url})
     assert "(from PGBROKER_URL)" in output
     assert password not in output
+    assert database_contents(db_url) == before

@@ -267,23 +267,23 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_cli_metrics_serves_http(busy: Connection, db_url: str) -> None:
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         _cli("metrics", "--url", db_url, "--port", "0", "--addr", "127.0.0.1"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PGBROKER_URL": ""},
-    )
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        match = re.search(r"serving (http://\S+/metrics)", line)
-        assert match, line
-        values = _values(_scrape(match.group(1)))
-        assert _get(values, "pgbroker_queue_messages", queue="work", state="ready") == 2
-    finally:
-        proc.terminate()
-        proc.wait(15)
+    ) as proc:  # closes the stderr pipe
+        try:
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            match = re.search(r"serving (http://\S+/metrics)", line)
+            assert match, line
+            values = _values(_scrape(match.group(1)))
+            assert _get(values, "pgbroker_queue_messages", queue="work", state="ready") == 2
+        finally:
+            proc.terminate()
+            proc.wait(15)
 
 
 def test_cli_metrics_once(busy: Connection, db_url: str) -> None:

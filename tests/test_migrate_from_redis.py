@@ -7,9 +7,8 @@ worker then runs every one of them exactly once, with its arguments intact,
 highest priority first, and Redis is left empty. The doc's Python variant
 (``migrate_tasks`` with a function that inverts priorities) is checked too.
 
-Uses the Redis in ``PGBROKER_TEST_REDIS_URL`` (default
-``redis://127.0.0.1:6379/14``): a queue name unique to the test, and only
-that queue's keys are deleted afterwards.
+Uses the Redis in ``PGBROKER_TEST_REDIS_URL`` (tests/refbrokers.py): a queue
+name unique to the test, and only that queue's keys are deleted afterwards.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -28,11 +26,10 @@ import kombu.pools
 import psycopg
 import pytest
 
+from tests import refbrokers
 from tests.celery_helpers import celery_env, client_app, run_celery, started, wait_until
 
-redis = pytest.importorskip("redis")
-
-REDIS_URL = os.environ.get("PGBROKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = refbrokers.REDIS_URL
 APP = "tests.apps.redis_migrate"
 # Redis's priority steps (kombu's PRIORITY_STEPS), so that both brokers keep
 # the exact value; Redis serves 0 first, pgbroker (like AMQP) 9 first.
@@ -46,17 +43,12 @@ LOG_TABLE = (
 
 @pytest.fixture
 def redis_queue() -> Iterator[tuple[Any, str]]:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL} ({exc}): set PGBROKER_TEST_REDIS_URL")
-    queue = f"pgb_migrate_{uuid.uuid4().hex[:10]}"
+    client = refbrokers.redis_client_or_skip()
+    queue = refbrokers.unique_name("migrate")
     try:
         yield client, queue
     finally:
-        for key in client.scan_iter(match=f"*{queue}*"):
-            client.delete(key)
+        refbrokers.delete_keys(client, f"*{queue}*")
         client.close()
 
 

@@ -252,7 +252,23 @@ class StatementCounter:
         self.port = self.listener.getsockname()[1]
         self.statements: list[tuple[float, str]] = []
         self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = [self.listener]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop accepting and close every connection (their threads end)."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def __enter__(self) -> StatementCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def url(self, url: str) -> str:
         parts = urlsplit(url)
@@ -268,8 +284,13 @@ class StatementCounter:
 
     def _accept(self) -> None:
         while True:
-            client, _ = self.listener.accept()
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
             server = socket.create_connection(self.target)
+            with self._lock:
+                self._sockets += [client, server]
             threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
             threading.Thread(target=self._client, args=(client, server), daemon=True).start()
 
@@ -344,7 +365,8 @@ class StatementCounter:
 
 @pytest.fixture
 def counter(db_url: str) -> Iterator[StatementCounter]:
-    yield StatementCounter(db_url)
+    with StatementCounter(db_url) as counter:
+        yield counter
 
 
 def xact_count(db: psycopg.Connection) -> int:
@@ -365,9 +387,9 @@ def test_idle_workers_send_at_most_two_statements_per_sweep_interval(
     consumers, sends its call and its sweep once per interval, the standby
     and the idle process only their call; their consumer sessions send
     nothing (no periodic sweep while the sweeper thread works)."""
-    counters = [counter, StatementCounter(db_url), StatementCounter(db_url)]
     window = 20.0
     with contextlib.ExitStack() as stack:
+        counters = [counter, *(stack.enter_context(StatementCounter(db_url)) for _ in "ab")]
         children = []
         for c in counters:
             children.append(stack.enter_context(start_consumer(c.url(db_url), "idle")))

@@ -8,6 +8,7 @@ target system and any number of reference systems, each with its own real
 from compat.suite.runner import (
     ERROR,
     FAIL,
+    NOT_RUN,
     PASS,
     SKIP,
     Outcome,
@@ -22,6 +23,7 @@ from compat.suite.scenarios import SCENARIOS
 __all__ = [
     "ERROR",
     "FAIL",
+    "NOT_RUN",
     "PASS",
     "SCENARIOS",
     "SKIP",

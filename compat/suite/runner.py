@@ -6,15 +6,17 @@ builds the suite's app in a fresh namespace, declares its queues, starts one
 system), runs the scenarios in order and stops the worker.
 
 Outcomes: ``pass``; ``fail`` (the system misbehaved: a check failed, a task
-failed or timed out, the broker raised); ``skip`` (does not apply); and
-``error``, an unexpected exception of a built-in type (TypeError, KeyError...)
-raised by the harness itself, which is a bug to fix here, never a verdict on
-the system.
+failed or timed out, the broker raised); ``skip`` (does not apply);
+``not run`` (the system's client library is not installed, or its broker or
+backend does not answer: no verdict on it); and ``error``, an unexpected
+exception of a built-in type (TypeError, KeyError...) raised by the harness
+itself, which is a bug to fix here, never a verdict on the system.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import shutil
 import tempfile
 import time
@@ -27,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
+from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
 from compat.apps.suite_app import Names, make_app
@@ -34,7 +37,7 @@ from compat.suite.context import Context
 from compat.suite.scenarios import SCENARIOS, Behaviours, Skip
 from compat.suite.worker import WORKER_ARGS, WorkerProcess, nodename_for
 
-PASS, FAIL, SKIP, ERROR = "pass", "fail", "skip", "error"
+PASS, FAIL, SKIP, ERROR, NOT_RUN = "pass", "fail", "skip", "error", "not run"
 
 _SYSTEM_NAMES = {
     "postgresql": "pgbroker",
@@ -45,6 +48,19 @@ _SYSTEM_NAMES = {
     "amqp": "rabbitmq",
     "amqps": "rabbitmq",
     "pyamqp": "rabbitmq",
+}
+
+
+#: The client library a URL scheme needs, and how to install it.
+_CLIENTS = {
+    "redis": ("redis", "pip install redis"),
+    "rediss": ("redis", "pip install redis"),
+    "amqp": ("amqp", "pip install amqp"),
+    "amqps": ("amqp", "pip install amqp"),
+    "pyamqp": ("amqp", "pip install amqp"),
+    "postgresql": ("psycopg", "pip install pgbroker"),
+    "postgres": ("psycopg", "pip install pgbroker"),
+    "pgbroker": ("psycopg", "pip install pgbroker"),
 }
 
 
@@ -132,6 +148,29 @@ class Report:
         }
 
 
+def why_not_run(system: System) -> str:
+    """Why the system cannot be run at all ("" when it can): a client library
+    that is not installed, or a broker or backend that does not answer."""
+    urls = [u for u in dict.fromkeys([system.broker, system.backend]) if _scheme(u) in _CLIENTS]
+    for url in urls:
+        module, install = _CLIENTS[_scheme(url)]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return f"the {module} client is not installed: {install}"
+    for url in urls:
+        try:
+            with Connection(url, connect_timeout=5) as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0.5, timeout=10)
+        except Exception as exc:
+            return f"not reachable at {maybe_sanitize_url(url)}: {one_line(exc)}"
+    return ""
+
+
+def _scheme(url: str) -> str:
+    return urlsplit(url).scheme.lower()
+
+
 def classify(exc: BaseException) -> str:
     """FAIL for what the system did, ERROR for a bug in the harness."""
     if isinstance(exc, (AssertionError, OSError, TimeoutError)):
@@ -156,6 +195,11 @@ def run_system(
 ) -> SystemRun:
     run = SystemRun(system)
     started = time.monotonic()
+    reason = why_not_run(system)
+    if reason:
+        progress(f"[{system.name}] not run: {reason}")
+        run.outcomes = {name: Outcome(NOT_RUN, reason) for name in scenarios}
+        return run
     namespace = f"compat-{uuid.uuid4().hex[:8]}"
     names = Names(namespace)
     app = make_app(system.broker, system.backend, namespace)
@@ -273,6 +317,16 @@ def _close(app: Celery) -> None:
         if conn is not None:
             conn.close()
     with contextlib.suppress(Exception):
+        # Other backends' result consumers (Redis: its pub/sub connection).
+        # Forget the subscriptions too: Celery's Redis backend unsubscribes a
+        # result when it is finalised, which would open a new connection.
+        consumer = app.backend.result_consumer
+        consumer.stop()
+        getattr(consumer, "subscribed_to", set()).clear()
+    with contextlib.suppress(Exception):
+        # The Redis result backend's own connections (its client's pool).
+        app.backend.client.connection_pool.disconnect()
+    with contextlib.suppress(Exception):
         if app._pool is not None:
             app._pool.force_close_all()
     with contextlib.suppress(Exception):
@@ -320,6 +374,7 @@ def render_table(report: Report) -> str:
     headers = ["scenario", *(run.system.name for run in runs)]
     rows: list[list[str]] = []
     notes: list[str] = []
+    notes_by_text: dict[str, int] = {}
     for name in report.scenarios:
         row = [name]
         for run in runs:
@@ -328,6 +383,14 @@ def render_table(report: Report) -> str:
                 row.append("-")
                 continue
             cell = outcome.status.upper() if outcome.status in (FAIL, ERROR) else outcome.status
+            if outcome.status == NOT_RUN:
+                # One footnote for the whole column: the reason is the same.
+                note = f"{run.system.name}: not run ({outcome.detail})"
+                if note not in notes_by_text:
+                    notes.append(f"[{len(notes) + 1}] {note}")
+                    notes_by_text[note] = len(notes)
+                row.append(f"{cell} [{notes_by_text[note]}]")
+                continue
             if outcome.detail:
                 notes.append(
                     f"[{len(notes) + 1}] {run.system.name} {name}: "

@@ -6,7 +6,9 @@ Uses the database in ``PGBROKER_URL`` if set, else starts a throwaway
 embedded PostgreSQL. Sends ``onboard(42)`` (three steps: create_account,
 charge, welcome_email), starts a worker, kills it with SIGKILL right after
 the charge step committed, starts a second worker, and shows that the task
-finished there with every step's body run exactly once.
+finished there with every step's body run exactly once. Everything lives in
+the example's own schema (``PGBROKER_EXAMPLE_SCHEMA``, default
+``pgbroker_durable_example``), created afresh and dropped at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from pgbroker import embedded
 from pgbroker.durable import recorded_steps
@@ -31,6 +34,9 @@ from pgbroker.urls import mask_password
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 60  # seconds to wait for anything
 USER_ID = 42
+SCHEMA = os.environ.get("PGBROKER_EXAMPLE_SCHEMA", "pgbroker_durable_example")
+#: The comment that marks a schema as the example's, safe to replace.
+MARK = "pgbroker example: durable"
 
 
 @contextlib.contextmanager
@@ -49,6 +55,39 @@ def database() -> Iterator[str]:
             yield url
         finally:
             server.cleanup()  # stop the server and delete its data
+
+
+@contextlib.contextmanager
+def own_schema(url: str) -> Iterator[None]:
+    """The example's schema, created afresh with its log table (pgbroker
+    creates its own tables in it on first use) and dropped at the end; a
+    schema of that name that the example did not create is left alone."""
+    name = sql.Identifier(SCHEMA)
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = %s",
+            [SCHEMA],
+        ).fetchone()
+        if row is not None and row[0] != MARK:
+            raise SystemExit(
+                f"schema {SCHEMA!r} exists and is not the example's: "
+                "set PGBROKER_EXAMPLE_SCHEMA to another name"
+            )
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(name))
+        conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(name, sql.Literal(MARK)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (user_id int, step text, pid int)").format(
+                sql.Identifier(SCHEMA, "durable_demo_log")
+            )
+        )
+    print(f'schema: "{SCHEMA}" (the example\'s own)')
+    try:
+        yield
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
+        print(f'dropped schema "{SCHEMA}"')
 
 
 def start_worker(n: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -87,16 +126,15 @@ def kill(worker: subprocess.Popen[bytes]) -> None:
 def ran(url: str) -> dict[str, int]:
     with psycopg.connect(url) as conn:
         rows = conn.execute(
-            "SELECT step, count(*) FROM durable_demo_log WHERE user_id = %s GROUP BY step",
+            sql.SQL("SELECT step, count(*) FROM {} WHERE user_id = %s GROUP BY step").format(
+                sql.Identifier(SCHEMA, "durable_demo_log")
+            ),
             [USER_ID],
         ).fetchall()
     return {step: count for step, count in rows}
 
 
 def demo(url: str, tmp: Path) -> bool:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS durable_demo_log")
-        conn.execute("CREATE TABLE durable_demo_log (user_id int, step text, pid int)")
     # tasks.py reads its database URL from the environment when imported.
     os.environ["PGBROKER_URL"] = url
     sys.path.insert(0, str(HERE))
@@ -116,7 +154,8 @@ def demo(url: str, tmp: Path) -> bool:
         print("killed worker 1 with SIGKILL")
     finally:
         kill(first)
-    done = [f"{s.step_index}:{s.name}" for s in recorded_steps(url, result.id)]
+    steps = recorded_steps(url, result.id, schema=SCHEMA)
+    done = [f"{s.step_index}:{s.name}" for s in steps]
     print(f"recorded before the crash: {', '.join(done)}")
 
     second = start_worker(2, env, log)
@@ -127,6 +166,9 @@ def demo(url: str, tmp: Path) -> bool:
         second.wait(timeout=TIMEOUT)
     finally:
         kill(second)
+        # Close this process's broker connections before the schema goes.
+        tasks.app.pool.force_close_all()
+        tasks.app.close()
 
     counts = ran(url)
     for step in ("create_account", "charge", "welcome_email"):
@@ -137,7 +179,11 @@ def demo(url: str, tmp: Path) -> bool:
 
 
 def main() -> int:
-    with database() as url, tempfile.TemporaryDirectory(prefix="pgbroker-durable-run-") as tmp:
+    with (
+        database() as url,
+        own_schema(url),
+        tempfile.TemporaryDirectory(prefix="pgbroker-durable-run-") as tmp,
+    ):
         try:
             ok = demo(url, Path(tmp))
         except Exception:

@@ -2,7 +2,10 @@
 charged twice, even when its worker is killed in the middle.
 
 Each step's body writes a line to the ``durable_demo_log`` table (created by
-run.py), so the demo can count how many times each one ran.
+run.py), so the demo can count how many times each one ran. The example keeps
+its tables, and pgbroker's, in a schema of its own (``PGBROKER_EXAMPLE_SCHEMA``,
+default ``pgbroker_durable_example``), so it never touches an application's
+``pgbroker`` schema or its queues.
 """
 
 from __future__ import annotations
@@ -14,16 +17,21 @@ from typing import Any
 
 import psycopg
 from celery import Celery
+from psycopg import sql
 
 from pgbroker.durable import DurableTask
 
 DATABASE_URL = os.environ.get("PGBROKER_URL", "postgresql://localhost/postgres")
+SCHEMA = os.environ.get("PGBROKER_EXAMPLE_SCHEMA", "pgbroker_durable_example")
+LOG_TABLE = sql.Identifier(SCHEMA, "durable_demo_log")
 
 app = Celery("durable_example")
 app.conf.broker_url = DATABASE_URL  # the step records live in this database too
-app.conf.result_backend = "rpc://"
-# A dead worker's tasks go back to the queue within a second.
-app.conf.broker_transport_options = {"sweep_interval": 1.0}
+app.conf.result_backend = DATABASE_URL
+# The queues, results and step records in the example's schema. A dead
+# worker's tasks go back to the queue within a second.
+app.conf.broker_transport_options = {"schema": SCHEMA, "sweep_interval": 1.0}
+app.conf.result_backend_transport_options = {"schema": SCHEMA}
 app.conf.worker_prefetch_multiplier = 1
 # A pool process killed mid-task (e.g. by the OOM killer) requeues its task.
 app.conf.task_reject_on_worker_lost = True
@@ -35,7 +43,7 @@ def connect() -> psycopg.Connection:
 
 def log(conn: psycopg.Connection, user_id: int, step: str) -> None:
     conn.execute(
-        "INSERT INTO durable_demo_log (user_id, step, pid) VALUES (%s, %s, %s)",
+        sql.SQL("INSERT INTO {} (user_id, step, pid) VALUES (%s, %s, %s)").format(LOG_TABLE),
         (user_id, step, os.getpid()),
     )
 

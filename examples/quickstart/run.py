@@ -5,7 +5,9 @@
 Uses the database in ``PGBROKER_URL`` if set (``postgresql://user:password@
 host:port/dbname``), else starts a throwaway embedded PostgreSQL. Then it
 sends a task, starts a worker (``celery -A tasks worker``) to run it, sends a
-chain and a group, pings the worker and shuts it down.
+chain and a group, pings the worker and shuts it down. Everything lives in
+the example's own schema (``PGBROKER_EXAMPLE_SCHEMA``, default
+``pgbroker_quickstart``), created afresh and dropped at the end.
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 from celery import chain, group
+from psycopg import sql
 
 from pgbroker import embedded
 from pgbroker.urls import mask_password
 
 HERE = Path(__file__).resolve().parent
 NODE = f"quickstart@{socket.gethostname()}"
+SCHEMA = os.environ.get("PGBROKER_EXAMPLE_SCHEMA", "pgbroker_quickstart")
+#: The comment that marks a schema as the example's, safe to replace.
+MARK = "pgbroker example: quickstart"
 TIMEOUT = 60  # seconds to wait for any one result
 
 
@@ -46,6 +53,34 @@ def database() -> Iterator[str]:
             yield url
         finally:
             server.cleanup()  # stop the server and delete its data
+
+
+@contextlib.contextmanager
+def own_schema(url: str) -> Iterator[None]:
+    """The example's schema, created afresh (pgbroker creates its tables in it
+    on first use) and dropped at the end; a schema of that name that the
+    example did not create is left alone."""
+    name = sql.Identifier(SCHEMA)
+    with psycopg.connect("postgresql://" + url.partition("://")[2], autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = %s",
+            [SCHEMA],
+        ).fetchone()
+        if row is not None and row[0] != MARK:
+            raise SystemExit(
+                f"schema {SCHEMA!r} exists and is not the example's: "
+                "set PGBROKER_EXAMPLE_SCHEMA to another name"
+            )
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(name))
+        conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(name, sql.Literal(MARK)))
+    print(f'schema: "{SCHEMA}" (the example\'s own)')
+    try:
+        yield
+    finally:
+        with psycopg.connect("postgresql://" + url.partition("://")[2], autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
+        print(f'dropped schema "{SCHEMA}"')
 
 
 def start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
@@ -96,10 +131,17 @@ def demo(url: str, log: Path) -> None:
         if worker.poll() is None:  # something failed above: do not leave it running
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+        # Close this process's broker connections before the schema goes.
+        tasks.app.pool.force_close_all()
+        tasks.app.close()
 
 
 def main() -> int:
-    with database() as url, tempfile.TemporaryDirectory(prefix="pgbroker-worker-") as tmp:
+    with (
+        database() as url,
+        own_schema(url),
+        tempfile.TemporaryDirectory(prefix="pgbroker-worker-") as tmp,
+    ):
         log = Path(tmp) / "worker.log"
         try:
             demo(url, log)

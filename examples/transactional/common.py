@@ -14,12 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from pgbroker import embedded
 from pgbroker.urls import mask_password
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 60  # seconds to wait for anything
+#: The comment that marks a schema as the example's, safe to replace.
+MARK = "pgbroker example: transactional"
 
 
 @contextlib.contextmanager
@@ -38,6 +41,52 @@ def database() -> Iterator[str]:
             yield url
         finally:
             server.cleanup()
+
+
+@contextlib.contextmanager
+def own_schema(url: str, schema: str) -> Iterator[None]:
+    """The example's schema, created afresh (pgbroker creates its tables in it
+    on first use) and dropped at the end; a schema of that name that the
+    example did not create is left alone."""
+    name = sql.Identifier(schema)
+    with psycopg.connect("postgresql://" + url.partition("://")[2], autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = %s",
+            [schema],
+        ).fetchone()
+        if row is not None and row[0] != MARK:
+            raise SystemExit(
+                f"schema {schema!r} exists and is not the example's: "
+                "set PGBROKER_EXAMPLE_SCHEMA to another name"
+            )
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(name))
+        conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(name, sql.Literal(MARK)))
+    print(f'schema: "{schema}" (the example\'s own)')
+    try:
+        yield
+    finally:
+        with psycopg.connect("postgresql://" + url.partition("://")[2], autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
+        print(f'dropped schema "{schema}"')
+
+
+@contextlib.contextmanager
+def example(url: str):  # type: ignore[no-untyped-def]
+    """The example's schema with its tables, and its tasks module; at the
+    end, this process's broker connections closed and the schema dropped."""
+    # tasks.py reads its database URL from the environment when imported.
+    os.environ["PGBROKER_URL"] = url
+    sys.path.insert(0, str(HERE))
+    import tasks
+
+    with own_schema(url, tasks.SCHEMA):
+        tasks.create_tables()
+        try:
+            yield tasks
+        finally:
+            tasks.app.pool.force_close_all()
+            tasks.app.close()
 
 
 @contextlib.contextmanager
@@ -78,26 +127,19 @@ def worker(url: str) -> Iterator[None]:
         log.unlink()
 
 
-def messages_for(url: str, task_id: str) -> int:
+def messages_for(tasks, task_id: str) -> int:  # type: ignore[no-untyped-def]
     """Messages of this task a worker could claim now (another session's view)."""
-    with psycopg.connect("postgresql://" + url.partition("://")[2]) as conn:
+    with tasks.connect() as conn:
         row = conn.execute(
-            "SELECT count(*) FROM pgbroker.message WHERE task_id = %s", [task_id]
+            sql.SQL("SELECT count(*) FROM {} WHERE task_id = %s").format(
+                sql.Identifier(tasks.SCHEMA, "message")
+            ),
+            [task_id],
         ).fetchone()
     return int(row[0]) if row else 0
 
 
-def emails_sent(url: str) -> list[int]:
-    with psycopg.connect("postgresql://" + url.partition("://")[2]) as conn:
+def emails_sent(tasks) -> list[int]:  # type: ignore[no-untyped-def]
+    with tasks.connect() as conn:
         rows = conn.execute("SELECT order_id FROM shop_email ORDER BY order_id").fetchall()
     return [r[0] for r in rows]
-
-
-def import_tasks(url: str):  # type: ignore[no-untyped-def]
-    """tasks.py reads its database URL from the environment when imported."""
-    os.environ["PGBROKER_URL"] = url
-    sys.path.insert(0, str(HERE))
-    import tasks
-
-    tasks.create_tables()
-    return tasks

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from common import TIMEOUT, database, emails_sent, import_tasks, messages_for, worker
+from common import TIMEOUT, database, emails_sent, example, messages_for, worker
 from psycopg.conninfo import conninfo_to_dict
 
 import pgbroker
@@ -24,7 +24,7 @@ class PaymentDeclined(Exception):
     pass
 
 
-def setup_django(url: str) -> None:
+def setup_django(url: str, search_path: str) -> None:
     import django
     from django.conf import settings
 
@@ -39,7 +39,8 @@ def setup_django(url: str) -> None:
                 "PASSWORD": params.pop("password", ""),
                 "HOST": params.pop("host", ""),
                 "PORT": params.pop("port", ""),
-                "OPTIONS": params,  # other libpq parameters (sslmode...)
+                # Other libpq parameters (sslmode...), and the example's tables first.
+                "OPTIONS": {**params, "options": search_path},
             }
         },
         USE_TZ=True,
@@ -47,7 +48,7 @@ def setup_django(url: str) -> None:
     django.setup()
 
 
-def place_order(tasks, url: str, customer: str, pay: bool):  # type: ignore[no-untyped-def]
+def place_order(tasks, customer: str, pay: bool):  # type: ignore[no-untyped-def]
     from django.db import connection, transaction
     from shop.models import Order
 
@@ -56,7 +57,7 @@ def place_order(tasks, url: str, customer: str, pay: bool):  # type: ignore[no-u
         # Django's connection, unwrapped to its psycopg 3 connection.
         with pgbroker.enqueue_in(connection):
             result = tasks.send_order_email.delay(order.id)
-        print(f"order {order.id}: before commit, {messages_for(url, result.id)} message(s) "
+        print(f"order {order.id}: before commit, {messages_for(tasks, result.id)} message(s) "
               "visible to workers")  # fmt: skip
         if not pay:
             raise PaymentDeclined(order.id, result)
@@ -64,23 +65,22 @@ def place_order(tasks, url: str, customer: str, pay: bool):  # type: ignore[no-u
     return order.id, result
 
 
-with database() as url:
-    tasks = import_tasks(url)
-    setup_django(url)
+with database() as url, example(url) as tasks:
+    setup_django(url, tasks.SEARCH_PATH)
     with worker(url):
-        order_id, result = place_order(tasks, url, "alice", pay=True)
+        order_id, result = place_order(tasks, "alice", pay=True)
         print(f"send_order_email({order_id}) = {result.get(timeout=TIMEOUT)}")
         try:
-            place_order(tasks, url, "bob", pay=False)
+            place_order(tasks, "bob", pay=False)
         except PaymentDeclined as exc:
             order_id, lost = exc.args
-            print(f"order {order_id} rolled back: {messages_for(url, lost.id)} message(s) "
+            print(f"order {order_id} rolled back: {messages_for(tasks, lost.id)} message(s) "
                   "for its task")  # fmt: skip
-        order_id, result = place_order(tasks, url, "carol", pay=True)
+        order_id, result = place_order(tasks, "carol", pay=True)
         print(f"send_order_email({order_id}) = {result.get(timeout=TIMEOUT)}")
     from django.db import connection
 
     connection.close()
-    print(f"emails sent for orders: {emails_sent(url)}")
+    print(f"emails sent for orders: {emails_sent(tasks)}")
 print("done")
 sys.exit(0)

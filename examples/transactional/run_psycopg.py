@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 import psycopg
-from common import TIMEOUT, database, emails_sent, import_tasks, messages_for, worker
+from common import TIMEOUT, database, emails_sent, example, messages_for, worker
 
 import pgbroker
 
@@ -29,7 +29,7 @@ def place_order(conn: psycopg.Connection, tasks, customer: str, pay: bool):  # t
         order_id = row[0] if row else None
         with pgbroker.enqueue_in(conn):
             result = tasks.send_order_email.delay(order_id)
-        print(f"order {order_id}: before commit, {messages_for(url, result.id)} message(s) "
+        print(f"order {order_id}: before commit, {messages_for(tasks, result.id)} message(s) "
               "visible to workers")  # fmt: skip
         if not pay:
             raise PaymentDeclined(order_id, result)
@@ -37,9 +37,8 @@ def place_order(conn: psycopg.Connection, tasks, customer: str, pay: bool):  # t
     return order_id, result
 
 
-with database() as url:
-    tasks = import_tasks(url)
-    with worker(url), psycopg.connect(tasks.libpq_url(url)) as conn:
+with database() as url, example(url) as tasks:
+    with worker(url), tasks.connect() as conn:
         order_id, result = place_order(conn, tasks, "alice", pay=True)
         print(f"send_order_email({order_id}) = {result.get(timeout=TIMEOUT)}")
 
@@ -47,11 +46,11 @@ with database() as url:
             place_order(conn, tasks, "bob", pay=False)
         except PaymentDeclined as exc:
             order_id, lost = exc.args
-            print(f"order {order_id} rolled back: {messages_for(url, lost.id)} message(s) "
+            print(f"order {order_id} rolled back: {messages_for(tasks, lost.id)} message(s) "
                   "for its task")  # fmt: skip
 
         order_id, result = place_order(conn, tasks, "carol", pay=True)
         print(f"send_order_email({order_id}) = {result.get(timeout=TIMEOUT)}")
-    print(f"emails sent for orders: {emails_sent(url)}")
+    print(f"emails sent for orders: {emails_sent(tasks)}")
 print("done")
 sys.exit(0)

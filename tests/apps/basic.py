@@ -20,27 +20,27 @@ app.conf.result_backend = "rpc://"
 app.conf.beat_schedule = {"tick": {"task": "tests.apps.basic.tick", "schedule": 1.0}}
 
 
-@app.task
+@app.task(shared=False)
 def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task
+@app.task(shared=False)
 def mul(x: int, y: int) -> int:
     return x * y
 
 
-@app.task
+@app.task(shared=False)
 def worker_pid() -> int:
     return os.getpid()
 
 
-@app.task
+@app.task(shared=False)
 def slow(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
 
 
-@app.task
+@app.task(shared=False)
 def tick() -> str:
     return "tock"

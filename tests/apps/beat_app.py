@@ -30,7 +30,7 @@ app.conf.beat_schedule = {
 app.conf.beat_max_loop_interval = 1
 
 
-@app.task(bind=True)
+@app.task(shared=False, bind=True)
 def record(self: Any, entry: str) -> None:
     slot = getattr(self.request, "pgbroker_beat_slot", None)
     with psycopg.connect("postgresql://" + BROKER_URL.partition("://")[2], autocommit=True) as c:

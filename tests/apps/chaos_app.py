@@ -85,7 +85,7 @@ def loose(chain: int, pos: int, step: str) -> str:
     return f"{chain}.{pos}.{step}"
 
 
-@app.task(bind=True, base=DurableTask)
+@app.task(shared=False, bind=True, base=DurableTask)
 def link(self: DurableTask, chain: int, pos: int) -> str:
     task_id = self.request.id
     with _db() as conn:

@@ -56,13 +56,13 @@ def _record(name: str, key: str) -> int:
     return int(row[0])
 
 
-@app.task(name="delivery_app.record")
+@app.task(shared=False, name="delivery_app.record")
 def record(key: str) -> str:
     _record("record", key)
     return key
 
 
-@app.task(name="delivery_app.first", acks_late=True)
+@app.task(shared=False, name="delivery_app.first", acks_late=True)
 def first(key: str) -> str:
     """A chain's first link; returns something different on each run, so a
     later run's result overwriting the first would show."""
@@ -70,20 +70,20 @@ def first(key: str) -> str:
     return f"{key} run {run}"
 
 
-@app.task(name="delivery_app.second", acks_late=True)
+@app.task(shared=False, name="delivery_app.second", acks_late=True)
 def second(previous: str) -> str:
     _record("second", previous.split(" ")[0])
     return f"{previous} then second"
 
 
-@app.task(name="delivery_app.kill_worker", acks_late=True)
+@app.task(shared=False, name="delivery_app.kill_worker", acks_late=True)
 def kill_worker(key: str) -> None:
     """SIGKILL the whole worker (main process and pool) on every run."""
     _record("kill_worker", key)
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-@app.task(name="delivery_app.kill_child", acks_late=True, reject_on_worker_lost=True)
+@app.task(shared=False, name="delivery_app.kill_child", acks_late=True, reject_on_worker_lost=True)
 def kill_child(key: str) -> None:
     """SIGKILL the pool process running it on every run: the worker sees
     WorkerLostError and, with reject_on_worker_lost, requeues the message."""

@@ -74,7 +74,7 @@ def _pause_once(pause_file: str) -> None:
     time.sleep(60)
 
 
-@app.task(bind=True, base=DurableTask, acks_late=True)
+@app.task(shared=False, bind=True, base=DurableTask, acks_late=True)
 def onboard(self: DurableTask, key: str, pause_file: str = "") -> dict[str, Any]:
     with _db() as conn:
         conn.execute("INSERT INTO run (key, pid) VALUES (%s, %s)", (key, os.getpid()))
@@ -86,7 +86,7 @@ def onboard(self: DurableTask, key: str, pause_file: str = "") -> dict[str, Any]
     return {"account": account["account"], "charge": charge_id, "mail": mail, "pid": os.getpid()}
 
 
-@app.task(bind=True, base=DurableTask, acks_late=True, max_retries=3, durable_keep=0)
+@app.task(shared=False, bind=True, base=DurableTask, acks_late=True, max_retries=3, durable_keep=0)
 def retried(self: DurableTask, key: str) -> str:
     """Asks Celery for a retry after its first step, once."""
     account = self.step("create_account", create_account, key)

@@ -85,7 +85,7 @@ def _wait_for(release_file: str, timeout: float = 120) -> None:
 # --- one run per task id -------------------------------------------------------------
 
 
-@app.task(bind=True, base=DurableTask)
+@app.task(shared=False, bind=True, base=DurableTask)
 def long_job(self: DurableTask, key: str, pause_file: str, release_file: str) -> dict[str, Any]:
     """Step one, then (first run only) tell the test and wait, then step two."""
     span = _Span(key)
@@ -110,6 +110,7 @@ def _per_customer(self: DurableTask, customer: int, tag: str, release_file: str)
 
 
 wait_for_key = app.task(
+    shared=False,
     bind=True,
     base=DurableTask,
     exclusive_key="customer:{customer}",
@@ -117,6 +118,7 @@ wait_for_key = app.task(
     name="durable_waits_app.wait_for_key",
 )(_per_customer)
 skip_on_key = app.task(
+    shared=False,
     bind=True,
     base=DurableTask,
     exclusive_key="customer:{customer}",
@@ -124,6 +126,7 @@ skip_on_key = app.task(
     name="durable_waits_app.skip_on_key",
 )(_per_customer)
 retry_on_key = app.task(
+    shared=False,
     bind=True,
     base=DurableTask,
     exclusive_key="customer:{customer}",
@@ -137,7 +140,7 @@ retry_on_key = app.task(
 # --- durable waits -------------------------------------------------------------------
 
 
-@app.task(bind=True, base=DurableTask, max_retries=1)
+@app.task(shared=False, bind=True, base=DurableTask, max_retries=1)
 def approval_flow(self: DurableTask, order: int, timeout: float = 3600) -> dict[str, Any]:
     """Prepare, wait for "approval:<order>", finish."""
     key = f"order:{order}"
@@ -150,7 +153,7 @@ def approval_flow(self: DurableTask, order: int, timeout: float = 3600) -> dict[
     return {"prepared": prepared, "answer": answer, "finished": finished, "pid": os.getpid()}
 
 
-@app.task(bind=True, base=DurableTask, max_retries=1)
+@app.task(shared=False, bind=True, base=DurableTask, max_retries=1)
 def napper(self: DurableTask, key: str, retry_file: str) -> dict[str, Any]:
     """Two durable sleeps (two parks), then one retry of its own: with
     max_retries=1 it succeeds only if parks do not count as retries."""
@@ -164,7 +167,7 @@ def napper(self: DurableTask, key: str, retry_file: str) -> dict[str, Any]:
     return {"retries": self.request.retries, "parks": self._parks()}
 
 
-@app.task
+@app.task(shared=False)
 def quick(x: int) -> int:
     return x + 1
 
@@ -172,7 +175,7 @@ def quick(x: int) -> int:
 # --- a stored SUCCESS is final -------------------------------------------------------
 
 
-@app.task(bind=True, base=DurableTask)
+@app.task(shared=False, bind=True, base=DurableTask)
 def succeed_then_die(self: DurableTask, key: str, marker: str) -> str:
     _Span(key).end()
     return f"result of {key}"

@@ -31,7 +31,7 @@ def _db() -> psycopg.Connection:
     return psycopg.connect("postgresql://" + BROKER_URL.partition("://")[2], autocommit=True)
 
 
-@app.task(acks_late=True)
+@app.task(shared=False, acks_late=True)
 def long_once(key: str, seconds: float) -> str:
     """Sleep ``seconds`` on the first attempt only; return at once after that."""
     with _db() as conn:

@@ -27,7 +27,7 @@ def log_url() -> str:
     return "postgresql://" + os.environ["TEST_RESULT_URL"].partition("://")[2]
 
 
-@app.task(bind=True)
+@app.task(shared=False, bind=True)
 def record(self, *args, **kwargs):  # type: ignore[no-untyped-def]
     with psycopg.connect(log_url()) as conn:
         conn.execute(

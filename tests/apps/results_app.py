@@ -5,7 +5,8 @@ build the same app:
 
 ``RB_BROKER`` broker URL, ``RB_BACKEND`` result backend URL,
 ``RB_SERIALIZER`` (json or pickle), ``RB_MAX_RESULT`` (max_result_size),
-``RB_EXPIRES`` (result_expires seconds).
+``RB_EXPIRES`` (result_expires seconds), ``RB_QUEUE`` (the default queue)
+and ``RB_REDIS_PREFIX`` (Kombu's ``global_keyprefix`` on a Redis broker).
 """
 
 from __future__ import annotations
@@ -35,21 +36,26 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get("RB_QUEUE"):
+    app.conf.task_default_queue = os.environ["RB_QUEUE"]
 if _broker.startswith(("postgresql", "postgres", "pgbroker")):
     app.conf.broker_transport_options = {"sweep_interval": 0.5}
+elif os.environ.get("RB_REDIS_PREFIX"):
+    # A shared Redis: every key and channel of the test under its own prefix.
+    app.conf.broker_transport_options = {"global_keyprefix": os.environ["RB_REDIS_PREFIX"]}
 
 
-@app.task
+@app.task(shared=False)
 def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task
+@app.task(shared=False)
 def mul(x: int, y: int) -> int:
     return x * y
 
 
-@app.task
+@app.task(shared=False)
 def xsum(values: list[Any]) -> int:
     return sum(_flatten(values))
 
@@ -60,24 +66,24 @@ def _flatten(values: Any) -> list[int]:
     return [values]
 
 
-@app.task
+@app.task(shared=False)
 def identity(x: Any) -> Any:
     return x
 
 
-@app.task
+@app.task(shared=False)
 def fail(message: str) -> None:
     raise ValueError(message)
 
 
-@app.task(bind=True, max_retries=5)
+@app.task(shared=False, bind=True, max_retries=5)
 def retry_until(self: Any, times: int) -> int:
     if self.request.retries < times:
         raise self.retry(countdown=0.1, exc=RuntimeError(f"try {self.request.retries}"))
     return self.request.retries
 
 
-@app.task(bind=True)
+@app.task(shared=False, bind=True)
 def progress(self: Any, flag_path: str) -> str:
     self.update_state(state="PROGRESS", meta={"done": 1, "of": 2})
     deadline = time.monotonic() + 30
@@ -86,31 +92,31 @@ def progress(self: Any, flag_path: str) -> str:
     return "finished"
 
 
-@app.task
+@app.task(shared=False)
 def sleep(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
 
 
-@app.task
+@app.task(shared=False)
 def big(size: int) -> str:
     return "x" * size
 
 
-@app.task(bind=True)
+@app.task(shared=False, bind=True)
 def spawn(self: Any) -> str:
     add.delay(1, 2)
     add.delay(3, 4)
     return "spawned"
 
 
-@app.task(bind=True)
+@app.task(shared=False, bind=True)
 def grow_chord(self: Any, value: int) -> int:
     # Adds one more part to the chord this task belongs to.
     self.add_to_chord(identity.si(100))
     return value
 
 
-@app.task
+@app.task(shared=False)
 def pyobj() -> Any:
     return {1, 2, 3}

@@ -6,5 +6,5 @@ class Order(models.Model):
 
     class Meta:
         app_label = "shop"
-        db_table = "shop_order"  # created by tasks.create_tables()
+        db_table = "shop_order"  # created by tasks.create_tables(), in the example's schema
         managed = False
