@@ -115,7 +115,7 @@ def test_readme_transport_options_match_the_code() -> None:
     text = (ROOT / "README.md").read_text()
     section = text.split("### Transport options", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", section, re.M))
-    units = {"MiB": 1024 * 1024, "days": 24 * 3600}
+    units = {"MiB": 1024 * 1024, "days": 24 * 3600, "hour": 3600, "hours": 3600}
 
     def value(cell: str) -> object:
         cell = cell.strip().strip("`")

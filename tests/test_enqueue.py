@@ -20,6 +20,7 @@ from pgbroker.enqueue import EnqueueError, active_connection, enqueue_in
 from tests import pgserver
 from tests.celery_helpers import celery_env, client_app, start_worker, wait_until
 from tests.kombu_helpers import collect, connect, drain_quietly, drain_until, scalar
+from tests.test_dedup import running
 
 QUEUE = Queue("orders")
 
@@ -233,12 +234,13 @@ def test_serialization_failure_of_the_callers_transaction(
     db_url: str, db: psycopg.Connection, broker: Connection
 ) -> None:
     """At REPEATABLE READ the caller's transaction can fail at the publish
-    (the same task id published meanwhile, elsewhere): EnqueueError says
-    to run the transaction again, with psycopg's error as its cause."""
+    (the same task id published meanwhile, elsewhere, by the same task run:
+    both write the publish dedup's row): EnqueueError says to run the
+    transaction again, with psycopg's error as its cause."""
     headers = {"id": "task-1", "task": "t.x", "retries": 0}
     other = Queue("elsewhere")
     other(broker.default_channel).declare()
-    with psycopg.connect(pgserver.libpq_url(db_url)) as conn:
+    with psycopg.connect(pgserver.libpq_url(db_url)) as conn, running(broker, 1):
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.execute("SELECT 1 FROM pgbroker.queue LIMIT 1")  # the snapshot is taken
         Producer(broker.default_channel).publish({"n": 0}, routing_key=other.name, headers=headers)

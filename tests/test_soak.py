@@ -42,6 +42,7 @@ from kombu import Connection, Consumer, Producer, Queue
 from pgbroker import admin, retention
 from tests.celery_helpers import celery_env, client_app, start_worker, wait_until
 from tests.kombu_helpers import FAST, Child, drain_until, scalar
+from tests.test_dedup import running
 
 MESSAGES = int(os.environ.get("PGBROKER_SOAK_MESSAGES", "5000"))
 TASKS = int(os.environ.get("PGBROKER_SOAK_TASKS", "300"))
@@ -238,7 +239,8 @@ DEDUP_ROUND_SECONDS = float(os.environ.get("PGBROKER_SOAK_DEDUP_SECONDS", "6"))
 def test_published_task_stays_flat_at_peak_publish_rate(
     db_url: str, db: psycopg.Connection
 ) -> None:
-    """Celery task messages published by one producer as fast as it goes
+    """Celery task messages published by a task run (as a chain's links are) as fast as
+    one producer goes
     (the benchmark's peak publish rate: about 1,400 messages/s from one
     Kombu producer, 500-750 Celery tasks/s) with a short dedup_window, and
     consumed: the sweeper thread prunes published_task as fast as rows age
@@ -252,14 +254,20 @@ def test_published_task_stays_flat_at_peak_publish_rate(
 
     def publish() -> None:
         try:
+            # Published inside a task run, as chain links are: only those
+            # are recorded (a client's publications write no row).
             with Connection(db_url, transport_options=options) as conn:
-                producer = Producer(conn.channel())
-                while not stop.is_set():
-                    headers = {"id": str(uuid.uuid4()), "task": "soak.t", "retries": 0}
-                    producer.publish({"pad": "x" * 100}, routing_key=queue.name, headers=headers)
-                    published[0] += 1
+                producer = Producer(conn.channel())  # connects: the schema's oid is known
+                publish_loop(conn, producer)
         except BaseException as exc:  # reported by the test
             failed.append(exc)
+
+    def publish_loop(conn: Connection, producer: Producer) -> None:
+        with running(conn, 1):
+            while not stop.is_set():
+                headers = {"id": str(uuid.uuid4()), "task": "soak.t", "retries": 0}
+                producer.publish({"pad": "x" * 100}, routing_key=queue.name, headers=headers)
+                published[0] += 1
 
     rounds: list[tuple[float, int, int]] = []  # (rate, rows, bytes after VACUUM)
     with Connection(db_url, transport_options=options) as conn:
@@ -311,8 +319,9 @@ def test_pruning_keeps_up_far_above_the_peak_publish_rate(
     5,000 for half a second, then half a second of waiting, until done.
     That is over 100 times the benchmark's peak publish rate."""
     db.execute(
-        "INSERT INTO pgbroker.published_task (task_id, retries, exchange, routing_key, "
-        "published_at) SELECT md5(i::text), 0, '', 'celery', now() - interval '2 hours' "
+        "INSERT INTO pgbroker.published_task (task_id, retries, source, exchange, "
+        "routing_key, published_at) SELECT md5(i::text), 0, 'run ' || i, '', 'celery', "
+        "now() - interval '2 hours' "
         "FROM generate_series(1, %s) i",
         [PRUNE_BACKLOG],
     )
