@@ -1008,33 +1008,59 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
     def _start_expiry(self) -> None:
         """Start this process's expiry thread for (URL, schema), once: it
         runs :meth:`cleanup` every ``cleanup_interval``, whether or not new
-        results come (a forked child starts its own)."""
+        results come (a forked child starts its own). It holds the backend
+        weakly and ends once the backend is gone or the pools are closed
+        (worker shutdown, exit); the next result stored starts it again."""
         if not self.options.cleanup_interval or not self.expires:
             return
         key = (self.url, self.schema)
-        thread = _expiry_threads.get(key)
-        if thread is not None and thread.is_alive():
+        running = _expiry_threads.get(key)
+        if running is not None and running[0].is_alive() and not running[1].is_set():
             return
         with _expiry_lock:
-            thread = _expiry_threads.get(key)
-            if thread is None or not thread.is_alive():
+            running = _expiry_threads.get(key)
+            if running is None or not running[0].is_alive() or running[1].is_set():
+                stop = threading.Event()
                 thread = threading.Thread(
-                    target=self._expire_forever,
+                    target=_expire_forever,
+                    args=(weakref.ref(self), float(self.options.cleanup_interval), stop),
                     name=f"pgbroker-result-expiry[{self.schema}]",
                     daemon=True,
                 )
-                _expiry_threads[key] = thread
+                _expiry_threads[key] = (thread, stop)
                 thread.start()
 
-    def _expire_forever(self) -> None:
-        while True:
-            time.sleep(self.options.cleanup_interval)
-            try:
-                self.cleanup()
-            except Exception as exc:  # a daemon thread: log, try again next time
-                logger.warning("pgbroker: result expiry failed: %s", exc)
+
+def _expire_forever(
+    ref: weakref.ReferenceType[PostgresBackend], interval: float, stop: threading.Event
+) -> None:
+    """The expiry thread: holds its backend only while a pass runs."""
+    while not stop.wait(interval):
+        backend = ref()
+        if backend is None:
+            return  # its app is gone
+        try:
+            backend.cleanup()
+        except Exception as exc:  # a daemon thread: log, try again next time
+            if stop.is_set():
+                return  # the pools were closed under this pass: shutting down
+            logger.warning("pgbroker: result expiry failed: %s", exc)
+        finally:
+            del backend
 
 
-#: The expiry thread of each (URL, schema) in this process.
-_expiry_threads: dict[tuple[str, str], threading.Thread] = {}
+def _stop_expiry(purpose: str | None = None) -> None:
+    """Stop the expiry threads (the pools they use are being closed)."""
+    if purpose not in (None, "results"):
+        return
+    with _expiry_lock:
+        running = list(_expiry_threads.values())
+        _expiry_threads.clear()
+    for _thread, stop in running:
+        stop.set()
+
+
+#: The expiry thread of each (URL, schema) in this process, and its stop.
+_expiry_threads: dict[tuple[str, str], tuple[threading.Thread, threading.Event]] = {}
 _expiry_lock = threading.Lock()
+pools.on_close(_stop_expiry)

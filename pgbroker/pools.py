@@ -18,6 +18,7 @@ import atexit
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -36,6 +37,15 @@ _conns: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
 #: Pools inherited through fork, kept referenced so that their finalisers
 #: never run in the child.
 _inherited: list[psycopg_pool.ConnectionPool] = []
+#: Called by close_pools with its ``purpose``, before closing: what works
+#: with the pools in the background (the result backend's expiry) stops.
+_close_hooks: list[Callable[[str | None], None]] = []
+
+
+def on_close(hook: Callable[[str | None], None]) -> None:
+    """Have ``hook(purpose)`` called whenever close_pools runs."""
+    if hook not in _close_hooks:
+        _close_hooks.append(hook)
 
 
 def pool_for(
@@ -103,6 +113,8 @@ def close_pools(purpose: str | None = None) -> None:
     with _lock:
         keys = [k for k in _pools if purpose is None or k[2] == purpose]
         pools = [_pools.pop(k) for k in keys]
+    for hook in list(_close_hooks):
+        hook(purpose)
     for pool in pools:
         pool.close()
 

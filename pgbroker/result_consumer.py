@@ -44,6 +44,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from collections import deque
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,17 @@ _READ_STATEMENT = b"pgbroker_get_results_json"
 _SYNC = object()
 #: In the queue of replies expected from the pipeline: a command (LISTEN...).
 _COMMAND = object()
+
+
+def _close_owned(conn: psycopg.Connection, pid: int) -> None:
+    """The finaliser of a consumer's LISTEN connection: its consumer is gone
+    (or the interpreter exits). Closed in the process that opened it; in a
+    forked child only detached, since closing would end the parent's session."""
+    if os.getpid() == pid:
+        with contextlib.suppress(Exception):
+            conn.close()
+    else:
+        neutralise(conn)
 
 
 def channel_for(schema: str, task_id: str) -> str:
@@ -179,6 +191,10 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._read_done = threading.Condition(self._lock)
         self._reader = False
         self._connection: psycopg.Connection | None = None
+        #: Closes _connection when this consumer is collected (an app
+        #: dropped without stopping its backend's consumer: Celery's
+        #: ``app.close()`` does not); it holds the connection, not us.
+        self._finalizer: weakref.finalize | None = None
         self._pid = os.getpid()
         #: channel -> task id, for every channel we LISTEN on (or will).
         self._channels: dict[str, str] = {}
@@ -212,6 +228,9 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         conn = self._connection
         if conn is None:
             conn = self.backend.connect()
+            if self._finalizer is not None:
+                self._finalizer()  # closes a connection dropped without it
+            self._finalizer = weakref.finalize(self, _close_owned, conn, os.getpid())
             conn.pgconn.enter_pipeline_mode()
             self._connection = conn
             self._listening = set()
@@ -228,11 +247,18 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             raise psycopg.OperationalError("pgbroker: the LISTEN connection is closed")
         return conn
 
+    def _drop_finalizer(self) -> None:
+        """Forget the finaliser of a connection closed or detached by us."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+
     def _forget_inherited(self) -> None:
         # The parent's connection must not be used or closed here: closing
         # it would end the parent's session.
         if self._connection is not None:
             neutralise(self._connection)
+        self._drop_finalizer()
         self._reset()
 
     def _check_fork(self) -> None:
@@ -250,6 +276,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             if self._connection is not None:
                 with contextlib.suppress(psycopg.Error):
                     self._connection.close()
+            self._drop_finalizer()
             self._connection = None
             conn = self._conn()
             self._sync_listens(conn)
@@ -418,6 +445,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         with self._lock:
             if self._connection is not None and self._pid == os.getpid():
                 self._connection.close()
+            self._drop_finalizer()
             self._connection = None
             self._listening = set()
             self._inflight.clear()

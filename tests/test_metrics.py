@@ -221,16 +221,22 @@ def test_each_scrape_is_one_query(db_url: str, monkeypatch: pytest.MonkeyPatch) 
     collector = metrics.Collector(db_url, "pgbroker")
     try:
         assert collector.read() is not None  # connects (and checks the schema)
+        own = collector._conn
+        assert own is not None
         statements: list[Any] = []
         real = psycopg.Connection.execute
 
         def counted(self: psycopg.Connection, query: Any, *args: Any, **kwargs: Any) -> Any:
-            statements.append(query)
+            # Only the collector's own session: other threads of the process
+            # (e.g. a result backend's expiry) may run statements meanwhile.
+            if self is own:
+                statements.append(query)
             return real(self, query, *args, **kwargs)
 
         monkeypatch.setattr(psycopg.Connection, "execute", counted)
         for _ in range(3):
             assert collector.read() is not None
+        assert collector._conn is own  # no reconnect between the scrapes
         assert len(statements) == 3
     finally:
         collector.close()
