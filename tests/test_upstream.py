@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.upstream
 
 
-@pytest.mark.timeout(4800)
+@pytest.mark.timeout(2400)
 def test_celery_and_kombu_suites_on_pgbroker(pg_admin_url: str, tmp_path: Path) -> None:
     pytest.importorskip("pytest_rerunfailures", reason="pip install -e '.[upstream]'")
     modules = os.environ.get("PGBROKER_UPSTREAM_MODULES", "canvas,tasks")
@@ -33,5 +33,5 @@ def test_celery_and_kombu_suites_on_pgbroker(pg_admin_url: str, tmp_path: Path) 
         sys.executable, "-m", "compat.upstream", "--systems", "pgbroker", "--celery", modules,
         "--check", "--out", str(tmp_path / "run"), "--pg-admin-url", pg_admin_url,
     ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, timeout=4700)
+    result = subprocess.run(cmd, cwd=ROOT, timeout=2300)
     assert result.returncode == 0, "a Celery or Kombu integration test fails on pgbroker (above)"
