@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FLUSH = re.compile(r"flush(db|all)", re.IGNORECASE)  # (spelt so that this file matches no grep for them)
+# Spelt so that this file itself matches no grep for the two commands.
+FLUSH = re.compile(r"flush(db|all)", re.IGNORECASE)
 
 
 def sources() -> list[Path]:
