@@ -66,7 +66,7 @@ def worker(timed_teardown: dict[str, float], celery_worker: Any) -> Iterator[Any
 
 @pytest.fixture
 def add(celery_app: Any) -> Any:
-    @celery_app.task(name="plugin.add")
+    @celery_app.task(shared=False, name="plugin.add")
     def add(x: int, y: int) -> int:
         return x + y
 

@@ -8,6 +8,7 @@ never comes back.
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -65,3 +66,32 @@ def test_reimported_test_apps_register_no_duplicate_task_names() -> None:
     for first, again in zip(names[: len(apps)], names[len(apps) :], strict=True):
         assert first == again
     assert not any(n.startswith("tests.apps.basic") for n in names[1]), names[1]
+
+
+def test_test_app_tasks_are_not_shared() -> None:
+    """A task registered with Celery's default shared=True joins every app
+    created afterwards in the process, so one test's app module leaks its
+    tasks into the next test's app (seen in CI: DuplicateTaskNameWarning
+    under filterwarnings=error, depending on test order). Every task the
+    tests declare says shared=False."""
+    found = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for decorator in node.decorator_list
+        if _is_task_decorator(decorator) and not _says_not_shared(decorator)
+    ]
+    assert not found, "tasks without shared=False:\n" + "\n".join(found)
+
+
+def _is_task_decorator(decorator: ast.expr) -> bool:
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return isinstance(target, ast.Attribute) and target.attr == "task"
+
+
+def _says_not_shared(decorator: ast.expr) -> bool:
+    return isinstance(decorator, ast.Call) and any(
+        k.arg == "shared" and isinstance(k.value, ast.Constant) and k.value.value is False
+        for k in decorator.keywords
+    )

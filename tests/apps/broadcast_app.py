@@ -23,6 +23,6 @@ app.conf.task_routes = {"broadcast_app.shout": {"queue": "broadcast_tasks"}}
 logger = logging.getLogger(__name__)
 
 
-@app.task(name="broadcast_app.shout", ignore_result=True)
+@app.task(shared=False, name="broadcast_app.shout", ignore_result=True)
 def shout(text: str) -> None:
     logger.warning("shouted %s", text)

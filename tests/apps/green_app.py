@@ -15,6 +15,6 @@ app.conf.update(
 )
 
 
-@app.task
+@app.task(shared=False)
 def add(x: int, y: int) -> int:
     return x + y

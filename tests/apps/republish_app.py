@@ -24,25 +24,25 @@ app.conf.task_routes = {"republish_app.replacement": {"queue": "replacements"}}
 MARKERS = Path(os.environ.get("TEST_MARKER_DIR", "."))
 
 
-@app.task(name="republish_app.add")
+@app.task(shared=False, name="republish_app.add")
 def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task(name="republish_app.replaced", bind=True)
+@app.task(shared=False, name="republish_app.replaced", bind=True)
 def replaced(self: Any, x: int) -> Any:
     """Replaced by add(x, 1): the replacement keeps this task's id."""
     return self.replace(add.s(x, 1))
 
 
-@app.task(name="republish_app.replaced_twice", bind=True)
+@app.task(shared=False, name="republish_app.replaced_twice", bind=True)
 def replaced_twice(self: Any, x: int) -> Any:
     """Replaced by ``replaced``, itself replaced by add: the same task id
     published three times, each by another message's run."""
     return self.replace(replaced.s(x))
 
 
-@app.task(name="republish_app.retrying", bind=True, max_retries=None)
+@app.task(shared=False, name="republish_app.retrying", bind=True, max_retries=None)
 def retrying(self: Any, times: int) -> int:
     """Retries with a countdown until it has retried ``times`` times."""
     if self.request.retries < times:
@@ -50,7 +50,7 @@ def retrying(self: Any, times: int) -> int:
     return int(self.request.retries)
 
 
-@app.task(name="republish_app.retry_then_replace", bind=True, max_retries=None)
+@app.task(shared=False, name="republish_app.retry_then_replace", bind=True, max_retries=None)
 def retry_then_replace(self: Any) -> Any:
     """Retries once, then is replaced by ``retrying(1)``, which retries with
     the same (task id, retries 1) as this task's own retry did."""
@@ -59,7 +59,7 @@ def retry_then_replace(self: Any) -> Any:
     return self.replace(retrying.s(1))
 
 
-@app.task(name="republish_app.replacement")
+@app.task(shared=False, name="republish_app.replacement")
 def replacement(key: str) -> str:
     """Counts its runs in a file."""
     with (MARKERS / f"replacement-{key}").open("a") as f:
@@ -67,7 +67,7 @@ def replacement(key: str) -> str:
     return f"{key} replaced"
 
 
-@app.task(name="republish_app.replaced_then_killed", bind=True, acks_late=True)
+@app.task(shared=False, name="republish_app.replaced_then_killed", bind=True, acks_late=True)
 def replaced_then_killed(self: Any, key: str) -> Any:
     """Replaced by ``replacement``; its worker is SIGKILLed right after the
     replacement was published, before the ack (first delivery only)."""

@@ -36,7 +36,7 @@ def _db() -> psycopg.Connection:
     return psycopg.connect("postgresql://" + BROKER_URL.partition("://")[2], autocommit=True)
 
 
-@app.task(name="sessions_app.work", acks_late=True)
+@app.task(shared=False, name="sessions_app.work", acks_late=True)
 def work(key: str, seconds: float = 0.0) -> str:
     with _db() as conn:
         conn.execute(
@@ -47,7 +47,7 @@ def work(key: str, seconds: float = 0.0) -> str:
     return key
 
 
-@app.task(name="sessions_app.steps", bind=True, base=DurableTask)
+@app.task(shared=False, name="sessions_app.steps", bind=True, base=DurableTask)
 def steps(self: Any, key: str) -> list[str]:
     one = self.step("one", lambda: f"{key}-1")
     two = self.step("two", lambda: f"{key}-2")
