@@ -258,6 +258,22 @@ def _close_app(app: Any) -> None:
         if app._pool is not None:
             app._pool.force_close_all()
     app.close()
+    _forget_closed_kombu_pools()
+
+
+def _forget_closed_kombu_pools() -> None:
+    # app.close() closes the producer pool it took from Kombu's process-wide
+    # registry (kombu.pools), keyed by broker URL, and leaves it there: the
+    # next app on the same URL in this process would get "Acquire on closed
+    # pool" (seen when test_backend_e2e and test_migrate_from_redis share an
+    # xdist worker). Drop the closed ones; live apps' pools stay.
+    import kombu.pools
+
+    for group in (kombu.pools.producers, kombu.pools.connections):
+        for key, pool in list(group.items()):
+            # A producer pool is unusable once its connection pool is closed.
+            if pool._closed or getattr(getattr(pool, "connections", None), "_closed", False):
+                group.pop(key, None)
 
 
 # --- what an example leaves in the user's database ---------------------------
