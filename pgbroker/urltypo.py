@@ -1,11 +1,18 @@
-"""Catch a mistyped pgbroker URL before Kombu shows its password.
+"""Catch a mistyped pgbroker URL before Kombu shows its password, and
+give Kombu the port of a pgbroker URL.
 
 ``postgresql:/app:secret@db/jobs`` (one slash) is no URL to Kombu: it takes
 the whole text for the host name of its default transport, AMQP, and then
 prints it, password included, in the worker's banner and in every
 "Cannot connect" retry line. :func:`guard_connection_class` makes Kombu's
 ``Connection`` refuse such a URL when it is created, with an error that
-shows it masked. Wired by :mod:`pgbroker._autoload` when ``kombu.connection``
+shows it masked.
+
+pgbroker parses its own URLs (``can_parse_url``: libpq's multi-host syntax
+and ``?sslmode=...`` survive), so Kombu leaves ``Connection.port`` unset
+where it sets it for Redis or AMQP; Kombu's failover tests check that a
+connection starts on its first URL by that port. The guard fills it in
+from a URL that names one host. Wired by :mod:`pgbroker._autoload` when ``kombu.connection``
 is imported; this module imports nothing heavy (psycopg only on an error).
 """
 
@@ -14,10 +21,12 @@ from __future__ import annotations
 import functools
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 # "postgresql:/x" (one slash), "postgresql//x" (no colon), "postgresql:u:p@h"
 # (no slashes; the '@' tells it from a host name "postgres:5672").
 _TYPO = re.compile(r"(?i)^\s*(?:postgresql|postgres|pgbroker)\s*(?::/(?!/)|//|:(?=[^/]*@))")
+_OURS = re.compile(r"(?i)^(?:postgresql|postgres|pgbroker)://")
 
 
 def check_broker_url_typo(url: Any) -> None:
@@ -53,9 +62,28 @@ def guard_connection_class(connection_cls: Any) -> None:
         check_broker_url_typo(hostname)
         check_broker_url_typo(kwargs.get("alternates"))
         init(self, hostname, *args, **kwargs)
+        fill_port(self)
 
     __init__._pgbroker_guard = True  # type: ignore[attr-defined]
     connection_cls.__init__ = __init__
+
+
+def fill_port(connection: Any) -> None:
+    """Set ``connection.port`` from its pgbroker URL, as Kombu does for the
+    URLs it parses itself; left unset for several hosts (``db1,db2:5433``,
+    libpq's syntax) and for a URL without a port."""
+    url = connection.hostname
+    if connection.port or not isinstance(url, str) or not _OURS.match(url):
+        return
+    parts = urlsplit(url)
+    if "," in parts.netloc:  # several hosts: libpq reads them
+        return
+    try:
+        port = parts.port
+    except ValueError:  # not a number: libpq's error tells the user
+        return
+    if port:
+        connection.port = port
 
 
 def guard_module(module: Any) -> None:

@@ -5,12 +5,12 @@ kombu 5.7.0), ported to pgbroker URLs: the connection starts on the first
 URL, a dead first URL fails over to the live one and messages flow, dotted
 alternates are refused, and the password never shows.
 
-One difference from Kombu's transports that let Kombu parse their URL
-(Redis, AMQP): pgbroker parses its own (``can_parse_url``), so that libpq
-parameters (``?sslmode=require``) survive, and Kombu then leaves
-``conn.port`` unset for the first URL. The port the connection starts on is
-the one of ``conn.as_uri()``. After a switch Kombu parses the alternate, as
-for every transport, and ``conn.port`` is the live URL's port.
+pgbroker parses its own URLs (``can_parse_url``, so that libpq's multi-host
+syntax and ``?sslmode=require`` survive); Kombu would then leave
+``conn.port`` unset, and pgbroker fills it in from a one-host URL
+(pgbroker/urltypo.py) so that the connection reports the port it starts on,
+as Redis and AMQP connections do. After a switch Kombu parses the
+alternate, as for every transport, and ``conn.port`` is the live URL's port.
 """
 
 from __future__ import annotations
@@ -120,8 +120,7 @@ def test_failover_switches_to_alternate_url(
     assert len(conn.alt) > 1, "fixture must supply an alternate URL"
     dead, live = urlparse(conn.alt[0]), urlparse(conn.alt[-1])
     assert dead.port != live.port, "first URL must be the dead one"
-    # Kombu's test asserts conn.port == dead.port here (see the module
-    # docstring): the connection starts on the first URL, with its port.
+    assert conn.port == dead.port
     assert urlparse(conn.as_uri()).port == dead.port
 
     assert conn.connect()
@@ -225,3 +224,12 @@ def test_a_single_url_keeps_its_libpq_parameters(live_url: str) -> None:
         conn.connect()
         name = conn.transport.conn.execute("SHOW application_name").fetchone()
         assert name == ("failover-test",)
+
+
+def test_port_is_left_to_libpq_for_several_hosts() -> None:
+    """libpq's multi-host URL names a port per host: none is the port."""
+    conn = kombu.Connection("postgresql://app@db1,db2:5433/jobs?target_session_attrs=read-write")
+    assert conn.port is None
+    assert conn.hostname == "postgresql://app@db1,db2:5433/jobs?target_session_attrs=read-write"
+    assert kombu.Connection("postgresql://app@db1:5433/jobs").port == 5433
+    assert kombu.Connection("postgresql://app@db1/jobs").port is None
