@@ -444,15 +444,9 @@ def _import_app() -> Any:
 
 
 def _close_app(app: Any) -> None:
-    with contextlib.suppress(Exception):
-        conn = getattr(app.backend.result_consumer, "_connection", None)
-        if conn is not None:
-            conn.close()
-    with contextlib.suppress(Exception):
-        if app._pool is not None:
-            app._pool.force_close_all()
-    with contextlib.suppress(Exception):
-        app.close()
+    from pgbroker.pools import close_app
+
+    close_app(app)
 
 
 def _group_pids(pgid: int) -> list[int]:

@@ -15,6 +15,7 @@ ConnectionPool.__del__ ... greenlet is being finalized``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 import weakref
@@ -152,3 +153,29 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def close_app(app: Any) -> None:
+    """Close what a Celery app holds open, for programs that make and drop
+    apps (tests, the demo, the compat suite).
+
+    Celery's ``app.close()`` only forgets the app's broker pool, which is
+    Kombu's process-wide pool for the broker URL (``kombu.pools``), and
+    leaves the result consumer's LISTEN session open. This closes both and
+    removes the closed pools from Kombu's registry: left there, the next app
+    on the same URL in the process gets "Acquire on closed pool".
+    """
+    import kombu.pools
+
+    with contextlib.suppress(Exception):  # a backend without a consumer
+        app.backend.result_consumer.stop()
+    with contextlib.suppress(Exception):
+        if app._pool is not None:
+            app._pool.force_close_all()
+    with contextlib.suppress(Exception):
+        app.close()
+    for group in (kombu.pools.producers, kombu.pools.connections):
+        for key, pool in list(group.items()):
+            # A producer pool is unusable once its connection pool is closed.
+            if pool._closed or getattr(getattr(pool, "connections", None), "_closed", False):
+                dict.pop(group, key, None)

@@ -247,33 +247,9 @@ def client_app(module: str, broker_url: str) -> Iterator[ModuleType]:
 
 
 def _close_app(app: Any) -> None:
-    # Celery's app.close() forgets the pool without closing it; close the
-    # result consumer's connection and the pooled ones so that no session
-    # outlives the test's database.
-    with contextlib.suppress(Exception):
-        conn = getattr(app.backend.result_consumer, "_connection", None)
-        if conn is not None:
-            conn.close()
-    with contextlib.suppress(Exception):
-        if app._pool is not None:
-            app._pool.force_close_all()
-    app.close()
-    _forget_closed_kombu_pools()
+    from pgbroker.pools import close_app
 
-
-def _forget_closed_kombu_pools() -> None:
-    # app.close() closes the producer pool it took from Kombu's process-wide
-    # registry (kombu.pools), keyed by broker URL, and leaves it there: the
-    # next app on the same URL in this process would get "Acquire on closed
-    # pool" (seen when test_backend_e2e and test_migrate_from_redis share an
-    # xdist worker). Drop the closed ones; live apps' pools stay.
-    import kombu.pools
-
-    for group in (kombu.pools.producers, kombu.pools.connections):
-        for key, pool in list(group.items()):
-            # A producer pool is unusable once its connection pool is closed.
-            if pool._closed or getattr(getattr(pool, "connections", None), "_closed", False):
-                group.pop(key, None)
+    close_app(app)
 
 
 # --- what an example leaves in the user's database ---------------------------

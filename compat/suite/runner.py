@@ -36,6 +36,7 @@ from compat.apps.suite_app import Names, make_app
 from compat.suite.context import Context
 from compat.suite.scenarios import SCENARIOS, Behaviours, Skip
 from compat.suite.worker import WORKER_ARGS, WorkerProcess, nodename_for
+from pgbroker.pools import close_app
 
 PASS, FAIL, SKIP, ERROR, NOT_RUN = "pass", "fail", "skip", "error", "not run"
 
@@ -309,28 +310,15 @@ def _delete_queues(app: Celery) -> None:
 
 
 def _close(app: Celery) -> None:
-    # Close the result consumer's connection and pooled connections, so no
-    # session outlives the run (a test drops its database right after).
+    # No session outlives the run (a test drops its database right after).
     with contextlib.suppress(Exception):
-        consumer = getattr(app.backend, "result_consumer", None)
-        conn = getattr(consumer, "_connection", None)
-        if conn is not None:
-            conn.close()
-    with contextlib.suppress(Exception):
-        # Other backends' result consumers (Redis: its pub/sub connection).
-        # Forget the subscriptions too: Celery's Redis backend unsubscribes a
-        # result when it is finalised, which would open a new connection.
-        consumer = app.backend.result_consumer
-        consumer.stop()
-        getattr(consumer, "subscribed_to", set()).clear()
+        # Celery's Redis backend unsubscribes a result when it is finalised,
+        # which would open a new pub/sub connection: forget the subscriptions.
+        getattr(app.backend.result_consumer, "subscribed_to", set()).clear()
     with contextlib.suppress(Exception):
         # The Redis result backend's own connections (its client's pool).
         app.backend.client.connection_pool.disconnect()
-    with contextlib.suppress(Exception):
-        if app._pool is not None:
-            app._pool.force_close_all()
-    with contextlib.suppress(Exception):
-        app.close()
+    close_app(app)
 
 
 def run_suite(
