@@ -18,7 +18,8 @@ a shared machine hits them alike. Per round and pair:
   result (``rpc://`` has no chords: skipped).
 
 For the tasks/s and chains/s runs, :func:`cpu_seconds` gives the CPU time
-(from ``/proc``) of the pair's servers, of its worker and of the client over
+of the pair's servers and of its worker (from ``/proc``) and of the client
+(its own process clock) over
 the timed window: what limits each system on a CPU-bound machine.
 
 The worker-kill figure (:func:`measure_worker_kill`) starts its own workers.
@@ -341,12 +342,15 @@ def cpu_seconds(run: Running) -> dict[str, float | None]:
     unknown (``run.cpu_errors`` says why)."""
     if len(run.cpu_errors) == len(CPU_PARTS):
         return dict.fromkeys(CPU_PARTS)
-    stats = proc_stats()  # a few ms of the client's time, once per window
-    own = (PROC / "self" / "stat").read_text().rsplit(")", 1)[1].split()
+    # The client's own clock, in nanoseconds (/proc counts 10 ms ticks, and
+    # a Redis client's 50 --quick tasks could read 0), read before
+    # proc_stats() so that reading /proc is not charged to the client.
+    client = time.process_time()
+    stats = proc_stats()
     return {
         "server": None if "server" in run.cpu_errors else tree_cpu(stats, run.servers),
         "worker": tree_cpu(stats, [run.worker.proc.pid]),
-        "client": sum(int(x) for x in own[11:13]) / os.sysconf("SC_CLK_TCK"),
+        "client": client,
     }
 
 
