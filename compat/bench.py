@@ -60,7 +60,7 @@ from kombu.utils.url import maybe_sanitize_url
 from psycopg import sql
 
 from compat import bench_backlog, bench_celery, bench_scale
-from pgbroker import schema
+from pgbroker.database import schema
 from pgbroker.options import TransportOptions
 
 ROOT = Path(__file__).resolve().parents[1]

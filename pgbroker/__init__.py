@@ -15,12 +15,12 @@ from pgbroker import _autoload
 # this module, and the .pth file imports it in every Python process.
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers; at run time, see __getattr__ below
-    from pgbroker.enqueue import EnqueueError as EnqueueError
-    from pgbroker.enqueue import enqueue_in as enqueue_in
+    from pgbroker.broker.enqueue import EnqueueError as EnqueueError
+    from pgbroker.broker.enqueue import enqueue_in as enqueue_in
 
 __version__ = "0.1.0"
 
-TRANSPORT = "pgbroker.transport:Transport"
+TRANSPORT = "pgbroker.broker.transport:Transport"
 SCHEMES = ("postgresql", "postgres", "pgbroker")
 
 
@@ -43,7 +43,7 @@ def __getattr__(name: str) -> object:
     # pgbroker.enqueue_in and pgbroker.EnqueueError, imported on first use so
     # that `import pgbroker` (done by the autoload hook) stays free of psycopg.
     if name in ("enqueue_in", "EnqueueError"):
-        from pgbroker import enqueue
+        from pgbroker.broker import enqueue
 
         return getattr(enqueue, name)
     if name == "send_event":  # durable waits' events (pgbroker.durable)

@@ -1,5 +1,5 @@
 """``python -m pgbroker``: the same as the ``pgbroker`` command."""
 
-from pgbroker.cli import main
+from pgbroker.cli.main import main
 
 raise SystemExit(main())

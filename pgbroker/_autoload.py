@@ -23,9 +23,9 @@ _TARGET = "kombu.transport"
 # Refuses a mistyped pgbroker URL before Kombu prints its password.
 _GUARDED = "kombu.connection"
 _ALIASES = {
-    "postgresql": "pgbroker.transport:Transport",
-    "postgres": "pgbroker.transport:Transport",
-    "pgbroker": "pgbroker.transport:Transport",
+    "postgresql": "pgbroker.broker.transport:Transport",
+    "postgres": "pgbroker.broker.transport:Transport",
+    "pgbroker": "pgbroker.broker.transport:Transport",
 }
 
 

@@ -154,9 +154,9 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.serialization import dumps, loads, prepare_accept_content
 
-from pgbroker import pools, queries
 from pgbroker.appconfig import app_database
-from pgbroker.db import connect, session_lost
+from pgbroker.database import pools, queries
+from pgbroker.database.sessions import connect, session_lost
 from pgbroker.errors import ConfigurationError, PgBrokerError, SchemaError
 from pgbroker.options import TEN_YEARS
 from pgbroker.options import seconds as check_seconds
@@ -506,7 +506,7 @@ class DurableTask(Task):  # type: ignore[misc]
         """(True, result) if the result backend holds SUCCESS for this task
         id (pgbroker's result backend only: it is the one we can trust to
         keep a SUCCESS final and to read without side effects)."""
-        from pgbroker.backend import PostgresBackend
+        from pgbroker.results.backend import PostgresBackend
 
         backend = self.backend
         if not isinstance(backend, PostgresBackend):

@@ -22,7 +22,7 @@ import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
-from pgbroker import admin
+from pgbroker.operations import admin
 
 SCHEMES = ("postgresql", "postgres", "pgbroker")
 

@@ -164,7 +164,7 @@ class TransportOptions:
     sweep_interval: float = checked(10.0, seconds)
     #: Largest message accepted by publish, in bytes: its body plus its
     #: headers (as JSON). Queue, exchange and routing key names may have at
-    #: most 255 bytes (pgbroker.transport.MAX_NAME_BYTES).
+    #: most 255 bytes (pgbroker.broker.transport.MAX_NAME_BYTES).
     max_message_size: int = checked(
         16 * MiB, partial(whole, minimum=1, maximum=MAX_FIELD, unit="bytes")
     )
@@ -174,7 +174,7 @@ class TransportOptions:
     #: One process per schema watches for dead consumers inside PostgreSQL
     #: and recovers their messages within a second instead of a
     #: sweep_interval; each consuming process keeps one extra session for
-    #: it (see pgbroker.sweeper). False: only the periodic sweep.
+    #: it (see pgbroker.broker.sweeper). False: only the periodic sweep.
     fast_recovery: bool = checked(True, flag)
     #: A message delivered this many times without being acknowledged (its
     #: consumer died each time, or it was requeued) goes to ``dead_letter``

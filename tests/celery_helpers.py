@@ -247,7 +247,7 @@ def client_app(module: str, broker_url: str) -> Iterator[ModuleType]:
 
 
 def _close_app(app: Any) -> None:
-    from pgbroker.pools import close_app
+    from pgbroker.database.pools import close_app
 
     close_app(app)
 

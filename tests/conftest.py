@@ -39,8 +39,8 @@ def template_db(pg_admin_url: str) -> Iterator[str]:
     name = f"pgbroker_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     pgserver.create_database(pg_admin_url, name)
     url = pgserver.url_for(pg_admin_url, name)
-    from pgbroker import schema
-    from pgbroker.db import connect
+    from pgbroker.database import schema
+    from pgbroker.database.sessions import connect
 
     with connect(url) as conn:
         schema.migrate(conn, "pgbroker")

@@ -49,7 +49,7 @@ def find_server() -> str | None:
     if _answers(LOCAL_URL):
         return LOCAL_URL
     try:
-        from pgbroker import embedded
+        from pgbroker.database import embedded
 
         url, server = embedded.start()
         _keep_alive.append(server)

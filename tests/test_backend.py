@@ -15,8 +15,8 @@ import pytest
 from celery import Celery, states
 from celery.app.task import Context
 
-from pgbroker.backend import PostgresBackend, ResultTooLarge
 from pgbroker.errors import ConfigurationError, DatabaseUnavailable
+from pgbroker.results.backend import PostgresBackend, ResultTooLarge
 
 #: The apps a test made, closed after it (close_apps).
 _made: list[Celery] = []
@@ -241,7 +241,7 @@ def test_store_result_never_deletes_and_cleanup_deletes_one_batch(
 ) -> None:
     """Expiry is off the task's path: storing a result deletes nothing,
     whatever the backlog, and each expiry pass deletes one batch."""
-    from pgbroker.backend import CLEANUP_BATCH
+    from pgbroker.results.backend import CLEANUP_BATCH
 
     db.execute(
         "INSERT INTO pgbroker.task_result (task_id, state, content_type, content_encoding, "

@@ -1,4 +1,4 @@
-"""The beat scheduler (pgbroker/beat.py) in this process: slots, the
+"""The beat scheduler (pgbroker/operations/beat.py) in this process: slots, the
 schedule table, leadership and claims, against a real database."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from celery import Celery
 from celery.beat import BeatLazyFunc
 from celery.schedules import crontab, schedule
 
-from pgbroker import beat
-from pgbroker.beat import PgScheduler
 from pgbroker.errors import ConfigurationError
+from pgbroker.operations import beat
+from pgbroker.operations.beat import PgScheduler
 
 UTC = timezone.utc
 T0 = datetime(2030, 1, 7, 12, 0, 0, tzinfo=UTC)  # a Monday
@@ -231,14 +231,14 @@ def test_old_missed_runs_are_skipped(
     s = schedulers(_app(db_url, pgbroker_beat_catchup=2))
     s.tick()
     _rewind(db, "tick", 100)
-    with caplog.at_level(logging.WARNING, "pgbroker.beat"):
+    with caplog.at_level(logging.WARNING, "pgbroker.operations.beat"):
         s.tick()
     assert 2 <= len(_messages(db)) <= 3  # the slots of the last 2 s only
     assert "skipped the runs" in caplog.text
     # Skipped once: the next ticks neither send them nor warn again.
     caplog.clear()
     sent = len(_messages(db))
-    with caplog.at_level(logging.WARNING, "pgbroker.beat"):
+    with caplog.at_level(logging.WARNING, "pgbroker.operations.beat"):
         s.tick()
     assert "skipped" not in caplog.text
     assert len(_messages(db)) <= sent + 1
@@ -246,7 +246,7 @@ def test_old_missed_runs_are_skipped(
     # A slot skipped while the next one is still ahead is skipped once too.
     beat.update_entry(db_url, "tick", schedule=3600)
     _rewind(db, "tick", 3 * 3600 + 1800)  # due 30 min ago: older than 2 s
-    with caplog.at_level(logging.WARNING, "pgbroker.beat"):
+    with caplog.at_level(logging.WARNING, "pgbroker.operations.beat"):
         s.tick()
         s.tick()
     assert caplog.text.count("skipped the runs") == 1

@@ -1,4 +1,4 @@
-"""The beat scheduler (pgbroker/beat.py) in real processes: two ``celery
+"""The beat scheduler (pgbroker/operations/beat.py) in real processes: two ``celery
 beat`` processes, a worker, SIGKILL of the leader, runtime changes."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 from celery.schedules import crontab
 
-from pgbroker import beat
+from pgbroker.operations import beat
 from tests.celery_helpers import celery_env, start_worker, started, wait_until
 
 APP = "tests.apps.beat_app"

@@ -49,7 +49,7 @@ import psycopg
 import pytest
 from celery import chain
 
-from pgbroker.db import default_application_name
+from pgbroker.database.sessions import default_application_name
 from tests.celery_helpers import Celery, celery_env, client_app, execute, wait_until
 
 APP = "tests.apps.chaos_app"

@@ -23,7 +23,7 @@ import pytest
 from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
 from kombu.asynchronous import Hub
 
-from pgbroker.transport import Transport
+from pgbroker.broker.transport import Transport
 from tests import pgserver
 
 EXCHANGE = Exchange("faults", "direct")

@@ -19,8 +19,8 @@ from psycopg import pq
 from psycopg._queries import PostgresQuery
 from psycopg.adapt import Transformer
 
-from pgbroker import queries
-from pgbroker.transport import _PIPELINED, _numbered
+from pgbroker.broker.transport import _PIPELINED, _numbered
+from pgbroker.database import queries
 from tests.kombu_helpers import drain_until
 
 Q = queries.for_schema("pgbroker")
@@ -243,7 +243,7 @@ def test_a_new_queue_table_is_not_scanned(db_url: str) -> None:
     the planner would judge a sequential scan cheapest for the claim and the
     ack, and keep that plan for the session's life while the table fills
     with dead rows. The transport's session plans them on their indexes
-    (pgbroker.db.prefer_indexes): asked on that session, after consuming."""
+    (pgbroker.database.sessions.prefer_indexes): asked on that session, after consuming."""
     with Connection(db_url) as conn:
         queue = Queue("fresh")
         producer = Producer(conn.channel())

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgbroker import schema
+from pgbroker.database import schema
 from tests import pgserver
 
 SECRET = "Sekr1t-cli-77hd"

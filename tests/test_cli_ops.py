@@ -1,6 +1,6 @@
 """The operator commands (status, top, purge, dead-letters, tasks).
 
-Details through pgbroker.admin's functions; every command also runs at
+Details through pgbroker.operations.admin's functions; every command also runs at
 least once as a real ``python -m pgbroker`` subprocess.
 """
 
@@ -23,9 +23,9 @@ from celery import Celery
 from celery.app.task import Context
 from kombu import Consumer, Exchange, Message, Producer, Queue
 
-from pgbroker import admin
-from pgbroker.cli import rates
+from pgbroker.cli.main import rates
 from pgbroker.errors import SchemaError
+from pgbroker.operations import admin
 from tests import kombu_helpers as kh
 from tests.celery_helpers import with_password
 

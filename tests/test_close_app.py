@@ -1,11 +1,11 @@
-"""pgbroker.pools.close_app: an app that is dropped leaves nothing behind
+"""pgbroker.database.pools.close_app: an app that is dropped leaves nothing behind
 that breaks the next app on the same broker URL in the process."""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from pgbroker.pools import close_app
+from pgbroker.database.pools import close_app
 
 
 def test_next_app_on_the_same_url_publishes_after_close() -> None:

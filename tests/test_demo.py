@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgbroker.demo import WORKFLOW
+from pgbroker_demo.run import WORKFLOW
 from tests.celery_helpers import execute
 
 DEMO_TIMEOUT = 240  # seconds; it takes well under a minute on an idle machine

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pgbroker import cli
+from pgbroker.cli import main as cli
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -29,7 +29,7 @@ DOCS = sorted(
 )
 CODE = sorted(
     p
-    for folder in ("pgbroker", "compat", "examples", "tests")
+    for folder in ("pgbroker", "pgbroker_demo", "compat", "examples", "tests")
     for p in (ROOT / folder).rglob("*.py")
     if p.name != Path(__file__).name
 )

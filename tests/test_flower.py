@@ -77,7 +77,7 @@ def _check_flower(base: str, db_url: str) -> None:
     info = found[name]
     assert "tests.apps.basic.add" in info["registered"]
     assert {q["name"] for q in info["active_queues"]} >= {"celery"}
-    assert info["stats"]["broker"]["transport"] in ("postgresql", "pgbroker.transport")
+    assert info["stats"]["broker"]["transport"] in ("postgresql", "pgbroker.broker.transport")
 
     # A task's events: sent by the worker, received by Flower's event
     # receiver (celeryev topic exchange over pgbroker).

@@ -1,6 +1,6 @@
 """gevent and eventlet workers shut down cleanly.
 
-The result backend's and durable steps' connection pools (pgbroker.pools)
+The result backend's and durable steps' connection pools (pgbroker.database.pools)
 used to be left to their finalisers, which ran while the interpreter was
 tearing down and printed, at every shutdown of a gevent or eventlet worker::
 

@@ -36,7 +36,7 @@ def test_postgres_and_pgbroker_schemes_resolve_to_pgbroker(db_url: str) -> None:
     rest = db_url.split("://", 1)[1]
     for scheme in ("postgresql", "postgres", "pgbroker"):
         with Connection(f"{scheme}://{rest}") as conn:
-            assert type(conn.transport).__module__ == "pgbroker.transport"
+            assert type(conn.transport).__module__ == "pgbroker.broker.transport"
             conn.connect()
             ch = conn.channel()
             ch.queue_declare(queue="q")

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 from kombu import Connection, Exchange, Producer, Queue
 
+from pgbroker.broker.transport import MAX_NAME_BYTES
 from pgbroker.errors import MessageTooLarge, NameTooLong
-from pgbroker.transport import MAX_NAME_BYTES
 
 LONG = "n" * (MAX_NAME_BYTES + 1)
 LONG_UTF8 = "é" * (MAX_NAME_BYTES // 2 + 1)  # 256 bytes in 129 characters

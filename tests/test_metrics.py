@@ -20,8 +20,8 @@ import psycopg
 import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from pgbroker import admin, metrics
 from pgbroker.errors import SchemaError
+from pgbroker.operations import admin, metrics
 from tests.kombu_helpers import FAST, collect, drain_until
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
@@ -257,8 +257,8 @@ def test_schema_without_views_says_migrate(db_url: str, db: psycopg.Connection) 
 
 
 def test_views_work_with_an_odd_schema_name(empty_db_url: str) -> None:
-    from pgbroker import schema
-    from pgbroker.db import connect
+    from pgbroker.database import schema
+    from pgbroker.database.sessions import connect
 
     name = "we\"ird's"
     with connect(empty_db_url) as conn:

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from pgbroker import schema
-from pgbroker.db import connect
+from pgbroker.database import schema
+from pgbroker.database.schema import Migration
+from pgbroker.database.sessions import connect
 from pgbroker.errors import SchemaError
-from pgbroker.schema import Migration
 
 #: Every table a database built by the migrations holds. Update it together
 #: with a new migration; anything else is schema drift.

@@ -115,7 +115,7 @@ def test_schema_of_63_bytes_is_accepted() -> None:
 
 
 def test_configuration_errors_are_not_retried_by_kombu() -> None:
-    from pgbroker.transport import Transport
+    from pgbroker.broker.transport import Transport
 
     err = ConfigurationError("x")
     assert isinstance(err, ValueError)

@@ -17,8 +17,8 @@ import pytest
 from kombu import Connection, Consumer, Message, Producer, Queue
 from psycopg import pq
 
-from pgbroker import queries
-from pgbroker.transport import _PIPELINED, _numbered
+from pgbroker.broker.transport import _PIPELINED, _numbered
+from pgbroker.database import queries
 from tests.kombu_helpers import connect, drain_until
 from tests.test_claim_plan import big, nodes, scans_of  # noqa: F401  (fixture)
 

@@ -23,10 +23,10 @@ import pytest
 from celery import Celery, states
 from celery.app.task import Context
 
-from pgbroker import backend as backend_module
-from pgbroker.backend import PostgresBackend
-from pgbroker.db import default_application_name
-from pgbroker.result_consumer import channel_for
+from pgbroker.database.sessions import default_application_name
+from pgbroker.results import backend as backend_module
+from pgbroker.results.backend import PostgresBackend
+from pgbroker.results.consumer import channel_for
 from tests import pgserver
 
 

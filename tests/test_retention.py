@@ -1,4 +1,4 @@
-"""Retention: ``pgbroker prune``, :func:`pgbroker.retention.prune` and the
+"""Retention: ``pgbroker prune``, :func:`pgbroker.operations.retention.prune` and the
 ``pgbroker.prune`` beat task delete old history, and only what was asked."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgbroker import admin, retention
+from pgbroker.operations import admin, retention
 
 
 def _count(db: psycopg.Connection, table: str, where: str = "true") -> int:
@@ -270,11 +270,11 @@ def test_beat_task(db_url: str, db: psycopg.Connection) -> None:
     the app's own broker database."""
     from celery import Celery
 
-    import pgbroker.retention  # noqa: F401  (registers pgbroker.prune)
+    import pgbroker.operations.retention  # noqa: F401  (registers pgbroker.prune)
 
     _history(db)
     app = Celery("prune_test", broker=db_url, set_as_current=False)
-    app.conf.imports = ["pgbroker.retention"]
+    app.conf.imports = ["pgbroker.operations.retention"]
     app.loader.import_default_modules()
     task = app.tasks["pgbroker.prune"]
     result = task.apply(kwargs={"dead_letters_older_than": "30d", "results_older_than": 864000})
@@ -293,7 +293,7 @@ def test_beat_task(db_url: str, db: psycopg.Connection) -> None:
 
 
 def test_prune_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pgbroker import cli
+    from pgbroker.cli import main as cli
 
     monkeypatch.setenv("PGBROKER_PRUNE_RESULTS_OLDER_THAN", "3d")
     monkeypatch.setenv("PGBROKER_PRUNE_BATCH_SIZE", "50")

@@ -11,7 +11,7 @@ from kombu import Connection, Exchange, Producer, Queue
 from kombu.exceptions import ChannelError
 from kombu.transport.virtual import NotEquivalentError
 
-from pgbroker.routing import topic_pattern
+from pgbroker.broker.routing import topic_pattern
 from tests.kombu_helpers import connect, rows, run, scalar
 
 # (binding key, routing key, matches?) in AMQP topic semantics.

@@ -15,8 +15,8 @@ import pytest
 from celery import Celery
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from pgbroker import beat
 from pgbroker.errors import ConfigurationError
+from pgbroker.operations import beat
 
 WORKING = [
     'we"ird',

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from kombu import Connection
 
-from pgbroker import db
+from pgbroker.database import sessions as db
 from pgbroker.errors import ConfigurationError
 from pgbroker.urls import mask_password, redact, to_conninfo
 from pgbroker.urltypo import check_broker_url_typo
@@ -184,8 +184,8 @@ def test_settings_reprs() -> None:
     from celery import Celery
 
     from pgbroker.appconfig import app_database
-    from pgbroker.beat import BeatConfig
     from pgbroker.durable import DurableConfig
+    from pgbroker.operations.beat import BeatConfig
 
     app = Celery("secrets", broker=f"postgresql://app:{PW}@127.0.0.1/jobs", set_as_current=False)
     for config in (

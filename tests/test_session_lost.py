@@ -15,8 +15,9 @@ import psycopg
 import pytest
 from celery import Celery
 
-from pgbroker import durable, pools
-from pgbroker.db import session_lost
+from pgbroker import durable
+from pgbroker.database import pools
+from pgbroker.database.sessions import session_lost
 from pgbroker.durable import DurableTask
 
 

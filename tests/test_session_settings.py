@@ -1,7 +1,8 @@
-"""pgbroker's sessions pin the settings they depend on (pgbroker.db.session_settings):
-a database or role whose defaults differ (REPEATABLE READ or SERIALIZABLE
-isolation, idle_session_timeout) must not break the broker, the result
-backend, durable steps or beat.
+"""pgbroker's sessions pin the settings they depend on
+(pgbroker.database.sessions.session_settings): a database or role whose
+defaults differ (REPEATABLE READ or SERIALIZABLE isolation,
+idle_session_timeout) must not break the broker, the result backend,
+durable steps or beat.
 
 Found by issue 10: with default_transaction_isolation = 'repeatable read',
 four competing consumers consumed 0 of 400 messages and died with
@@ -128,7 +129,7 @@ def test_pinned_settings(db_url: str, db: psycopg.Connection) -> None:
         ("lock_timeout", "3s"),
     ]:
         set_database_default(db, name, value)
-    from pgbroker.db import connect as pg_connect
+    from pgbroker.database.sessions import connect as pg_connect
 
     show = (
         "SELECT current_setting('transaction_isolation'), current_setting('idle_session_timeout'),"
@@ -141,7 +142,7 @@ def test_pinned_settings(db_url: str, db: psycopg.Connection) -> None:
         assert conn.execute(show).fetchone() == ("read committed", "0", "0", "0")
     with pg_connect(db_url, autocommit=False) as conn:
         assert conn.execute(show).fetchone() == ("read committed", "0", "5s", "3s")
-    from pgbroker import pools
+    from pgbroker.database import pools
 
     pool = pools.pool_for(db_url, "pgbroker", purpose="test", auto_migrate=False)
     try:

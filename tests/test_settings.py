@@ -16,11 +16,11 @@ import pytest
 from celery import Celery
 from kombu import Connection
 
-from pgbroker.backend import BackendOptions
-from pgbroker.beat import BeatConfig
 from pgbroker.durable import DurableConfig
 from pgbroker.errors import ConfigurationError
+from pgbroker.operations.beat import BeatConfig
 from pgbroker.options import TransportOptions
+from pgbroker.results.backend import BackendOptions
 
 PG = "postgresql://app:pw@127.0.0.1:1/jobs"
 NAN, INF = float("nan"), float("inf")

@@ -9,7 +9,7 @@ history that comes with them:
   redelivers them (redelivery log);
 * ``TASKS`` Celery tasks run by a real ``celery worker`` with pgbroker as
   broker and result backend (``task_result`` rows, expired by the backend);
-* then ``pgbroker.retention.prune`` removes the history, and a plain
+* then ``pgbroker.operations.retention.prune`` removes the history, and a plain
   ``VACUUM`` (what autovacuum does) makes the freed space reusable.
 
 After every round the test prints ``pg_total_relation_size`` of each table
@@ -39,7 +39,7 @@ import psycopg
 import pytest
 from kombu import Connection, Consumer, Producer, Queue
 
-from pgbroker import admin, retention
+from pgbroker.operations import admin, retention
 from tests.celery_helpers import celery_env, client_app, start_worker, wait_until
 from tests.kombu_helpers import FAST, Child, drain_until, scalar
 from tests.test_dedup import running

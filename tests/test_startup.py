@@ -90,7 +90,7 @@ def test_schemes_resolve_without_importing_pgbroker(scheme: str) -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True, env=_env()
     ).stdout.split()
-    assert out == ["pgbroker.transport", "pgbroker.transport"]
+    assert out == ["pgbroker.broker.transport", "pgbroker.broker.transport"]
 
 
 def test_import_pgbroker_registers_when_kombu_is_already_loaded() -> None:
@@ -105,4 +105,4 @@ def test_import_pgbroker_registers_when_kombu_is_already_loaded() -> None:
     out = subprocess.run(
         [sys.executable, "-S", "-c", code], check=True, capture_output=True, text=True, env=_env()
     ).stdout.split()
-    assert out == ["pgbroker.transport"]
+    assert out == ["pgbroker.broker.transport"]

@@ -1,4 +1,4 @@
-"""Fast crash recovery (pgbroker/sweeper.py), with real processes.
+"""Fast crash recovery (pgbroker/broker/sweeper.py), with real processes.
 
 One process per schema is the sweeper: its thread waits inside PostgreSQL
 for a consumer's advisory lock to go and then sweeps, so a SIGKILLed
@@ -28,7 +28,7 @@ import psycopg
 import pytest
 from kombu import Connection, Consumer, Message, Producer, Queue
 
-from pgbroker import sweeper
+from pgbroker.broker import sweeper
 from pgbroker.errors import ConfigurationError
 from pgbroker.options import TransportOptions
 from tests.kombu_helpers import Child, collect, drain_quietly, drain_until, rows, scalar, wait_for
@@ -43,7 +43,7 @@ ODD_SCHEMA = 'Odd "schema" Name'
 CONSUMER = """
 import os, sys, time
 from kombu import Connection, Consumer, Queue
-from pgbroker import sweeper
+from pgbroker.broker import sweeper
 hold = int(os.environ.get("HOLD", "0"))
 got = []
 options = {"schema": os.environ["SCHEMA"],

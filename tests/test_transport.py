@@ -480,7 +480,7 @@ def test_idle_consumer_sends_no_queries(db_url: str, pg_admin_url: str) -> None:
                 break
     # Three seconds of waiting cost at most two queries more than none, plus
     # the one SET the sweeper thread's new session starts with (the settings
-    # every pgbroker session pins: pgbroker.db.session_settings), which only
+    # every pgbroker session pins: pgbroker.database.sessions.session_settings), which only
     # the longer wait lets it reach.
     assert min(extra) <= 3, extra
 

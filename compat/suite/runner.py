@@ -36,7 +36,7 @@ from compat.apps.suite_app import Names, make_app
 from compat.suite.context import Context
 from compat.suite.scenarios import SCENARIOS, Behaviours, Skip
 from compat.suite.worker import WORKER_ARGS, WorkerProcess, nodename_for
-from pgbroker.pools import close_app
+from pgbroker.database.pools import close_app
 
 PASS, FAIL, SKIP, ERROR, NOT_RUN = "pass", "fail", "skip", "error", "not run"
 

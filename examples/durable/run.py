@@ -27,7 +27,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from pgbroker import embedded
+from pgbroker.database import embedded
 from pgbroker.durable import recorded_steps
 from pgbroker.urls import mask_password
 

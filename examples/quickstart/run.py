@@ -26,7 +26,7 @@ import psycopg
 from celery import chain, group
 from psycopg import sql
 
-from pgbroker import embedded
+from pgbroker.database import embedded
 from pgbroker.urls import mask_password
 
 HERE = Path(__file__).resolve().parent

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from pgbroker import embedded
+from pgbroker.database import embedded
 from pgbroker.urls import mask_password
 
 HERE = Path(__file__).resolve().parent

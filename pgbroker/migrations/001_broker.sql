@@ -43,7 +43,7 @@ CREATE TABLE {schema}.binding (
     routing_key  text NOT NULL,
     queue        text NOT NULL REFERENCES {schema}.queue (name) ON DELETE CASCADE,
     -- Topic exchanges: the binding key as an anchored regular expression
-    -- (built by pgbroker.routing), matched with ~ at publish time.
+    -- (built by pgbroker.broker.routing), matched with ~ at publish time.
     pattern      text,
     PRIMARY KEY (exchange, routing_key, queue)
 );

@@ -1,9 +1,9 @@
--- 004_beat: the periodic task schedule of celery beat (pgbroker/beat.py).
+-- 004_beat: the periodic task schedule of celery beat (pgbroker/operations/beat.py).
 --
 -- Design notes
 -- * One row per schedule entry. Entries of the app's beat_schedule are
 --   written by the beat process that becomes the leader (config_hash is set
---   on them); entries added at runtime (pgbroker.beat.add_entry) have none.
+--   on them); entries added at runtime (pgbroker.operations.beat.add_entry) have none.
 -- * A schedule is either an interval (interval_seconds) or a crontab (its
 --   five fields, as written in crontab(), evaluated in the app's timezone).
 -- * last_run_at is the last *slot* claimed, not the time a message was sent:

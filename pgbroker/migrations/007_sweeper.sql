@@ -1,4 +1,4 @@
--- 007_sweeper: the server side of fast crash recovery (pgbroker/sweeper.py).
+-- 007_sweeper: the server side of fast crash recovery (pgbroker/broker/sweeper.py).
 --
 -- Every process that consumes runs a sweeper thread with a session of its
 -- own, which calls sweeper_wait in a loop. Two session advisory locks,

@@ -9,7 +9,7 @@
 --
 -- How the sweep tells the two apart: every transport session of a process
 -- holds a shared advisory lock (schema oid, process key), the key being a
--- random negative integer per process (pgbroker.forking.process_key;
+-- random negative integer per process (pgbroker.database.forking.process_key;
 -- consumer ids are positive, the sweeper roles use 0 and -1).
 -- consumer_process records each consumer's process key. When a consumer's
 -- own lock is gone but its process's key is still held by another session
@@ -21,7 +21,7 @@
 --
 -- The sessions of a killed process end one by one, within milliseconds when
 -- they are idle: the sweeper thread waits a moment before it sweeps a newly
--- dead consumer (pgbroker.sweeper.SETTLE_SECONDS). Its own session does not
+-- dead consumer (pgbroker.broker.sweeper.SETTLE_SECONDS). Its own session does not
 -- hold the key: it is inside sweeper_wait, and would notice its process's
 -- death only up to 250 ms later. A process whose only session was lost is
 -- seen as dead by a sweep that runs before it reconnects: that delivery

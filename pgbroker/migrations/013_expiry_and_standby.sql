@@ -1,6 +1,6 @@
 -- 013_result_expiry: results expire exactly, and off the task's path
--- (pgbroker/backend.py, docs/operations.md); a standby sweeps for a frozen
--- sweeper within about a second (pgbroker/sweeper.py).
+-- (pgbroker/results/backend.py, docs/operations.md); a standby sweeps for a frozen
+-- sweeper within about a second (pgbroker/broker/sweeper.py).
 --
 -- Why: expiry used to be a delete of rows older than result_expires, run by
 -- store_result itself (on the task's path, the whole backlog at once), and

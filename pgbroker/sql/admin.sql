@@ -1,4 +1,4 @@
--- The operator commands' queries (pgbroker.admin), by name. `{schema}` is
+-- The operator commands' queries (pgbroker.operations.admin), by name. `{schema}` is
 -- replaced by the quoted schema identifier; values are always bound.
 
 -- name: queue_stats
@@ -238,7 +238,7 @@ SELECT (SELECT coalesce(json_agg(q), '[]') FROM {schema}.queue_stats q),
 -- The server's clock decides what is old, not the client's.
 SELECT now() - %(age)s::interval;
 
--- The retention queries (pgbroker.retention): for each kind of record, a
+-- The retention queries (pgbroker.operations.retention): for each kind of record, a
 -- count for --dry-run and a delete of one batch, oldest first, so a large
 -- backlog is removed in short transactions that never hold long locks.
 

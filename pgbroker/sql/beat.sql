@@ -1,16 +1,16 @@
--- Every query of the beat scheduler (pgbroker/beat.py), by name. `{schema}`
+-- Every query of the beat scheduler (pgbroker/operations/beat.py), by name. `{schema}`
 -- is replaced by the quoted schema identifier; values are bound parameters.
 
 -- name: try_lead
 -- The leader's session advisory lock, one per schema. Held until the
 -- session ends: Postgres releases it when the leader's connection closes or
 -- its process dies, and a standby's next try takes it.
-SELECT pg_try_advisory_lock(hashtext('pgbroker.beat'), hashtext(%(schema)s));
+SELECT pg_try_advisory_lock(hashtext('pgbroker.operations.beat'), hashtext(%(schema)s));
 
 -- name: resign
 -- A leader that stops releases the lock at once (closing the session would
 -- too, but the server ends a closed session a moment later).
-SELECT pg_advisory_unlock(hashtext('pgbroker.beat'), hashtext(%(schema)s));
+SELECT pg_advisory_unlock(hashtext('pgbroker.operations.beat'), hashtext(%(schema)s));
 
 -- name: now
 SELECT now();

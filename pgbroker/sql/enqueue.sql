@@ -1,4 +1,4 @@
--- Queries of transactional enqueue (pgbroker/enqueue.py).
+-- Queries of transactional enqueue (pgbroker/broker/enqueue.py).
 
 -- name: database_fingerprint
 -- What identifies "the same pgbroker schema in the same database on the same

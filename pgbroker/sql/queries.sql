@@ -481,7 +481,7 @@ WHERE p.ctid = ANY (ARRAY (
 -- urgent; housekeeping (2, 3, 5, 6) is done in bounded batches, rows locked
 -- by another sweep skipped (SKIP LOCKED), so that a large backlog of
 -- expired rows never delays a recovery by more than one batch: the client
--- (pgbroker.sweeper.sweep_more) runs the sweep again while a batch comes
+-- (pgbroker.broker.sweeper.sweep_more) runs the sweep again while a batch comes
 -- back full (`full`), for a bounded time, and the rest goes at the next
 -- sweeps. The sweeper thread's urgent sweep, right after a death, passes
 -- limits of 0: recovery alone.
@@ -512,10 +512,10 @@ WHERE p.ctid = ANY (ARRAY (
 -- 6. one batch of results and saved groups past their expires_at
 --    (result_expires when stored; reads already treat them as gone) goes.
 -- It also says whether live consumers of processes other than
--- (own_host, own_pid) exist: a lone sweeper thread (pgbroker/sweeper.py)
+-- (own_host, own_pid) exist: a lone sweeper thread (pgbroker/broker/sweeper.py)
 -- then goes back to watching them. Results are written to task_result
 -- only where the task's row is not final yet (SUCCESS, FAILURE, REVOKED),
--- and announced on the task's channel (pgbroker.result_consumer.channel_for)
+-- and announced on the task's channel (pgbroker.results.consumer.channel_for)
 -- so a waiting get() wakes.
 WITH dead AS (
     -- Locked, and skipped when locked: two sweeps running at once (two

@@ -1,4 +1,4 @@
--- The sweeper's query (pgbroker/sweeper.py). `{schema}` is replaced by the
+-- The sweeper's query (pgbroker/broker/sweeper.py). `{schema}` is replaced by the
 -- quoted schema identifier; values are always bound parameters. The sweep
 -- itself is `sweep` in queries.sql.
 

@@ -1,4 +1,4 @@
-"""A Celery app for the beat scheduler tests (pgbroker/beat.py).
+"""A Celery app for the beat scheduler tests (pgbroker/operations/beat.py).
 
 ``record`` writes one row per run into the ``beat_run`` table of the
 broker's own database (created by the test), with the slot beat sent it

@@ -3,7 +3,7 @@
 The ``pgbroker`` command's ``status``, ``top``, ``purge``, ``dead-letters``
 and ``tasks`` subcommands call these; code can too::
 
-    from pgbroker import admin
+    from pgbroker.operations import admin
 
     with admin.open_connection("postgresql://app@db/app", "pgbroker") as conn:
         for queue in admin.status(conn, "pgbroker").queues:
@@ -25,9 +25,9 @@ from typing import Any
 import psycopg
 from kombu.serialization import loads
 
-from pgbroker import queries
-from pgbroker import schema as schema_mod
-from pgbroker.db import connect
+from pgbroker.database import queries
+from pgbroker.database import schema as schema_mod
+from pgbroker.database.sessions import connect
 from pgbroker.errors import PgBrokerError, SchemaError
 
 #: Seconds to wait for the server before giving up.

@@ -1,8 +1,8 @@
 """``pgbroker prune`` and ``pgbroker metrics``: retention and monitoring.
 
-Kept out of :mod:`pgbroker.cli` to keep that module a readable size; each
+Kept out of :mod:`pgbroker.cli.main` to keep that module a readable size; each
 ``add_*`` function adds one subcommand and is listed in ``cli.COMMANDS``.
-The work is done by :mod:`pgbroker.retention` and :mod:`pgbroker.metrics`.
+The work is done by :mod:`pgbroker.operations.retention` and :mod:`pgbroker.operations.metrics`.
 """
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from pgbroker import cli
+from pgbroker.cli import main as cli
 from pgbroker.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    # Imported when a command runs: pgbroker.retention imports Celery.
-    from pgbroker.retention import Progress, PruneReport
+    # Imported when a command runs: pgbroker.operations.retention imports Celery.
+    from pgbroker.operations.retention import Progress, PruneReport
 
 # --- pgbroker prune -------------------------------------------------------------------
 
 
 def add_prune(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from pgbroker import retention
+    from pgbroker.operations import retention
 
     parser = commands.add_parser(
         "prune",
@@ -89,7 +89,7 @@ def add_prune(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from pgbroker import retention
+    from pgbroker.operations import retention
 
     cli._positive(args.batch_size, "--batch-size")
     policy = retention.Policy(
@@ -160,7 +160,7 @@ def render_prune(report: PruneReport, where: str) -> str:
 
 
 def add_metrics(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from pgbroker import metrics
+    from pgbroker.operations import metrics
 
     parser = commands.add_parser(
         "metrics",
@@ -205,7 +205,7 @@ def add_metrics(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 def _metrics(args: argparse.Namespace) -> int:
-    from pgbroker import metrics
+    from pgbroker.operations import metrics
 
     name = cli._schema_name(args)
     if args.once:

@@ -44,7 +44,7 @@ native chords.
 
 How it works:
 
-* ``get()`` is woken by LISTEN/NOTIFY (:mod:`pgbroker.result_consumer`):
+* ``get()`` is woken by LISTEN/NOTIFY (:mod:`pgbroker.results.consumer`):
   the statement storing a result notifies the task's channel.
 * Chords are native: each header part is recorded and counted in one
   statement, and the one that completes the count flips ``fired`` and sends
@@ -94,11 +94,11 @@ from kombu.serialization import dumps, loads
 from psycopg import pq
 from psycopg.errors import error_from_result
 
-from pgbroker import pools, queries
-from pgbroker.db import connect, session_lost
+from pgbroker.database import pools, queries
+from pgbroker.database.sessions import connect, session_lost
 from pgbroker.errors import ConfigurationError, PgBrokerError
 from pgbroker.options import MAX_FIELD, checked, flag, schema_name, seconds, validated, whole
-from pgbroker.result_consumer import ResultConsumer, channel_for
+from pgbroker.results.consumer import ResultConsumer, channel_for
 from pgbroker.urls import SCHEMES, mask_password, to_conninfo
 
 logger = logging.getLogger("pgbroker")
@@ -147,12 +147,12 @@ class BackendOptions:
                 raise ConfigurationError(
                     f"{_WHERE}: unknown option {name!r}.{hint} "
                     f"pgbroker's result backend takes: {', '.join(known)} "
-                    "(see pgbroker.backend)."
+                    "(see pgbroker.results.backend)."
                 )
         return validated(_WHERE, cls(**given))
 
 
-# --- one pool per process (pgbroker.pools) ------------------------------------------
+# --- one pool per process (pgbroker.database.pools) ------------------------------------------
 
 
 def _pool_for(url: str, options: BackendOptions) -> psycopg_pool.ConnectionPool:
@@ -494,7 +494,7 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         # Nothing to do before the task is sent: a waiter LISTENs when it
         # starts waiting (get(), then()) and reads the state after its LISTEN
         # took effect, which misses nothing however late it comes (see
-        # pgbroker.result_consumer). Listening here would cost every
+        # pgbroker.results.consumer). Listening here would cost every
         # delay() two statements, and the publish their time, even when
         # nobody ever waits.
         return {}

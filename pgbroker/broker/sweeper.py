@@ -65,9 +65,9 @@ from typing import Any
 
 import psycopg
 
-from pgbroker import queries
-from pgbroker.db import connect, default_application_name
-from pgbroker.forking import neutralise
+from pgbroker.database import queries
+from pgbroker.database.forking import neutralise
+from pgbroker.database.sessions import connect, default_application_name
 from pgbroker.options import TransportOptions
 
 logger = logging.getLogger("pgbroker")
@@ -520,7 +520,7 @@ def release(sweeper: Sweeper) -> None:
 
 def _after_fork_in_child() -> None:
     """A forked child (Celery's prefork pool) has no sweeper thread: forget
-    the parent's sweepers without touching their sessions (pgbroker.forking),
+    the parent's sweepers without touching their sessions (pgbroker.database.forking),
     so that they end with the parent."""
     global _lock
     _lock = threading.Lock()

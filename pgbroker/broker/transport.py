@@ -30,7 +30,7 @@ How it works, in short:
 * A consumer holds an advisory lock for as long as its session lives. The
   sweep hands the messages of consumers whose lock is gone back to their
   queues, and a live but slow consumer never loses its messages. The
-  sweeper thread (:mod:`pgbroker.sweeper`, ``fast_recovery``) watches the
+  sweeper thread (:mod:`pgbroker.broker.sweeper`, ``fast_recovery``) watches the
   locks inside PostgreSQL and sweeps as soon as one is gone, so a SIGKILLed
   worker's tasks come back within about 0.2 s; without it, within one
   sweep interval.
@@ -78,8 +78,12 @@ from psycopg.adapt import Transformer
 from psycopg.errors import error_from_result
 from psycopg.types.json import Json, Jsonb, set_json_loads
 
-from pgbroker import enqueue, queries, schema, sweeper
-from pgbroker.db import connect, prefer_indexes, session_lost
+from pgbroker.broker import enqueue, sweeper
+from pgbroker.broker.routing import topic_pattern
+from pgbroker.broker.sweeper import PROMOTE_BATCH, drop_dead_consumers_queues, log_sweep, sweep_more
+from pgbroker.database import queries, schema
+from pgbroker.database.forking import neutralise, process_key
+from pgbroker.database.sessions import connect, prefer_indexes, session_lost
 from pgbroker.errors import (
     ConfigurationError,
     ConnectionLost,
@@ -88,10 +92,7 @@ from pgbroker.errors import (
     NameTooLong,
     PgBrokerError,
 )
-from pgbroker.forking import neutralise, process_key
 from pgbroker.options import TransportOptions
-from pgbroker.routing import topic_pattern
-from pgbroker.sweeper import PROMOTE_BATCH, drop_dead_consumers_queues, log_sweep, sweep_more
 from pgbroker.urls import mask_password
 
 logger = logging.getLogger("pgbroker")
@@ -1294,7 +1295,7 @@ class Transport(virtual.Transport):
         self.maybe_promote()
 
     def _swept_elsewhere(self) -> bool:
-        """The sweeper thread works (pgbroker.sweeper): the periodic sweep
+        """The sweeper thread works (pgbroker.broker.sweeper): the periodic sweep
         of this consumer would only repeat it."""
         return self._sweeper is not None and self._sweeper.covers()
 
@@ -1590,7 +1591,7 @@ def _load_json(data: str | bytes) -> Any:
 
 class _ForgetAfterFork:
     """In a forked child, every transport inherited from the parent lets go
-    of the parent's session (see pgbroker.forking)."""
+    of the parent's session (see pgbroker.database.forking)."""
 
     def __init__(self) -> None:
         self._transports: weakref.WeakSet[Transport] = weakref.WeakSet()

@@ -2,8 +2,8 @@
 
 Subcommands: ``migrate``, ``status``, ``top``, ``purge``, ``dead-letters``
 (``list``, ``replay``, ``drop``) and ``tasks`` (``show``). The operator
-commands are thin wrappers over :mod:`pgbroker.admin`. ``prune`` and
-``metrics`` are in :mod:`pgbroker.cli_ops`.
+commands are thin wrappers over :mod:`pgbroker.operations.admin`. ``prune`` and
+``metrics`` are in :mod:`pgbroker.cli.ops`.
 
 Every option can also come from an environment variable, shown in
 ``--help``. Errors print one line to stderr and exit with status 2; the
@@ -28,10 +28,14 @@ from typing import Any
 
 import psycopg
 
-from pgbroker import __version__, admin, cli_ops, demo, schema
+from pgbroker import __version__
+from pgbroker.cli import ops as cli_ops
+from pgbroker.database import schema
 from pgbroker.errors import ConfigurationError, PgBrokerError
+from pgbroker.operations import admin
 from pgbroker.options import schema_name
 from pgbroker.urls import redact
+from pgbroker_demo import run as demo
 
 EXIT_OK = 0
 EXIT_NOT_CURRENT = 1  # migrate --status: the schema is not at the latest version
@@ -123,7 +127,7 @@ def _add_migrate(commands: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from pgbroker.db import connect
+    from pgbroker.database.sessions import connect
 
     name = _schema_name(args)
     latest = schema.latest_version()

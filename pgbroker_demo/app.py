@@ -10,7 +10,7 @@ is exactly once. When a run of a task finds a step already checkpointed, the
 body is skipped and the task records a ``replayed`` row instead, so the demo
 can show what ran and what was skipped.
 
-The demo starts the workers (``celery -A pgbroker.demo_app worker``) with
+The demo starts the workers (``celery -A pgbroker_demo.app worker``) with
 ``PGBROKER_DEMO_URL`` and ``PGBROKER_DEMO_SCHEMA`` set. For the first worker
 it also sets ``PGBROKER_DEMO_PAUSE_FILE``: once the step ``KILL_AFTER``
 has committed, the task writes its pid to that file and waits, so the demo
@@ -28,9 +28,9 @@ import psycopg
 from celery import Celery
 from psycopg import sql
 
-from pgbroker.demo import KILL_AFTER, QUEUE, WORKFLOW
 from pgbroker.durable import DurableTask
 from pgbroker.errors import ConfigurationError
+from pgbroker_demo.run import KILL_AFTER, QUEUE, WORKFLOW
 
 #: Seconds of pretend work in each step, so that the output can be followed.
 WORK_SECONDS = 0.15
@@ -39,7 +39,7 @@ URL = os.environ.get("PGBROKER_DEMO_URL", "")
 SCHEMA = os.environ.get("PGBROKER_DEMO_SCHEMA", "pgbroker_demo")
 if not URL:
     raise ConfigurationError(
-        "pgbroker.demo_app is the app of `pgbroker demo`, which sets PGBROKER_DEMO_URL "
+        "pgbroker_demo.app is the app of `pgbroker demo`, which sets PGBROKER_DEMO_URL "
         "for the workers it starts: run `pgbroker demo`"
     )
 

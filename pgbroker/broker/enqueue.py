@@ -58,7 +58,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from pgbroker import queries
+from pgbroker.database import queries
 from pgbroker.errors import PgBrokerError
 
 __all__ = ["EnqueueError", "enqueue_in"]

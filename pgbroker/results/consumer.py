@@ -57,10 +57,10 @@ from psycopg import pq, sql
 from psycopg.adapt import PyFormat, Transformer
 from psycopg.errors import error_from_result
 
-from pgbroker.forking import neutralise
+from pgbroker.database.forking import neutralise
 
 if TYPE_CHECKING:
-    from pgbroker.backend import PostgresBackend
+    from pgbroker.results.backend import PostgresBackend
 
 logger = logging.getLogger("pgbroker")
 

@@ -2,7 +2,7 @@
 
 The result backend, durable steps and the beat scheduler each keep a pool
 per (URL, schema) in every process. After a fork the child must not use or
-close the parent's connections (see :mod:`pgbroker.forking`): it detaches
+close the parent's connections (see :mod:`pgbroker.database.forking`): it detaches
 them and opens its own pool on first use.
 
 Pools are closed when a Celery worker (or pool process) shuts down, and at
@@ -26,10 +26,10 @@ import psycopg
 import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 
-from pgbroker import schema
-from pgbroker.db import connect, default_application_name, pin_session, session_lost
+from pgbroker.database import schema
+from pgbroker.database.forking import neutralise
+from pgbroker.database.sessions import connect, default_application_name, pin_session, session_lost
 from pgbroker.errors import DatabaseUnavailable
-from pgbroker.forking import neutralise
 from pgbroker.urls import to_conninfo
 
 _pools: dict[tuple[str, str, str], psycopg_pool.ConnectionPool] = {}
@@ -87,7 +87,7 @@ def pool_for(
 
 def _configure(conn: psycopg.Connection) -> None:
     """A new pooled session: pin its settings as every pgbroker session's
-    (pgbroker.db.session_settings), and track it for fork."""
+    (pgbroker.database.sessions.session_settings), and track it for fork."""
     pin_session(conn)
     _conns.add(conn)
 
@@ -136,9 +136,11 @@ def _close_at_shutdown() -> None:
     _shutdown_hooked = True
     from celery import signals
 
-    signals.worker_shutdown.connect(_close_on_signal, weak=False, dispatch_uid="pgbroker.pools")
+    signals.worker_shutdown.connect(
+        _close_on_signal, weak=False, dispatch_uid="pgbroker.database.pools"
+    )
     signals.worker_process_shutdown.connect(
-        _close_on_signal, weak=False, dispatch_uid="pgbroker.pools"
+        _close_on_signal, weak=False, dispatch_uid="pgbroker.database.pools"
     )
     atexit.register(close_pools)
 

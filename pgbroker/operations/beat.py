@@ -5,7 +5,7 @@ Run it with::
     celery -A proj beat -S pgbroker
 
 (``pgbroker`` is registered in Celery's ``celery.beat_schedulers`` entry
-point group; the full path ``pgbroker.beat:PgScheduler`` works too, and so
+point group; the full path ``pgbroker.operations.beat:PgScheduler`` works too, and so
 does ``beat_scheduler = "pgbroker"`` in the app's configuration). Run it
 on several machines at once: one process is the leader and sends the
 periodic tasks; the others are standbys that take over when the leader dies.
@@ -120,15 +120,15 @@ from celery.beat import ScheduleEntry, Scheduler
 from celery.schedules import crontab, schedule
 from kombu.utils import json as kjson
 
-from pgbroker import queries
-from pgbroker import schema as pg_schema
 from pgbroker.appconfig import app_database
-from pgbroker.db import connect
+from pgbroker.database import queries
+from pgbroker.database import schema as pg_schema
+from pgbroker.database.sessions import connect
 from pgbroker.errors import ConfigurationError, DatabaseUnavailable, PgBrokerError
 from pgbroker.options import TEN_YEARS, schema_name, seconds
 from pgbroker.urls import mask_password, to_conninfo
 
-logger = logging.getLogger("pgbroker.beat")
+logger = logging.getLogger("pgbroker.operations.beat")
 
 DEFAULT_CATCHUP = 300.0
 #: The header that carries a run's slot.
@@ -710,7 +710,7 @@ class PgScheduler(Scheduler):
         if self._shared is False:
             return None
         transport = self.producer.connection.connection  # established by _ensure_connected
-        from pgbroker.transport import Transport  # the broker may be another transport
+        from pgbroker.broker.transport import Transport  # the broker may be another transport
 
         if self._shared is None:
             self._shared = (

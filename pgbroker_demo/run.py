@@ -1,6 +1,6 @@
 """``pgbroker demo``: a durable workflow survives the SIGKILL of its worker.
 
-Sends a chain of three durable tasks (:mod:`pgbroker.demo_app`: seven
+Sends a chain of three durable tasks (:mod:`pgbroker_demo.app`: seven
 checkpointed steps), runs it on a real ``celery worker`` subprocess, kills
 that worker and its pool process with SIGKILL in the middle of the chain,
 starts a second worker and follows the workflow as it resumes at the next
@@ -37,7 +37,7 @@ from pgbroker.options import schema_name
 from pgbroker.urls import mask_password
 
 DEFAULT_SCHEMA = "pgbroker_demo"
-#: The workflow (run by pgbroker.demo_app): task name -> its steps, in order.
+#: The workflow (run by pgbroker_demo.app): task name -> its steps, in order.
 WORKFLOW: dict[str, list[str]] = {
     "reserve_stock": ["check_inventory", "hold_items"],
     "charge_payment": ["authorize", "capture", "send_receipt"],
@@ -66,7 +66,7 @@ CREATE TABLE {}.demo_event (
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from pgbroker.cli import _Env
+    from pgbroker.cli.main import _Env
 
     parser = commands.add_parser(
         "demo",
@@ -129,7 +129,7 @@ def _database(url: str | None) -> Iterator[tuple[str, bool]]:
         _say(f"database: {mask_password(url)} (--url / PGBROKER_URL)")
         yield url, False
         return
-    from pgbroker import embedded
+    from pgbroker.database import embedded
 
     _say("no --url or PGBROKER_URL: starting an embedded PostgreSQL...")
     with tempfile.TemporaryDirectory(prefix="pgbroker-demo-db-") as tmp:
@@ -142,14 +142,14 @@ def _database(url: str | None) -> Iterator[tuple[str, bool]]:
 
 
 def _connect(url: str) -> psycopg.Connection:
-    from pgbroker.db import connect
+    from pgbroker.database.sessions import connect
 
     return connect(url, connect_timeout=10)
 
 
 def _prepare(url: str, name: str) -> None:
     """A fresh demo schema: migrated, with the demo's event table."""
-    from pgbroker import schema
+    from pgbroker.database import schema
 
     with _connect(url) as conn:
         ident = sql.Identifier(name)
@@ -312,7 +312,7 @@ class Demo:
     def _start_worker(self, number: int, extra: dict[str, str]) -> Worker:
         log = self.tmp / f"worker{number}.log"
         command = [
-            sys.executable, "-m", "celery", "-A", "pgbroker.demo_app", "worker",
+            sys.executable, "-m", "celery", "-A", "pgbroker_demo.app", "worker",
             "--pool=prefork", "--concurrency=1", "--loglevel=info",
             "-n", f"demo{number}@%h",
         ]  # fmt: skip
@@ -439,12 +439,12 @@ class Demo:
 def _import_app() -> Any:
     import importlib
 
-    sys.modules.pop("pgbroker.demo_app", None)  # read the URL set above
-    return importlib.import_module("pgbroker.demo_app")
+    sys.modules.pop("pgbroker_demo.app", None)  # read the URL set above
+    return importlib.import_module("pgbroker_demo.app")
 
 
 def _close_app(app: Any) -> None:
-    from pgbroker.pools import close_app
+    from pgbroker.database.pools import close_app
 
     close_app(app)
 

@@ -61,9 +61,9 @@ from typing import Any
 
 import psycopg
 
-from pgbroker import queries
-from pgbroker.admin import is_internal_queue, open_connection
+from pgbroker.database import queries
 from pgbroker.errors import ConfigurationError, SchemaError
+from pgbroker.operations.admin import is_internal_queue, open_connection
 from pgbroker.urls import redact
 
 logger = logging.getLogger("pgbroker")

@@ -23,7 +23,7 @@ records             pruned when                                  by default
 Run it from cron (``pgbroker prune``, see docs/operations.md) or from celery
 beat with the ``pgbroker.prune`` task defined here::
 
-    app.conf.imports = ["pgbroker.retention"]
+    app.conf.imports = ["pgbroker.operations.retention"]
     app.conf.beat_schedule = {
         "pgbroker-prune": {
             "task": "pgbroker.prune",
@@ -48,9 +48,9 @@ from typing import Any
 import psycopg
 from celery import shared_task
 
-from pgbroker import queries
-from pgbroker.admin import parse_duration
+from pgbroker.database import queries
 from pgbroker.errors import ConfigurationError, SchemaError
+from pgbroker.operations.admin import parse_duration
 
 logger = logging.getLogger("pgbroker")
 
@@ -276,7 +276,7 @@ def prune_task(
     per table.
     """
     from pgbroker.appconfig import app_database
-    from pgbroker.db import connect
+    from pgbroker.database.sessions import connect
 
     where = app_database(self.app.conf, "prune", "the pgbroker.prune task")
     policy = Policy(

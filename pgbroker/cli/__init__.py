@@ -1,0 +1,1 @@
+"""The ``pgbroker`` command (``pgbroker.cli.main:main``)."""

@@ -1,0 +1,2 @@
+"""PostgreSQL itself: sessions and their settings, connection pools, fork
+safety, the schema and its migrations, the SQL loader, the embedded server."""

@@ -1,0 +1,2 @@
+"""Running pgbroker: admin queries, retention, metrics and the beat
+scheduler."""
