@@ -75,13 +75,12 @@ from kombu.utils import json
 from kombu.utils.uuid import uuid
 from psycopg import pq, sql
 from psycopg.adapt import Transformer
-from psycopg.errors import error_from_result
 from psycopg.types.json import Json, Jsonb, set_json_loads
 
 from pgbroker.broker import enqueue, sweeper
 from pgbroker.broker.routing import topic_pattern
 from pgbroker.broker.sweeper import PROMOTE_BATCH, drop_dead_consumers_queues, log_sweep, sweep_more
-from pgbroker.database import queries, schema
+from pgbroker.database import pipeline, queries, schema
 from pgbroker.database.forking import neutralise, process_key
 from pgbroker.database.sessions import connect, prefer_indexes, session_lost
 from pgbroker.errors import (
@@ -659,7 +658,6 @@ class Transport(virtual.Transport):
         name, types = _PIPELINED[query]
         with self._io:
             conn = self.conn  # settles the previous one
-            pgconn = conn.pgconn
             text, names = _numbered(self._sql[query])
             enc = conn.info.encoding
             values = [_text_param(params[n], enc) for n in names]
@@ -674,36 +672,33 @@ class Transport(virtual.Transport):
             ]
             statements: list[bytes] = []  # those whose replies are read here
             with conn.lock:
-                pgconn.enter_pipeline_mode()
+                pipeline.enter(conn)
                 self._commit_pending = True  # from here on, _settle cleans up
                 for step, key, _ in steps:
                     if step not in self._prepared:
                         step_text, step_names = (
                             (text, names) if step == name else _numbered(self._sql[key])
                         )
-                        pgconn.send_prepare(step, step_text, [types[n] for n in step_names])
+                        pipeline.prepare(conn, step, step_text, [types[n] for n in step_names])
                         self._prepared.add(step)
                         statements.append(b"prepare " + step)
                 for step, key, step_values in steps:
-                    pgconn.send_query_prepared(step, step_values)
+                    pipeline.send_prepared(conn, step, step_values)
                     if step == name:
-                        pgconn.send_flush_request()  # its rows now, the commit later
+                        pipeline.request_flush(conn)  # its rows now, the commit later
                     if key != "claim_commit":  # read by _settle
                         statements.append(step)
-                pgconn.pipeline_sync()
-                _flush(pgconn)
+                pipeline.sync(conn)
+                pipeline.flush(conn)
                 rows: pq.abc.PGresult | None = None
                 error: psycopg.Error | None = None
                 for statement in statements:
-                    while True:
-                        _wait_result(pgconn)
-                        res = pgconn.get_result()
-                        if res is None:  # the end of this statement's replies
-                            break
-                        if res.status == pq.ExecStatus.TUPLES_OK:
+                    while (res := pipeline.next_result(conn)) is not None:
+                        # (None: the end of this statement's replies)
+                        if pipeline.has_rows(res):
                             rows = res
-                        elif res.status == pq.ExecStatus.FATAL_ERROR:
-                            error = error or error_from_result(res, encoding=enc)
+                        elif (failed := pipeline.error(conn, res)) is not None:
+                            error = error or failed
                             if statement.startswith(b"prepare "):
                                 # prepared again next time
                                 self._prepared.discard(statement[len(b"prepare ") :])
@@ -728,24 +723,20 @@ class Transport(virtual.Transport):
                 return True
             try:
                 conn = self._live()
-                pgconn = conn.pgconn
                 error: psycopg.Error | None = None
                 with conn.lock:
-                    pgconn.consume_input()
-                    if not block and pgconn.is_busy():
+                    if not block and not pipeline.ready(conn):
                         return False
                     while True:
-                        _wait_result(pgconn)
-                        res = pgconn.get_result()
+                        res = pipeline.next_result(conn)
                         if res is None:
                             continue
-                        if res.status == pq.ExecStatus.PIPELINE_SYNC:
+                        if pipeline.is_sync(res):
                             break
-                        if res.status == pq.ExecStatus.FATAL_ERROR:
-                            error = error or error_from_result(res, encoding=conn.info.encoding)
-                    pgconn.exit_pipeline_mode()
+                        error = error or pipeline.error(conn, res)
+                    pipeline.leave(conn)
                     self._commit_pending = False
-                    failed_block = pgconn.transaction_status == pq.TransactionStatus.INERROR
+                    failed_block = pipeline.in_failed_transaction(conn)
                 if failed_block:  # the claim failed inside its BEGIN: end that
                     conn.execute("ROLLBACK")
                 if error is not None:
@@ -1449,26 +1440,6 @@ def _numbered(query: bytes) -> tuple[bytes, list[str]]:
         return b"$%d" % (names.index(name) + 1)
 
     return _PLACEHOLDER.sub(number, query), names
-
-
-def _flush(pgconn: Any) -> None:
-    """Send what libpq holds (the socket is non-blocking)."""
-    while pgconn.flush() == 1:
-        # Read while writing: a server blocked on sending us replies would
-        # stop reading what we send.
-        readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [], 1.0)
-        if readable:
-            pgconn.consume_input()
-
-
-def _wait_result(pgconn: Any) -> None:
-    """Wait until libpq has a whole reply to hand out."""
-    pgconn.consume_input()
-    while pgconn.is_busy():
-        select.select([pgconn.socket], [], [], 1.0)
-        pgconn.consume_input()
-        if pgconn.status != pq.ConnStatus.OK:
-            raise ConnectionLost("pgbroker: the connection to PostgreSQL was lost")
 
 
 def _url_of(client: Any) -> str:

@@ -70,7 +70,6 @@ import heapq
 import logging
 import os
 import re
-import select
 import threading
 import time
 import weakref
@@ -91,10 +90,8 @@ from celery.result import GroupResult, allow_join_result, result_from_tuple
 from celery.utils.functional import _regen
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads
-from psycopg import pq
-from psycopg.errors import error_from_result
 
-from pgbroker.database import pools, queries
+from pgbroker.database import pipeline, pools, queries
 from pgbroker.database.sessions import connect, session_lost
 from pgbroker.errors import ConfigurationError, PgBrokerError
 from pgbroker.options import MAX_FIELD, checked, flag, schema_name, seconds, validated, whole
@@ -231,41 +228,30 @@ class _Pipeline:
 
     def sync(self) -> None:
         """Commit what was sent since the last sync (the reply is read later)."""
-        self.conn.pgconn.pipeline_sync()
+        pipeline.sync(self.conn)
         self.syncs += 1
         self.open = False
         self.flush()
 
     def flush(self) -> None:
-        pgconn = self.conn.pgconn
-        while pgconn.flush() == 1:
-            # Read while writing: a server blocked on sending us replies
-            # would stop reading what we send.
-            readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [], 1.0)
-            if readable:
-                pgconn.consume_input()
+        pipeline.flush(self.conn)
 
     def read_replies(self) -> list[tuple[str, Any]]:
         """Wait for every reply to what was synced: (label, outcome) per
         statement, in order; the outcome is None, an error or _ABORTED."""
-        pgconn = self.conn.pgconn
-        enc = self.conn.info.encoding
+        conn = self.conn
         outcomes: list[tuple[str, Any]] = []
         outcome: Any = None
         while self.syncs:
-            pgconn.consume_input()
-            while pgconn.is_busy():
-                select.select([pgconn.socket], [], [], 1.0)
-                pgconn.consume_input()
-            res = pgconn.get_result()
+            res = pipeline.next_result(conn)
             if res is None:  # the end of one statement's replies
                 outcomes.append((self.labels.popleft(), outcome))
                 outcome = None
-            elif res.status == pq.ExecStatus.PIPELINE_SYNC:
+            elif pipeline.is_sync(res):
                 self.syncs -= 1
-            elif res.status == pq.ExecStatus.FATAL_ERROR:
-                outcome = error_from_result(res, encoding=enc)
-            elif res.status == pq.ExecStatus.PIPELINE_ABORTED:
+            elif (failed := pipeline.error(conn, res)) is not None:
+                outcome = failed
+            elif pipeline.is_aborted(res):
                 outcome = _ABORTED
         return outcomes
 
@@ -280,7 +266,7 @@ class _Pipeline:
                 if self.syncs or self.labels:
                     conn.close()  # replies never read (an error on the way)
                 else:
-                    conn.pgconn.exit_pipeline_mode()
+                    pipeline.leave(conn)
         except psycopg.Error:
             conn.close()
         self.pool.putconn(conn)
@@ -631,7 +617,7 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         pool = self._pool()
         conn = pool.getconn()
         try:
-            conn.pgconn.enter_pipeline_mode()
+            pipeline.enter(conn)
         except BaseException:
             pool.putconn(conn)
             raise
@@ -673,7 +659,6 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
 
     def _send_store(self, p: _Pipeline, params: dict[str, Any], label: str) -> None:
         conn = p.conn
-        pgconn = conn.pgconn
         query, names = self._store_query()
         enc = conn.info.encoding
         values: list[bytes | None] = []
@@ -701,10 +686,10 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         if conn not in _prepared:
             # Prepared once per connection: planning the upsert costs more
             # than running it.
-            pgconn.send_prepare(STORE_STATEMENT, query, types)
+            pipeline.prepare(conn, STORE_STATEMENT, query, types)
             p.send("prepare")
             _prepared.add(conn)
-        pgconn.send_query_prepared(STORE_STATEMENT, values, formats)
+        pipeline.send_prepared(conn, STORE_STATEMENT, values, formats)
         p.send(label)
 
     def _store_query(self) -> tuple[bytes, list[str]]:

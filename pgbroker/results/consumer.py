@@ -53,10 +53,10 @@ import psycopg
 from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
 from celery.result import ResultSet
-from psycopg import pq, sql
+from psycopg import sql
 from psycopg.adapt import PyFormat, Transformer
-from psycopg.errors import error_from_result
 
+from pgbroker.database import pipeline
 from pgbroker.database.forking import neutralise
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             if self._finalizer is not None:
                 self._finalizer()  # closes a connection dropped without it
             self._finalizer = weakref.finalize(self, _close_owned, conn, os.getpid())
-            conn.pgconn.enter_pipeline_mode()
+            pipeline.enter(conn)
             self._connection = conn
             self._listening = set()
             self._stale = set()
@@ -240,7 +240,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             self._synced = self._sent
             # Prepared once: parsing the read costs more than running it.
             query = self.backend.queries["get_results_json"].as_bytes(conn)
-            conn.pgconn.send_prepare(_READ_STATEMENT, query, [_TEXT_ARRAY_OID])
+            pipeline.prepare(conn, _READ_STATEMENT, query, [_TEXT_ARRAY_OID])
             self._inflight.append(_COMMAND)
             self._sync(conn)
         elif conn.closed:
@@ -296,27 +296,21 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
     # --- the pipeline (lock held) ----------------------------------------------------
 
     def _send(self, conn: psycopg.Connection, query: sql.Composable, tag: object) -> None:
-        conn.pgconn.send_query_params(query.as_bytes(conn), None)
+        pipeline.send_query(conn, query.as_bytes(conn))
         self._inflight.append(tag)
 
     def _send_read(self, conn: psycopg.Connection, task_ids: list[str]) -> None:
         value = Transformer(conn).get_dumper(task_ids, PyFormat.TEXT).dump(task_ids)
-        conn.pgconn.send_query_prepared(_READ_STATEMENT, [value])
+        pipeline.send_prepared(conn, _READ_STATEMENT, [value])
         self._inflight.append(task_ids)
 
     def _sync(self, conn: psycopg.Connection) -> None:
-        conn.pgconn.pipeline_sync()
+        pipeline.sync(conn)
         self._inflight.append(_SYNC)
         self._sent += 1
 
     def _flush(self, conn: psycopg.Connection) -> None:
-        pgconn = conn.pgconn
-        while pgconn.flush() == 1:
-            # Read while writing: a server blocked on sending us replies
-            # would stop reading what we send.
-            readable, _, _ = select.select([conn.fileno()], [conn.fileno()], [], MAX_WAIT)
-            if readable:
-                pgconn.consume_input()
+        pipeline.flush(conn, MAX_WAIT)
 
     def _sync_listens(self, conn: psycopg.Connection) -> list[str]:
         """Queue the LISTENs (and bulk UNLISTEN) due, as one transaction.
@@ -360,35 +354,34 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
 
     def _collect(self, conn: psycopg.Connection) -> None:
         """Take the replies and notifications already received; never blocks."""
-        pgconn = conn.pgconn
-        pgconn.consume_input()
+        pipeline.consume(conn)
         enc = conn.info.encoding
         error: psycopg.Error | None = None
-        while self._inflight and not pgconn.is_busy():
+        while self._inflight and not pipeline.busy(conn):
             tag = self._inflight[0]
-            res = pgconn.get_result()
+            res = pipeline.take_result(conn)
             if tag is _SYNC:
                 self._inflight.popleft()
                 self._synced += 1
             elif res is None:  # the end of one query's replies
                 self._inflight.popleft()
-            elif res.status == pq.ExecStatus.FATAL_ERROR:
+            elif (failed := pipeline.error(conn, res)) is not None:
                 if isinstance(tag, list):
                     self._failed_reads.update(tag)  # their waiters read again
                 else:
-                    error = error or error_from_result(res, encoding=enc)
-            elif res.status == pq.ExecStatus.TUPLES_OK and isinstance(tag, list):
+                    error = error or failed
+            elif pipeline.has_rows(res) and isinstance(tag, list):
                 found = set()
                 for row in range(res.ntuples):
                     row_id = (res.get_value(row, 0) or b"").decode(enc)
                     found.add(row_id)
                     self._incoming.append((row_id, (res.get_value(row, 1) or b"").decode(enc)))
                 self._incoming.extend((i, None) for i in tag if i not in found)
-        while (n := pgconn.notifies()) is not None:
+        for n in pipeline.notifies(conn):
             task_id = self._channels.get(n.relname.decode(enc))
             if task_id is not None:
                 self._incoming.append((task_id, n.extra.decode(enc)))
-        if pgconn.status != pq.ConnStatus.OK:
+        if not pipeline.alive(conn):
             raise psycopg.OperationalError("pgbroker: the LISTEN connection was lost")
         if error is not None:
             raise error
