@@ -66,7 +66,7 @@ CREATE TABLE {}.demo_event (
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from pgbroker.cli.main import _Env
+    from pgbroker.cli.options import _Env
 
     parser = commands.add_parser(
         "demo",

@@ -1,7 +1,7 @@
 """``pgbroker prune`` and ``pgbroker metrics``: retention and monitoring.
 
-Kept out of :mod:`pgbroker.cli.main` to keep that module a readable size; each
-``add_*`` function adds one subcommand and is listed in ``cli.COMMANDS``.
+Kept out of :mod:`pgbroker.cli.options` to keep that module a readable size; each
+``add_*`` function adds one subcommand and is listed in ``pgbroker.cli.main.COMMANDS``.
 The work is done by :mod:`pgbroker.operations.retention` and :mod:`pgbroker.operations.metrics`.
 """
 
@@ -12,7 +12,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from pgbroker.cli import main as cli
+from pgbroker.cli import options as cli
 from pgbroker.errors import ConfigurationError
 
 if TYPE_CHECKING:

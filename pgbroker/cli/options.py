@@ -1,0 +1,886 @@
+"""What every ``pgbroker`` subcommand shares, and (for now) the subcommands.
+
+The database options (``--url``, ``--schema``), options that default to an
+environment variable (``_Env``), the exit statuses and the output helpers.
+The subcommands ``migrate``, ``status``, ``top``, ``purge``, ``dead-letters``
+and ``tasks`` are still here; the parser is in :mod:`pgbroker.cli.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+
+from pgbroker.database import schema
+from pgbroker.errors import ConfigurationError
+from pgbroker.operations import admin
+from pgbroker.options import schema_name
+from pgbroker.urls import redact
+
+EXIT_OK = 0
+EXIT_NOT_CURRENT = 1  # migrate --status: the schema is not at the latest version
+EXIT_INCOMPLETE = 1  # not confirmed, or some of the dead letters named were not acted on
+EXIT_ERROR = 2
+
+#: Seconds to wait for the server before giving up.
+CONNECT_TIMEOUT = 10
+
+
+class _Env(argparse.Action):
+    """An option that defaults to an environment variable, named in --help.
+
+    The value itself is never shown in --help: a URL may hold a password.
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, env: str, **kwargs: object) -> None:
+        self.env = env
+        default = kwargs.pop("default", None)
+        kwargs["help"] = f"{kwargs.get('help', '')} [env: {env}]"
+        super().__init__(
+            option_strings,
+            dest,
+            default=os.environ.get(env) or default,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+
+
+def _add_database_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        action=_Env,
+        env="PGBROKER_URL",
+        metavar="URL",
+        help="PostgreSQL URL: postgresql://user:password@host:port/database",
+    )
+    parser.add_argument(
+        "--schema",
+        action=_Env,
+        env="PGBROKER_SCHEMA",
+        default="pgbroker",
+        metavar="NAME",
+        help="schema holding pgbroker's tables (default: pgbroker)",
+    )
+
+
+def _schema_name(args: argparse.Namespace) -> str:
+    return schema_name("", "--schema", str(args.schema))
+
+
+def _require_url(args: argparse.Namespace) -> str:
+    if not args.url:
+        raise ConfigurationError(
+            "no database URL: pass --url postgresql://user:password@host/db or set PGBROKER_URL"
+        )
+    return str(args.url)
+
+
+def _one_line(message: str, url: str) -> str:
+    # Errors pgbroker raises never hold the password; a raw driver error
+    # might quote the URL, so redact anyway.
+    return " ".join(redact(message, url).split()) if url else " ".join(message.split())
+
+
+# --- pgbroker migrate -------------------------------------------------------------
+
+
+def _add_migrate(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = commands.add_parser(
+        "migrate",
+        help="create or upgrade pgbroker's schema",
+        description=(
+            "Create or upgrade pgbroker's tables. Workers do this themselves on "
+            "start unless the transport option auto_migrate is False; run this "
+            "command when the application's role may not change the schema."
+        ),
+        epilog=(
+            "exit status: 0 done (--status: up to date), 1 (--status only) "
+            "migrations pending or the schema is newer than this pgbroker, 2 error"
+        ),
+    )
+    _add_database_options(parser)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--status",
+        action="store_true",
+        help="show the current and latest schema versions; change nothing",
+    )
+    mode.add_argument(
+        "--sql",
+        action="store_true",
+        help=(
+            "print the SQL that would be run, for a DBA to review; change nothing "
+            "(without --url: the SQL for a new database)"
+        ),
+    )
+    parser.set_defaults(handler=_migrate)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from pgbroker.database.sessions import connect
+
+    name = _schema_name(args)
+    latest = schema.latest_version()
+    if args.sql and not args.url:
+        # Without a database: the whole schema, as a new database needs it.
+        print(schema.migration_sql(name, 0))
+        return EXIT_OK
+    url = _require_url(args)
+    with connect(url, connect_timeout=CONNECT_TIMEOUT) as conn:
+        where = f"{conn.info.user}@{conn.info.host}:{conn.info.port}/{conn.info.dbname}"
+        current = schema.current_version(conn, name)
+        shown = "none" if current is None else str(current)
+        if args.sql:
+            text = schema.pending_sql(conn, name)
+            print(text or f"-- schema {name!r} is up to date (version {shown}); nothing to do")
+            return EXIT_OK
+        if args.status:
+            pending = [m for m in schema.migrations() if m.version > (current or 0)]
+            print(f"database: {where}")
+            print(f"schema:   {name}")
+            print(f"current:  {shown}")
+            print(f"latest:   {latest}")
+            if current is not None and current > latest:
+                print(f"state:    newer than this pgbroker ({current} > {latest}): upgrade it")
+                return EXIT_NOT_CURRENT
+            if pending:
+                names = ", ".join(f"{m.version:03d}_{m.name}" for m in pending)
+                print(f"state:    {len(pending)} pending ({names}): run `pgbroker migrate`")
+                return EXIT_NOT_CURRENT
+            print("state:    up to date")
+            return EXIT_OK
+        if current is not None and current > latest:
+            raise ConfigurationError(
+                f"schema {name!r} is at version {current}, newer than this pgbroker "
+                f"(which knows versions up to {latest}): upgrade the pgbroker package"
+            )
+        applied = schema.migrate(conn, name)
+        if applied:
+            names = ", ".join(f"{m.version:03d}_{m.name}" for m in applied)
+            print(f"schema {name!r} in {where}: applied {names}; now at version {latest}")
+        else:
+            print(f"schema {name!r} in {where}: already at version {latest}; nothing to do")
+    return EXIT_OK
+
+
+# --- operator commands: shared pieces ------------------------------------------------
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
+
+
+def _open(args: argparse.Namespace) -> psycopg.Connection:
+    return admin.open_connection(_require_url(args), _schema_name(args))
+
+
+def _print_json(value: Any) -> None:
+    data = (
+        dataclasses.asdict(value)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type)
+        else value
+    )
+    print(json.dumps(data, default=_json_default, sort_keys=False))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(bytes(value))} bytes>"
+    return str(value)
+
+
+def _confirm(question: str, yes: bool) -> bool:
+    """Ask on stderr, read the answer from stdin (so stdout stays clean)."""
+    if yes:
+        return True
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
+    if not sys.stdin.isatty():
+        print(file=sys.stderr)  # the answer was not echoed: end the prompt's line
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    print("pgbroker: not confirmed; nothing changed (--yes skips the question)", file=sys.stderr)
+    return False
+
+
+def _positive(value: float, option: str) -> None:
+    if value <= 0:
+        raise ConfigurationError(f"{option} must be greater than 0, got {value:g}")
+
+
+def _table(header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        out = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(out).rstrip()
+
+    return "\n".join(line(r) for r in [header, *rows])
+
+
+def _age(seconds: float | None) -> str:
+    """A short duration: 45s, 3m05s, 2h07m, 4d03h."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _ago(when: datetime | None, now: datetime | None = None) -> str:
+    if when is None:
+        return "-"
+    now = now or datetime.now(timezone.utc)
+    return f"{_age((now - when).total_seconds())} ago"
+
+
+def _time(when: datetime | None) -> str:
+    return "-" if when is None else when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# --- pgbroker status / top --------------------------------------------------------
+
+_ACTIVITY_HELP = (
+    "What is shown: per queue, ready, reserved (claimed, not yet acked), delayed and "
+    "dead-lettered messages and the age of the oldest ready one; consumers (alive = "
+    "its session holds its advisory lock; a dead one is cleared by the next sweep); "
+    "results completed per period (task_result.date_done, when the pgbroker result "
+    "backend is used), redeliveries and dead letters in the last hour. Acked messages "
+    "are deleted, so no acknowledgement rate is recorded; `pgbroker top` derives "
+    "stored and removed messages per second from two samples."
+)
+
+
+def _add_status(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = commands.add_parser(
+        "status",
+        help="queues, consumers and recent activity",
+        description="Show queues, consumers and recent activity. " + _ACTIVITY_HELP,
+    )
+    _add_database_options(parser)
+    _add_status_options(parser)
+    parser.set_defaults(handler=_status)
+
+
+def _add_status_options(parser: argparse.ArgumentParser) -> None:
+    _add_json(parser)
+    parser.add_argument(
+        "--all-queues",
+        action="store_true",
+        help="also show Celery's remote-control and event queues (*.pidbox, celeryev.*)",
+    )
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _open(args) as conn:
+        status = admin.status(conn, _schema_name(args), all_queues=args.all_queues)
+    if args.json:
+        _print_json(status)
+    else:
+        print(render_status(status, "pgbroker status"))
+    return EXIT_OK
+
+
+@dataclasses.dataclass
+class Rates:
+    """Messages per second between two status samples."""
+
+    seconds: float
+    stored: float
+    #: Left the message table: acked, rejected, expired, purged or deleted.
+    removed: float
+
+
+def rates(before: admin.Status, after: admin.Status) -> Rates | None:
+    seconds = (after.at - before.at).total_seconds()
+    if seconds <= 0:
+        return None
+    a, b = before.activity, after.activity
+    stored = (b.messages_stored_total or 0) - (a.messages_stored_total or 0)
+    removed = stored - (b.messages_present - a.messages_present)
+    return Rates(seconds=seconds, stored=stored / seconds, removed=max(0, removed) / seconds)
+
+
+def render_status(status: admin.Status, title: str, speed: Rates | None = None) -> str:
+    out = [f"{title}: schema {status.schema!r} in {status.database} at {_time(status.at)}", ""]
+    rows = [
+        [
+            q.name + ("" if q.declared else " (deleted)"),
+            str(q.ready),
+            str(q.reserved),
+            str(q.delayed),
+            str(q.dead_lettered),
+            _age(q.oldest_ready_age),
+            str(q.consumers),
+        ]
+        if q.name is not None
+        else ["(no queue)", "-", "-", "-", str(q.dead_lettered), "-", "-"]
+        for q in status.queues
+    ]
+    if rows:
+        header = ["QUEUE", "READY", "RESERVED", "DELAYED", "DEAD", "OLDEST READY", "CONSUMERS"]
+        out.append(_table(header, rows, frozenset(range(1, 7))))
+    else:
+        out.append("no queues")
+    if status.hidden_queues:
+        out.append(
+            f"({_plural(status.hidden_queues, 'Celery pidbox/event queue')} not shown: "
+            "--all-queues)"
+        )
+    out.append("")
+    rows = [
+        [
+            str(c.id),
+            c.hostname,
+            str(c.pid),
+            f"{_time(c.started_at)} ({_ago(c.started_at, status.at)})",
+            "yes" if c.alive else "NO (session gone; the next sweep requeues its messages)",
+            str(c.reserved),
+            ", ".join(c.queues) or "-",
+        ]
+        for c in status.consumers
+    ]
+    if rows:
+        header = ["CONSUMER", "HOST", "PID", "STARTED", "ALIVE", "RESERVED", "QUEUES"]
+        out.append(_table(header, rows, frozenset({0, 2, 5})))
+    else:
+        out.append("no consumers")
+    out += ["", "activity:"]
+    act = status.activity
+    if act.results is None:
+        out.append("  results completed: unknown (no task_result table)")
+    else:
+        r = act.results
+        states = f" ({_counts(r.by_state_last_hour)})" if r.by_state_last_hour else ""
+        out.append(
+            f"  results completed (task_result.date_done): {r.last_minute} in the last "
+            f"minute, {r.last_5_minutes} in 5 minutes, {r.last_hour} in the last hour{states}"
+        )
+    reasons = f" ({_counts(act.redeliveries_by_reason)})" if act.redeliveries_by_reason else ""
+    out.append(f"  redeliveries in the last hour: {act.redeliveries_last_hour}{reasons}")
+    out.append(f"  dead-lettered in the last hour: {act.dead_lettered_last_hour}")
+    if speed is None:
+        out.append(
+            "  acked messages are deleted and not counted: `pgbroker top` shows "
+            "messages stored and removed per second"
+        )
+    else:
+        out.append(
+            f"  messages stored: {speed.stored:.1f}/s, removed (acked, rejected, expired "
+            f"or purged): {speed.removed:.1f}/s, over the last {speed.seconds:.1f} s"
+        )
+    return "\n".join(out)
+
+
+def _add_top(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = commands.add_parser(
+        "top",
+        help="status, refreshed until Ctrl-C",
+        description=(
+            "Show `pgbroker status`, refreshed every --interval seconds until Ctrl-C, "
+            "with messages stored and removed per second between refreshes. " + _ACTIVITY_HELP
+        ),
+    )
+    _add_database_options(parser)
+    _add_status_options(parser)
+    parser.add_argument(
+        "--interval",
+        action=_Env,
+        env="PGBROKER_TOP_INTERVAL",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between refreshes (default: 2)",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N refreshes (default: run until Ctrl-C)",
+    )
+    parser.set_defaults(handler=_top)
+
+
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+def _top(args: argparse.Namespace) -> int:
+    url, name = _require_url(args), _schema_name(args)
+    interval = float(args.interval)
+    _positive(interval, "--interval")
+    # Redraw in place on a terminal; frames one after another otherwise.
+    clear = sys.stdout.isatty() and not args.json
+    conn: psycopg.Connection | None = None
+    before: admin.Status | None = None
+    shown = 0
+    try:
+        while True:
+            speed = None
+            try:
+                if conn is None:
+                    conn = admin.open_connection(url, name)
+                now = admin.status(conn, name, all_queues=args.all_queues)
+                speed = rates(before, now) if before else None
+                before = now
+                frame = None
+            except psycopg.OperationalError as exc:
+                if shown == 0:
+                    raise  # cannot even start: an error, not a screen
+                if conn is not None:
+                    conn.close()
+                conn, before = None, None
+                frame = (
+                    "pgbroker top: " + _one_line(str(exc), url) + f"; retrying every {interval:g} s"
+                )
+            if args.json:
+                if frame is None:
+                    print(
+                        json.dumps(
+                            {
+                                **dataclasses.asdict(now),
+                                "rates": speed and dataclasses.asdict(speed),
+                            },
+                            default=_json_default,
+                        )
+                    )
+                else:
+                    print(json.dumps({"error": frame}))
+            else:
+                text = frame if frame is not None else render_status(now, "pgbroker top", speed)
+                if frame is None and speed is None:
+                    text += "\n  (rates appear from the next refresh)"
+                print((_CLEAR if clear else ("\n" if shown else "")) + text, flush=True)
+            shown += 1
+            if args.iterations and shown >= args.iterations:
+                return EXIT_OK
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+# --- pgbroker purge ---------------------------------------------------------------
+
+
+def _add_purge(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = commands.add_parser(
+        "purge",
+        help="delete a queue's ready messages",
+        description=(
+            "Delete the ready messages of QUEUE. Messages being worked on (reserved) "
+            "and delayed ones stay. Asks for confirmation unless --yes."
+        ),
+        epilog="exit status: 0 done, 1 not confirmed, 2 error (e.g. no such queue)",
+    )
+    _add_database_options(parser)
+    parser.add_argument("queue", metavar="QUEUE", help="queue name")
+    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    _add_json(parser)
+    parser.set_defaults(handler=_purge)
+
+
+def _purge(args: argparse.Namespace) -> int:
+    name, queue = _schema_name(args), args.queue
+    with _open(args) as conn:
+        ready = admin.ready_count(conn, name, queue)
+        purged = 0
+        if ready:
+            question = (
+                f"Delete {_plural(ready, 'ready message')} from queue {queue!r} "
+                f"(schema {name!r} in {admin.where(conn)})?"
+            )
+            if not _confirm(question, args.yes):
+                return EXIT_INCOMPLETE
+            purged = admin.purge(conn, name, queue)
+    if args.json:
+        _print_json({"queue": queue, "purged": purged})
+    else:
+        print(f"purged {_plural(purged, 'ready message')} from queue {queue!r}")
+    return EXIT_OK
+
+
+# --- pgbroker dead-letters --------------------------------------------------------
+
+
+def _add_dead_letters(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = commands.add_parser(
+        "dead-letters",
+        help="list, replay or drop dead-lettered messages",
+        description=(
+            "Messages pgbroker could not deliver are kept in the dead_letter table: "
+            "rejected without requeue ('rejected'), or persistent and matching no queue "
+            "('unroutable')."
+        ),
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", help="show dead letters, newest first")
+    _add_database_options(listing)
+    listing.add_argument("--queue", metavar="Q", help="only those of queue Q")
+    listing.add_argument("--reason", metavar="R", help="only those with reason R (e.g. rejected)")
+    listing.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="at most N (default 50)"
+    )
+    _add_json(listing)
+    listing.set_defaults(handler=_dl_list)
+
+    replay = actions.add_parser(
+        "replay",
+        help="put dead letters back on their queues",
+        description=(
+            "Put dead letters back on their original queues, intact (same body, headers, "
+            "properties and priority), as new ready messages; each leaves dead_letter in "
+            "the same transaction, and the queues' consumers are woken at once. A dead "
+            "letter whose queue no longer exists stays; an unroutable one is routed again "
+            "by its exchange and routing key, and stays if it still matches no queue."
+        ),
+        epilog="exit status: 0 all replayed, 1 some kept or not found, 2 error",
+    )
+    _add_selection(replay)
+    replay.set_defaults(handler=_dl_replay)
+
+    drop = actions.add_parser(
+        "drop",
+        help="delete dead letters for good",
+        description="Delete dead letters for good. Asks for confirmation unless --yes.",
+        epilog="exit status: 0 done, 1 not confirmed or some not found, 2 error",
+    )
+    _add_selection(drop)
+    drop.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    drop.set_defaults(handler=_dl_drop)
+
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    _add_database_options(parser)
+    parser.add_argument("ids", nargs="*", type=int, metavar="ID", help="dead letter ids")
+    parser.add_argument(
+        "--all", action="store_true", help="every dead letter (matching the filters)"
+    )
+    parser.add_argument("--queue", metavar="Q", help="only those of queue Q")
+    parser.add_argument("--reason", metavar="R", help="only those with reason R")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=admin.BATCH_SIZE,
+        metavar="N",
+        help=f"dead letters per transaction (default {admin.BATCH_SIZE})",
+    )
+    _add_json(parser)
+
+
+def _selected_ids(args: argparse.Namespace) -> list[int] | None:
+    """The ids named, or None for --all."""
+    if args.ids and args.all:
+        raise ConfigurationError("name dead letter ids or pass --all, not both")
+    if not args.ids and not args.all:
+        raise ConfigurationError(
+            "name the dead letters (ids from `pgbroker dead-letters list`) or pass --all"
+        )
+    _positive(args.batch_size, "--batch-size")
+    return None if args.all else list(args.ids)
+
+
+def _progress(verb: str, batch_size: int) -> admin.Progress:
+    tty = sys.stderr.isatty()
+
+    def show(done: int, total: int) -> None:
+        if total > batch_size:  # only worth showing when it takes several steps
+            end = "\n" if (not tty or done >= total) else ""
+            prefix = "\r" if tty else ""
+            print(f"{prefix}{verb} {done} of {total}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _dl_list(args: argparse.Namespace) -> int:
+    _positive(args.limit, "--limit")
+    with _open(args) as conn:
+        page = admin.list_dead_letters(
+            conn, _schema_name(args), queue=args.queue, reason=args.reason, limit=args.limit
+        )
+    if args.json:
+        _print_json(page)
+        return EXIT_OK
+    if not page.items:
+        print("no dead letters" + (" match" if args.queue or args.reason else ""))
+        return EXIT_OK
+    now = datetime.now(timezone.utc)
+    rows = [
+        [
+            str(d.id),
+            _ago(d.died_at, now),
+            d.reason,
+            d.queue if d.queue is not None else "-",
+            f"{d.exchange or '(default)'} / {d.routing_key}",
+            d.task_name or "-",
+            d.task_id or "-",
+            str(d.delivery_count),
+            str(d.body_size),
+        ]
+        for d in page.items
+    ]
+    header = [
+        "ID",
+        "DIED",
+        "REASON",
+        "QUEUE",
+        "EXCHANGE / KEY",
+        "TASK",
+        "TASK ID",
+        "DELIVERIES",
+        "BYTES",
+    ]
+    print(_table(header, rows, frozenset({0, 7, 8})))
+    if page.total > len(page.items):
+        print(f"({len(page.items)} newest of {page.total}: --limit to see more)")
+    return EXIT_OK
+
+
+def _dl_replay(args: argparse.Namespace) -> int:
+    ids = _selected_ids(args)
+    with _open(args) as conn:
+        result = admin.replay_dead_letters(
+            conn,
+            _schema_name(args),
+            ids,
+            queue=args.queue,
+            reason=args.reason,
+            batch_size=args.batch_size,
+            progress=_progress("replayed", args.batch_size),
+        )
+    if args.json:
+        _print_json(result)
+    else:
+        queues = ", ".join(f"{n} to {q!r}" for q, n in sorted(result.messages.items()))
+        line = f"replayed {_plural(result.replayed, 'dead letter')}"
+        print(line + (f" ({queues})" if queues else ""))
+        for kept in result.kept:
+            print(f"kept #{kept.id}: {kept.why}")
+        if result.not_found:
+            print("not found: " + ", ".join(f"#{i}" for i in result.not_found))
+    return EXIT_INCOMPLETE if result.kept or result.not_found else EXIT_OK
+
+
+def _dl_drop(args: argparse.Namespace) -> int:
+    ids = _selected_ids(args)
+    name = _schema_name(args)
+    with _open(args) as conn:
+        count = admin.count_dead_letters(conn, name, ids, queue=args.queue, reason=args.reason)
+        result = admin.DropResult()
+        if count:
+            question = (
+                f"Drop {_plural(count, 'dead letter')} for good "
+                f"(schema {name!r} in {admin.where(conn)})?"
+            )
+            if not _confirm(question, args.yes):
+                return EXIT_INCOMPLETE
+            result = admin.drop_dead_letters(
+                conn,
+                name,
+                ids,
+                queue=args.queue,
+                reason=args.reason,
+                batch_size=args.batch_size,
+                progress=_progress("dropped", args.batch_size),
+            )
+        elif ids:
+            result.not_found = sorted(set(ids))
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"dropped {_plural(result.dropped, 'dead letter')}")
+        if result.not_found:
+            print("not found: " + ", ".join(f"#{i}" for i in result.not_found))
+    return EXIT_INCOMPLETE if result.not_found else EXIT_OK
+
+
+# --- pgbroker tasks ---------------------------------------------------------------
+
+
+def _add_tasks(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = commands.add_parser(
+        "tasks",
+        help="stored task results; `tasks show ID` for one task",
+        description=(
+            "List the results stored by pgbroker's result backend (task_result), most "
+            "recently changed first; `pgbroker tasks show TASK_ID` shows one task's result "
+            "with its messages, dead letters and redeliveries. Task names, args, worker "
+            "and queue are stored only when the app sets result_extended=True."
+        ),
+    )
+    _add_database_options(parser)
+    parser.add_argument("show", nargs="?", choices=["show"], help="show one task")
+    parser.add_argument("task_id", nargs="?", metavar="TASK_ID", help="the task to show")
+    parser.add_argument("--name", metavar="N", help="task name; * is a wildcard (billing.*)")
+    parser.add_argument("--state", metavar="S", help="SUCCESS, FAILURE, STARTED, RETRY...")
+    parser.add_argument(
+        "--since", metavar="DURATION", help="changed within DURATION: 90s, 15m, 1h, 2d"
+    )
+    parser.add_argument("--limit", type=int, default=50, metavar="N", help="at most N (default 50)")
+    _add_json(parser)
+    parser.set_defaults(handler=_tasks)
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    if args.show and not args.task_id:
+        raise ConfigurationError("`pgbroker tasks show` needs a TASK_ID")
+    if args.show:
+        return _task_show(args)
+    if args.task_id:
+        raise ConfigurationError(
+            f"unexpected {args.task_id!r}: did you mean `tasks show {args.task_id}`?"
+        )
+    _positive(args.limit, "--limit")
+    since = None
+    if args.since:
+        try:
+            since = admin.parse_duration(args.since)
+        except ValueError as exc:
+            raise ConfigurationError(f"--since: {exc}") from None
+    with _open(args) as conn:
+        page = admin.list_tasks(
+            conn,
+            _schema_name(args),
+            name=args.name,
+            state=args.state,
+            since=since,
+            limit=args.limit,
+        )
+    if args.json:
+        _print_json(page)
+        return EXIT_OK
+    if not page.items:
+        print(
+            "no stored results match" if args.name or args.state or since else "no stored results"
+        )
+        return EXIT_OK
+    now = datetime.now(timezone.utc)
+    rows = [
+        [
+            t.task_id,
+            t.name or "-",
+            t.state,
+            t.worker or "-",
+            t.queue or "-",
+            "-" if t.retries is None else str(t.retries),
+            _ago(t.updated_at, now),
+        ]
+        for t in page.items
+    ]
+    print(
+        _table(
+            ["TASK ID", "NAME", "STATE", "WORKER", "QUEUE", "RETRIES", "UPDATED"],
+            rows,
+            frozenset({5}),
+        )
+    )
+    if page.total > len(page.items):
+        print(f"({len(page.items)} most recent of {page.total}: --limit to see more)")
+    return EXIT_OK
+
+
+def _task_show(args: argparse.Namespace) -> int:
+    with _open(args) as conn:
+        detail = admin.show_task(conn, _schema_name(args), args.task_id)
+    if args.json:
+        _print_json(detail)
+    else:
+        print(render_task(detail))
+    return EXIT_OK
+
+
+def _value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=_json_default)
+
+
+def render_task(detail: admin.TaskDetail) -> str:
+    out = [f"task {detail.task_id}"]
+    r = detail.result
+    if r is None:
+        out.append("  result:    none stored (PENDING, or results are kept elsewhere)")
+    else:
+        fields = [
+            ("state", r.state),
+            ("name", r.name),
+            ("worker", r.worker),
+            ("queue", r.queue),
+            ("retries", r.retries),
+            ("args", None if r.args is None else _value(r.args)),
+            ("kwargs", None if r.kwargs is None else _value(r.kwargs)),
+            ("result", _value(r.result)),
+            ("parent", r.parent_id),
+            ("root", r.root_id),
+            ("group", r.group_id),
+            ("children", None if not r.children else _value(r.children)),
+            ("created", _time(r.created_at)),
+            ("updated", _time(r.updated_at)),
+            ("done", None if r.date_done is None else _time(r.date_done)),
+        ]
+        out += [f"  {k + ':':<10} {v}" for k, v in fields if v is not None]
+        if r.traceback:
+            out.append("  traceback:")
+            out += ["    " + line for line in r.traceback.rstrip().splitlines()]
+    out.append(f"messages ({len(detail.messages)}):")
+    for m in detail.messages:
+        holder = f" by consumer {m.consumer_id}" if m.consumer_id is not None else ""
+        out.append(
+            f"  #{m.id} queue {m.queue!r}: {m.state}{holder}, priority {m.priority}, "
+            f"delivered {_plural(m.delivery_count, 'time')}, published {_time(m.published_at)}"
+            + (f", eta {m.headers['eta']}" if m.headers.get("eta") else "")
+        )
+    out.append(f"dead letters ({len(detail.dead_letters)}):")
+    for d in detail.dead_letters:
+        where = (
+            f"queue {d.queue!r}"
+            if d.queue is not None
+            else f"exchange {d.exchange!r} key {d.routing_key!r}"
+        )
+        out.append(
+            f"  #{d.id} {d.reason} ({where}) at {_time(d.died_at)}, "
+            f"delivered {_plural(d.delivery_count, 'time')}: `pgbroker dead-letters replay {d.id}`"
+        )
+    out.append(f"redeliveries ({len(detail.redeliveries)}):")
+    for x in detail.redeliveries:
+        by = f" of consumer {x.consumer_id}" if x.consumer_id is not None else ""
+        out.append(
+            f"  {_time(x.at)} {x.reason}{by}: message #{x.message_id} back to queue "
+            f"{x.queue!r} after delivery {x.delivery_count}"
+        )
+    return "\n".join(out)
