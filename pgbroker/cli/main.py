@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str, url: str) -> None:
-    print(f"pgbroker: error: {options._one_line(message, url)}", file=sys.stderr)
+    print(f"pgbroker: error: {options.one_line(message, url)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,10 @@ def add_prune(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
         ),
         epilog="exit status: 0 done, 2 error",
     )
-    cli._add_database_options(parser)
+    cli.add_database_options(parser)
     parser.add_argument(
         "--redeliveries-older-than",
-        action=cli._Env,
+        action=cli.Env,
         env="PGBROKER_PRUNE_REDELIVERIES_OLDER_THAN",
         metavar="AGE",
         default="7d",
@@ -48,7 +48,7 @@ def add_prune(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
     )
     parser.add_argument(
         "--dead-letters-older-than",
-        action=cli._Env,
+        action=cli.Env,
         env="PGBROKER_PRUNE_DEAD_LETTERS_OLDER_THAN",
         metavar="AGE",
         help="dead letters older than this; without it dead letters are kept "
@@ -56,7 +56,7 @@ def add_prune(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
     )
     parser.add_argument(
         "--results-older-than",
-        action=cli._Env,
+        action=cli.Env,
         env="PGBROKER_PRUNE_RESULTS_OLDER_THAN",
         metavar="AGE",
         help="task results, saved groups and chord counters last written before this "
@@ -64,7 +64,7 @@ def add_prune(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
     )
     parser.add_argument(
         "--durable-idle-older-than",
-        action=cli._Env,
+        action=cli.Env,
         env="PGBROKER_PRUNE_DURABLE_IDLE_OLDER_THAN",
         metavar="AGE",
         help="durable steps of tasks none of whose steps changed for this long "
@@ -77,21 +77,21 @@ def add_prune(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
     )
     parser.add_argument(
         "--batch-size",
-        action=cli._Env,
+        action=cli.Env,
         env="PGBROKER_PRUNE_BATCH_SIZE",
         type=int,
         default=retention.BATCH_SIZE,
         metavar="N",
         help=f"rows per delete statement (default: {retention.BATCH_SIZE})",
     )
-    cli._add_json(parser)
+    cli.add_json(parser)
     parser.set_defaults(handler=_prune)
 
 
 def _prune(args: argparse.Namespace) -> int:
     from pgbroker.operations import retention
 
-    cli._positive(args.batch_size, "--batch-size")
+    cli.positive(args.batch_size, "--batch-size")
     policy = retention.Policy(
         redeliveries_older_than=retention.age(
             args.redeliveries_older_than, "--redeliveries-older-than"
@@ -104,10 +104,10 @@ def _prune(args: argparse.Namespace) -> int:
             args.durable_idle_older_than, "--durable-idle-older-than"
         ),
     )
-    with cli._open(args) as conn:
+    with cli.open_connection(args) as conn:
         report = retention.prune(
             conn,
-            cli._schema_name(args),
+            cli.schema_of(args),
             policy,
             dry_run=args.dry_run,
             batch_size=args.batch_size,
@@ -115,7 +115,7 @@ def _prune(args: argparse.Namespace) -> int:
         )
         where = cli.admin.where(conn)
     if args.json:
-        cli._print_json(report)
+        cli.print_json(report)
         return cli.EXIT_OK
     print(render_prune(report, where))
     return cli.EXIT_OK
@@ -140,17 +140,17 @@ def render_prune(report: PruneReport, where: str) -> str:
     rows = [
         [
             item.target,
-            "-" if item.cutoff is None else cli._time(item.cutoff),
+            "-" if item.cutoff is None else cli.format_time(item.cutoff),
             str(item.matched),
             "-" if report.dry_run else str(item.deleted),
         ]
         for item in report.items
     ]
-    table = cli._table(
+    table = cli.format_table(
         ["records", "older than", "matched", "deleted"], rows, right=frozenset({2, 3})
     )
     total = report.matched if report.dry_run else report.deleted
-    summary = f"{verb} {cli._plural(total, 'row')} in schema {report.schema!r} on {where}"
+    summary = f"{verb} {cli.plural(total, 'row')} in schema {report.schema!r} on {where}"
     if report.dry_run:
         summary += " (dry run: nothing deleted)"
     return f"{table}\n{summary}"
@@ -172,10 +172,10 @@ def add_metrics(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
         ),
         epilog="exit status: 0 stopped (Ctrl-C), 2 error",
     )
-    cli._add_database_options(parser)
+    cli.add_database_options(parser)
     parser.add_argument(
         "--port",
-        action=cli._Env,
+        action=cli.Env,
         env="PGBROKER_METRICS_PORT",
         type=int,
         default=metrics.DEFAULT_PORT,
@@ -184,7 +184,7 @@ def add_metrics(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
     )
     parser.add_argument(
         "--addr",
-        action=cli._Env,
+        action=cli.Env,
         env="PGBROKER_METRICS_ADDR",
         default="0.0.0.0",
         metavar="ADDRESS",
@@ -207,16 +207,16 @@ def add_metrics(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
 def _metrics(args: argparse.Namespace) -> int:
     from pgbroker.operations import metrics
 
-    name = cli._schema_name(args)
+    name = cli.schema_of(args)
     if args.once:
-        with cli._open(args) as conn:
+        with cli.open_connection(args) as conn:
             snap = metrics.snapshot(conn, name, all_queues=args.all_queues)
         sys.stdout.write(metrics.render(snap).decode())
         return cli.EXIT_OK
     if not 0 <= args.port <= 65535:
         raise ConfigurationError(f"--port must be 0 to 65535, got {args.port}")
-    url = cli._require_url(args)
-    with cli._open(args) as conn:  # fail now, with a clear error, not at the first scrape
+    url = cli.require_url(args)
+    with cli.open_connection(args) as conn:  # fail now, with a clear error, not at the first scrape
         metrics.snapshot(conn, name)
         where = cli.admin.where(conn)
     server, collector = metrics.serve(

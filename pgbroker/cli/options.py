@@ -1,7 +1,7 @@
 """What every ``pgbroker`` subcommand shares, and (for now) the subcommands.
 
 The database options (``--url``, ``--schema``), options that default to an
-environment variable (``_Env``), the exit statuses and the output helpers.
+environment variable (``Env``), the exit statuses and the output helpers.
 The subcommands ``migrate``, ``status``, ``top``, ``purge``, ``dead-letters``
 and ``tasks`` are still here; the parser is in :mod:`pgbroker.cli.main`.
 """
@@ -34,7 +34,7 @@ EXIT_ERROR = 2
 CONNECT_TIMEOUT = 10
 
 
-class _Env(argparse.Action):
+class Env(argparse.Action):
     """An option that defaults to an environment variable, named in --help.
 
     The value itself is never shown in --help: a URL may hold a password.
@@ -61,17 +61,17 @@ class _Env(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _add_database_options(parser: argparse.ArgumentParser) -> None:
+def add_database_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
-        action=_Env,
+        action=Env,
         env="PGBROKER_URL",
         metavar="URL",
         help="PostgreSQL URL: postgresql://user:password@host:port/database",
     )
     parser.add_argument(
         "--schema",
-        action=_Env,
+        action=Env,
         env="PGBROKER_SCHEMA",
         default="pgbroker",
         metavar="NAME",
@@ -79,11 +79,11 @@ def _add_database_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _schema_name(args: argparse.Namespace) -> str:
+def schema_of(args: argparse.Namespace) -> str:
     return schema_name("", "--schema", str(args.schema))
 
 
-def _require_url(args: argparse.Namespace) -> str:
+def require_url(args: argparse.Namespace) -> str:
     if not args.url:
         raise ConfigurationError(
             "no database URL: pass --url postgresql://user:password@host/db or set PGBROKER_URL"
@@ -91,7 +91,7 @@ def _require_url(args: argparse.Namespace) -> str:
     return str(args.url)
 
 
-def _one_line(message: str, url: str) -> str:
+def one_line(message: str, url: str) -> str:
     # Errors pgbroker raises never hold the password; a raw driver error
     # might quote the URL, so redact anyway.
     return " ".join(redact(message, url).split()) if url else " ".join(message.split())
@@ -114,7 +114,7 @@ def _add_migrate(commands: argparse._SubParsersAction) -> None:  # type: ignore[
             "migrations pending or the schema is newer than this pgbroker, 2 error"
         ),
     )
-    _add_database_options(parser)
+    add_database_options(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--status",
@@ -135,13 +135,13 @@ def _add_migrate(commands: argparse._SubParsersAction) -> None:  # type: ignore[
 def _migrate(args: argparse.Namespace) -> int:
     from pgbroker.database.sessions import connect
 
-    name = _schema_name(args)
+    name = schema_of(args)
     latest = schema.latest_version()
     if args.sql and not args.url:
         # Without a database: the whole schema, as a new database needs it.
         print(schema.migration_sql(name, 0))
         return EXIT_OK
-    url = _require_url(args)
+    url = require_url(args)
     with connect(url, connect_timeout=CONNECT_TIMEOUT) as conn:
         where = f"{conn.info.user}@{conn.info.host}:{conn.info.port}/{conn.info.dbname}"
         current = schema.current_version(conn, name)
@@ -182,24 +182,24 @@ def _migrate(args: argparse.Namespace) -> int:
 # --- operator commands: shared pieces ------------------------------------------------
 
 
-def _add_json(parser: argparse.ArgumentParser) -> None:
+def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
 
 
-def _open(args: argparse.Namespace) -> psycopg.Connection:
-    return admin.open_connection(_require_url(args), _schema_name(args))
+def open_connection(args: argparse.Namespace) -> psycopg.Connection:
+    return admin.open_connection(require_url(args), schema_of(args))
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
     data = (
         dataclasses.asdict(value)
         if dataclasses.is_dataclass(value) and not isinstance(value, type)
         else value
     )
-    print(json.dumps(data, default=_json_default, sort_keys=False))
+    print(json.dumps(data, default=json_default, sort_keys=False))
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -207,7 +207,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _confirm(question: str, yes: bool) -> bool:
+def confirm(question: str, yes: bool) -> bool:
     """Ask on stderr, read the answer from stdin (so stdout stays clean)."""
     if yes:
         return True
@@ -221,12 +221,14 @@ def _confirm(question: str, yes: bool) -> bool:
     return False
 
 
-def _positive(value: float, option: str) -> None:
+def positive(value: float, option: str) -> None:
     if value <= 0:
         raise ConfigurationError(f"{option} must be greater than 0, got {value:g}")
 
 
-def _table(header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> str:
+def format_table(
+    header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()
+) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -239,7 +241,7 @@ def _table(header: list[str], rows: list[list[str]], right: frozenset[int] = fro
     return "\n".join(line(r) for r in [header, *rows])
 
 
-def _age(seconds: float | None) -> str:
+def format_age(seconds: float | None) -> str:
     """A short duration: 45s, 3m05s, 2h07m, 4d03h."""
     if seconds is None:
         return "-"
@@ -253,14 +255,14 @@ def _age(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def _ago(when: datetime | None, now: datetime | None = None) -> str:
+def format_ago(when: datetime | None, now: datetime | None = None) -> str:
     if when is None:
         return "-"
     now = now or datetime.now(timezone.utc)
-    return f"{_age((now - when).total_seconds())} ago"
+    return f"{format_age((now - when).total_seconds())} ago"
 
 
-def _time(when: datetime | None) -> str:
+def format_time(when: datetime | None) -> str:
     return "-" if when is None else when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -268,7 +270,7 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
@@ -291,13 +293,13 @@ def _add_status(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="queues, consumers and recent activity",
         description="Show queues, consumers and recent activity. " + _ACTIVITY_HELP,
     )
-    _add_database_options(parser)
+    add_database_options(parser)
     _add_status_options(parser)
     parser.set_defaults(handler=_status)
 
 
 def _add_status_options(parser: argparse.ArgumentParser) -> None:
-    _add_json(parser)
+    add_json(parser)
     parser.add_argument(
         "--all-queues",
         action="store_true",
@@ -306,10 +308,10 @@ def _add_status_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    with _open(args) as conn:
-        status = admin.status(conn, _schema_name(args), all_queues=args.all_queues)
+    with open_connection(args) as conn:
+        status = admin.status(conn, schema_of(args), all_queues=args.all_queues)
     if args.json:
-        _print_json(status)
+        print_json(status)
     else:
         print(render_status(status, "pgbroker status"))
     return EXIT_OK
@@ -336,7 +338,10 @@ def rates(before: admin.Status, after: admin.Status) -> Rates | None:
 
 
 def render_status(status: admin.Status, title: str, speed: Rates | None = None) -> str:
-    out = [f"{title}: schema {status.schema!r} in {status.database} at {_time(status.at)}", ""]
+    out = [
+        f"{title}: schema {status.schema!r} in {status.database} at {format_time(status.at)}",
+        "",
+    ]
     rows = [
         [
             q.name + ("" if q.declared else " (deleted)"),
@@ -344,7 +349,7 @@ def render_status(status: admin.Status, title: str, speed: Rates | None = None) 
             str(q.reserved),
             str(q.delayed),
             str(q.dead_lettered),
-            _age(q.oldest_ready_age),
+            format_age(q.oldest_ready_age),
             str(q.consumers),
         ]
         if q.name is not None
@@ -353,13 +358,12 @@ def render_status(status: admin.Status, title: str, speed: Rates | None = None) 
     ]
     if rows:
         header = ["QUEUE", "READY", "RESERVED", "DELAYED", "DEAD", "OLDEST READY", "CONSUMERS"]
-        out.append(_table(header, rows, frozenset(range(1, 7))))
+        out.append(format_table(header, rows, frozenset(range(1, 7))))
     else:
         out.append("no queues")
     if status.hidden_queues:
         out.append(
-            f"({_plural(status.hidden_queues, 'Celery pidbox/event queue')} not shown: "
-            "--all-queues)"
+            f"({plural(status.hidden_queues, 'Celery pidbox/event queue')} not shown: --all-queues)"
         )
     out.append("")
     rows = [
@@ -367,7 +371,7 @@ def render_status(status: admin.Status, title: str, speed: Rates | None = None) 
             str(c.id),
             c.hostname,
             str(c.pid),
-            f"{_time(c.started_at)} ({_ago(c.started_at, status.at)})",
+            f"{format_time(c.started_at)} ({format_ago(c.started_at, status.at)})",
             "yes" if c.alive else "NO (session gone; the next sweep requeues its messages)",
             str(c.reserved),
             ", ".join(c.queues) or "-",
@@ -376,7 +380,7 @@ def render_status(status: admin.Status, title: str, speed: Rates | None = None) 
     ]
     if rows:
         header = ["CONSUMER", "HOST", "PID", "STARTED", "ALIVE", "RESERVED", "QUEUES"]
-        out.append(_table(header, rows, frozenset({0, 2, 5})))
+        out.append(format_table(header, rows, frozenset({0, 2, 5})))
     else:
         out.append("no consumers")
     out += ["", "activity:"]
@@ -415,11 +419,11 @@ def _add_top(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
             "with messages stored and removed per second between refreshes. " + _ACTIVITY_HELP
         ),
     )
-    _add_database_options(parser)
+    add_database_options(parser)
     _add_status_options(parser)
     parser.add_argument(
         "--interval",
-        action=_Env,
+        action=Env,
         env="PGBROKER_TOP_INTERVAL",
         type=float,
         default=2.0,
@@ -440,9 +444,9 @@ _CLEAR = "\x1b[H\x1b[2J"
 
 
 def _top(args: argparse.Namespace) -> int:
-    url, name = _require_url(args), _schema_name(args)
+    url, name = require_url(args), schema_of(args)
     interval = float(args.interval)
-    _positive(interval, "--interval")
+    positive(interval, "--interval")
     # Redraw in place on a terminal; frames one after another otherwise.
     clear = sys.stdout.isatty() and not args.json
     conn: psycopg.Connection | None = None
@@ -465,7 +469,7 @@ def _top(args: argparse.Namespace) -> int:
                     conn.close()
                 conn, before = None, None
                 frame = (
-                    "pgbroker top: " + _one_line(str(exc), url) + f"; retrying every {interval:g} s"
+                    "pgbroker top: " + one_line(str(exc), url) + f"; retrying every {interval:g} s"
                 )
             if args.json:
                 if frame is None:
@@ -475,7 +479,7 @@ def _top(args: argparse.Namespace) -> int:
                                 **dataclasses.asdict(now),
                                 "rates": speed and dataclasses.asdict(speed),
                             },
-                            default=_json_default,
+                            default=json_default,
                         )
                     )
                 else:
@@ -509,30 +513,30 @@ def _add_purge(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ),
         epilog="exit status: 0 done, 1 not confirmed, 2 error (e.g. no such queue)",
     )
-    _add_database_options(parser)
+    add_database_options(parser)
     parser.add_argument("queue", metavar="QUEUE", help="queue name")
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    _add_json(parser)
+    add_json(parser)
     parser.set_defaults(handler=_purge)
 
 
 def _purge(args: argparse.Namespace) -> int:
-    name, queue = _schema_name(args), args.queue
-    with _open(args) as conn:
+    name, queue = schema_of(args), args.queue
+    with open_connection(args) as conn:
         ready = admin.ready_count(conn, name, queue)
         purged = 0
         if ready:
             question = (
-                f"Delete {_plural(ready, 'ready message')} from queue {queue!r} "
+                f"Delete {plural(ready, 'ready message')} from queue {queue!r} "
                 f"(schema {name!r} in {admin.where(conn)})?"
             )
-            if not _confirm(question, args.yes):
+            if not confirm(question, args.yes):
                 return EXIT_INCOMPLETE
             purged = admin.purge(conn, name, queue)
     if args.json:
-        _print_json({"queue": queue, "purged": purged})
+        print_json({"queue": queue, "purged": purged})
     else:
-        print(f"purged {_plural(purged, 'ready message')} from queue {queue!r}")
+        print(f"purged {plural(purged, 'ready message')} from queue {queue!r}")
     return EXIT_OK
 
 
@@ -552,13 +556,13 @@ def _add_dead_letters(commands: argparse._SubParsersAction) -> None:  # type: ig
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     listing = actions.add_parser("list", help="show dead letters, newest first")
-    _add_database_options(listing)
+    add_database_options(listing)
     listing.add_argument("--queue", metavar="Q", help="only those of queue Q")
     listing.add_argument("--reason", metavar="R", help="only those with reason R (e.g. rejected)")
     listing.add_argument(
         "--limit", type=int, default=50, metavar="N", help="at most N (default 50)"
     )
-    _add_json(listing)
+    add_json(listing)
     listing.set_defaults(handler=_dl_list)
 
     replay = actions.add_parser(
@@ -588,7 +592,7 @@ def _add_dead_letters(commands: argparse._SubParsersAction) -> None:  # type: ig
 
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
-    _add_database_options(parser)
+    add_database_options(parser)
     parser.add_argument("ids", nargs="*", type=int, metavar="ID", help="dead letter ids")
     parser.add_argument(
         "--all", action="store_true", help="every dead letter (matching the filters)"
@@ -602,7 +606,7 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"dead letters per transaction (default {admin.BATCH_SIZE})",
     )
-    _add_json(parser)
+    add_json(parser)
 
 
 def _selected_ids(args: argparse.Namespace) -> list[int] | None:
@@ -613,7 +617,7 @@ def _selected_ids(args: argparse.Namespace) -> list[int] | None:
         raise ConfigurationError(
             "name the dead letters (ids from `pgbroker dead-letters list`) or pass --all"
         )
-    _positive(args.batch_size, "--batch-size")
+    positive(args.batch_size, "--batch-size")
     return None if args.all else list(args.ids)
 
 
@@ -630,13 +634,13 @@ def _progress(verb: str, batch_size: int) -> admin.Progress:
 
 
 def _dl_list(args: argparse.Namespace) -> int:
-    _positive(args.limit, "--limit")
-    with _open(args) as conn:
+    positive(args.limit, "--limit")
+    with open_connection(args) as conn:
         page = admin.list_dead_letters(
-            conn, _schema_name(args), queue=args.queue, reason=args.reason, limit=args.limit
+            conn, schema_of(args), queue=args.queue, reason=args.reason, limit=args.limit
         )
     if args.json:
-        _print_json(page)
+        print_json(page)
         return EXIT_OK
     if not page.items:
         print("no dead letters" + (" match" if args.queue or args.reason else ""))
@@ -645,7 +649,7 @@ def _dl_list(args: argparse.Namespace) -> int:
     rows = [
         [
             str(d.id),
-            _ago(d.died_at, now),
+            format_ago(d.died_at, now),
             d.reason,
             d.queue if d.queue is not None else "-",
             f"{d.exchange or '(default)'} / {d.routing_key}",
@@ -667,7 +671,7 @@ def _dl_list(args: argparse.Namespace) -> int:
         "DELIVERIES",
         "BYTES",
     ]
-    print(_table(header, rows, frozenset({0, 7, 8})))
+    print(format_table(header, rows, frozenset({0, 7, 8})))
     if page.total > len(page.items):
         print(f"({len(page.items)} newest of {page.total}: --limit to see more)")
     return EXIT_OK
@@ -675,10 +679,10 @@ def _dl_list(args: argparse.Namespace) -> int:
 
 def _dl_replay(args: argparse.Namespace) -> int:
     ids = _selected_ids(args)
-    with _open(args) as conn:
+    with open_connection(args) as conn:
         result = admin.replay_dead_letters(
             conn,
-            _schema_name(args),
+            schema_of(args),
             ids,
             queue=args.queue,
             reason=args.reason,
@@ -686,10 +690,10 @@ def _dl_replay(args: argparse.Namespace) -> int:
             progress=_progress("replayed", args.batch_size),
         )
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         queues = ", ".join(f"{n} to {q!r}" for q, n in sorted(result.messages.items()))
-        line = f"replayed {_plural(result.replayed, 'dead letter')}"
+        line = f"replayed {plural(result.replayed, 'dead letter')}"
         print(line + (f" ({queues})" if queues else ""))
         for kept in result.kept:
             print(f"kept #{kept.id}: {kept.why}")
@@ -700,16 +704,16 @@ def _dl_replay(args: argparse.Namespace) -> int:
 
 def _dl_drop(args: argparse.Namespace) -> int:
     ids = _selected_ids(args)
-    name = _schema_name(args)
-    with _open(args) as conn:
+    name = schema_of(args)
+    with open_connection(args) as conn:
         count = admin.count_dead_letters(conn, name, ids, queue=args.queue, reason=args.reason)
         result = admin.DropResult()
         if count:
             question = (
-                f"Drop {_plural(count, 'dead letter')} for good "
+                f"Drop {plural(count, 'dead letter')} for good "
                 f"(schema {name!r} in {admin.where(conn)})?"
             )
-            if not _confirm(question, args.yes):
+            if not confirm(question, args.yes):
                 return EXIT_INCOMPLETE
             result = admin.drop_dead_letters(
                 conn,
@@ -723,9 +727,9 @@ def _dl_drop(args: argparse.Namespace) -> int:
         elif ids:
             result.not_found = sorted(set(ids))
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
-        print(f"dropped {_plural(result.dropped, 'dead letter')}")
+        print(f"dropped {plural(result.dropped, 'dead letter')}")
         if result.not_found:
             print("not found: " + ", ".join(f"#{i}" for i in result.not_found))
     return EXIT_INCOMPLETE if result.not_found else EXIT_OK
@@ -745,7 +749,7 @@ def _add_tasks(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "and queue are stored only when the app sets result_extended=True."
         ),
     )
-    _add_database_options(parser)
+    add_database_options(parser)
     parser.add_argument("show", nargs="?", choices=["show"], help="show one task")
     parser.add_argument("task_id", nargs="?", metavar="TASK_ID", help="the task to show")
     parser.add_argument("--name", metavar="N", help="task name; * is a wildcard (billing.*)")
@@ -754,7 +758,7 @@ def _add_tasks(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--since", metavar="DURATION", help="changed within DURATION: 90s, 15m, 1h, 2d"
     )
     parser.add_argument("--limit", type=int, default=50, metavar="N", help="at most N (default 50)")
-    _add_json(parser)
+    add_json(parser)
     parser.set_defaults(handler=_tasks)
 
 
@@ -767,24 +771,24 @@ def _tasks(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"unexpected {args.task_id!r}: did you mean `tasks show {args.task_id}`?"
         )
-    _positive(args.limit, "--limit")
+    positive(args.limit, "--limit")
     since = None
     if args.since:
         try:
             since = admin.parse_duration(args.since)
         except ValueError as exc:
             raise ConfigurationError(f"--since: {exc}") from None
-    with _open(args) as conn:
+    with open_connection(args) as conn:
         page = admin.list_tasks(
             conn,
-            _schema_name(args),
+            schema_of(args),
             name=args.name,
             state=args.state,
             since=since,
             limit=args.limit,
         )
     if args.json:
-        _print_json(page)
+        print_json(page)
         return EXIT_OK
     if not page.items:
         print(
@@ -800,12 +804,12 @@ def _tasks(args: argparse.Namespace) -> int:
             t.worker or "-",
             t.queue or "-",
             "-" if t.retries is None else str(t.retries),
-            _ago(t.updated_at, now),
+            format_ago(t.updated_at, now),
         ]
         for t in page.items
     ]
     print(
-        _table(
+        format_table(
             ["TASK ID", "NAME", "STATE", "WORKER", "QUEUE", "RETRIES", "UPDATED"],
             rows,
             frozenset({5}),
@@ -817,17 +821,17 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _task_show(args: argparse.Namespace) -> int:
-    with _open(args) as conn:
-        detail = admin.show_task(conn, _schema_name(args), args.task_id)
+    with open_connection(args) as conn:
+        detail = admin.show_task(conn, schema_of(args), args.task_id)
     if args.json:
-        _print_json(detail)
+        print_json(detail)
     else:
         print(render_task(detail))
     return EXIT_OK
 
 
 def _value(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, default=_json_default)
+    return value if isinstance(value, str) else json.dumps(value, default=json_default)
 
 
 def render_task(detail: admin.TaskDetail) -> str:
@@ -849,9 +853,9 @@ def render_task(detail: admin.TaskDetail) -> str:
             ("root", r.root_id),
             ("group", r.group_id),
             ("children", None if not r.children else _value(r.children)),
-            ("created", _time(r.created_at)),
-            ("updated", _time(r.updated_at)),
-            ("done", None if r.date_done is None else _time(r.date_done)),
+            ("created", format_time(r.created_at)),
+            ("updated", format_time(r.updated_at)),
+            ("done", None if r.date_done is None else format_time(r.date_done)),
         ]
         out += [f"  {k + ':':<10} {v}" for k, v in fields if v is not None]
         if r.traceback:
@@ -862,7 +866,7 @@ def render_task(detail: admin.TaskDetail) -> str:
         holder = f" by consumer {m.consumer_id}" if m.consumer_id is not None else ""
         out.append(
             f"  #{m.id} queue {m.queue!r}: {m.state}{holder}, priority {m.priority}, "
-            f"delivered {_plural(m.delivery_count, 'time')}, published {_time(m.published_at)}"
+            f"delivered {plural(m.delivery_count, 'time')}, published {format_time(m.published_at)}"
             + (f", eta {m.headers['eta']}" if m.headers.get("eta") else "")
         )
     out.append(f"dead letters ({len(detail.dead_letters)}):")
@@ -873,14 +877,14 @@ def render_task(detail: admin.TaskDetail) -> str:
             else f"exchange {d.exchange!r} key {d.routing_key!r}"
         )
         out.append(
-            f"  #{d.id} {d.reason} ({where}) at {_time(d.died_at)}, "
-            f"delivered {_plural(d.delivery_count, 'time')}: `pgbroker dead-letters replay {d.id}`"
+            f"  #{d.id} {d.reason} ({where}) at {format_time(d.died_at)}, "
+            f"delivered {plural(d.delivery_count, 'time')}: `pgbroker dead-letters replay {d.id}`"
         )
     out.append(f"redeliveries ({len(detail.redeliveries)}):")
     for x in detail.redeliveries:
         by = f" of consumer {x.consumer_id}" if x.consumer_id is not None else ""
         out.append(
-            f"  {_time(x.at)} {x.reason}{by}: message #{x.message_id} back to queue "
+            f"  {format_time(x.at)} {x.reason}{by}: message #{x.message_id} back to queue "
             f"{x.queue!r} after delivery {x.delivery_count}"
         )
     return "\n".join(out)
