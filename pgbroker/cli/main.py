@@ -23,14 +23,14 @@ from collections.abc import Callable, Sequence
 import psycopg
 
 from pgbroker import __version__
+from pgbroker.cli import migrate, options
 from pgbroker.cli import ops as cli_ops
-from pgbroker.cli import options
 from pgbroker.errors import PgBrokerError
 from pgbroker_demo import run as demo
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
     demo.add_parser,  # pgbroker demo: first in --help
-    options._add_migrate,
+    migrate.add_parser,
     options._add_status,
     options._add_top,
     options._add_purge,

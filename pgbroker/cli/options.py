@@ -2,7 +2,7 @@
 
 The database options (``--url``, ``--schema``), options that default to an
 environment variable (``Env``), the exit statuses and the output helpers.
-The subcommands ``migrate``, ``status``, ``top``, ``purge``, ``dead-letters``
+The subcommands ``status``, ``top``, ``purge``, ``dead-letters``
 and ``tasks`` are still here; the parser is in :mod:`pgbroker.cli.main`.
 """
 
@@ -19,19 +19,14 @@ from typing import Any
 
 import psycopg
 
-from pgbroker.database import schema
 from pgbroker.errors import ConfigurationError
 from pgbroker.operations import admin
 from pgbroker.options import schema_name
 from pgbroker.urls import redact
 
 EXIT_OK = 0
-EXIT_NOT_CURRENT = 1  # migrate --status: the schema is not at the latest version
 EXIT_INCOMPLETE = 1  # not confirmed, or some of the dead letters named were not acted on
 EXIT_ERROR = 2
-
-#: Seconds to wait for the server before giving up.
-CONNECT_TIMEOUT = 10
 
 
 class Env(argparse.Action):
@@ -95,88 +90,6 @@ def one_line(message: str, url: str) -> str:
     # Errors pgbroker raises never hold the password; a raw driver error
     # might quote the URL, so redact anyway.
     return " ".join(redact(message, url).split()) if url else " ".join(message.split())
-
-
-# --- pgbroker migrate -------------------------------------------------------------
-
-
-def _add_migrate(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = commands.add_parser(
-        "migrate",
-        help="create or upgrade pgbroker's schema",
-        description=(
-            "Create or upgrade pgbroker's tables. Workers do this themselves on "
-            "start unless the transport option auto_migrate is False; run this "
-            "command when the application's role may not change the schema."
-        ),
-        epilog=(
-            "exit status: 0 done (--status: up to date), 1 (--status only) "
-            "migrations pending or the schema is newer than this pgbroker, 2 error"
-        ),
-    )
-    add_database_options(parser)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--status",
-        action="store_true",
-        help="show the current and latest schema versions; change nothing",
-    )
-    mode.add_argument(
-        "--sql",
-        action="store_true",
-        help=(
-            "print the SQL that would be run, for a DBA to review; change nothing "
-            "(without --url: the SQL for a new database)"
-        ),
-    )
-    parser.set_defaults(handler=_migrate)
-
-
-def _migrate(args: argparse.Namespace) -> int:
-    from pgbroker.database.sessions import connect
-
-    name = schema_of(args)
-    latest = schema.latest_version()
-    if args.sql and not args.url:
-        # Without a database: the whole schema, as a new database needs it.
-        print(schema.migration_sql(name, 0))
-        return EXIT_OK
-    url = require_url(args)
-    with connect(url, connect_timeout=CONNECT_TIMEOUT) as conn:
-        where = f"{conn.info.user}@{conn.info.host}:{conn.info.port}/{conn.info.dbname}"
-        current = schema.current_version(conn, name)
-        shown = "none" if current is None else str(current)
-        if args.sql:
-            text = schema.pending_sql(conn, name)
-            print(text or f"-- schema {name!r} is up to date (version {shown}); nothing to do")
-            return EXIT_OK
-        if args.status:
-            pending = [m for m in schema.migrations() if m.version > (current or 0)]
-            print(f"database: {where}")
-            print(f"schema:   {name}")
-            print(f"current:  {shown}")
-            print(f"latest:   {latest}")
-            if current is not None and current > latest:
-                print(f"state:    newer than this pgbroker ({current} > {latest}): upgrade it")
-                return EXIT_NOT_CURRENT
-            if pending:
-                names = ", ".join(f"{m.version:03d}_{m.name}" for m in pending)
-                print(f"state:    {len(pending)} pending ({names}): run `pgbroker migrate`")
-                return EXIT_NOT_CURRENT
-            print("state:    up to date")
-            return EXIT_OK
-        if current is not None and current > latest:
-            raise ConfigurationError(
-                f"schema {name!r} is at version {current}, newer than this pgbroker "
-                f"(which knows versions up to {latest}): upgrade the pgbroker package"
-            )
-        applied = schema.migrate(conn, name)
-        if applied:
-            names = ", ".join(f"{m.version:03d}_{m.name}" for m in applied)
-            print(f"schema {name!r} in {where}: applied {names}; now at version {latest}")
-        else:
-            print(f"schema {name!r} in {where}: already at version {latest}; nothing to do")
-    return EXIT_OK
 
 
 # --- operator commands: shared pieces ------------------------------------------------
