@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import psycopg
 
 from pgbroker import __version__
-from pgbroker.cli import migrate, options
+from pgbroker.cli import migrate, options, status, top
 from pgbroker.cli import ops as cli_ops
 from pgbroker.errors import PgBrokerError
 from pgbroker_demo import run as demo
@@ -31,8 +31,8 @@ from pgbroker_demo import run as demo
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
     demo.add_parser,  # pgbroker demo: first in --help
     migrate.add_parser,
-    options._add_status,
-    options._add_top,
+    status.add_parser,
+    top.add_parser,
     options._add_purge,
     options._add_dead_letters,
     options._add_tasks,
