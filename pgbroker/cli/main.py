@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import psycopg
 
 from pgbroker import __version__
-from pgbroker.cli import migrate, options, status, top
+from pgbroker.cli import dead_letters, migrate, options, purge, status, tasks, top
 from pgbroker.cli import ops as cli_ops
 from pgbroker.errors import PgBrokerError
 from pgbroker_demo import run as demo
@@ -33,9 +33,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore
     migrate.add_parser,
     status.add_parser,
     top.add_parser,
-    options._add_purge,
-    options._add_dead_letters,
-    options._add_tasks,
+    purge.add_parser,
+    dead_letters.add_parser,
+    tasks.add_parser,
     cli_ops.add_prune,
     cli_ops.add_metrics,
 ]
