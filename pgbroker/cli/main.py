@@ -24,7 +24,7 @@ import psycopg
 
 from pgbroker import __version__
 from pgbroker.cli import dead_letters, migrate, options, purge, status, tasks, top
-from pgbroker.cli import ops as cli_ops
+from pgbroker.cli import prune as cli_ops
 from pgbroker.errors import PgBrokerError
 from pgbroker_demo import run as demo
 
