@@ -23,8 +23,7 @@ from collections.abc import Callable, Sequence
 import psycopg
 
 from pgbroker import __version__
-from pgbroker.cli import dead_letters, migrate, options, purge, status, tasks, top
-from pgbroker.cli import prune as cli_ops
+from pgbroker.cli import dead_letters, metrics, migrate, options, prune, purge, status, tasks, top
 from pgbroker.errors import PgBrokerError
 from pgbroker_demo import run as demo
 
@@ -36,8 +35,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore
     purge.add_parser,
     dead_letters.add_parser,
     tasks.add_parser,
-    cli_ops.add_prune,
-    cli_ops.add_metrics,
+    prune.add_parser,
+    metrics.add_parser,
 ]
 
 
