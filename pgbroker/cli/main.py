@@ -10,8 +10,12 @@ Every option can also come from an environment variable, shown in
 ``--help``. Errors print one line to stderr and exit with status 2; the
 database password is never printed.
 
-A new subcommand is a function that adds its parser, listed in ``COMMANDS``;
-its handler takes the parsed arguments and returns the exit status.
+Each command group is a module of :mod:`pgbroker.cli` (``migrate``,
+``status``, ``dead_letters``...) whose ``add_parser(commands)`` adds its
+subcommand and sets its handler; a new one is listed in ``COMMANDS``. A
+handler takes the parsed arguments and returns the exit status. No module of
+pgbroker imports this one but the entry points (``pgbroker.cli.main:main``,
+``python -m pgbroker``).
 """
 
 from __future__ import annotations
@@ -23,9 +27,19 @@ from collections.abc import Callable, Sequence
 import psycopg
 
 from pgbroker import __version__
-from pgbroker.cli import dead_letters, metrics, migrate, options, prune, purge, status, tasks, top
+from pgbroker.cli import (
+    dead_letters,
+    demo,
+    metrics,
+    migrate,
+    prune,
+    purge,
+    status,
+    tasks,
+    top,
+)
+from pgbroker.cli.options import EXIT_ERROR, EXIT_OK, one_line
 from pgbroker.errors import PgBrokerError
-from pgbroker_demo import run as demo
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
     demo.add_parser,  # pgbroker demo: first in --help
@@ -64,12 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # `pgbroker tasks | head`: the reader left; not an error worth a traceback.
         sys.stderr.close()
-        return options.EXIT_OK
-    return options.EXIT_ERROR
+        return EXIT_OK
+    return EXIT_ERROR
 
 
 def _fail(message: str, url: str) -> None:
-    print(f"pgbroker: error: {options.one_line(message, url)}", file=sys.stderr)
+    print(f"pgbroker: error: {one_line(message, url)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
