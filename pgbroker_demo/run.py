@@ -66,7 +66,7 @@ CREATE TABLE {}.demo_event (
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from pgbroker.cli.main import _Env
+    from pgbroker.cli.options import Env
 
     parser = commands.add_parser(
         "demo",
@@ -84,14 +84,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     parser.add_argument(
         "--url",
-        action=_Env,
+        action=Env,
         env="PGBROKER_URL",
         metavar="URL",
         help="PostgreSQL URL (default: start an embedded PostgreSQL)",
     )
     parser.add_argument(
         "--schema",
-        action=_Env,
+        action=Env,
         env="PGBROKER_DEMO_SCHEMA",
         default=DEFAULT_SCHEMA,
         metavar="NAME",

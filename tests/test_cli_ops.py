@@ -23,7 +23,7 @@ from celery import Celery
 from celery.app.task import Context
 from kombu import Consumer, Exchange, Message, Producer, Queue
 
-from pgbroker.cli.main import rates
+from pgbroker.cli.status import rates
 from pgbroker.errors import SchemaError
 from pgbroker.operations import admin
 from tests import kombu_helpers as kh
