@@ -49,3 +49,35 @@ class MessageTooLarge(PgBrokerError, ValueError):
 
 class NameTooLong(PgBrokerError, ValueError):
     """A queue, exchange or routing key name is longer than pgbroker takes."""
+
+
+# --- durable execution (pgbroker.durable) -------------------------------------------
+
+
+class NonDeterministicWorkflow(PgBrokerError):
+    """A run of a durable task reached a recorded step index with another
+    step name: the task's code does not call the same steps in the same
+    order on every run."""
+
+
+class StepOutputError(PgBrokerError, TypeError):
+    """A step's return value cannot be encoded with the result serializer."""
+
+
+class LeaseLost(PgBrokerError):
+    """The session holding a running task's lock was lost: another run of the
+    task id may own it now, so this run must not record any more steps."""
+
+
+class EventTimeout(PgBrokerError, TimeoutError):
+    """``wait_for_event`` reached its timeout before the event was sent."""
+
+
+class ExclusiveKeyBusy(PgBrokerError):
+    """Another run holds the task's ``exclusive_key`` (``on_conflict`` "wait"
+    timed out, or "retry" spent its retries)."""
+
+
+class DurableWaitError(PgBrokerError):
+    """A durable wait was used where a task cannot park (a direct call, an
+    eager task)."""

@@ -20,16 +20,14 @@ import psycopg
 import pytest
 from celery import Celery
 
-from pgbroker import durable
-from pgbroker.durable import (
-    DurableConfig,
-    DurableTask,
+from pgbroker.durable import DurableTask, prune, recorded_steps
+from pgbroker.durable.config import DurableConfig, close_pools
+from pgbroker.errors import (
+    ConfigurationError,
     NonDeterministicWorkflow,
+    SchemaError,
     StepOutputError,
-    prune,
-    recorded_steps,
 )
-from pgbroker.errors import ConfigurationError, SchemaError
 from tests.celery_helpers import wait_until
 from tests.pgserver import libpq_url
 
@@ -37,7 +35,7 @@ from tests.pgserver import libpq_url
 @pytest.fixture(autouse=True)
 def _close_durable_pools() -> Iterator[None]:
     yield
-    durable.close_pools()
+    close_pools()
 
 
 def make_app(url: str, **conf: Any) -> Celery:

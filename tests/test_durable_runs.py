@@ -17,17 +17,16 @@ import psycopg
 import pytest
 from celery import Celery
 
-from pgbroker import durable
 from pgbroker.durable import (
     DurableTask,
-    DurableWaitError,
     EventTimeout,
-    ExclusiveKeyBusy,
-    LeaseLost,
+    prune,
     recorded_steps,
     send_event,
     waiting,
 )
+from pgbroker.durable.config import close_pools
+from pgbroker.errors import DurableWaitError, ExclusiveKeyBusy, LeaseLost
 from tests.celery_helpers import wait_until
 from tests.pgserver import libpq_url
 
@@ -35,7 +34,7 @@ from tests.pgserver import libpq_url
 @pytest.fixture(autouse=True)
 def _close_durable_pools() -> Iterator[None]:
     yield
-    durable.close_pools()
+    close_pools()
 
 
 @pytest.fixture
@@ -421,7 +420,7 @@ def test_prune_removes_old_events_waits_and_dead_runs(
         "('dead', gen_random_uuid(), 0), ('live', gen_random_uuid(), pg_backend_pid())"
     )
     time.sleep(0.05)
-    assert durable.prune(db_url, 0) == 3
+    assert prune(db_url, 0) == 3
     assert db.execute("SELECT count(*) FROM pgbroker.durable_event").fetchone() == (0,)
     assert [w.task_id for w in waiting(db)] == ["alive"]
     assert db.execute("SELECT task_id FROM pgbroker.durable_run").fetchall() == [("live",)]

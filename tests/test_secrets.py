@@ -184,7 +184,7 @@ def test_settings_reprs() -> None:
     from celery import Celery
 
     from pgbroker.appconfig import app_database
-    from pgbroker.durable import DurableConfig
+    from pgbroker.durable.config import DurableConfig
     from pgbroker.operations.beat import BeatConfig
 
     app = Celery("secrets", broker=f"postgresql://app:{PW}@127.0.0.1/jobs", set_as_current=False)

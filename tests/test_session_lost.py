@@ -15,10 +15,10 @@ import psycopg
 import pytest
 from celery import Celery
 
-from pgbroker import durable
 from pgbroker.database import pools
 from pgbroker.database.sessions import session_lost
 from pgbroker.durable import DurableTask
+from pgbroker.durable.config import close_pools
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_durable_task_replaces_a_terminated_pooled_session(
     assert terminate_other_sessions(db) >= 1
     assert two_steps.apply(task_id=str(uuid.uuid4()), throw=True).get() == "done"
     assert ran == ["one", "one"]
-    durable.close_pools()
+    close_pools()
 
 
 def test_only_a_lost_session_is_retried() -> None:

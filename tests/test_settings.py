@@ -16,7 +16,7 @@ import pytest
 from celery import Celery
 from kombu import Connection
 
-from pgbroker.durable import DurableConfig
+from pgbroker.durable.config import DurableConfig
 from pgbroker.errors import ConfigurationError
 from pgbroker.operations.beat import BeatConfig
 from pgbroker.options import TransportOptions
