@@ -1,4 +1,4 @@
--- 003_durable_steps: checkpoints of DurableTask.step() (pgbroker/durable.py).
+-- 003_durable_steps: checkpoints of DurableTask.step() (pgbroker/durable/steps.py).
 --
 -- Design notes
 -- * One row per (task id, step index): the n-th step() call of a task run

@@ -1,5 +1,5 @@
 -- 006_durable_waits: exclusive runs, durable waits and events of DurableTask
--- (pgbroker/durable.py).
+-- (pgbroker/durable/runs.py, pgbroker/durable/waits.py).
 --
 -- Design notes
 -- * A run of a durable task holds a session advisory lock keyed on its task

@@ -1,4 +1,4 @@
--- Every query of durable steps (pgbroker/durable.py), by name. `{schema}` is
+-- Every query of durable steps (pgbroker/durable/), by name. `{schema}` is
 -- replaced by the quoted schema identifier; values are bound parameters.
 
 -- name: get_step
