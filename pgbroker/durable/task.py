@@ -17,9 +17,11 @@ import psycopg
 from celery import Task
 from celery.exceptions import Reject
 
-from pgbroker.durable import housekeeping, steps, waits
 from pgbroker.durable.config import DurableConfig
+from pgbroker.durable.housekeeping import finish
 from pgbroker.durable.runs import begin_run, end_run, stored_success, take_exclusive_key
+from pgbroker.durable.steps import run_step
+from pgbroker.durable.waits import PARKS_HEADER, parks_of, wait_event, wait_sleep
 from pgbroker.errors import LeaseLost
 
 logger = logging.getLogger("pgbroker")
@@ -102,12 +104,12 @@ class DurableTask(Task):  # type: ignore[misc]
     ) -> Any:
         """Celery's ``retry``, except that the task's parks (durable waits,
         which are retries too) do not count against ``max_retries``."""
-        parks = waits.parks(self)
+        parks = parks_of(self)
         if not parks:
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         limit = self.max_retries if max_retries is None else max_retries
         headers = {**(self.request.headers or {}), **(options.pop("headers", None) or {})}
-        options["headers"] = {**headers, waits.PARKS_HEADER: parks}
+        options["headers"] = {**headers, PARKS_HEADER: parks}
         had_override = "override_max_retries" in self.__dict__
         try:
             return super().retry(
@@ -132,13 +134,13 @@ class DurableTask(Task):  # type: ignore[misc]
         """The payload of event ``name`` (see :func:`send_event`), waiting up
         to ``timeout`` seconds (None: no limit) without holding a worker;
         :class:`EventTimeout` when it does not come in time."""
-        return waits.wait_for_event(self, name, timeout)
+        return wait_event(self, name, timeout)
 
     def sleep(self, name: str, seconds: float | timedelta) -> None:
         """Sleep ``seconds`` without holding a worker: the run parks and the
         task resumes when the time is up. Recorded like a step named
         ``name``, so a replay does not sleep again."""
-        waits.sleep(self, name, seconds)
+        wait_sleep(self, name, seconds)
 
     # --- steps (pgbroker.durable.steps) ----------------------------------------------
 
@@ -156,7 +158,7 @@ class DurableTask(Task):  # type: ignore[misc]
     ) -> T:
         """Run ``fn(*args, **kwargs)`` once for this task id; return its
         output, recorded (see :mod:`pgbroker.durable`)."""
-        return steps.run_step(
+        return run_step(
             self,
             name,
             fn,
@@ -178,7 +180,7 @@ class DurableTask(Task):  # type: ignore[misc]
         """
         super().on_success(retval, task_id, args, kwargs)
         try:
-            housekeeping.finish(self, task_id)
+            finish(self, task_id)
         except Exception as exc:  # the task succeeded; this is housekeeping
             logger.warning(
                 "task %s[%s]: could not mark its steps done: %s", self.name, task_id, exc

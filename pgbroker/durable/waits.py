@@ -52,7 +52,7 @@ PARK_MAX = 86400.0
 PARKS_HEADER = "pgbroker_parks"
 
 
-def parks(task: DurableTask) -> int:
+def parks_of(task: DurableTask) -> int:
     """How many times the task's current request was parked."""
     try:
         return max(0, int(task.request.get(PARKS_HEADER) or 0))
@@ -63,7 +63,7 @@ def parks(task: DurableTask) -> int:
 # --- waiting in a task --------------------------------------------------------------
 
 
-def wait_for_event(task: DurableTask, name: str, timeout: float | timedelta | None) -> Any:
+def wait_event(task: DurableTask, name: str, timeout: float | timedelta | None) -> Any:
     """``task.wait_for_event(name, timeout)``."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"wait_for_event(): the name must be a non-empty string, got {name!r}")
@@ -71,7 +71,7 @@ def wait_for_event(task: DurableTask, name: str, timeout: float | timedelta | No
     return _wait(task, "event", name, limit)
 
 
-def sleep(task: DurableTask, name: str, duration: float | timedelta) -> None:
+def wait_sleep(task: DurableTask, name: str, duration: float | timedelta) -> None:
     """``task.sleep(name, duration)``."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"sleep(): the name must be a non-empty string, got {name!r}")
@@ -139,7 +139,7 @@ def _park(task: DurableTask, run: Run, delay: float, reason: str, event: str | N
             f"task {task.name}[{run.task_id}]: {reason}, but an eager task (apply(), "
             "task_always_eager) cannot park; run it on a worker"
         )
-    headers = {**(request.headers or {}), PARKS_HEADER: parks(task) + 1}
+    headers = {**(request.headers or {}), PARKS_HEADER: parks_of(task) + 1}
     sig = task.signature_from_request(
         request, countdown=delay, retries=request.retries + 1, headers=headers
     )

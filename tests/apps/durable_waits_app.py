@@ -23,7 +23,7 @@ from celery import Celery
 from celery.signals import task_success
 
 from pgbroker.durable import DurableTask, EventTimeout
-from pgbroker.durable.waits import parks
+from pgbroker.durable.waits import parks_of
 
 BROKER_URL = os.environ["TEST_BROKER_URL"]
 
@@ -165,7 +165,7 @@ def napper(self: DurableTask, key: str, retry_file: str) -> dict[str, Any]:
         Path(retry_file).touch()
         raise self.retry(countdown=0.2)
     self.step("after", _effect, key, "after")
-    return {"retries": self.request.retries, "parks": parks(self)}
+    return {"retries": self.request.retries, "parks": parks_of(self)}
 
 
 @app.task(shared=False)
