@@ -17,8 +17,8 @@ from celery import Celery
 
 from pgbroker import durable
 from pgbroker.database import pools
-from pgbroker.database.sessions import session_lost
 from pgbroker.durable import DurableTask
+from pgbroker.errors import session_lost
 
 
 @pytest.fixture

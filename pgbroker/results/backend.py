@@ -91,8 +91,8 @@ from celery.utils.functional import _regen
 from kombu.serialization import dumps, loads
 
 from pgbroker.database import pipeline, pools, queries
-from pgbroker.database.sessions import connect, session_lost
-from pgbroker.errors import ConfigurationError, ResultTooLarge
+from pgbroker.database.sessions import connect
+from pgbroker.errors import ConfigurationError, ResultTooLarge, session_lost
 from pgbroker.options import MAX_FIELD, checked, flag, schema_name, seconds, validated, whole
 from pgbroker.results.consumer import ResultConsumer, channel_for
 from pgbroker.urls import SCHEMES, mask_password, to_conninfo
