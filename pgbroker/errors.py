@@ -40,9 +40,10 @@ transport's session):
 * ``"connection"``: the session is gone or could not be opened: a SQLSTATE
   of class 08 or of :data:`SESSION_ENDED` (a restart, pg_terminate_backend,
   an idle timeout), a libpq error without a SQLSTATE (the socket closed), or
-  a connection that psycopg reports closed. It leaves as
+  any error on a connection that psycopg reports closed. It leaves as
   :class:`ConnectionLost` (:class:`DatabaseUnavailable` when connecting);
-  retrying on a new session can work. :data:`CONNECTION_ERRORS`.
+  retrying on a new session can work. psycopg's ``InterfaceError`` (a
+  connection it cannot use) is one too, raised as it is. :data:`CONNECTION_ERRORS`.
 * ``"statement"``: the statement's own failure on a session that still
   works: a statement timeout or cancel (57014), a lock timeout (55P03), a
   serialization failure (40001) or deadlock (40P01), a full disk (53100),
