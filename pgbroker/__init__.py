@@ -15,8 +15,8 @@ from pgbroker import _autoload
 # this module, and the .pth file imports it in every Python process.
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers; at run time, see __getattr__ below
-    from pgbroker.broker.enqueue import EnqueueError as EnqueueError
     from pgbroker.broker.enqueue import enqueue_in as enqueue_in
+    from pgbroker.errors import EnqueueError as EnqueueError
 
 __version__ = "0.1.0"
 
@@ -42,10 +42,14 @@ _autoload.install()
 def __getattr__(name: str) -> object:
     # pgbroker.enqueue_in and pgbroker.EnqueueError, imported on first use so
     # that `import pgbroker` (done by the autoload hook) stays free of psycopg.
-    if name in ("enqueue_in", "EnqueueError"):
+    if name == "enqueue_in":
         from pgbroker.broker import enqueue
 
-        return getattr(enqueue, name)
+        return enqueue.enqueue_in
+    if name == "EnqueueError":
+        from pgbroker import errors
+
+        return errors.EnqueueError
     if name == "send_event":  # durable waits' events (pgbroker.durable)
         from pgbroker import durable
 

@@ -15,8 +15,8 @@ import pytest
 from celery import Celery, states
 from celery.app.task import Context
 
-from pgbroker.errors import ConfigurationError, DatabaseUnavailable
-from pgbroker.results.backend import PostgresBackend, ResultTooLarge
+from pgbroker.errors import ConfigurationError, DatabaseUnavailable, ResultTooLarge
+from pgbroker.results.backend import PostgresBackend
 
 #: The apps a test made, closed after it (close_apps).
 _made: list[Celery] = []

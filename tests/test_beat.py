@@ -14,7 +14,7 @@ from celery import Celery
 from celery.beat import BeatLazyFunc
 from celery.schedules import crontab, schedule
 
-from pgbroker.errors import ConfigurationError
+from pgbroker.errors import ConfigurationError, EntryExists, EntryNotFound
 from pgbroker.operations import beat
 from pgbroker.operations.beat import PgScheduler
 
@@ -263,7 +263,7 @@ def test_beat_schedule_sync_keeps_runtime_changes_until_the_code_changes(
     first = schedulers(_app(db_url, config))
     first.tick()
     beat.add_entry(db_url, "runtime", TASK, 60, args=["r"])
-    with pytest.raises(beat.EntryExists):
+    with pytest.raises(EntryExists):
         beat.add_entry(db_url, "runtime", TASK, 60)
     beat.update_entry(db_url, "tick", args=[2])
     beat.disable_entry(db_url, "gone")
@@ -304,7 +304,7 @@ def test_enabling_restarts_from_now_and_disabled_entries_are_not_sent(
     assert entry.last_run_at > datetime.now(UTC) - timedelta(seconds=5)
     s.tick()
     assert _messages(db) == []  # the 30 missed runs are not sent
-    with pytest.raises(beat.EntryNotFound):
+    with pytest.raises(EntryNotFound):
         beat.disable_entry(db_url, "nope")
     beat.remove_entry(db_url, "tick")
     assert beat.list_entries(db_url) == []

@@ -24,7 +24,7 @@ from celery.app.task import Context
 from kombu import Consumer, Exchange, Message, Producer, Queue
 
 from pgbroker.cli.status import rates
-from pgbroker.errors import SchemaError
+from pgbroker.errors import NotFound, SchemaError
 from pgbroker.operations import admin
 from tests import kombu_helpers as kh
 from tests.celery_helpers import with_password
@@ -403,7 +403,7 @@ def test_purge(url: str, db_url: str, conn: psycopg.Connection, db: psycopg.Conn
     assert again.returncode == 0, again
     assert json.loads(again.stdout) == {"queue": "p", "purged": 0}
     assert admin.purge(conn, "pgbroker", "other") == 2
-    with pytest.raises(admin.NotFound, match="no queue named 'zz'"):
+    with pytest.raises(NotFound, match="no queue named 'zz'"):
         admin.purge(conn, "pgbroker", "zz")
     line = one_line_error(run("purge", "zz", "--yes", "--url", url))
     assert "no queue named 'zz' in schema 'pgbroker'" in line
@@ -768,7 +768,7 @@ def test_tasks(
     assert [(r.reason, r.consumer_id) for r in queued.redeliveries] == [("consumer died", 9)]
     dead = admin.show_task(conn, "pgbroker", "dead-1")
     assert [(d.reason, d.queue) for d in dead.dead_letters] == [("rejected", "celery")]
-    with pytest.raises(admin.NotFound, match="no task 'nope'"):
+    with pytest.raises(NotFound, match="no task 'nope'"):
         admin.show_task(conn, "pgbroker", "nope")
 
     listed = run("tasks", "--state", "FAILURE", "--since", "1h", "--url", url)

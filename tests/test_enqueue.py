@@ -16,7 +16,8 @@ from kombu import Connection, Consumer, Message, Producer, Queue
 from psycopg.rows import dict_row
 
 import pgbroker
-from pgbroker.broker.enqueue import EnqueueError, active_connection, enqueue_in
+from pgbroker.broker.enqueue import active_connection, enqueue_in
+from pgbroker.errors import EnqueueError
 from tests import pgserver
 from tests.celery_helpers import celery_env, client_app, start_worker, wait_until
 from tests.kombu_helpers import collect, connect, drain_quietly, drain_until, scalar

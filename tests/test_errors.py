@@ -8,7 +8,9 @@ retry them) and configuration mistakes do not (retrying cannot fix them).
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 import re
 import shutil
 import time
@@ -25,7 +27,13 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from psycopg import sql
 
 from pgbroker.database import schema
-from pgbroker.errors import ConfigurationError, DatabaseUnavailable, MessageTooLarge, SchemaError
+from pgbroker.errors import (
+    ConfigurationError,
+    ConnectionLost,
+    DatabaseUnavailable,
+    MessageTooLarge,
+    SchemaError,
+)
 from tests import pgserver
 
 SECRET = "Sekr1t-pw-93qf"  # in every URL below; must never be shown
@@ -519,3 +527,294 @@ def test_message_larger_than_max_message_size(db_url: str, db: psycopg.Connectio
         # The limit is inclusive and the channel still works.
         producer.publish(b"x" * 1000, content_type="application/data")
         assert db.execute("SELECT count(*) FROM pgbroker.message").fetchone() == (1,)
+
+
+# --- the hierarchy ------------------------------------------------------------------------
+
+#: Base classes user code may catch: none may go (an `except` would change meaning).
+KEPT_BASES: dict[str, tuple[type[BaseException], ...]] = {
+    "ConfigurationError": (ValueError,),
+    "DatabaseUnavailable": (psycopg.OperationalError,),
+    "ConnectionLost": (psycopg.OperationalError,),
+    "SchemaError": (),
+    "MessageTooLarge": (ValueError,),
+    "NameTooLong": (ValueError,),
+    "EnqueueError": (),
+    "ResultTooLarge": (kombu.exceptions.EncodeError,),
+    "NotFound": (),
+    "EntryExists": (ValueError,),
+    "EntryNotFound": (KeyError,),
+}
+
+
+def _pgbroker_errors() -> list[type[BaseException]]:
+    """Every subclass of PgBrokerError defined by the package, once every
+    module of it is imported."""
+    import pgbroker
+    from pgbroker.errors import PgBrokerError
+
+    for module in pkgutil.walk_packages(pgbroker.__path__, "pgbroker."):
+        if module.name.rsplit(".", 1)[-1] != "__main__":  # that one runs the CLI
+            importlib.import_module(module.name)
+    found: list[type[BaseException]] = []
+    todo: list[type[BaseException]] = [PgBrokerError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith("pgbroker.") and sub not in found:
+                found.append(sub)
+                todo.append(sub)
+    return found
+
+
+def test_every_pgbroker_error_lives_in_pgbroker_errors_with_a_docstring() -> None:
+    from pgbroker import errors
+
+    found = _pgbroker_errors()
+    names = {f"{cls.__module__}.{cls.__qualname__}" for cls in found}
+    assert len(found) >= len(KEPT_BASES)
+    elsewhere = sorted(n for n in names if not n.startswith("pgbroker.errors."))
+    assert not elsewhere, f"define these in pgbroker/errors.py: {elsewhere}"
+    for cls in found:
+        doc = cls.__dict__.get("__doc__")  # its own, not inherited
+        assert doc and doc.strip(), f"{cls.__qualname__} has no docstring"
+        # The module docstring draws the whole tree.
+        assert re.search(rf"\b{cls.__qualname__}\b", errors.__doc__ or ""), cls
+    for cls in found:
+        if cls.__module__ == "pgbroker.errors":
+            assert getattr(errors, cls.__qualname__) is cls
+            assert cls.__qualname__ in errors.__all__
+
+
+def test_errors_keep_the_base_classes_user_code_catches() -> None:
+    from pgbroker import errors
+
+    for name, bases in KEPT_BASES.items():
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.PgBrokerError), name
+        for base in bases:
+            assert issubclass(cls, base), (name, base)
+    # Deliberately not connection errors: reconnecting the broker cannot fix them.
+    for name in ("EnqueueError", "SchemaError", "ConfigurationError", "MessageTooLarge"):
+        assert not issubclass(getattr(errors, name), psycopg.Error), name
+
+
+def test_the_old_homes_re_export_nothing() -> None:
+    """No shims: each class is defined once, and the public alias stays."""
+    import pgbroker
+    from pgbroker import errors
+    from pgbroker.broker import enqueue
+
+    assert pgbroker.EnqueueError is errors.EnqueueError
+    assert "EnqueueError" not in enqueue.__all__
+    for path in ("broker/enqueue.py", "results/backend.py", "operations/admin.py"):
+        source = (Path(pgbroker.__file__).parent / path).read_text()
+        assert not re.search(r"^class \w+\(.*Error.*\):", source, re.M), path
+
+
+# --- classing psycopg's errors --------------------------------------------------------------
+
+#: SQLSTATE -> how Kombu must see psycopg's error for it, raised by a statement
+#: on a session that psycopg still reports open.
+SQLSTATES = {
+    # The session is gone: reconnect.
+    "08000": "connection",  # connection_exception
+    "08003": "connection",  # connection_does_not_exist
+    "08006": "connection",  # connection_failure
+    "08P01": "connection",  # protocol_violation
+    "57P01": "connection",  # admin_shutdown: pg_terminate_backend, a fast shutdown
+    "57P02": "connection",  # crash_shutdown
+    "57P03": "connection",  # cannot_connect_now
+    "57P04": "connection",  # database_dropped
+    "57P05": "connection",  # idle_session_timeout
+    "25P03": "connection",  # idle_in_transaction_session_timeout
+    # The statement failed; the session works: a channel error.
+    "57014": "statement",  # query_canceled: statement_timeout, pg_cancel_backend
+    "55P03": "statement",  # lock_not_available: lock_timeout
+    "40001": "statement",  # serialization_failure
+    "40P01": "statement",  # deadlock_detected
+    "25006": "connection",  # read_only_sql_transaction: a standby after a failover
+    "53100": "statement",  # disk_full
+    "53200": "statement",  # out_of_memory
+    "58030": "statement",  # io_error
+    "55006": "statement",  # object_in_use
+    # Retrying cannot fix these: neither.
+    "42P01": "other",  # undefined_table
+    "42501": "other",  # insufficient_privilege
+    "23505": "other",  # unique_violation
+    "22P02": "other",  # invalid_text_representation
+    "25P02": "other",  # in_failed_sql_transaction
+    "0A000": "other",  # feature_not_supported
+    "P0001": "other",  # raise_exception
+    "XX000": "other",  # internal_error
+}
+
+
+def _as_kombu_sees(error: BaseException) -> str:
+    """Kombu and Celery test connection_errors first (ConnectionLost is an
+    OperationalError too)."""
+    from pgbroker.broker.transport import Transport
+
+    if isinstance(error, Transport.connection_errors):
+        return "connection"
+    if isinstance(error, Transport.channel_errors):
+        return "statement"
+    return "other"
+
+
+def _through_wrap(error: BaseException, *, gone: bool = False) -> BaseException:
+    from pgbroker.errors import wrap_exceptions
+
+    with pytest.raises(BaseException) as info, wrap_exceptions(lambda: gone):
+        raise error
+    return info.value
+
+
+@pytest.mark.parametrize(("sqlstate", "kind"), sorted(SQLSTATES.items()))
+def test_classification_of_sqlstates(sqlstate: str, kind: str) -> None:
+    from pgbroker.errors import ConnectionLost, classify, session_lost, statement_error
+
+    error = psycopg.errors.lookup(sqlstate)(f"an error {sqlstate}")
+    assert error.sqlstate == sqlstate
+    assert classify(error) == kind
+    assert session_lost(error) is (kind == "connection")
+    raised = _through_wrap(error)
+    assert _as_kombu_sees(raised) == kind
+    if kind == "connection":
+        assert isinstance(raised, ConnectionLost)
+        assert raised.__cause__ is error
+        assert f"{type(error).__name__}: an error {sqlstate}" in str(raised)
+    else:
+        assert raised is error  # as psycopg raised it: `except QueryCanceled` still works
+    assert statement_error(raised) is (kind == "statement")
+    # On a session psycopg reports closed, every error is a lost session.
+    assert classify(error, session_gone=True) == "connection"
+    fresh = psycopg.errors.lookup(sqlstate)("again")
+    assert isinstance(_through_wrap(fresh, gone=True), ConnectionLost)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        # libpq's own errors carry no SQLSTATE: the socket closed.
+        (psycopg.OperationalError("server closed the connection unexpectedly"), "connection"),
+        (psycopg.InterfaceError("the connection is in status BAD"), "connection"),
+        (psycopg.DatabaseError("no SQLSTATE"), "other"),
+        (psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes"), "other"),
+        (ValueError("not a database error"), "other"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v,
+)
+def test_classification_of_errors_without_a_sqlstate(error: BaseException, kind: str) -> None:
+    from pgbroker.errors import ConnectionLost, classify
+
+    assert classify(error) == kind
+    raised = _through_wrap(error)
+    if isinstance(error, psycopg.OperationalError):
+        assert isinstance(raised, ConnectionLost)
+        assert raised.__cause__ is error
+    else:
+        assert raised is error  # already what it should be
+    assert _as_kombu_sees(raised) == kind
+
+
+def test_pgbroker_errors_pass_the_translation_unchanged() -> None:
+    from pgbroker import errors
+
+    for error, kind in [
+        (errors.ConnectionLost("lost"), "connection"),
+        (errors.DatabaseUnavailable("cannot connect"), "connection"),
+        (errors.SchemaError("no schema"), "other"),
+        (errors.ConfigurationError("bad option"), "other"),
+        (errors.MessageTooLarge("too big"), "other"),
+        (errors.EnqueueError("another database"), "other"),
+    ]:
+        assert errors.classify(error) == kind, error
+        assert errors.classify(error, session_gone=True) == kind, error
+        assert _through_wrap(error, gone=True) is error
+        assert _as_kombu_sees(error) == kind, error
+
+
+def test_wrap_exceptions_is_also_a_decorator() -> None:
+    from pgbroker.errors import ConnectionLost, wrap_exceptions
+
+    @wrap_exceptions()
+    def terminated() -> None:
+        raise psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+
+    @wrap_exceptions()
+    def fine(x: int) -> int:
+        return x + 1
+
+    with pytest.raises(ConnectionLost, match="AdminShutdown: terminating connection"):
+        terminated()
+    assert fine(1) == 2
+
+
+def test_transport_error_tuples_come_from_the_classification() -> None:
+    from kombu.transport import virtual
+
+    from pgbroker.broker.transport import Transport
+    from pgbroker.errors import CONNECTION_ERRORS, STATEMENT_ERRORS
+
+    assert Transport.connection_errors == (*virtual.Transport.connection_errors, *CONNECTION_ERRORS)
+    assert Transport.channel_errors == (*virtual.Transport.channel_errors, *STATEMENT_ERRORS)
+    assert Transport.recoverable_connection_errors == Transport.connection_errors
+    assert Transport.recoverable_channel_errors == STATEMENT_ERRORS
+    assert not issubclass(psycopg.errors.ReadOnlySqlTransaction, STATEMENT_ERRORS)
+
+
+# --- a statement's error on a real session ---------------------------------------------------
+
+
+def test_a_read_only_session_is_a_lost_connection_and_the_publish_goes_elsewhere(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """25006: the session is on a standby, or on a primary being demoted in a
+    failover (here: default_transaction_read_only on that one session). Only
+    a new session can reach the primary, so it is a connection error that
+    says so, and Kombu's publish with retry reconnects and succeeds."""
+    q = Queue("read-only")
+    with Connection(db_url) as conn:
+        producer = Producer(conn.default_channel)
+        producer.publish({"i": 0}, routing_key=q.name, declare=[q])
+        session = conn.transport._conn
+        session.execute("SET default_transaction_read_only = on")
+        with pytest.raises(ConnectionLost, match="read-only server") as failed:
+            producer.publish({"i": 1}, routing_key=q.name, retry=False)
+        assert isinstance(failed.value, conn.connection_errors)
+        assert isinstance(failed.value.__cause__, psycopg.errors.ReadOnlySqlTransaction)
+        assert "target_session_attrs=read-write" in str(failed.value)
+
+        session.execute("SET default_transaction_read_only = on")
+        producer.publish({"i": 2}, routing_key=q.name, retry=True, retry_policy={"max_retries": 2})
+        assert conn.transport._conn is not session  # a new session took it
+    assert db.execute("SELECT count(*) FROM pgbroker.message").fetchone() == (2,)
+
+
+def test_a_read_only_claim_in_the_event_loop_is_a_lost_connection(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """A claim that fails on a read-only session inside the worker's event
+    loop raises a connection error: Celery's consumer then reconnects (the
+    message was not claimed, so nothing is lost), and a new connection
+    claims it."""
+    q = Queue("read-only-claim")
+    got: list[Any] = []
+    with Connection(db_url) as conn:
+        Producer(conn.default_channel).publish({"i": 0}, routing_key=q.name, declare=[q])
+        with Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]):
+            transport = conn.transport
+            transport._conn.execute("SET default_transaction_read_only = on")
+            with pytest.raises(ConnectionLost, match="read-only server") as failed, (
+                transport._in_loop()
+            ):
+                transport.claim_and_deliver()
+            assert isinstance(failed.value, conn.connection_errors)
+            assert got == []
+    with Connection(db_url) as conn, Consumer(
+        conn, [q], callbacks=[lambda body, message: got.append(message)]
+    ):
+        conn.drain_events(timeout=10)
+        assert [m.payload for m in got] == [{"i": 0}]
+        got[0].ack()
+    assert db.execute("SELECT count(*) FROM pgbroker.message").fetchone() == (0,)

@@ -16,9 +16,9 @@ import pytest
 from celery import Celery
 
 from pgbroker.database import pools
-from pgbroker.database.sessions import session_lost
 from pgbroker.durable import DurableTask
 from pgbroker.durable.config import close_pools
+from pgbroker.errors import session_lost
 
 
 @pytest.fixture

@@ -59,19 +59,9 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from pgbroker.database import queries
-from pgbroker.errors import PgBrokerError
+from pgbroker.errors import EnqueueError
 
-__all__ = ["EnqueueError", "enqueue_in"]
-
-
-class EnqueueError(PgBrokerError):
-    """A publish inside ``enqueue_in`` could not be written on the given
-    connection (another database, no pgbroker schema, missing privileges, a
-    broken connection). The caller's transaction should be rolled back.
-
-    Deliberately not a ``psycopg.OperationalError``: Kombu would retry it by
-    reconnecting the broker, which cannot repair the caller's connection.
-    """
+__all__ = ["enqueue_in"]
 
 
 class _Runner(Protocol):

@@ -82,14 +82,16 @@ from pgbroker.broker.routing import topic_pattern
 from pgbroker.broker.sweeper import PROMOTE_BATCH, drop_dead_consumers_queues, log_sweep, sweep_more
 from pgbroker.database import pipeline, queries, schema
 from pgbroker.database.forking import neutralise, process_key
-from pgbroker.database.sessions import connect, prefer_indexes, session_lost
+from pgbroker.database.sessions import connect, prefer_indexes
 from pgbroker.errors import (
+    CONNECTION_ERRORS,
+    STATEMENT_ERRORS,
     ConfigurationError,
     ConnectionLost,
-    DatabaseUnavailable,
     MessageTooLarge,
     NameTooLong,
-    PgBrokerError,
+    statement_error,
+    wrap_exceptions,
 )
 from pgbroker.options import TransportOptions
 from pgbroker.urls import mask_password
@@ -409,29 +411,30 @@ class Transport(virtual.Transport):
         heartbeats=False,
     )
 
+    # Both from pgbroker.errors, where _statements classes psycopg's errors.
     # Celery reconnects on these, and a reconnection hands back every message
-    # the consumer held: only a session that is gone (ConnectionLost, see
-    # _statements) or cannot be opened (DatabaseUnavailable), or a psycopg
-    # connection already closed (InterfaceError).
+    # the consumer held: only a session that is gone (ConnectionLost) or
+    # cannot be opened (DatabaseUnavailable), or a psycopg connection it
+    # cannot use (InterfaceError). A session on a read-only server (a standby
+    # after a failover) is a lost one: only a new session reaches the primary.
     connection_errors = (  # type: ignore[assignment]
         *virtual.Transport.connection_errors,
-        ConnectionLost,
-        DatabaseUnavailable,
-        psycopg.InterfaceError,
+        *CONNECTION_ERRORS,
     )
     # The error of one statement on a session that still works: a statement
     # or lock timeout, a cancel, a serialization failure or deadlock, a full
-    # disk. psycopg raises them as OperationalError too; every lost session
-    # is ConnectionLost (also an OperationalError, and listed above, which
-    # Kombu and Celery test first). The consumer keeps its messages.
+    # disk. psycopg raises them as OperationalError,
+    # as it does a lost session; but every lost session is ConnectionLost
+    # (also an OperationalError, and listed above, which Kombu and Celery
+    # test first). The consumer keeps its messages.
     channel_errors = (  # type: ignore[assignment]
         *virtual.Transport.channel_errors,
-        psycopg.OperationalError,
+        *STATEMENT_ERRORS,
     )
     # Kombu's Connection.ensure (a publish with retry): reconnect on the
     # first, retry on the same session on the second.
     recoverable_connection_errors = connection_errors
-    recoverable_channel_errors = (psycopg.OperationalError,)
+    recoverable_channel_errors = STATEMENT_ERRORS
 
     channels: list[_PgChannel]  # type: ignore[assignment]
 
@@ -502,14 +505,9 @@ class Transport(virtual.Transport):
         return self._conn is not None and not self._conn.closed
 
     def _open(self) -> psycopg.Connection:
-        try:
+        # A session lost as it started (after connect()) is ConnectionLost.
+        with wrap_exceptions():
             return self._prepare(connect(self.url, connect_timeout=self.client.connect_timeout))
-        except psycopg.Error as exc:
-            if session_lost(exc) and not isinstance(exc, PgBrokerError):
-                raise ConnectionLost(
-                    f"pgbroker: the session with PostgreSQL was lost as it started ({exc})"
-                ) from exc
-            raise
 
     def _prepare(self, conn: psycopg.Connection) -> psycopg.Connection:
         try:
@@ -599,26 +597,14 @@ class Transport(virtual.Transport):
             raise ConnectionLost("pgbroker: the connection to PostgreSQL is closed")
         return self._conn
 
-    @contextlib.contextmanager
-    def _statements(self) -> Iterator[None]:
-        """Class a psycopg error by what it is: a session that is gone
-        becomes ConnectionLost (a connection error: Kombu and Celery
+    def _statements(self) -> contextlib.AbstractContextManager[None]:
+        """Class a psycopg error by what it is (pgbroker.errors.wrap_exceptions):
+        a session that is gone (whatever the error, if this session is
+        closed) becomes ConnectionLost (a connection error: Kombu and Celery
         reconnect); a statement's own error (a timeout, a cancel, a
-        serialization failure) is raised as it is, a channel error."""
-        try:
-            yield
-        except PgBrokerError:
-            raise
-        except psycopg.Error as exc:
-            conn = self._conn
-            if session_lost(exc) or conn is None or conn.closed or conn.broken:
-                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise ConnectionLost(
-                    f"pgbroker: the session with PostgreSQL was lost "
-                    f"({type(exc).__name__}: {detail})"
-                ) from exc
-            exc.pgbroker_statement = True  # type: ignore[attr-defined]  # see _in_loop
-            raise
+        serialization failure) is raised as it is, a channel error, marked
+        for _in_loop."""
+        return wrap_exceptions(self._session_gone)
 
     def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
         if "://" not in uri:  # switched to a failover URL: Kombu parsed it
@@ -965,7 +951,7 @@ class Transport(virtual.Transport):
                 self._ready.discard(queue)
                 try:
                     rows = self.claim(queue, limit, no_ack, settle=False)
-                except psycopg.OperationalError:
+                except STATEMENT_ERRORS:  # ConnectionLost too
                     self._ready.add(queue)  # nothing claimed: the work is still there
                     raise
                 if len(rows) >= limit:
@@ -1369,8 +1355,8 @@ class Transport(virtual.Transport):
         hand back every message it holds. Say so and try again shortly."""
         try:
             yield
-        except psycopg.OperationalError as exc:
-            if not getattr(exc, "pgbroker_statement", False):
+        except STATEMENT_ERRORS as exc:
+            if not statement_error(exc):
                 raise  # a lost session, or not one of this session's statements
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             logger.warning(

@@ -28,8 +28,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from pgbroker.database import schema
 from pgbroker.database.forking import neutralise
-from pgbroker.database.sessions import connect, default_application_name, pin_session, session_lost
-from pgbroker.errors import DatabaseUnavailable
+from pgbroker.database.sessions import connect, default_application_name, pin_session
+from pgbroker.errors import DatabaseUnavailable, session_lost
 from pgbroker.urls import to_conninfo
 
 _pools: dict[tuple[str, str, str], psycopg_pool.ConnectionPool] = {}

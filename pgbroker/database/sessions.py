@@ -21,7 +21,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict
 
-from pgbroker.errors import ConfigurationError, DatabaseUnavailable
+from pgbroker.errors import ConfigurationError, DatabaseUnavailable, session_lost
 from pgbroker.urls import mask_password, redact, to_conninfo
 
 LIBPQ_PARAMS_DOC = "https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS"
@@ -249,27 +249,6 @@ def _detail(text: str) -> str:
         if line.startswith(prefix):
             line = line[len(prefix) :]
     return " ".join(line.split())
-
-
-#: SQLSTATEs of a session the server ended: pg_terminate_backend or a fast
-#: shutdown (57P01), a crash of another backend (57P02), a server still
-#: starting (57P03), the database dropped (57P04), idle_session_timeout
-#: (57P05), idle_in_transaction_session_timeout (25P03).
-_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05", "25P03"})
-
-
-def session_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` says the connection itself is gone, so that the same
-    work may be tried once more on a fresh one: a server restart,
-    pg_terminate_backend, a network failure. Not an error of the statement
-    (a constraint, a statement timeout), which a retry would only repeat."""
-    if not isinstance(exc, psycopg.Error):
-        return False
-    state = exc.sqlstate
-    if state is None:
-        # libpq's own errors: the socket closed, the server did not answer.
-        return isinstance(exc, psycopg.OperationalError)
-    return state.startswith("08") or state in _SESSION_ENDED
 
 
 def is_privilege_error(exc: BaseException) -> bool:

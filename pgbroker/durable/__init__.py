@@ -155,12 +155,27 @@ from pgbroker.durable.housekeeping import prune
 from pgbroker.durable.steps import recorded_steps
 from pgbroker.durable.task import DurableTask
 from pgbroker.durable.waits import SentEvent, send_event, waiting
-from pgbroker.errors import EventTimeout
+from pgbroker.errors import (
+    DurableWaitError,
+    EventTimeout,
+    ExclusiveKeyBusy,
+    LeaseLost,
+    NonDeterministicWorkflow,
+    StepOutputError,
+)
 
+# The durable errors are defined in pgbroker.errors and raised by durable
+# tasks: users catch them from here, and results stored before they moved
+# name this module (Celery's exc_module) and still find them.
 __all__ = [
     "DurableTask",
+    "DurableWaitError",
     "EventTimeout",
+    "ExclusiveKeyBusy",
+    "LeaseLost",
+    "NonDeterministicWorkflow",
     "SentEvent",
+    "StepOutputError",
     "prune",
     "recorded_steps",
     "send_event",

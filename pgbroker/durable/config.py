@@ -21,8 +21,8 @@ import psycopg_pool
 
 from pgbroker.appconfig import app_database
 from pgbroker.database import pools
-from pgbroker.database.sessions import connect, session_lost
-from pgbroker.errors import SchemaError
+from pgbroker.database.sessions import connect
+from pgbroker.errors import SchemaError, session_lost
 from pgbroker.options import TEN_YEARS
 from pgbroker.options import seconds as check_seconds
 

@@ -24,9 +24,8 @@ import psycopg
 import psycopg_pool
 
 from pgbroker.database import queries
-from pgbroker.database.sessions import session_lost
 from pgbroker.durable.config import DurableConfig, pool_for, seconds
-from pgbroker.errors import ConfigurationError, ExclusiveKeyBusy, LeaseLost
+from pgbroker.errors import ConfigurationError, ExclusiveKeyBusy, LeaseLost, session_lost
 
 if TYPE_CHECKING:
     from pgbroker.durable.task import DurableTask

@@ -28,7 +28,7 @@ from kombu.serialization import loads
 from pgbroker.database import queries
 from pgbroker.database import schema as schema_mod
 from pgbroker.database.sessions import connect
-from pgbroker.errors import PgBrokerError, SchemaError
+from pgbroker.errors import NotFound, SchemaError
 
 #: Seconds to wait for the server before giving up.
 CONNECT_TIMEOUT = 10
@@ -39,10 +39,6 @@ BATCH_SIZE = 500
 # Serializers whose decoding runs no code: results and arguments in another
 # format (pickle) are shown as their size, never unpickled by an admin tool.
 _SAFE_CONTENT_TYPES = frozenset({"application/json", "application/x-msgpack"})
-
-
-class NotFound(PgBrokerError):
-    """The queue or task named does not exist."""
 
 
 # --- connecting ------------------------------------------------------------------

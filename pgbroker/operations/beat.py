@@ -124,7 +124,12 @@ from pgbroker.appconfig import app_database
 from pgbroker.database import queries
 from pgbroker.database import schema as pg_schema
 from pgbroker.database.sessions import connect
-from pgbroker.errors import ConfigurationError, DatabaseUnavailable, PgBrokerError
+from pgbroker.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    EntryExists,
+    EntryNotFound,
+)
 from pgbroker.options import TEN_YEARS, schema_name, seconds
 from pgbroker.urls import mask_password, to_conninfo
 
@@ -136,14 +141,6 @@ SLOT_HEADER = "pgbroker_beat_slot"
 #: Most messages sent in one tick; the next tick follows at once.
 MAX_SENDS_PER_TICK = 100
 _CRON_FIELDS = ("minute", "hour", "day_of_week", "day_of_month", "month_of_year")
-
-
-class EntryExists(PgBrokerError, ValueError):
-    """add_entry() with the name of an existing entry."""
-
-
-class EntryNotFound(PgBrokerError, KeyError):
-    """No entry of that name."""
 
 
 # --- configuration ------------------------------------------------------------------

@@ -18,7 +18,7 @@ Options (``result_backend_transport_options``; an unknown one is an error):
     an error telling to run ``pgbroker migrate``.
 ``max_result_size`` (16 MiB)
     Largest encoded result, in bytes. A larger one fails its task with
-    :class:`ResultTooLarge` instead of being stored.
+    :class:`~pgbroker.errors.ResultTooLarge` instead of being stored.
 ``cleanup_interval`` (``60``)
     Seconds between two expiry passes run by the backend itself, in a
     daemon thread of each process that stores results (one batch of deletes
@@ -88,12 +88,11 @@ from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.result import GroupResult, allow_join_result, result_from_tuple
 from celery.utils.functional import _regen
-from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads
 
 from pgbroker.database import pipeline, pools, queries
-from pgbroker.database.sessions import connect, session_lost
-from pgbroker.errors import ConfigurationError, PgBrokerError
+from pgbroker.database.sessions import connect
+from pgbroker.errors import ConfigurationError, ResultTooLarge, session_lost
 from pgbroker.options import MAX_FIELD, checked, flag, schema_name, seconds, validated, whole
 from pgbroker.results.consumer import ResultConsumer, channel_for
 from pgbroker.urls import SCHEMES, mask_password, to_conninfo
@@ -107,14 +106,6 @@ NO_INDEX = 2**31 - 1
 CLEANUP_BATCH = 1000
 
 T = TypeVar("T")
-
-
-class ResultTooLarge(PgBrokerError, EncodeError):
-    """A task's encoded result is larger than the ``max_result_size`` option.
-
-    An ``EncodeError``, so Celery fails the task with it instead of breaking
-    the worker.
-    """
 
 
 _WHERE = "result_backend_transport_options"
