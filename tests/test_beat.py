@@ -231,14 +231,14 @@ def test_old_missed_runs_are_skipped(
     s = schedulers(_app(db_url, pgbroker_beat_catchup=2))
     s.tick()
     _rewind(db, "tick", 100)
-    with caplog.at_level(logging.WARNING, "pgbroker.operations.beat"):
+    with caplog.at_level(logging.WARNING, "pgbroker.operations"):
         s.tick()
     assert 2 <= len(_messages(db)) <= 3  # the slots of the last 2 s only
     assert "skipped the runs" in caplog.text
     # Skipped once: the next ticks neither send them nor warn again.
     caplog.clear()
     sent = len(_messages(db))
-    with caplog.at_level(logging.WARNING, "pgbroker.operations.beat"):
+    with caplog.at_level(logging.WARNING, "pgbroker.operations"):
         s.tick()
     assert "skipped" not in caplog.text
     assert len(_messages(db)) <= sent + 1
@@ -246,7 +246,7 @@ def test_old_missed_runs_are_skipped(
     # A slot skipped while the next one is still ahead is skipped once too.
     beat.update_entry(db_url, "tick", schedule=3600)
     _rewind(db, "tick", 3 * 3600 + 1800)  # due 30 min ago: older than 2 s
-    with caplog.at_level(logging.WARNING, "pgbroker.operations.beat"):
+    with caplog.at_level(logging.WARNING, "pgbroker.operations"):
         s.tick()
         s.tick()
     assert caplog.text.count("skipped the runs") == 1

@@ -26,7 +26,7 @@ from psycopg import sql
 from pgbroker.errors import SchemaError
 from pgbroker.options import schema_name
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.database")
 
 _FILE = re.compile(r"^(\d{3})_(\w+)\.sql$")
 

@@ -23,10 +23,11 @@ from pgbroker.appconfig import app_database
 from pgbroker.database import pools
 from pgbroker.database.sessions import connect
 from pgbroker.errors import SchemaError, session_lost
+from pgbroker.logs import recovery
 from pgbroker.options import TEN_YEARS
 from pgbroker.options import seconds as check_seconds
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.durable")
 
 T = TypeVar("T")
 
@@ -109,7 +110,10 @@ def run_pooled(config: DurableConfig, fn: Callable[[psycopg.Connection], T]) -> 
             # sql/durable.sql).
             if attempt == 2 or not session_lost(exc):
                 raise
-            logger.warning("pgbroker: durable step connection lost, retrying once")
+            logger.warning(
+                "pgbroker: durable step connection lost, retrying once",
+                extra=recovery("session_lost", reason=type(exc).__name__),
+            )
             pool_for(config).check()  # its other idle sessions may be gone too
     raise AssertionError("unreachable")
 

@@ -30,7 +30,7 @@ from pgbroker.durable.config import (
 if TYPE_CHECKING:
     from pgbroker.durable.task import DurableTask
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.durable")
 
 #: Rows deleted per statement by pruning.
 PRUNE_BATCH = 1000

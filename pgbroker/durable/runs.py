@@ -26,11 +26,12 @@ import psycopg_pool
 from pgbroker.database import queries
 from pgbroker.durable.config import DurableConfig, pool_for, seconds
 from pgbroker.errors import ConfigurationError, ExclusiveKeyBusy, LeaseLost, session_lost
+from pgbroker.logs import recovery
 
 if TYPE_CHECKING:
     from pgbroker.durable.task import DurableTask
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.durable")
 
 #: Longest exception text recorded (a failed step, a lost lease).
 ERROR_MAX = 2000
@@ -108,6 +109,7 @@ def begin_run(config: DurableConfig, task_id: str, task_name: str) -> Run:
                     task_name,
                     task_id,
                     f"session {holder[0]}, {holder[1]}" if holder else "another session",
+                    extra=recovery("wait_for_run", task_id=task_id, reason="already running"),
                 )
                 with conn.transaction():
                     # A session lock taken in a transaction outlives it.
@@ -122,7 +124,10 @@ def begin_run(config: DurableConfig, task_id: str, task_name: str) -> Run:
             # more on a fresh one. Nothing was locked on it.
             if attempt == 2 or not broken or not session_lost(exc):
                 raise
-            logger.warning("pgbroker: durable task connection lost, retrying once")
+            logger.warning(
+                "pgbroker: durable task connection lost, retrying once",
+                extra=recovery("session_lost", task_id=task_id, reason=type(exc).__name__),
+            )
             pool.check()  # its other idle sessions may be gone too
         except BaseException:
             _discard(pool, conn)

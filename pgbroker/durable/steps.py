@@ -31,11 +31,12 @@ from pgbroker.errors import (
     NonDeterministicWorkflow,
     StepOutputError,
 )
+from pgbroker.logs import recovery
 
 if TYPE_CHECKING:
     from pgbroker.durable.task import DurableTask
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.durable")
 
 
 @dataclasses.dataclass
@@ -204,7 +205,11 @@ def _step_in_transaction(step: Step, conn: psycopg.Connection) -> Any:
     except _AlreadyRecorded:
         row = execute(step, q["get_step"], key)
         assert row is not None and row[1] == "done"
-        logger.info("%s: another run of the task recorded it first", step.where)
+        logger.info(
+            "%s: another run of the task recorded it first",
+            step.where,
+            extra=recovery("step_recorded_elsewhere", task_id=step.task_id, step=step.name),
+        )
         return replay(step, row)
     return decode(step.task, payload)
 
@@ -237,6 +242,9 @@ def _attempts(
                 step.retries + 1,
                 error,
                 delay,
+                extra=recovery(
+                    "step_retry", task_id=step.task_id, step=step.name, count=number, reason=error
+                ),
             )
             time.sleep(delay)
     raise AssertionError("unreachable")
@@ -272,7 +280,11 @@ def replay(step: Step, row: tuple[Any, ...]) -> Any:
             "(do not branch on time, randomness or outside state except through step "
             "outputs); to change a task's steps, give the new version another task name"
         )
-    logger.info("%s replayed from its checkpoint", step.where)
+    logger.info(
+        "%s replayed from its checkpoint",
+        step.where,
+        extra=recovery("replay", task_id=step.task_id, step=step.name),
+    )
     return load(step.task, output, content_type, content_encoding)
 
 

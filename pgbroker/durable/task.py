@@ -23,8 +23,9 @@ from pgbroker.durable.runs import begin_run, end_run, stored_success, take_exclu
 from pgbroker.durable.steps import run_step
 from pgbroker.durable.waits import PARKS_HEADER, parks_of, wait_event, wait_sleep
 from pgbroker.errors import LeaseLost
+from pgbroker.logs import recovery
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.durable")
 
 T = TypeVar("T")
 
@@ -71,6 +72,7 @@ class DurableTask(Task):  # type: ignore[misc]
                     "task %s[%s] already succeeded (result stored): not run again",
                     self.name,
                     task_id,
+                    extra=recovery("skip_done", task_id=task_id, reason="result stored"),
                 )
                 return value
             if self.exclusive_key is not None:
@@ -81,7 +83,9 @@ class DurableTask(Task):  # type: ignore[misc]
             try:
                 return super().__call__(*args, **kwargs)
             except LeaseLost as exc:
-                logger.error("%s", exc)
+                logger.error(
+                    "%s", exc, extra=recovery("lease_lost", task_id=task_id, reason="lease lost")
+                )
                 if self.acks_late and not request.is_eager:
                     raise Reject(exc, requeue=True) from exc
                 raise

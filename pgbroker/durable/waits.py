@@ -43,7 +43,7 @@ from pgbroker.errors import DurableWaitError, EventTimeout, StepOutputError
 if TYPE_CHECKING:
     from pgbroker.durable.task import DurableTask
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.durable")
 
 #: Longest single park of a waiting task; a longer wait parks again.
 PARK_MAX = 86400.0

@@ -133,7 +133,7 @@ from pgbroker.errors import (
 from pgbroker.options import TEN_YEARS, schema_name, seconds
 from pgbroker.urls import mask_password, to_conninfo
 
-logger = logging.getLogger("pgbroker.operations.beat")
+logger = logging.getLogger("pgbroker.operations")
 
 DEFAULT_CATCHUP = 300.0
 #: The header that carries a run's slot.

@@ -66,7 +66,7 @@ from pgbroker.errors import ConfigurationError, SchemaError
 from pgbroker.operations.admin import is_internal_queue, open_connection
 from pgbroker.urls import redact
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.operations")
 
 #: The exporter's default port.
 DEFAULT_PORT = 9808

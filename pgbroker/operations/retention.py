@@ -52,7 +52,7 @@ from pgbroker.database import queries
 from pgbroker.errors import ConfigurationError, SchemaError
 from pgbroker.operations.admin import parse_duration
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.operations")
 
 #: Rows deleted per statement.
 BATCH_SIZE = 1000

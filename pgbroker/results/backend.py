@@ -93,11 +93,12 @@ from kombu.serialization import dumps, loads
 from pgbroker.database import pipeline, pools, queries
 from pgbroker.database.sessions import connect
 from pgbroker.errors import ConfigurationError, ResultTooLarge, session_lost
+from pgbroker.logs import recovery
 from pgbroker.options import MAX_FIELD, checked, flag, schema_name, seconds, validated, whole
 from pgbroker.results.consumer import ResultConsumer, channel_for
 from pgbroker.urls import SCHEMES, mask_password, to_conninfo
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.results")
 
 MiB = 1024 * 1024
 #: group_index of a part sent without one (sorted last, as Redis does).
@@ -434,7 +435,10 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
                 # retry gets a fresh one.
                 if attempt == 2 or not session_lost(exc):
                     raise
-                logger.warning("pgbroker: result backend connection lost, retrying once")
+                logger.warning(
+                    "pgbroker: result backend connection lost, retrying once",
+                    extra=recovery("session_lost", reason=type(exc).__name__),
+                )
                 self._pool().check()  # its other idle sessions may be gone too
         raise AssertionError("unreachable")
 
@@ -573,7 +577,10 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
                 # The upsert is safe to repeat.
                 if attempt == 2 or not fresh or not session_lost(exc):
                     raise
-                logger.warning("pgbroker: result backend connection lost, retrying once")
+                logger.warning(
+                    "pgbroker: result backend connection lost, retrying once",
+                    extra=recovery("session_lost", reason=type(exc).__name__),
+                )
                 self._pool().check()  # its other idle sessions may be gone too
                 continue
             except BaseException:

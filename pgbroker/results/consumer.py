@@ -62,7 +62,7 @@ from pgbroker.database.forking import neutralise
 if TYPE_CHECKING:
     from pgbroker.results.backend import PostgresBackend
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.results")
 
 #: Longest time spent in one wait on the socket, so that a reconnect by
 #: another thread or a stop request is noticed.
