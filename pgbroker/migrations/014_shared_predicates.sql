@@ -25,18 +25,19 @@
 -- sub-select) and would read the lock table once per consumer row. Its
 -- arguments must be plain columns or parameters, not sub-selects (which
 -- also prevent inlining). SQL, STABLE, not STRICT: all three are needed to
--- inline. Everything is schema-qualified: the sweeper's procedure calls it
+-- inline. The sub-select takes no argument (the lock class is compared
+-- outside it), so that it is hashed once even where lock_oid comes from a
+-- joined row, which PostgreSQL treats as changing from row to row. Everything is schema-qualified: the sweeper's procedure calls it
 -- without a search_path.
 CREATE FUNCTION {schema}.consumer_alive(lock_oid oid, key integer)
 RETURNS TABLE (alive boolean)
 LANGUAGE sql STABLE
 AS $$
-    SELECT consumer_alive.key::oid IN (
-        SELECT l.objid FROM pg_catalog.pg_locks l
+    SELECT (consumer_alive.lock_oid, consumer_alive.key::oid) IN (
+        SELECT l.classid, l.objid FROM pg_catalog.pg_locks l
         WHERE l.locktype = 'advisory'
           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
                             WHERE d.datname = pg_catalog.current_database())
-          AND l.classid = consumer_alive.lock_oid
           AND l.objsubid = 2  -- the two-int4 form of the advisory lock functions
           AND l.granted)
 $$;
