@@ -149,7 +149,7 @@ def is_internal_queue(name: str | None) -> bool:
 
 
 def queue_stats(conn: psycopg.Connection, schema: str) -> list[QueueStats]:
-    """Every queue's counts (the ``queue_stats`` view's query), Celery's
+    """Every queue's counts (read from the ``queue_stats`` view), Celery's
     broadcast queues included."""
     return [
         QueueStats(
@@ -181,7 +181,7 @@ def status(conn: psycopg.Connection, schema: str, *, all_queues: bool = False) -
             queues=list(r[6]),
             reserved=r[7],
         )
-        for r in conn.execute(_q(schema, "consumers"), {"schema": schema}).fetchall()
+        for r in conn.execute(_q(schema, "consumers")).fetchall()
     ]
     row = conn.execute(_q(schema, "broker_activity"), {"schema": schema}).fetchone()
     assert row is not None

@@ -3,55 +3,30 @@
 
 -- name: queue_stats
 -- One row per queue: declared queues, plus any name that still has messages
--- or dead letters (NULL: dead letters that never reached a queue).
-WITH counts AS (
-    SELECT queue,
-           count(*) FILTER (WHERE state = 'ready') AS ready,
-           count(*) FILTER (WHERE state = 'reserved') AS reserved,
-           count(*) FILTER (WHERE state = 'delayed') AS delayed,
-           min(published_at) FILTER (WHERE state = 'ready') AS oldest_ready
-    FROM {schema}.message
-    GROUP BY queue
-), dead AS (
-    SELECT queue, count(*) AS dead FROM {schema}.dead_letter GROUP BY queue
-), attached AS (
-    SELECT queue, count(*) AS consumers FROM {schema}.consumer_queue GROUP BY queue
-), names AS (
-    SELECT name FROM {schema}.queue
-    UNION SELECT queue FROM counts
-    UNION SELECT queue FROM dead
-)
-SELECT n.name,
-       coalesce(c.ready, 0), coalesce(c.reserved, 0), coalesce(c.delayed, 0),
-       coalesce(d.dead, 0),
-       extract(epoch FROM now() - c.oldest_ready)::float8 AS oldest_ready_age,
-       coalesce(a.consumers, 0),
-       q.name IS NOT NULL AS declared
-FROM names n
-LEFT JOIN counts c ON c.queue = n.name
-LEFT JOIN dead d ON d.queue IS NOT DISTINCT FROM n.name
-LEFT JOIN attached a ON a.queue = n.name
-LEFT JOIN {schema}.queue q ON q.name = n.name
-ORDER BY n.name NULLS LAST;
+-- or dead letters (NULL: dead letters that never reached a queue). The
+-- queue_stats view (008_operations.sql) computes them, for Grafana and
+-- `pgbroker metrics` too.
+SELECT queue, ready, reserved, delayed, dead_letters, oldest_ready_age, consumers, declared
+FROM {schema}.queue_stats
+ORDER BY queue NULLS LAST;
 
 -- name: consumers
 -- A consumer is alive while its session holds the advisory lock (schema
--- oid, consumer id), read from pg_locks as the transport's sweep does; a
--- row whose lock is free belongs to a dead session the next sweep removes.
-SELECT c.id, c.hostname, c.pid, c.backend_pid, c.started_at,
-       EXISTS (
-           SELECT 1 FROM pg_locks l
-           WHERE l.locktype = 'advisory'
-             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-             AND l.classid = (SELECT oid FROM pg_namespace WHERE nspname = %(schema)s)
-             AND l.objid = c.id::oid AND l.objsubid = 2 AND l.granted) AS alive,
+-- oid, consumer id), as the transport's sweep checks (consumer_alive,
+-- 014_shared_predicates.sql); a row whose lock is free belongs to a dead
+-- session the next sweep removes.
+SELECT c.id, c.hostname, c.pid, c.backend_pid, c.started_at, a.alive,
        coalesce(array_agg(cq.queue ORDER BY cq.queue) FILTER (WHERE cq.queue IS NOT NULL),
                 '{{}}') AS queues,
        (SELECT count(*) FROM {schema}.message m
         WHERE m.state = 'reserved' AND m.consumer_id = c.id) AS reserved
 FROM {schema}.consumer c
+-- (The schema oid joined, not a sub-select argument: see consumer_alive.)
+CROSS JOIN (SELECT t.typnamespace AS oid FROM pg_type t
+            WHERE t.oid = pg_typeof(NULL::{schema}.consumer)::oid) ns
+CROSS JOIN LATERAL {schema}.consumer_alive(ns.oid, c.id) a
 LEFT JOIN {schema}.consumer_queue cq ON cq.consumer_id = c.id
-GROUP BY c.id
+GROUP BY c.id, a.alive
 ORDER BY c.id;
 
 -- name: broker_activity

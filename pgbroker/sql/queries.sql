@@ -169,19 +169,21 @@ WITH first_publish AS (
     WHERE (SELECT ok FROM fresh)
     RETURNING queue, state, visible_at
 ), unroutable AS (
-    INSERT INTO {schema}.dead_letter (
-        reason, published_at, exchange, routing_key, task_id, task_name, priority,
-        content_type, content_encoding, headers, properties, body)
-    SELECT 'unroutable', now(), %(exchange)s, %(routing_key)s, %(task_id)s, %(task_name)s,
-           %(priority)s, %(content_type)s, %(content_encoding)s, %(headers)s,
-           %(properties)s, %(body)s
+    -- (014_shared_predicates.sql; counted below, which makes it run.)
+    SELECT {schema}.add_dead_letter(
+               reason => 'unroutable', queue => NULL, delivery_count => 0,
+               published_at => now(), exchange => %(exchange)s::text,
+               routing_key => %(routing_key)s::text, task_id => %(task_id)s::text,
+               task_name => %(task_name)s::text, priority => %(priority)s::smallint,
+               content_type => %(content_type)s::text,
+               content_encoding => %(content_encoding)s::text, headers => %(headers)s::json,
+               properties => %(properties)s::json, body => %(body)s::bytea) AS id
     WHERE %(persistent)s AND NOT EXISTS (SELECT 1 FROM target) AND (SELECT ok FROM fresh)
       -- A non-durable exchange holds nothing worth keeping: Kombu's pidbox
       -- broadcasts and replies (sent persistent by Celery's producer) to
       -- workers that are not there are dropped, as AMQP drops them.
       AND NOT EXISTS (SELECT 1 FROM {schema}.exchange e
                       WHERE e.name = %(exchange)s AND NOT e.durable)
-    RETURNING id
 )
 SELECT (SELECT count(*) FROM stored) AS routed,
        (SELECT count(*) FROM unroutable) AS dead_lettered,
@@ -311,13 +313,8 @@ WITH exhausted AS (
     SELECT 'max deliveries (requeued)', id, queue, task_id, %(consumer_id)s, delivery_count
     FROM exhausted
 ), lettered AS (
-    INSERT INTO {schema}.dead_letter (
-        reason, queue, delivery_count, published_at, exchange, routing_key, task_id,
-        task_name, priority, content_type, content_encoding, headers, properties, body)
-    SELECT 'max deliveries (requeued)', queue, delivery_count, published_at, exchange,
-           routing_key, task_id, task_name, priority, content_type, content_encoding,
-           headers, properties, body
-    FROM exhausted
+    -- (014_shared_predicates.sql; counted below, which makes it run.)
+    SELECT {schema}.add_dead_letter('max deliveries (requeued)', e) AS id FROM exhausted e
 ), task_failed AS (
     -- (task_result, as the result backend writes it; see sweep.)
     INSERT INTO {schema}.task_result AS r (
@@ -345,7 +342,7 @@ SELECT (SELECT count(pg_notify(%(channel)s, b.queue))
        (SELECT count(pg_notify('pgr_' || md5(%(schema_name)s || '/' || t.task_id),
                                json_build_array(t.task_id, t.state)::text))
         FROM task_failed t) AS results,
-       (SELECT count(*) FROM exhausted) AS dead_lettered;
+       (SELECT count(*) FROM lettered) AS dead_lettered;
 
 -- name: unclaim
 -- Like requeue, for messages claimed but never handed to the application
@@ -359,18 +356,14 @@ WITH back AS (
 SELECT count(pg_notify(%(channel)s, b.queue)) FROM (SELECT DISTINCT queue FROM back) b;
 
 -- name: reject
--- A message rejected without requeue is kept in dead_letter, not dropped.
+-- A message rejected without requeue is kept in dead_letter, not dropped
+-- (one row per dead letter: the caller counts them).
 WITH gone AS (
     DELETE FROM {schema}.message
     WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s
     RETURNING *
 )
-INSERT INTO {schema}.dead_letter (
-    reason, queue, delivery_count, published_at, exchange, routing_key, task_id,
-    task_name, priority, content_type, content_encoding, headers, properties, body)
-SELECT 'rejected', queue, delivery_count, published_at, exchange, routing_key, task_id,
-       task_name, priority, content_type, content_encoding, headers, properties, body
-FROM gone;
+SELECT {schema}.add_dead_letter('rejected', g) FROM gone g;
 
 -- name: size
 SELECT count(*) FROM {schema}.message WHERE queue = %(queue)s AND state = 'ready';
@@ -524,22 +517,16 @@ WITH dead AS (
     -- first, find the row requeued, and still hold a lock on it until it
     -- ends: the claim woken by the first sweep's NOTIFY would skip the
     -- locked row (SKIP LOCKED), and no NOTIFY would come again.
+    -- (consumer_alive: 014_shared_predicates.sql.)
     SELECT c.id,
            -- Its process lives on (another of its sessions holds its key).
            EXISTS (
-               SELECT 1 FROM {schema}.consumer_process p, pg_locks l
-               WHERE p.consumer_id = c.id AND l.locktype = 'advisory'
-                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                 AND l.classid = %(lock_oid)s::oid
-                 AND l.objid = (p.process_key::bigint & 4294967295)::oid
-                 AND l.objsubid = 2 AND l.granted) AS lost
+               SELECT 1 FROM {schema}.consumer_process p
+               CROSS JOIN LATERAL {schema}.consumer_alive(%(lock_oid)s::oid, p.process_key) pa
+               WHERE p.consumer_id = c.id AND pa.alive) AS lost
     FROM {schema}.consumer c
-    WHERE NOT EXISTS (
-        SELECT 1 FROM pg_locks l
-        WHERE l.locktype = 'advisory'
-          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-          AND l.classid = %(lock_oid)s::oid
-          AND l.objid = c.id::oid AND l.objsubid = 2 AND l.granted)
+    CROSS JOIN LATERAL {schema}.consumer_alive(%(lock_oid)s::oid, c.id) a
+    WHERE NOT a.alive
     FOR UPDATE OF c SKIP LOCKED
 ), expired_queues AS (
     SELECT q.name FROM {schema}.queue q
@@ -566,8 +553,7 @@ WITH dead AS (
       AND m.delivery_count - (SELECT count(*) FROM {schema}.redelivery r
                               WHERE r.message_id = m.id AND r.reason = 'session lost')
           >= %(max_deliveries)s
-    RETURNING m.*, (SELECT count(*) FROM {schema}.redelivery r
-                    WHERE r.message_id = m.id AND r.reason = 'session lost') AS lost_deliveries
+    RETURNING m.*  -- (a message row: see lettered)
 ), requeued AS (
     UPDATE {schema}.message m
     SET state = 'ready', consumer_id = NULL
@@ -624,19 +610,14 @@ WITH dead AS (
       AND m.queue <> ALL (ARRAY (SELECT name FROM expired_queues))
     RETURNING m.*
 ), lettered AS (
-    INSERT INTO {schema}.dead_letter (
-        reason, queue, delivery_count, published_at, exchange, routing_key, task_id,
-        task_name, priority, content_type, content_encoding, headers, properties, body)
-    SELECT 'max deliveries (consumer died)', queue, delivery_count, published_at, exchange,
-           routing_key, task_id, task_name, priority, content_type, content_encoding,
-           headers, properties, body
-    FROM exhausted
+    -- (014_shared_predicates.sql; counted below, which makes it run.)
+    SELECT 'max deliveries (consumer died)' AS reason,
+           {schema}.add_dead_letter('max deliveries (consumer died)', e) AS id
+    FROM exhausted e
     UNION ALL
-    SELECT 'expired', queue, delivery_count, published_at, exchange,
-           routing_key, task_id, task_name, priority, content_type, content_encoding,
-           headers, properties, body
-    FROM expired_messages
-    WHERE task_id IS NOT NULL AND task_name IS NOT NULL
+    SELECT 'expired', {schema}.add_dead_letter('expired', x)
+    FROM expired_messages x
+    WHERE x.task_id IS NOT NULL AND x.task_name IS NOT NULL
 ), task_ended AS (
     -- The row Celery itself stores (json): REVOKED with
     -- TaskRevokedError('expired') for an expired task, FAILURE for one that
@@ -663,6 +644,9 @@ WITH dead AS (
                                        'database session lost: not counted)', lost_deliveries)
                            ELSE '' END)
         FROM exhausted
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS lost_deliveries FROM {schema}.redelivery r
+            WHERE r.message_id = exhausted.id AND r.reason = 'session lost') l
     ) e
     WHERE e.task_id IS NOT NULL AND e.task_name IS NOT NULL
     ORDER BY e.task_id
@@ -721,9 +705,9 @@ SELECT (SELECT count(*) FROM requeued) AS requeued,
        (SELECT count(*) FROM removed_queues) AS expired_queues,
        (SELECT count(pg_notify(%(channel)s, r.queue))
         FROM (SELECT queue FROM requeued UNION SELECT queue FROM promoted) r) AS notified,
-       (SELECT count(*) FROM exhausted) AS dead_lettered,
-       (SELECT count(*) FROM expired_messages
-        WHERE task_id IS NOT NULL AND task_name IS NOT NULL) AS expired_tasks,
+       (SELECT count(*) FROM lettered
+        WHERE reason = 'max deliveries (consumer died)') AS dead_lettered,
+       (SELECT count(*) FROM lettered WHERE reason = 'expired') AS expired_tasks,
        (SELECT count(pg_notify('pgr_' || md5(%(schema_name)s || '/' || t.task_id),
                                json_build_array(t.task_id, t.state)::text))
         FROM task_ended t) AS results,
