@@ -50,6 +50,7 @@ def redis_answers() -> bool:
     return answers(REDIS_URL)
 
 
+@pytest.mark.slow
 def test_quick_run_of_every_part(pg_admin_url: str, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     chart = tmp_path / "bench.png"

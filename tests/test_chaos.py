@@ -52,6 +52,8 @@ from celery import chain
 from pgbroker.database.sessions import default_application_name
 from tests.celery_helpers import Celery, celery_env, client_app, execute, wait_until
 
+pytestmark = pytest.mark.slow
+
 APP = "tests.apps.chaos_app"
 CHAINS = int(os.environ.get("PGBROKER_CHAOS_CHAINS", "30"))
 LENGTH = int(os.environ.get("PGBROKER_CHAOS_LENGTH", "5"))

@@ -42,6 +42,7 @@ def references() -> list[System]:
     return refs
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_suite_on_pgbroker(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = run_suite(

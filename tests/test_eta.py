@@ -32,6 +32,9 @@ from tests.celery_helpers import (
 from tests.kombu_helpers import collect, connect, drain_until, scalar
 from tests.test_claim_plan import explain, explain_generic, scans_of
 
+# The file takes over a minute (real workers, ETAs that must come due).
+pytestmark = pytest.mark.slow
+
 APP = "tests.apps.delivery_app"
 
 

@@ -71,6 +71,97 @@ def _tables(conn: psycopg.Connection, name: str) -> list[str]:
     return [r[0] for r in rows]
 
 
+#: The catalog of every user schema of a database, one query per kind of
+#: object, each row naming its schema and object: what two databases must
+#: share to hold the same pgbroker schema. Definitions come from PostgreSQL's
+#: own pg_get_*def functions, so a changed body, default or option shows.
+_NOT_SYSTEM = r"n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema'"
+CATALOG = {
+    "schemas": f"SELECT n.nspname FROM pg_namespace n WHERE {_NOT_SYSTEM}",
+    # Tables, views, sequences: kind, persistence (unlogged) and storage
+    # options (ALTER TABLE ... SET (fillfactor ...)).
+    "relations": f"""
+        SELECT n.nspname, c.relname, c.relkind, c.relpersistence, c.reloptions::text
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE {_NOT_SYSTEM} AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c')""",
+    # In table order (attnum), so a reordered table differs too.
+    "columns": f"""
+        SELECT n.nspname, c.relname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+               a.attnotnull, pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated,
+               a.attcollation::regcollation::text
+        FROM pg_attribute a
+        JOIN pg_class c ON c.oid = a.attrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE {_NOT_SYSTEM} AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
+          AND a.attnum > 0 AND NOT a.attisdropped""",
+    "indexes": f"""
+        SELECT n.nspname, c.relname, pg_get_indexdef(c.oid)
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE {_NOT_SYSTEM} AND c.relkind IN ('i', 'I')""",
+    "constraints": f"""
+        SELECT n.nspname, con.conrelid::regclass::text, con.conname, con.contype,
+               pg_get_constraintdef(con.oid), con.condeferrable, con.condeferred
+        FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
+        WHERE {_NOT_SYSTEM}""",
+    # Functions and procedures: pg_get_functiondef holds the signature, the
+    # language, volatility, settings and the body.
+    "functions": f"""
+        SELECT n.nspname, p.proname, pg_get_function_identity_arguments(p.oid), p.prokind,
+               CASE WHEN p.prokind IN ('f', 'p', 'w') THEN pg_get_functiondef(p.oid) END
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE {_NOT_SYSTEM}""",
+    "views": f"""
+        SELECT n.nspname, c.relname, c.relkind, pg_get_viewdef(c.oid)
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE {_NOT_SYSTEM} AND c.relkind IN ('v', 'm')""",
+    "triggers": f"""
+        SELECT n.nspname, c.relname, t.tgname, t.tgenabled, pg_get_triggerdef(t.oid)
+        FROM pg_trigger t
+        JOIN pg_class c ON c.oid = t.tgrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE {_NOT_SYSTEM} AND NOT t.tgisinternal""",
+    "sequences": f"""
+        SELECT n.nspname, c.relname, s.seqtypid::regtype::text, s.seqstart, s.seqincrement,
+               s.seqmin, s.seqmax, s.seqcache, s.seqcycle
+        FROM pg_sequence s
+        JOIN pg_class c ON c.oid = s.seqrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE {_NOT_SYSTEM}""",
+    # Types of their own (enums, domains, composites made by CREATE TYPE),
+    # not the row types of tables and views nor array types.
+    "types": f"""
+        SELECT n.nspname, t.typname, t.typtype, format_type(t.typbasetype, t.typtypmod),
+               t.typnotnull,
+               (SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder)::text
+                FROM pg_enum e WHERE e.enumtypid = t.oid)
+        FROM pg_type t
+        JOIN pg_namespace n ON n.oid = t.typnamespace
+        LEFT JOIN pg_class c ON c.oid = t.typrelid
+        WHERE {_NOT_SYSTEM} AND (c.relkind IS NULL OR c.relkind = 'c')
+          AND NOT EXISTS (SELECT FROM pg_type e WHERE e.typarray = t.oid)""",
+}
+
+
+def _catalog(conn: psycopg.Connection) -> dict[str, list[tuple[object, ...]]]:
+    """Every object of the database's user schemas, by kind (CATALOG)."""
+    return {
+        kind: sorted(conn.execute(query).fetchall(), key=repr) for kind, query in CATALOG.items()
+    }
+
+
+def _catalog_differences(
+    template: dict[str, list[tuple[object, ...]]], fresh: dict[str, list[tuple[object, ...]]]
+) -> list[str]:
+    """What one catalog holds and the other does not, one line per object."""
+    lines = []
+    for kind in CATALOG:
+        a, b = set(template[kind]), set(fresh[kind])
+        lines += [f"{kind}: only in the template: {row}" for row in sorted(a - b, key=repr)]
+        lines += [f"{kind}: only in the fresh build: {row}" for row in sorted(b - a, key=repr)]
+    return lines
+
+
 _REAL_MIGRATIONS = schema.migrations
 
 
@@ -104,10 +195,62 @@ def test_template_database_matches_a_fresh_build(
     conn: psycopg.Connection, db: psycopg.Connection
 ) -> None:
     # The conftest template is built by the same code; the suite tests what
-    # users get.
+    # users get: the same tables, columns, indexes, constraints, functions,
+    # views and triggers as the migrations build in an empty database.
     schema.migrate(conn, "pgbroker")
+    template, fresh = _catalog(db), _catalog(conn)
+    # What the migrations build (a guard: an empty catalog would compare equal).
+    for kind in ("columns", "indexes", "constraints", "functions", "views", "sequences"):
+        assert fresh[kind], f"the fresh build has no {kind}: the catalog query sees nothing"
+    assert ("pgbroker",) in fresh["schemas"]
+    differences = _catalog_differences(template, fresh)
+    assert not differences, "the template differs from a fresh build:\n" + "\n".join(differences)
     assert _tables(db, "pgbroker") == _tables(conn, "pgbroker")
     assert _versions(db) == _versions(conn)
+
+
+def test_the_catalog_comparison_sees_each_kind_of_drift(conn: psycopg.Connection) -> None:
+    """The comparison above can fail: each change to a migrated schema shows
+    up under its kind."""
+    schema.migrate(conn, "pgbroker")
+    before = _catalog(conn)
+    conn.execute(
+        """
+        ALTER TABLE pgbroker.queue ADD COLUMN drift integer NOT NULL DEFAULT 7;
+        ALTER TABLE pgbroker.queue ADD CONSTRAINT drift_positive CHECK (drift > 0);
+        CREATE INDEX drift_idx ON pgbroker.queue (drift);
+        CREATE FUNCTION pgbroker.drift() RETURNS trigger LANGUAGE plpgsql
+            AS 'BEGIN RETURN NEW; END';
+        CREATE TRIGGER drift_trigger BEFORE INSERT ON pgbroker.queue
+            FOR EACH ROW EXECUTE FUNCTION pgbroker.drift();
+        CREATE VIEW pgbroker.drift_view AS SELECT drift FROM pgbroker.queue;
+        CREATE SEQUENCE pgbroker.drift_seq;
+        CREATE TYPE pgbroker.drift_kind AS ENUM ('a', 'b');
+        CREATE SCHEMA drift_schema;
+        """
+    )
+    after = _catalog(conn)
+    changed = {kind for kind in CATALOG if before[kind] != after[kind]}
+    assert changed == set(CATALOG)
+    text = "\n".join(_catalog_differences(before, after))
+    assert "columns: only in the fresh build: ('pgbroker', 'queue'" in text
+    assert "'drift', 'integer', True, '7'" in text
+    # A changed default, body or view definition shows as well.
+    before = after
+    conn.execute(
+        """
+        ALTER TABLE pgbroker.queue ALTER COLUMN drift SET DEFAULT 8;
+        CREATE OR REPLACE FUNCTION pgbroker.drift() RETURNS trigger LANGUAGE plpgsql
+            AS 'BEGIN RETURN NULL; END';
+        CREATE OR REPLACE VIEW pgbroker.drift_view AS SELECT drift + 0 AS drift FROM pgbroker.queue;
+        """
+    )
+    after = _catalog(conn)
+    assert {kind for kind in CATALOG if before[kind] != after[kind]} == {
+        "columns",
+        "functions",
+        "views",
+    }
 
 
 def test_rerunning_is_a_no_op(conn: psycopg.Connection) -> None:

@@ -44,6 +44,8 @@ from tests.celery_helpers import celery_env, client_app, start_worker, wait_unti
 from tests.kombu_helpers import FAST, Child, drain_until, scalar
 from tests.test_dedup import running
 
+pytestmark = pytest.mark.slow
+
 MESSAGES = int(os.environ.get("PGBROKER_SOAK_MESSAGES", "5000"))
 TASKS = int(os.environ.get("PGBROKER_SOAK_TASKS", "300"))
 ROUNDS = max(3, int(os.environ.get("PGBROKER_SOAK_ROUNDS", "4")))

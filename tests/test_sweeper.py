@@ -33,6 +33,9 @@ from pgbroker.errors import ConfigurationError
 from pgbroker.options import TransportOptions
 from tests.kombu_helpers import Child, collect, drain_quietly, drain_until, rows, scalar, wait_for
 
+# The file takes over a minute (real processes, sweeps at their intervals).
+pytestmark = pytest.mark.slow
+
 ODD_SCHEMA = 'Odd "schema" Name'
 
 # A consumer process: consumes QUEUE with prefetch PREFETCH and default
