@@ -1,8 +1,9 @@
 """The ``pgbroker`` command.
 
-Subcommands: ``demo``, ``migrate``, ``status``, ``top``, ``purge``,
-``dead-letters`` (``list``, ``replay``, ``drop``), ``tasks`` (``show``),
-``prune`` and ``metrics``. The operator commands are thin wrappers over
+Subcommands: ``demo`` (from :mod:`pgbroker_demo`, an entry point),
+``migrate``, ``status``, ``top``, ``purge``, ``dead-letters`` (``list``,
+``replay``, ``drop``), ``tasks`` (``show``), ``prune`` and ``metrics``.
+The operator commands are thin wrappers over
 :mod:`pgbroker.operations.admin`; what they share is in
 :mod:`pgbroker.cli.options`.
 
@@ -29,7 +30,6 @@ import psycopg
 from pgbroker import __version__
 from pgbroker.cli import (
     dead_letters,
-    demo,
     metrics,
     migrate,
     prune,
@@ -41,8 +41,12 @@ from pgbroker.cli import (
 from pgbroker.cli.options import EXIT_ERROR, EXIT_OK, one_line
 from pgbroker.errors import PgBrokerError
 
+#: Entry points that add commands from other installed packages, listed in
+#: --help before pgbroker's own: `pgbroker demo` is pgbroker_demo's, which the
+#: library never imports (pyproject.toml).
+PLUGIN_GROUP = "pgbroker.commands"
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
-    demo.add_parser,  # pgbroker demo: first in --help
     migrate.add_parser,
     status.add_parser,
     top.add_parser,
@@ -61,9 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pgbroker {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in COMMANDS:
+    for add in [*plugin_commands(), *COMMANDS]:
         add(commands)
     return parser
+
+
+def plugin_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
+    """The ``add_parser`` functions of the installed packages' commands."""
+    from importlib.metadata import entry_points
+
+    found = sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name)
+    return [entry.load() for entry in found]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
