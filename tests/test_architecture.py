@@ -312,3 +312,61 @@ def test_two_separate_cycles_are_two_components() -> None:
     }
     assert sorted(cycles(g), key=sorted) == [frozenset("ab"), frozenset("cd")]
     assert cycles({"a": {"b": 1}, "b": {}}) == []
+
+
+#: The areas of the library, and the areas each may import besides the
+#: helpers at the top (errors, options, urls, logs, appconfig): the layers of
+#: docs/architecture.md. The package's __init__ and flower.py are public
+#: faces over the areas and are not an area.
+AREA_DEPENDENCIES: dict[str, set[str]] = {
+    "database": set(),
+    "broker": {"database"},
+    "results": {"database"},
+    "durable": {"database", "results"},
+    "operations": {"database", "broker", "results", "durable"},
+    "cli": {"database", "broker", "results", "durable", "operations"},
+}
+
+
+def _area(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in AREA_DEPENDENCIES else None
+
+
+def test_areas_import_only_the_layers_below(graph: dict[str, dict[str, int]]) -> None:
+    wrong = sorted(
+        f"  {source} -> {target} (line {line})"
+        for source, targets in graph.items()
+        if source.startswith(LIBRARY + ".") and (area := _area(source)) is not None
+        for target, line in targets.items()
+        if (other := _area(target)) is not None
+        and other != area
+        and other not in AREA_DEPENDENCIES[area]
+    )
+    assert not wrong, "an area imports one it may not (docs/architecture.md):\n" + "\n".join(wrong)
+
+
+#: The public API of docs/architecture.md ("Public API"): each name imports.
+PUBLIC = {
+    "pgbroker": ["enqueue_in", "EnqueueError", "send_event", "register_transport", "__version__"],
+    "pgbroker.durable": ["DurableTask", "send_event", "waiting", "recorded_steps", "prune"],
+    "pgbroker.errors": ["PgBrokerError", "classify", "wrap_exceptions"],
+    "pgbroker.flower": ["install"],
+    "pgbroker.operations.retention": ["prune"],
+    "pgbroker.operations.beat": ["PgScheduler", "add_entry", "update_entry", "disable_entry"],
+    "pgbroker.broker.enqueue": ["active_connection"],
+}
+
+
+def test_the_public_api_of_the_docs_imports() -> None:
+    import importlib
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    for module, names in PUBLIC.items():
+        assert f"`{module}`" in doc, module
+        imported = importlib.import_module(module)
+        for name in names:
+            assert getattr(imported, name, None) is not None, f"{module}.{name}"
+    for module in ("pgbroker.durable", "pgbroker.errors"):
+        imported = importlib.import_module(module)
+        assert all(getattr(imported, name, None) is not None for name in imported.__all__)
