@@ -6,6 +6,7 @@ the statements, views and the sweeper's functions call them."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from importlib import resources
 from typing import Any
@@ -77,9 +78,19 @@ def test_consumer_is_alive_while_its_session_holds_the_lock(
     ).fetchone()
     assert row == (1,)
     assert not _alive(db, oid, dead)
-    # The session ends (its process died): the consumer is dead at once.
+    # The session ends (its process died): the consumer is dead as soon as
+    # the server has ended the backend (close() does not wait for that).
+    pid = holder.info.backend_pid
     holder.close()
+    _wait_backend_gone(db, pid)
     assert not _alive(db, oid, live)
+
+
+def _wait_backend_gone(db: psycopg.Connection, pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while db.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone():
+        assert time.monotonic() < deadline, f"backend {pid} still there"
+        time.sleep(0.01)
 
 
 def test_a_process_key_is_alive_like_a_consumer(
