@@ -56,12 +56,10 @@ import os
 import re
 import select
 import socket
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
 from queue import Empty
 from typing import Any
 from urllib.parse import quote
@@ -75,9 +73,20 @@ from kombu.utils import json
 from kombu.utils.uuid import uuid
 from psycopg import pq, sql
 from psycopg.adapt import Transformer
-from psycopg.types.json import Json, Jsonb, set_json_loads
+from psycopg.types.json import Json, set_json_loads
 
 from pgbroker.broker import enqueue, sweeper
+from pgbroker.broker.messages import (
+    _PROPERTIES_NOT_STORED,
+    _json,
+    _load_json,
+    _ms_to_seconds,
+    _publication_source,
+    _retries,
+    _text_or_none,
+    _timestamp,
+    to_raw,
+)
 from pgbroker.broker.routing import topic_pattern
 from pgbroker.broker.sweeper import PROMOTE_BATCH, drop_dead_consumers_queues, log_sweep, sweep_more
 from pgbroker.database import pipeline, queries, schema
@@ -110,15 +119,6 @@ STATEMENT_RETRY = 1.0
 #: I/O until its next sweep. A timer that runs no query bounds the wait
 #: (Redis's loop wakes up every second for its BRPOP timeout).
 LOOP_WAKE_INTERVAL = 0.5
-
-#: A property of every delivered message: the schema's oid, which says that
-#: its ``delivery_tag`` is the id of its row in that schema. A Celery worker
-#: hands the properties to the task run (its request's ``properties``), so
-#: what that run publishes says which message's run published it (publish
-#: deduplication, see ``_publication_source``).
-SCHEMA_OID = "pgbroker_schema_oid"
-
-_PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding", SCHEMA_OID)
 
 #: Longest queue, exchange or routing key name, in bytes: AMQP's limit
 #: (shortstr). PostgreSQL would fail later and less clearly: a btree index
@@ -350,7 +350,7 @@ class Channel(virtual.Channel):
         rows = self.connection.claim(queue, 1, no_ack)
         if not rows:
             return None
-        message = self.Message(self.connection.to_raw(rows[0]), channel=self)
+        message = self.Message(to_raw(rows[0], self.connection._lock_oid), channel=self)
         if not no_ack:
             self.qos.append(message, message.delivery_tag)
         return message
@@ -370,7 +370,7 @@ class Channel(virtual.Channel):
         rows = self.connection.claim(queue, 1, no_ack=True)
         if not rows:
             raise Empty()
-        return self.connection.to_raw(rows[0])
+        return to_raw(rows[0], self.connection._lock_oid)
 
     def _size(self, queue: str) -> int:
         row = self.connection.run("size", queue=queue)
@@ -885,48 +885,6 @@ class Transport(virtual.Transport):
             self._settle()
         return rows
 
-    def to_raw(self, row: Any) -> dict[str, Any]:
-        """A claimed row as the message dict Kombu's virtual channel expects."""
-        (
-            id_,
-            priority,
-            delivery_count,
-            exchange,
-            routing_key,
-            content_type,
-            content_encoding,
-            headers,
-            properties,
-            body,
-            was_delayed,
-        ) = row
-        if was_delayed and isinstance(headers, dict) and headers.get("eta"):
-            # pgbroker kept the message until its eta (or an operator made it
-            # due earlier): it is due now. Without the header, Celery's worker
-            # runs it at once instead of scheduling it again by its own clock.
-            headers["eta"] = None
-        props = properties
-        redelivered = delivery_count > 1
-        props.update(
-            delivery_tag=id_,
-            body_encoding=None,
-            **{SCHEMA_OID: self._lock_oid},
-            delivery_info={
-                "exchange": exchange,
-                "routing_key": routing_key,
-                "priority": priority,
-                "redelivered": redelivered,
-            },
-        )
-        return {
-            "body": bytes(body),
-            "content-type": content_type,
-            "content-encoding": content_encoding,
-            "headers": headers,
-            "properties": props,
-            "redelivered": redelivered,
-        }
-
     def claim_and_deliver(self) -> int:
         """Claim from queues that may have work, up to each channel's free
         prefetch, and hand the messages to their consumers. Pending acks go
@@ -959,7 +917,7 @@ class Transport(virtual.Transport):
                 rows.sort(key=lambda r: (-r[1], r[0]))
                 for i, row in enumerate(rows):
                     try:
-                        self._deliver(self.to_raw(row), queue)
+                        self._deliver(to_raw(row, self._lock_oid), queue)
                     except BaseException:
                         # The callback raised: the rest of this claim was never
                         # handed over, so give it back rather than hold it
@@ -1464,16 +1422,6 @@ def _check_failover_urls(client: Any) -> None:
         )
 
 
-def _ms_to_seconds(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    return float(value) / 1000.0
-
-
-def _text_or_none(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
 def check_name(kind: str, name: str | None) -> None:
     """Refuse a name longer than MAX_NAME_BYTES before any SQL runs."""
     if name and len(name.encode()) > MAX_NAME_BYTES:
@@ -1486,64 +1434,6 @@ def check_name(kind: str, name: str | None) -> None:
 def due_channel_for(schema: str) -> str:
     """The NOTIFY channel announcing delayed messages of ``schema``."""
     return "pgbd_" + hashlib.md5(schema.encode(), usedforsecurity=False).hexdigest()
-
-
-def _timestamp(value: Any) -> datetime | None:
-    """Celery's ``eta``/``expires`` header (ISO 8601) as an aware datetime;
-    naive means UTC (as Celery's worker reads it with ``enable_utc``). A
-    value that is not a time is left to Celery's worker to report."""
-    if not value:
-        return None
-    try:
-        when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
-
-
-def _publication_source(properties: dict[str, Any], schema_oid: int) -> str | None:
-    """What makes a publication a duplicate when it is made again: 'copy
-    <tag>' for a copy of a delivered message, 'run <id>' for a publication
-    of the task run of message <id>, None (never a duplicate) otherwise.
-
-    A copy: celery.contrib.migrate (``celery migrate``) republishes a
-    message with its properties, delivery tag included, which a virtual
-    transport (Redis, SQS, pgbroker) keeps with the message for good.
-    A run: Celery's worker hands a delivered message's properties to the
-    task run (``Task.request.properties``): its delivery tag is the message
-    id, in the schema ``to_raw`` named there. A run of a message delivered
-    by another schema or broker (its ids are another sequence's) counts as
-    no run. Celery is looked up only if it is loaded: plain Kombu users
-    publish outside task runs.
-    """
-    tag = properties.get("delivery_tag")
-    if tag is not None:
-        return f"copy {tag}"
-    state = sys.modules.get("celery._state")
-    if state is None:
-        return None
-    task = state.get_current_worker_task()
-    props = getattr(getattr(task, "request", None), "properties", None)
-    if not isinstance(props, dict) or props.get(SCHEMA_OID) != schema_oid:
-        return None
-    message_id = props.get("delivery_tag")
-    return f"run {message_id}" if isinstance(message_id, int) else None
-
-
-def _retries(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _json(value: Any) -> Jsonb | None:
-    return Jsonb(value, dumps=json.dumps) if value else None
-
-
-def _load_json(data: str | bytes) -> Any:
-    # kombu.utils.json turns {"__type__": "datetime", ...} back into objects.
-    return json.loads(data)
 
 
 class _ForgetAfterFork:
