@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -72,6 +71,7 @@ from psycopg.types.json import Json, set_json_loads
 
 from pgbroker.broker import enqueue, sweeper
 from pgbroker.broker.channel import Channel, check_name
+from pgbroker.broker.delayed import DelayedDelivery, due_channel_for
 from pgbroker.broker.messages import (
     _PROPERTIES_NOT_STORED,
     _load_json,
@@ -127,7 +127,7 @@ _PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
 _PgChannel = Channel  # for annotations inside Transport, where Channel is an attribute
 
 
-class Transport(virtual.Transport):
+class Transport(DelayedDelivery, virtual.Transport):
     Channel = Channel
     client: Any
 
@@ -912,46 +912,6 @@ class Transport(virtual.Transport):
         drop_dead_consumers_queues(self.run, row)
         return requeued, expired_messages, expired_queues
 
-    # --- delayed messages (ETA) -----------------------------------------------------------
-
-    def _learn_due(self, due: float | None, server_now: float | None = None) -> None:
-        """Note that a delayed message in our queues is due at ``due``
-        (server epoch); ``server_now``, when given, re-reads the server's
-        clock (so that server and local clocks need not agree)."""
-        if server_now is not None:
-            self._clock_offset = server_now - time.time()
-        if due is None:
-            return
-        at = time.monotonic() + (due - self._clock_offset - time.time())
-        if self._due_at is None or at < self._due_at:
-            self._due_at = at
-
-    def promote(self) -> int:
-        """Make the due delayed messages of our queues ready (their queues
-        are NOTIFYed, which marks ours ready); learn when the next is due."""
-        self._due_at = None
-        if not self._attached:
-            return 0
-        row = self.run(
-            "promote",
-            queues=sorted(self._attached),
-            limit=PROMOTE_BATCH,
-            channel=self.channel_name,
-        )
-        promoted = int(row[0])
-        self._learn_due(row[2], row[3])
-        if promoted >= PROMOTE_BATCH:
-            self._due_at = time.monotonic()  # more are due: promote again now
-        return promoted
-
-    def maybe_promote(self) -> None:
-        if (
-            self._due_at is not None
-            and self.consumer_id is not None
-            and time.monotonic() >= self._due_at
-        ):
-            self.promote()
-
     def maybe_sweep(self) -> None:
         now = time.monotonic()
         if self.consumer_id is not None and now >= self._next_sweep:
@@ -1002,20 +962,6 @@ class Transport(virtual.Transport):
         if self._retry_tref is not None:
             self._retry_tref.cancel()
             self._retry_tref = None
-
-    def _arm_due_timer(self) -> bool:
-        """Keep the event loop's timer at ``_due_at``; True if it moved."""
-        loop = self._loop
-        if loop is None or self._due_at == self._due_armed:
-            return False
-        if self._due_tref is not None:
-            self._due_tref.cancel()
-            self._due_tref = None
-        self._due_armed = self._due_at
-        if self._due_at is not None:
-            delay = max(self._due_at - time.monotonic(), 0.0)
-            self._due_tref = loop.call_later(delay, self._on_due_timer)
-        return True
 
     def _on_due_timer(self) -> None:
         self._due_tref = None
@@ -1151,11 +1097,6 @@ def _check_failover_urls(client: Any) -> None:
             "instead (PGSSLMODE, PGCONNECT_TIMEOUT, PGAPPNAME...) or in a "
             "pg_service.conf service, and leave them out of the URLs"
         )
-
-
-def due_channel_for(schema: str) -> str:
-    """The NOTIFY channel announcing delayed messages of ``schema``."""
-    return "pgbd_" + hashlib.md5(schema.encode(), usedforsecurity=False).hexdigest()
 
 
 class _ForgetAfterFork:
