@@ -58,7 +58,6 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -72,6 +71,7 @@ from psycopg.types.json import Json, set_json_loads
 from pgbroker.broker import enqueue, sweeper
 from pgbroker.broker.channel import Channel, check_name
 from pgbroker.broker.delayed import DelayedDelivery, due_channel_for
+from pgbroker.broker.loop import EventLoop
 from pgbroker.broker.messages import (
     _PROPERTIES_NOT_STORED,
     _load_json,
@@ -92,7 +92,6 @@ from pgbroker.errors import (
     ConfigurationError,
     ConnectionLost,
     MessageTooLarge,
-    statement_error,
     wrap_exceptions,
 )
 from pgbroker.options import TransportOptions
@@ -102,16 +101,6 @@ logger = logging.getLogger("pgbroker")
 
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
-#: Seconds before the event loop claims again after a statement's error.
-STATEMENT_RETRY = 1.0
-
-#: Longest sleep of an idle event loop (seconds). Celery's worker checks
-#: for a shutdown between two turns of its loop; a shutdown asked for from
-#: another thread (``celery.contrib.pytest``'s ``celery_worker`` sets
-#: ``state.should_terminate``) wakes nothing, and an idle consumer has no
-#: I/O until its next sweep. A timer that runs no query bounds the wait
-#: (Redis's loop wakes up every second for its BRPOP timeout).
-LOOP_WAKE_INTERVAL = 0.5
 
 #: Queries run through libpq's pipeline (``Transport._run_pipelined``): the
 #: name of their prepared statement, and the type oid of each parameter.
@@ -127,7 +116,7 @@ _PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
 _PgChannel = Channel  # for annotations inside Transport, where Channel is an attribute
 
 
-class Transport(DelayedDelivery, virtual.Transport):
+class Transport(EventLoop, DelayedDelivery, virtual.Transport):
     Channel = Channel
     client: Any
 
@@ -924,116 +913,6 @@ class Transport(DelayedDelivery, virtual.Transport):
         """The sweeper thread works (pgbroker.broker.sweeper): the periodic sweep
         of this consumer would only repeat it."""
         return self._sweeper is not None and self._sweeper.covers()
-
-    # --- event loop ---------------------------------------------------------------------
-
-    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        self._unregister_loop()
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
-        self._fd = self.conn.fileno()
-        loop.add_reader(self._fd, self._on_readable)
-        loop.on_tick.add(self._on_tick)
-        self._sweep_tref = loop.call_repeatedly(self.options.sweep_interval, self._on_sweep_timer)
-        self._wake_tref = loop.call_repeatedly(LOOP_WAKE_INTERVAL, _nothing)
-        # Sweep once at start too, as drain_events does: a worker restarted
-        # after a crash takes back the dead workers' messages at once, not
-        # one sweep_interval later.
-        loop.call_soon(self._on_sweep_timer)
-
-    def _unregister_loop(self) -> None:
-        loop, self._loop = self._loop, None
-        if loop is None:
-            return
-        loop.on_tick.discard(self._on_tick)
-        if self._fd >= 0:
-            loop.remove_reader(self._fd)
-            self._fd = -1
-        if self._sweep_tref is not None:
-            self._sweep_tref.cancel()
-            self._sweep_tref = None
-        if self._wake_tref is not None:
-            self._wake_tref.cancel()
-            self._wake_tref = None
-        if self._due_tref is not None:
-            self._due_tref.cancel()
-            self._due_tref = None
-        self._due_armed = None
-        if self._retry_tref is not None:
-            self._retry_tref.cancel()
-            self._retry_tref = None
-
-    def _on_due_timer(self) -> None:
-        self._due_tref = None
-        self._due_armed = None
-        with self._in_loop():
-            self.maybe_promote()
-            self.claim_and_deliver()
-        self._arm_due_timer()
-
-    def _on_readable(self) -> None:
-        with self._in_loop():
-            self.read_notifies()
-            self.claim_and_deliver()
-        self._arm_due_timer()
-
-    def _on_retry(self) -> None:
-        self._retry_tref = None
-        self._on_readable()
-
-    @contextlib.contextmanager
-    def _in_loop(self) -> Iterator[None]:
-        """An event-loop callback's statements. A statement's own error (a
-        statement or lock timeout, a cancel, a serialization failure) leaves
-        the session working: raised into Celery's loop it would stop the
-        worker's consumer (channel errors) or, were it a connection error,
-        hand back every message it holds. Say so and try again shortly."""
-        try:
-            yield
-        except STATEMENT_ERRORS as exc:
-            if not statement_error(exc):
-                raise  # a lost session, or not one of this session's statements
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            logger.warning(
-                "pgbroker: a statement on the consumer's session failed (%s: %s); "
-                "the session and the messages it holds are kept, trying again in %g s",
-                type(exc).__name__,
-                detail,
-                STATEMENT_RETRY,
-            )
-            if self._loop is not None and self._retry_tref is None:
-                self._retry_tref = self._loop.call_later(STATEMENT_RETRY, self._on_retry)
-
-    def _on_tick(self) -> None:
-        # Acks made in the loop wait for the next tick: a claim in it takes
-        # them along (one commit); otherwise they are written then.
-        earlier_acks = bool(self._acks)
-        wake = False
-        with self._in_loop():
-            wake = bool(self._ready and self.claim_and_deliver())
-            if earlier_acks and self._acks:  # no claim took them along
-                self.flush_acks()
-        # Celery's prefork pool sends queued tasks to its children from
-        # its own on_tick callback, which may already have run in this
-        # tick: wake the loop so that its next tick does, instead of the
-        # tasks waiting for the next timer or I/O event (up to seconds).
-        # Likewise when a due time came with a reply read in this tick: the
-        # loop chose how long to wait before the timer existed.
-        if self._arm_due_timer() or wake:
-            waker = getattr(self._loop, "_waker", None)  # kombu 5.7 Hub
-            if waker is not None:
-                waker.wake()
-
-    def _on_sweep_timer(self) -> None:
-        if self.consumer_id is not None and not self._swept_elsewhere():
-            with self._in_loop():
-                self.sweep()
-                self.maybe_promote()  # a sweep that found more due rows
-        self._arm_due_timer()
-
-
-def _nothing() -> None:
-    """A timer's callback whose only effect is a turn of the event loop."""
 
 
 def _text_param(value: Any, encoding: str) -> bytes | None:
