@@ -18,11 +18,12 @@ from kombu.utils.uuid import uuid
 from pgbroker.broker.messages import _json, _ms_to_seconds, to_raw
 from pgbroker.broker.routing import topic_pattern
 from pgbroker.errors import NameTooLong
+from pgbroker.logs import recovery
 
 if TYPE_CHECKING:
     from pgbroker.broker.transport import Transport
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.broker")
 
 #: Longest queue, exchange or routing key name, in bytes: AMQP's limit
 #: (shortstr). PostgreSQL would fail later and less clearly: a btree index
@@ -55,7 +56,11 @@ class QoS(virtual.QoS):
         try:
             self.restore_unacked()
         except psycopg.Error as exc:
-            logger.info("unacked messages left to the sweep: %s", exc)
+            logger.info(
+                "unacked messages left to the sweep: %s",
+                exc,
+                extra=recovery("session_lost", reason=type(exc).__name__),
+            )
         finally:
             self._delivered.restored = True  # type: ignore[attr-defined]
 

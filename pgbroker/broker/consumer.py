@@ -27,12 +27,13 @@ from pgbroker.broker.messages import to_raw
 from pgbroker.broker.sweeper import PROMOTE_BATCH, drop_dead_consumers_queues, log_sweep, sweep_more
 from pgbroker.database.forking import process_key
 from pgbroker.errors import STATEMENT_ERRORS
+from pgbroker.logs import recovery
 from pgbroker.options import TransportOptions
 
 if TYPE_CHECKING:
     from pgbroker.broker.channel import Channel
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.broker")
 
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
@@ -302,6 +303,12 @@ class ConsumerSession:
             "were delivered again meanwhile)",
             written,
             len(entries),
+            extra=recovery(
+                "session_lost",
+                consumer=self.consumer_id,
+                count=written,
+                reason="acks of a lost session",
+            ),
         )
 
     def requeue(self, delivery_tags: list[int], counted: bool = True) -> None:
@@ -330,6 +337,12 @@ class ConsumerSession:
                 "dead_letter table (reason 'max deliveries (requeued)')",
                 row[2],
                 self.options.max_deliveries,
+                extra=recovery(
+                    "dead_letter",
+                    consumer=self.consumer_id,
+                    count=row[2],
+                    reason="max deliveries (requeued)",
+                ),
             )
 
     def unclaim(self, delivery_tags: list[int]) -> None:
@@ -367,7 +380,11 @@ class ConsumerSession:
         expired_messages, expired_queues, _ = sweep_more(self.run, self.options, params, row)
         promoted = int(row[7])
         if promoted:
-            logger.debug("sweep promoted %d due delayed message(s)", promoted)
+            logger.debug(
+                "sweep promoted %d due delayed message(s)",
+                promoted,
+                extra=recovery("promote", consumer=self.consumer_id, count=promoted),
+            )
         self._learn_due(row[9], row[10])
         if promoted >= PROMOTE_BATCH:
             self._due_at = time.monotonic()  # more are due: promote again now

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from pgbroker.errors import STATEMENT_ERRORS, statement_error
+from pgbroker.logs import recovery
 from pgbroker.options import TransportOptions
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.broker")
 
 #: Seconds before the event loop claims again after a statement's error.
 STATEMENT_RETRY = 1.0
@@ -143,6 +144,9 @@ class EventLoop:
                 type(exc).__name__,
                 detail,
                 STATEMENT_RETRY,
+                extra=recovery(
+                    "statement_retry", consumer=self.consumer_id, reason=type(exc).__name__
+                ),
             )
             if self._loop is not None and self._retry_tref is None:
                 self._retry_tref = self._loop.call_later(STATEMENT_RETRY, self._on_retry)

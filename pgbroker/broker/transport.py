@@ -92,10 +92,11 @@ from pgbroker.errors import (
     MessageTooLarge,
     wrap_exceptions,
 )
+from pgbroker.logs import recovery
 from pgbroker.options import TransportOptions
 from pgbroker.urls import mask_password
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.broker")
 
 #: Queries run through libpq's pipeline (``Transport._run_pipelined``): the
 #: name of their prepared statement, and the type oid of each parameter.
@@ -283,7 +284,13 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
                     if self._declared_exclusive:
                         self.run("drop_unused_queues", queue=None)
         except psycopg.Error as exc:
-            logger.info("closing after a database error; the sweep recovers the rest: %s", exc)
+            logger.info(
+                "closing after a database error; the sweep recovers the rest: %s",
+                exc,
+                extra=recovery(
+                    "session_lost", consumer=self.consumer_id, reason=type(exc).__name__
+                ),
+            )
         finally:
             # Acks that could not be written: the process's next session for
             # this broker sends them (see _orphan).
@@ -523,6 +530,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
                 exchange,
                 routing_key,
                 source,
+                extra=recovery("dedup", task_id=task_id, reason=source),
             )
         elif row and row[0] == 0 and row[1]:
             logger.warning(
@@ -530,6 +538,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
                 "kept in the dead_letter table",
                 exchange,
                 routing_key,
+                extra=recovery("dead_letter", task_id=task_id, reason="unroutable", count=1),
             )
 
     # --- consuming --------------------------------------------------------------
