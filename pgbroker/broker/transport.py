@@ -3,6 +3,16 @@
 URL: ``postgresql://user:password@host:port/dbname?libpq-params`` (also
 ``postgres://`` and ``pgbroker://``). Options: :mod:`pgbroker.options`.
 
+Where things are: this module holds :class:`Transport` (the Kombu protocol,
+connect and close, publish, ``drain_events``, the session's statements and
+notifications); its mixins hold the consumer session (claims, acks,
+requeues, acks of a lost session, sweeps: :mod:`pgbroker.broker.consumer`),
+Celery's event loop (:mod:`pgbroker.broker.loop`) and delayed delivery
+(:mod:`pgbroker.broker.delayed`). The channel is in
+:mod:`pgbroker.broker.channel`, a message's row in
+:mod:`pgbroker.broker.messages`. Logger: ``pgbroker.broker``; recovery
+actions carry the fields of :func:`pgbroker.logs.recovery`.
+
 How it works, in short:
 
 * One PostgreSQL session per Kombu connection, shared by its channels, in
