@@ -91,6 +91,8 @@ class ConsumerSession:
 
         def maybe_promote(self) -> None: ...
 
+    # --- claims ---------------------------------------------------------------------
+
     def _ensure_consumer(self) -> int:
         if self.consumer_id is None:
             row = self.run(

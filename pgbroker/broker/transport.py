@@ -551,7 +551,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
                 extra=recovery("dead_letter", task_id=task_id, reason="unroutable", count=1),
             )
 
-    # --- consuming --------------------------------------------------------------
+    # --- consuming without an event loop -----------------------------------------
 
     def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Deliver at least one message, or raise ``socket.timeout``."""
