@@ -164,7 +164,7 @@ class TransportOptions:
     sweep_interval: float = checked(10.0, seconds)
     #: Largest message accepted by publish, in bytes: its body plus its
     #: headers (as JSON). Queue, exchange and routing key names may have at
-    #: most 255 bytes (pgbroker.broker.transport.MAX_NAME_BYTES).
+    #: most 255 bytes (pgbroker.broker.channel.MAX_NAME_BYTES).
     max_message_size: int = checked(
         16 * MiB, partial(whole, minimum=1, maximum=MAX_FIELD, unit="bytes")
     )

@@ -27,7 +27,7 @@ from celery import Celery, chain
 from celery._state import _task_stack
 from kombu import Connection, Consumer, Message, Producer, Queue
 
-from pgbroker.broker.transport import SCHEMA_OID
+from pgbroker.broker.messages import SCHEMA_OID
 from pgbroker.operations import admin
 from tests.apps.delivery_log import runs, setup_run_log
 from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until

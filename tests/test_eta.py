@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from kombu import Connection, Consumer, Message, Producer, Queue
 
-from pgbroker.broker.transport import due_channel_for
+from pgbroker.broker.delayed import due_channel_for
 from tests.apps.delivery_log import runs, setup_run_log
 from tests.celery_helpers import (
     celery_env,

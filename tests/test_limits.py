@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from kombu import Connection, Exchange, Producer, Queue
 
-from pgbroker.broker.transport import MAX_NAME_BYTES
+from pgbroker.broker.channel import MAX_NAME_BYTES
 from pgbroker.errors import MessageTooLarge, NameTooLong
 
 LONG = "n" * (MAX_NAME_BYTES + 1)

@@ -68,9 +68,10 @@ import psycopg
 from pgbroker.database import queries
 from pgbroker.database.forking import neutralise
 from pgbroker.database.sessions import connect, default_application_name
+from pgbroker.logs import recovery
 from pgbroker.options import TransportOptions
 
-logger = logging.getLogger("pgbroker")
+logger = logging.getLogger("pgbroker.broker")
 
 #: How often the sweeper looks for dead consumers, inside the server.
 POLL_SECONDS = 0.2
@@ -135,7 +136,11 @@ def log_sweep(row: Any, options: TransportOptions) -> None:
     requeued, expired_messages, expired_queues = int(row[0]), int(row[1]), int(row[2])
     dead_lettered, expired_tasks = int(row[4]), int(row[5])
     if requeued:
-        logger.warning("requeued %d message(s) held by consumers whose sessions ended", requeued)
+        logger.warning(
+            "requeued %d message(s) held by consumers whose sessions ended",
+            requeued,
+            extra=recovery("requeue", count=requeued, reason="consumer session ended"),
+        )
     if dead_lettered:
         logger.warning(
             "%d message(s) held by consumers whose sessions ended had been delivered "
@@ -143,12 +148,16 @@ def log_sweep(row: Any, options: TransportOptions) -> None:
             "(reason 'max deliveries (consumer died)')",
             dead_lettered,
             options.max_deliveries,
+            extra=recovery(
+                "dead_letter", count=dead_lettered, reason="max deliveries (consumer died)"
+            ),
         )
     if expired_tasks:
         logger.info(
             "%d expired task message(s) removed unread: REVOKED, kept in the "
             "dead_letter table (reason 'expired')",
             expired_tasks,
+            extra=recovery("dead_letter", count=expired_tasks, reason="expired"),
         )
     if expired_messages or expired_queues:
         logger.debug(
@@ -190,6 +199,7 @@ def drop_dead_consumers_queues(run: Callable[..., Any], row: Any) -> None:
             logger.info(
                 "dropped %d auto-delete or exclusive queue(s) of consumers whose sessions ended",
                 dropped[0],
+                extra=recovery("sweep", count=dropped[0], reason="consumer session ended"),
             )
 
 
@@ -303,6 +313,7 @@ class Sweeper:
                     str(exc).strip().splitlines()[0] if str(exc).strip() else "",
                     delay,
                     self.interval,
+                    extra=recovery("reconnect", reason=type(exc).__name__),
                 )
             finally:
                 self._disconnect()
@@ -399,6 +410,9 @@ class Sweeper:
                         "sweeping here",
                         self.schema,
                         ", ".join(map(str, stale)),
+                        extra=recovery(
+                            "sweep", consumer=", ".join(map(str, stale)), reason="stayed dead"
+                        ),
                     )
                     self._sweep(conn, queue_names)
                 # A standby's next wait leaves the consumers it swept (if the

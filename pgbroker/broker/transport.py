@@ -3,6 +3,16 @@
 URL: ``postgresql://user:password@host:port/dbname?libpq-params`` (also
 ``postgres://`` and ``pgbroker://``). Options: :mod:`pgbroker.options`.
 
+Where things are: this module holds :class:`Transport` (the Kombu protocol,
+connect and close, publish, ``drain_events``, the session's statements and
+notifications); its mixins hold the consumer session (claims, acks,
+requeues, acks of a lost session, sweeps: :mod:`pgbroker.broker.consumer`),
+Celery's event loop (:mod:`pgbroker.broker.loop`) and delayed delivery
+(:mod:`pgbroker.broker.delayed`). The channel is in
+:mod:`pgbroker.broker.channel`, a message's row in
+:mod:`pgbroker.broker.messages`. Logger: ``pgbroker.broker``; recovery
+actions carry the fields of :func:`pgbroker.logs.recovery`.
+
 How it works, in short:
 
 * One PostgreSQL session per Kombu connection, shared by its channels, in
@@ -50,36 +60,37 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import re
 import select
-import socket
-import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
-from queue import Empty
 from typing import Any
 from urllib.parse import quote
 
 import psycopg
-from kombu.exceptions import ChannelError
 from kombu.transport import virtual
-from kombu.transport.base import to_rabbitmq_queue_arguments
-from kombu.transport.virtual.base import queue_declare_ok_t
 from kombu.utils import json
-from kombu.utils.uuid import uuid
-from psycopg import pq, sql
+from psycopg import pq
 from psycopg.adapt import Transformer
-from psycopg.types.json import Json, Jsonb, set_json_loads
+from psycopg.types.json import Json, set_json_loads
 
 from pgbroker.broker import enqueue, sweeper
-from pgbroker.broker.routing import topic_pattern
-from pgbroker.broker.sweeper import PROMOTE_BATCH, drop_dead_consumers_queues, log_sweep, sweep_more
+from pgbroker.broker.channel import Channel, check_name
+from pgbroker.broker.consumer import ConsumerSession
+from pgbroker.broker.delayed import DelayedDelivery, due_channel_for
+from pgbroker.broker.loop import EventLoop
+from pgbroker.broker.messages import (
+    _PROPERTIES_NOT_STORED,
+    _load_json,
+    _ms_to_seconds,
+    _publication_source,
+    _retries,
+    _text_or_none,
+    _timestamp,
+)
 from pgbroker.database import pipeline, queries, schema
 from pgbroker.database.forking import neutralise, process_key
 from pgbroker.database.sessions import connect, prefer_indexes
@@ -89,41 +100,13 @@ from pgbroker.errors import (
     ConfigurationError,
     ConnectionLost,
     MessageTooLarge,
-    NameTooLong,
-    statement_error,
     wrap_exceptions,
 )
+from pgbroker.logs import recovery
 from pgbroker.options import TransportOptions
 from pgbroker.urls import mask_password
 
-logger = logging.getLogger("pgbroker")
-
-#: Largest claim when the consumer sets no prefetch limit.
-UNLIMITED_CLAIM = 100
-#: Seconds before the event loop claims again after a statement's error.
-STATEMENT_RETRY = 1.0
-
-#: Longest sleep of an idle event loop (seconds). Celery's worker checks
-#: for a shutdown between two turns of its loop; a shutdown asked for from
-#: another thread (``celery.contrib.pytest``'s ``celery_worker`` sets
-#: ``state.should_terminate``) wakes nothing, and an idle consumer has no
-#: I/O until its next sweep. A timer that runs no query bounds the wait
-#: (Redis's loop wakes up every second for its BRPOP timeout).
-LOOP_WAKE_INTERVAL = 0.5
-
-#: A property of every delivered message: the schema's oid, which says that
-#: its ``delivery_tag`` is the id of its row in that schema. A Celery worker
-#: hands the properties to the task run (its request's ``properties``), so
-#: what that run publishes says which message's run published it (publish
-#: deduplication, see ``_publication_source``).
-SCHEMA_OID = "pgbroker_schema_oid"
-
-_PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding", SCHEMA_OID)
-
-#: Longest queue, exchange or routing key name, in bytes: AMQP's limit
-#: (shortstr). PostgreSQL would fail later and less clearly: a btree index
-#: row holds at most 2,704 bytes, and a binding's key holds three names.
-MAX_NAME_BYTES = 255
+logger = logging.getLogger("pgbroker.broker")
 
 #: Queries run through libpq's pipeline (``Transport._run_pipelined``): the
 #: name of their prepared statement, and the type oid of each parameter.
@@ -136,267 +119,10 @@ _PIPELINED = {
 _PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
 
 
-class QoS(virtual.QoS):
-    """Prefetch accounting; unacked messages go back through PostgreSQL."""
-
-    _delivered: Any
-
-    def restore_unacked(self) -> list[Any]:
-        self._flush()
-        tags = list(self._delivered)
-        self._delivered.clear()
-        if tags:
-            # Handed back as the channel closes, perhaps never processed:
-            # never dead-lettered here for max_deliveries (see requeue).
-            self.channel.connection.requeue(tags, counted=False)
-        return []
-
-    def restore_unacked_once(self, stderr: Any = None) -> None:
-        # The virtual QoS dumps messages it cannot restore to a file; here a
-        # message that cannot be requeued now (connection lost) is still in
-        # PostgreSQL, reserved by a dead session, and the sweep requeues it.
-        self._on_collect.cancel()
-        if not self.restore_at_shutdown or getattr(self._delivered, "restored", False):
-            return
-        try:
-            self.restore_unacked()
-        except psycopg.Error as exc:
-            logger.info("unacked messages left to the sweep: %s", exc)
-        finally:
-            self._delivered.restored = True  # type: ignore[attr-defined]
-
-
-class Channel(virtual.Channel):
-    QoS = QoS
-    supports_fanout = True
-    from_transport_options = ()  # type: ignore[assignment]
-    # Bodies are stored as bytes; no base64 round trip.
-    body_encoding = None  # type: ignore[assignment]
-    connection: Transport
-
-    def __init__(self, connection: Transport, **kwargs: Any) -> None:
-        super().__init__(connection, **kwargs)
-        self._no_ack_queues: set[str] = set()
-
-    # --- declarations ------------------------------------------------------
-
-    def exchange_declare(
-        self,
-        exchange: str | None = None,
-        type: str = "direct",
-        durable: bool = False,
-        auto_delete: bool = False,
-        arguments: dict[str, Any] | None = None,
-        nowait: bool = False,
-        passive: bool = False,
-    ) -> None:
-        type = type or "direct"
-        exchange = exchange or f"amq.{type}"
-        check_name("exchange", exchange)
-        t = self.connection
-        if passive:
-            if t.run("exchange_type", name=exchange) is None:
-                raise ChannelError(
-                    f"NOT_FOUND - no exchange {exchange!r}",
-                    (50, 10),
-                    "Channel.exchange_declare",
-                    "404",
-                )
-            return
-        if type not in ("direct", "topic", "fanout"):
-            raise ChannelError(
-                f"exchange {exchange!r}: pgbroker supports direct, topic and fanout "
-                f"exchanges, not {type!r}"
-            )
-        existing = t.run(
-            "declare_exchange",
-            name=exchange,
-            type=type,
-            durable=durable,
-            auto_delete=auto_delete,
-            arguments=_json(arguments),
-        )
-        if existing is not None and existing[0] != type:
-            raise virtual.NotEquivalentError(
-                f"exchange {exchange!r} exists with type {existing[0]!r}, "
-                f"not {type!r}: delete it or use another name"
-            )
-
-    def exchange_delete(self, exchange: str, if_unused: bool = False, nowait: bool = False) -> None:
-        self.connection.run("delete_exchange", name=exchange)
-
-    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
-        # Queue(message_ttl=..., expires=...) become x-message-ttl and
-        # x-expires (ms), as for AMQP; the base channel would drop them.
-        return to_rabbitmq_queue_arguments(arguments, **kwargs)
-
-    def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
-        queue = queue or f"amq.gen-{uuid()}"
-        check_name("queue", queue)
-        t = self.connection
-        if passive:
-            if not self._has_queue(queue):
-                raise ChannelError(
-                    f"NOT_FOUND - no queue {queue!r}",
-                    (50, 10),
-                    "Channel.queue_declare",
-                    "404",
-                )
-            return queue_declare_ok_t(queue, self._size(queue), 0)
-        arguments = kwargs.get("arguments") or {}
-        # An exclusive queue goes with this connection: it belongs to the
-        # session's consumer, whose end (close or death) drops it.
-        exclusive = bool(kwargs.get("exclusive"))
-        row = t.run(
-            "declare_queue",
-            name=queue,
-            durable=kwargs.get("durable", True),
-            auto_delete=kwargs.get("auto_delete", False),
-            message_ttl=_ms_to_seconds(arguments.get("x-message-ttl")),
-            expires=_ms_to_seconds(arguments.get("x-expires")),
-            arguments=_json(arguments),
-            exclusive_to=t._ensure_consumer() if exclusive else None,
-        )
-        t._declared_exclusive |= exclusive
-        return queue_declare_ok_t(queue, row[0] if row else 0, 0)
-
-    def queue_delete(
-        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
-    ) -> None:
-        if if_empty and self._size(queue):
-            return
-        self.connection.run("delete_queue", name=queue)
-
-    def queue_bind(
-        self,
-        queue: str,
-        exchange: str | None = None,
-        routing_key: str = "",
-        arguments: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        check_name("queue", queue)
-        check_name("exchange", exchange)
-        check_name("routing key", routing_key)
-        self.connection.run(
-            "bind",
-            exchange=exchange or "amq.direct",
-            routing_key=routing_key or "",
-            queue=queue,
-            pattern=topic_pattern(routing_key or ""),
-        )
-
-    def queue_unbind(
-        self,
-        queue: str,
-        exchange: str | None = None,
-        routing_key: str = "",
-        arguments: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self.connection.run(
-            "unbind",
-            exchange=exchange or "amq.direct",
-            routing_key=routing_key or "",
-            queue=queue,
-        )
-
-    def list_bindings(self) -> Iterable[tuple[str, str, str]]:
-        return [tuple(r) for r in self.connection.run_all("list_bindings")]  # type: ignore[misc]
-
-    def get_exchanges(self) -> list[str]:
-        raise NotImplementedError("list exchanges with SQL: SELECT name FROM <schema>.exchange")
-
-    # --- publishing ---------------------------------------------------------
-
-    def basic_publish(
-        self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any
-    ) -> None:
-        self.connection.publish(message, exchange or "", routing_key or "", self)
-
-    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        self.connection.publish(message, "", queue, self)
-
-    def _restore(self, message: Any) -> None:
-        self.connection.requeue([message.delivery_tag], counted=False)
-
-    def _restore_at_beginning(self, message: Any) -> None:
-        self._restore(message)
-
-    # --- consuming ----------------------------------------------------------
-
-    def basic_consume(
-        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
-    ) -> Any:
-        check_name("queue", queue)
-        if no_ack:
-            self._no_ack_queues.add(queue)
-        else:
-            self._no_ack_queues.discard(queue)
-        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
-        self.connection.attach(queue)
-        return result
-
-    def basic_cancel(self, consumer_tag: str) -> Any:
-        queue = self._tag_to_queue.get(consumer_tag)
-        result = super().basic_cancel(consumer_tag)
-        if queue is not None and queue not in self._active_queues:
-            self._no_ack_queues.discard(queue)
-            if self.connection is not None:
-                self.connection.detach(queue)
-        return result
-
-    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
-        rows = self.connection.claim(queue, 1, no_ack)
-        if not rows:
-            return None
-        message = self.Message(self.connection.to_raw(rows[0]), channel=self)
-        if not no_ack:
-            self.qos.append(message, message.delivery_tag)
-        return message
-
-    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
-        self.connection.ack(delivery_tag)
-        self.qos.ack(delivery_tag)
-
-    def basic_reject(self, delivery_tag: int, requeue: bool = False) -> None:
-        if requeue:
-            self.connection.requeue([delivery_tag])
-        else:
-            self.connection.dead_letter([delivery_tag])
-        self.qos.ack(delivery_tag)
-
-    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        rows = self.connection.claim(queue, 1, no_ack=True)
-        if not rows:
-            raise Empty()
-        return self.connection.to_raw(rows[0])
-
-    def _size(self, queue: str) -> int:
-        row = self.connection.run("size", queue=queue)
-        return int(row[0]) if row else 0
-
-    def _purge(self, queue: str) -> int:
-        return self.connection.run_count("purge", queue=queue)
-
-    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
-        row = self.connection.run("queue_exists", name=queue)
-        return bool(row and row[0])
-
-    def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        self.queue_declare(queue, **kwargs)
-
-    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
-        self.queue_delete(queue)
-
-    def drain_events(self, timeout: float | None = None, callback: Any = None) -> None:
-        self.connection.drain_events(self.connection, timeout=timeout)
-
-
 _PgChannel = Channel  # for annotations inside Transport, where Channel is an attribute
 
 
-class Transport(virtual.Transport):
+class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
     Channel = Channel
     client: Any
 
@@ -568,7 +294,13 @@ class Transport(virtual.Transport):
                     if self._declared_exclusive:
                         self.run("drop_unused_queues", queue=None)
         except psycopg.Error as exc:
-            logger.info("closing after a database error; the sweep recovers the rest: %s", exc)
+            logger.info(
+                "closing after a database error; the sweep recovers the rest: %s",
+                exc,
+                extra=recovery(
+                    "session_lost", consumer=self.consumer_id, reason=type(exc).__name__
+                ),
+            )
         finally:
             # Acks that could not be written: the process's next session for
             # this broker sends them (see _orphan).
@@ -808,6 +540,7 @@ class Transport(virtual.Transport):
                 exchange,
                 routing_key,
                 source,
+                extra=recovery("dedup", task_id=task_id, reason=source),
             )
         elif row and row[0] == 0 and row[1]:
             logger.warning(
@@ -815,167 +548,10 @@ class Transport(virtual.Transport):
                 "kept in the dead_letter table",
                 exchange,
                 routing_key,
+                extra=recovery("dead_letter", task_id=task_id, reason="unroutable", count=1),
             )
 
-    # --- consuming --------------------------------------------------------------
-
-    def _ensure_consumer(self) -> int:
-        if self.consumer_id is None:
-            row = self.run(
-                "register_consumer",
-                hostname=socket.gethostname(),
-                pid=os.getpid(),
-                process_key=process_key(),
-                lock_class=self._lock_class,
-            )
-            self.consumer_id = int(row[0])
-            if self.options.fast_recovery and self._sweeper is None:
-                self._sweeper = sweeper.acquire(self.url, self.options)
-            # Before this consumer claims anything: the acks of a lost session.
-            self._flush_orphans()
-        return self.consumer_id
-
-    def attach(self, queue: str) -> None:
-        consumer_id = self._ensure_consumer()
-        if not self._listening:
-            with self._io, self._statements():
-                self.conn.execute(
-                    sql.SQL("LISTEN {}; LISTEN {}").format(
-                        sql.Identifier(self.channel_name), sql.Identifier(self.due_channel)
-                    )
-                )
-            self._listening = True
-        if queue not in self._attached:
-            row = self.run("attach_queue", consumer_id=consumer_id, queue=queue)
-            self._attached.add(queue)
-            self._learn_due(row[0], row[1])
-        self._ready.add(queue)
-
-    def detach(self, queue: str) -> None:
-        if queue in self._attached and self.consumer_id is not None:
-            self._attached.discard(queue)
-            self._ready.discard(queue)
-            row = self.run("detach_queue", consumer_id=self.consumer_id, queue=queue)
-            if row and row[0]:
-                # Auto-delete: it goes if that was its last consumer.
-                self.run("drop_unused_queues", queue=queue)
-
-    def claim(self, queue: str, limit: int, no_ack: bool, settle: bool = True) -> list[Any]:
-        """Claim up to ``limit`` messages; with ``settle`` off, return before
-        the claim's commit has been confirmed (see ``_run_pipelined``)."""
-        if no_ack:
-            return self.run_all("claim_no_ack", queue=queue, limit=limit)
-        consumer_id = self._ensure_consumer()
-        if _orphaned.get(self._orphan_key):
-            self._flush_orphans()
-        # The acks not written yet commit with the claim (see `claim` in
-        # queries.sql); until its commit is confirmed they are "riding".
-        self._settle()
-        self._riding, self._acks = self._acks, []
-        try:
-            rows = self.run_all(
-                "claim", queue=queue, limit=limit, consumer_id=consumer_id, acks=self._riding
-            )
-        except BaseException:
-            self._unride()
-            raise
-        for row in rows:
-            self._held[row[0]] = (consumer_id, row[2])
-        if settle:
-            self._settle()
-        return rows
-
-    def to_raw(self, row: Any) -> dict[str, Any]:
-        """A claimed row as the message dict Kombu's virtual channel expects."""
-        (
-            id_,
-            priority,
-            delivery_count,
-            exchange,
-            routing_key,
-            content_type,
-            content_encoding,
-            headers,
-            properties,
-            body,
-            was_delayed,
-        ) = row
-        if was_delayed and isinstance(headers, dict) and headers.get("eta"):
-            # pgbroker kept the message until its eta (or an operator made it
-            # due earlier): it is due now. Without the header, Celery's worker
-            # runs it at once instead of scheduling it again by its own clock.
-            headers["eta"] = None
-        props = properties
-        redelivered = delivery_count > 1
-        props.update(
-            delivery_tag=id_,
-            body_encoding=None,
-            **{SCHEMA_OID: self._lock_oid},
-            delivery_info={
-                "exchange": exchange,
-                "routing_key": routing_key,
-                "priority": priority,
-                "redelivered": redelivered,
-            },
-        )
-        return {
-            "body": bytes(body),
-            "content-type": content_type,
-            "content-encoding": content_encoding,
-            "headers": headers,
-            "properties": props,
-            "redelivered": redelivered,
-        }
-
-    def claim_and_deliver(self) -> int:
-        """Claim from queues that may have work, up to each channel's free
-        prefetch, and hand the messages to their consumers. Pending acks go
-        with the first claim; the callers write those no claim took."""
-        delivered = 0
-        consuming = [(c, q) for c in list(self.channels) for q in list(c._active_queues)]
-        # Start one queue further each time, so that a backlog on the first
-        # queue cannot take all the prefetch capacity forever.
-        self._turn += 1
-        start = self._turn % len(consuming) if consuming else 0
-        for channel, queue in consuming[start:] + consuming[:start]:
-            if queue not in self._ready:
-                continue
-            no_ack = queue in channel._no_ack_queues
-            limit = UNLIMITED_CLAIM if no_ack else channel.qos.can_consume_max_estimate()
-            if limit is None:
-                limit = UNLIMITED_CLAIM
-            if limit > 0:
-                # Clear the flag before claiming: a NOTIFY that arrives with
-                # the claim's reply (a message committed after the claim's
-                # snapshot) sets it again and must not be lost.
-                self._ready.discard(queue)
-                try:
-                    rows = self.claim(queue, limit, no_ack, settle=False)
-                except STATEMENT_ERRORS:  # ConnectionLost too
-                    self._ready.add(queue)  # nothing claimed: the work is still there
-                    raise
-                if len(rows) >= limit:
-                    self._ready.add(queue)
-                rows.sort(key=lambda r: (-r[1], r[0]))
-                for i, row in enumerate(rows):
-                    try:
-                        self._deliver(self.to_raw(row), queue)
-                    except BaseException:
-                        # The callback raised: the rest of this claim was never
-                        # handed over, so give it back rather than hold it
-                        # until the connection closes.
-                        if not no_ack and i + 1 < len(rows):
-                            self.unclaim([r[0] for r in rows[i + 1 :]])
-                        raise
-                delivered += len(rows)
-        if self._commit_pending and self._loop is not None:
-            # The commit's reply (and NOTIFYs sent meanwhile) may have been
-            # read with the claim's rows, into libpq's buffer: then the
-            # socket never becomes readable for it, and nothing would read
-            # them until this session's next statement. Take them now if
-            # they are there; if not, their arrival makes the socket readable.
-            self._settle(block=False)
-        return delivered
+    # --- consuming without an event loop -----------------------------------------
 
     def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Deliver at least one message, or raise ``socket.timeout``."""
@@ -1055,351 +631,6 @@ class Transport(virtual.Transport):
         if pgconn.status != psycopg.pq.ConnStatus.OK:
             raise ConnectionLost("pgbroker: the connection to PostgreSQL was lost")
 
-    # --- acks -----------------------------------------------------------------------
-
-    def ack(self, delivery_tag: int) -> None:
-        held = self._held.get(delivery_tag)
-        if held is not None and (held[0] != self.consumer_id or self._session_gone()):
-            # Delivered by a session that is gone: the next one writes it.
-            self._orphan([delivery_tag])
-            if self.consumer_id is not None:
-                self._flush_orphans()
-            return
-        self._acks.append(delivery_tag)
-        # Acks made while messages are being delivered (inside drain_events,
-        # or in the event loop's thread) are written together at the end of
-        # that delivery or tick, in one statement; any other ack at once.
-        # Until written, an ack's message may be redelivered if the process
-        # dies: delivery is at-least-once either way.
-        if self._defer_acks or (
-            self._loop is not None and threading.get_ident() == self._loop_thread
-        ):
-            return
-        self.flush_acks()
-
-    def flush_acks(self) -> None:
-        if _orphaned.get(self._orphan_key) and self.consumer_id is not None:
-            self._flush_orphans()
-        if not self._acks:
-            return
-        if self.consumer_id is None:  # no session has started: none to write them
-            self._orphan(self._unwritten_acks())
-            return
-        ids, self._acks = self._acks, []
-        try:
-            self.run_count("ack", ids=ids, consumer_id=self.consumer_id)
-        except BaseException:
-            self._acks = ids + self._acks  # kept: retried, or sent by the next session
-            if self._session_gone():
-                self._orphan(self._unwritten_acks())
-            raise
-        for tag in ids:
-            self._held.pop(tag, None)
-
-    # --- acks whose session is gone ------------------------------------------------
-
-    def _unride(self) -> None:
-        """The claim that carried acks failed: they are pending again."""
-        if self._riding:
-            self._acks = self._riding + self._acks
-            self._riding = []
-
-    def _rode(self) -> None:
-        """The claim that carried acks committed: they are written."""
-        for tag in self._riding:
-            self._held.pop(tag, None)
-        self._riding = []
-
-    def _unwritten_acks(self) -> list[int]:
-        self._unride()
-        tags, self._acks = self._acks, []
-        return tags
-
-    def _orphan(self, tags: list[int]) -> None:
-        """Keep acks whose session is gone for the process's next session on
-        this broker (any transport of the same URL and schema), which writes
-        them before it claims (``ack_orphaned`` in queries.sql): a message
-        the application acknowledged is not delivered again because the
-        connection was lost before its ack was written."""
-        entries = []
-        for tag in tags:
-            held = self._held.pop(tag, None)
-            if held is not None:
-                entries.append((tag, *held))
-        if entries:
-            with _orphaned_lock:
-                _orphaned.setdefault(self._orphan_key, []).extend(entries)
-
-    def _flush_orphans(self) -> None:
-        with _orphaned_lock:
-            entries = _orphaned.pop(self._orphan_key, [])
-        if not entries:
-            return
-        try:
-            written = self.run_count(
-                "ack_orphaned",
-                ids=[e[0] for e in entries],
-                consumer_ids=[e[1] for e in entries],
-                counts=[e[2] for e in entries],
-            )
-        except BaseException:
-            with _orphaned_lock:
-                _orphaned.setdefault(self._orphan_key, [])[:0] = entries
-            raise
-        logger.info(
-            "wrote %d of %d ack(s) made for a lost session (the others' messages "
-            "were delivered again meanwhile)",
-            written,
-            len(entries),
-        )
-
-    def requeue(self, delivery_tags: list[int], counted: bool = True) -> None:
-        """Hand messages back to their queues (logged in ``redelivery``).
-
-        ``counted``: a reject with requeue, which counts towards
-        ``max_deliveries`` (a message that reached it goes to dead_letter);
-        off for messages handed back unprocessed when a channel closes.
-        """
-        self._release(delivery_tags)
-        if self.consumer_id is None:
-            return
-        row = self.run(
-            "requeue",
-            ids=list(delivery_tags),
-            consumer_id=self.consumer_id,
-            channel=self.channel_name,
-            counted=counted,
-            max_deliveries=self.options.max_deliveries,
-            reason="requeued" if counted else "restored at close",
-            schema_name=self.options.schema,
-        )
-        if row and row[2]:
-            logger.warning(
-                "%d requeued message(s) reached max_deliveries=%d: moved to the "
-                "dead_letter table (reason 'max deliveries (requeued)')",
-                row[2],
-                self.options.max_deliveries,
-            )
-
-    def unclaim(self, delivery_tags: list[int]) -> None:
-        """Hand back claimed messages that were never delivered."""
-        self._release(delivery_tags)
-        if self.consumer_id is not None:
-            self.run(
-                "unclaim",
-                ids=list(delivery_tags),
-                consumer_id=self.consumer_id,
-                channel=self.channel_name,
-            )
-
-    def _release(self, delivery_tags: list[int]) -> None:
-        for tag in delivery_tags:
-            self._held.pop(tag, None)
-
-    def dead_letter(self, delivery_tags: list[int]) -> None:
-        self._release(delivery_tags)
-        if self.consumer_id is not None:
-            self.run_count("reject", ids=list(delivery_tags), consumer_id=self.consumer_id)
-
-    # --- sweep ------------------------------------------------------------------------
-
-    def sweep(self) -> tuple[int, int, int]:
-        """Recover dead consumers' messages, drop expired messages, queues
-        and results, promote due delayed messages, prune the dedup log (see
-        ``sweep`` in queries.sql); housekeeping a batch at a time, the
-        sweep run again while batches come back full for a bounded time.
-        Returns (requeued, expired messages, expired queues)."""
-        params = sweeper.sweep_params(self.options, self._lock_oid, sorted(self._attached))
-        row = self.run("sweep", **params)
-        log_sweep(row, self.options)
-        requeued = int(row[0])
-        expired_messages, expired_queues, _ = sweep_more(self.run, self.options, params, row)
-        promoted = int(row[7])
-        if promoted:
-            logger.debug("sweep promoted %d due delayed message(s)", promoted)
-        self._learn_due(row[9], row[10])
-        if promoted >= PROMOTE_BATCH:
-            self._due_at = time.monotonic()  # more are due: promote again now
-        drop_dead_consumers_queues(self.run, row)
-        return requeued, expired_messages, expired_queues
-
-    # --- delayed messages (ETA) -----------------------------------------------------------
-
-    def _learn_due(self, due: float | None, server_now: float | None = None) -> None:
-        """Note that a delayed message in our queues is due at ``due``
-        (server epoch); ``server_now``, when given, re-reads the server's
-        clock (so that server and local clocks need not agree)."""
-        if server_now is not None:
-            self._clock_offset = server_now - time.time()
-        if due is None:
-            return
-        at = time.monotonic() + (due - self._clock_offset - time.time())
-        if self._due_at is None or at < self._due_at:
-            self._due_at = at
-
-    def promote(self) -> int:
-        """Make the due delayed messages of our queues ready (their queues
-        are NOTIFYed, which marks ours ready); learn when the next is due."""
-        self._due_at = None
-        if not self._attached:
-            return 0
-        row = self.run(
-            "promote",
-            queues=sorted(self._attached),
-            limit=PROMOTE_BATCH,
-            channel=self.channel_name,
-        )
-        promoted = int(row[0])
-        self._learn_due(row[2], row[3])
-        if promoted >= PROMOTE_BATCH:
-            self._due_at = time.monotonic()  # more are due: promote again now
-        return promoted
-
-    def maybe_promote(self) -> None:
-        if (
-            self._due_at is not None
-            and self.consumer_id is not None
-            and time.monotonic() >= self._due_at
-        ):
-            self.promote()
-
-    def maybe_sweep(self) -> None:
-        now = time.monotonic()
-        if self.consumer_id is not None and now >= self._next_sweep:
-            self._next_sweep = now + self.options.sweep_interval
-            if not self._swept_elsewhere():
-                self.sweep()
-        self.maybe_promote()
-
-    def _swept_elsewhere(self) -> bool:
-        """The sweeper thread works (pgbroker.broker.sweeper): the periodic sweep
-        of this consumer would only repeat it."""
-        return self._sweeper is not None and self._sweeper.covers()
-
-    # --- event loop ---------------------------------------------------------------------
-
-    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        self._unregister_loop()
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
-        self._fd = self.conn.fileno()
-        loop.add_reader(self._fd, self._on_readable)
-        loop.on_tick.add(self._on_tick)
-        self._sweep_tref = loop.call_repeatedly(self.options.sweep_interval, self._on_sweep_timer)
-        self._wake_tref = loop.call_repeatedly(LOOP_WAKE_INTERVAL, _nothing)
-        # Sweep once at start too, as drain_events does: a worker restarted
-        # after a crash takes back the dead workers' messages at once, not
-        # one sweep_interval later.
-        loop.call_soon(self._on_sweep_timer)
-
-    def _unregister_loop(self) -> None:
-        loop, self._loop = self._loop, None
-        if loop is None:
-            return
-        loop.on_tick.discard(self._on_tick)
-        if self._fd >= 0:
-            loop.remove_reader(self._fd)
-            self._fd = -1
-        if self._sweep_tref is not None:
-            self._sweep_tref.cancel()
-            self._sweep_tref = None
-        if self._wake_tref is not None:
-            self._wake_tref.cancel()
-            self._wake_tref = None
-        if self._due_tref is not None:
-            self._due_tref.cancel()
-            self._due_tref = None
-        self._due_armed = None
-        if self._retry_tref is not None:
-            self._retry_tref.cancel()
-            self._retry_tref = None
-
-    def _arm_due_timer(self) -> bool:
-        """Keep the event loop's timer at ``_due_at``; True if it moved."""
-        loop = self._loop
-        if loop is None or self._due_at == self._due_armed:
-            return False
-        if self._due_tref is not None:
-            self._due_tref.cancel()
-            self._due_tref = None
-        self._due_armed = self._due_at
-        if self._due_at is not None:
-            delay = max(self._due_at - time.monotonic(), 0.0)
-            self._due_tref = loop.call_later(delay, self._on_due_timer)
-        return True
-
-    def _on_due_timer(self) -> None:
-        self._due_tref = None
-        self._due_armed = None
-        with self._in_loop():
-            self.maybe_promote()
-            self.claim_and_deliver()
-        self._arm_due_timer()
-
-    def _on_readable(self) -> None:
-        with self._in_loop():
-            self.read_notifies()
-            self.claim_and_deliver()
-        self._arm_due_timer()
-
-    def _on_retry(self) -> None:
-        self._retry_tref = None
-        self._on_readable()
-
-    @contextlib.contextmanager
-    def _in_loop(self) -> Iterator[None]:
-        """An event-loop callback's statements. A statement's own error (a
-        statement or lock timeout, a cancel, a serialization failure) leaves
-        the session working: raised into Celery's loop it would stop the
-        worker's consumer (channel errors) or, were it a connection error,
-        hand back every message it holds. Say so and try again shortly."""
-        try:
-            yield
-        except STATEMENT_ERRORS as exc:
-            if not statement_error(exc):
-                raise  # a lost session, or not one of this session's statements
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            logger.warning(
-                "pgbroker: a statement on the consumer's session failed (%s: %s); "
-                "the session and the messages it holds are kept, trying again in %g s",
-                type(exc).__name__,
-                detail,
-                STATEMENT_RETRY,
-            )
-            if self._loop is not None and self._retry_tref is None:
-                self._retry_tref = self._loop.call_later(STATEMENT_RETRY, self._on_retry)
-
-    def _on_tick(self) -> None:
-        # Acks made in the loop wait for the next tick: a claim in it takes
-        # them along (one commit); otherwise they are written then.
-        earlier_acks = bool(self._acks)
-        wake = False
-        with self._in_loop():
-            wake = bool(self._ready and self.claim_and_deliver())
-            if earlier_acks and self._acks:  # no claim took them along
-                self.flush_acks()
-        # Celery's prefork pool sends queued tasks to its children from
-        # its own on_tick callback, which may already have run in this
-        # tick: wake the loop so that its next tick does, instead of the
-        # tasks waiting for the next timer or I/O event (up to seconds).
-        # Likewise when a due time came with a reply read in this tick: the
-        # loop chose how long to wait before the timer existed.
-        if self._arm_due_timer() or wake:
-            waker = getattr(self._loop, "_waker", None)  # kombu 5.7 Hub
-            if waker is not None:
-                waker.wake()
-
-    def _on_sweep_timer(self) -> None:
-        if self.consumer_id is not None and not self._swept_elsewhere():
-            with self._in_loop():
-                self.sweep()
-                self.maybe_promote()  # a sweep that found more due rows
-        self._arm_due_timer()
-
-
-def _nothing() -> None:
-    """A timer's callback whose only effect is a turn of the event loop."""
-
 
 def _text_param(value: Any, encoding: str) -> bytes | None:
     """A parameter in text format, for libpq (a list: an array of integers)."""
@@ -1464,88 +695,6 @@ def _check_failover_urls(client: Any) -> None:
         )
 
 
-def _ms_to_seconds(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    return float(value) / 1000.0
-
-
-def _text_or_none(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def check_name(kind: str, name: str | None) -> None:
-    """Refuse a name longer than MAX_NAME_BYTES before any SQL runs."""
-    if name and len(name.encode()) > MAX_NAME_BYTES:
-        raise NameTooLong(
-            f"{kind} name of {len(name.encode())} bytes ({name[:40]!r}...): pgbroker takes "
-            f"names of at most {MAX_NAME_BYTES} bytes (as AMQP does); use a shorter name"
-        )
-
-
-def due_channel_for(schema: str) -> str:
-    """The NOTIFY channel announcing delayed messages of ``schema``."""
-    return "pgbd_" + hashlib.md5(schema.encode(), usedforsecurity=False).hexdigest()
-
-
-def _timestamp(value: Any) -> datetime | None:
-    """Celery's ``eta``/``expires`` header (ISO 8601) as an aware datetime;
-    naive means UTC (as Celery's worker reads it with ``enable_utc``). A
-    value that is not a time is left to Celery's worker to report."""
-    if not value:
-        return None
-    try:
-        when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
-
-
-def _publication_source(properties: dict[str, Any], schema_oid: int) -> str | None:
-    """What makes a publication a duplicate when it is made again: 'copy
-    <tag>' for a copy of a delivered message, 'run <id>' for a publication
-    of the task run of message <id>, None (never a duplicate) otherwise.
-
-    A copy: celery.contrib.migrate (``celery migrate``) republishes a
-    message with its properties, delivery tag included, which a virtual
-    transport (Redis, SQS, pgbroker) keeps with the message for good.
-    A run: Celery's worker hands a delivered message's properties to the
-    task run (``Task.request.properties``): its delivery tag is the message
-    id, in the schema ``to_raw`` named there. A run of a message delivered
-    by another schema or broker (its ids are another sequence's) counts as
-    no run. Celery is looked up only if it is loaded: plain Kombu users
-    publish outside task runs.
-    """
-    tag = properties.get("delivery_tag")
-    if tag is not None:
-        return f"copy {tag}"
-    state = sys.modules.get("celery._state")
-    if state is None:
-        return None
-    task = state.get_current_worker_task()
-    props = getattr(getattr(task, "request", None), "properties", None)
-    if not isinstance(props, dict) or props.get(SCHEMA_OID) != schema_oid:
-        return None
-    message_id = props.get("delivery_tag")
-    return f"run {message_id}" if isinstance(message_id, int) else None
-
-
-def _retries(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _json(value: Any) -> Jsonb | None:
-    return Jsonb(value, dumps=json.dumps) if value else None
-
-
-def _load_json(data: str | bytes) -> Any:
-    # kombu.utils.json turns {"__type__": "datetime", ...} back into objects.
-    return json.loads(data)
-
-
 class _ForgetAfterFork:
     """In a forked child, every transport inherited from the parent lets go
     of the parent's session (see pgbroker.database.forking)."""
@@ -1575,17 +724,3 @@ class _ForgetAfterFork:
 
 
 _forget_after_fork = _ForgetAfterFork()
-
-#: Acks whose session was lost before they were written, by (URL, schema):
-#: (delivery tag, consumer id, delivery count). See Transport._orphan.
-_orphaned: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
-_orphaned_lock = threading.Lock()
-
-
-def _forget_orphans_after_fork() -> None:
-    global _orphaned_lock
-    _orphaned_lock = threading.Lock()
-    _orphaned.clear()  # the parent's to write
-
-
-os.register_at_fork(after_in_child=_forget_orphans_after_fork)

@@ -1,0 +1,422 @@
+"""The consumer session: claims, acks, requeues and sweeps.
+
+A consuming transport registers a consumer (its session holds an advisory
+lock for as long as it lives), attaches its queues and claims up to the
+free prefetch count in one statement. Acks are batched and fenced: only the
+consumer that holds a message can ack, requeue or dead-letter it. Acks made
+for a session that was lost are written by the process's next session on
+the same broker (``_orphan``, docs/delivery.md). The sweep hands the
+messages of consumers whose lock is gone back to their queues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import sql
+
+from pgbroker.broker import sweeper
+from pgbroker.broker.messages import to_raw
+from pgbroker.broker.sweeper import PROMOTE_BATCH, drop_dead_consumers_queues, log_sweep, sweep_more
+from pgbroker.database.forking import process_key
+from pgbroker.errors import STATEMENT_ERRORS
+from pgbroker.logs import recovery
+from pgbroker.options import TransportOptions
+
+if TYPE_CHECKING:
+    from pgbroker.broker.channel import Channel
+
+logger = logging.getLogger("pgbroker.broker")
+
+#: Largest claim when the consumer sets no prefetch limit.
+UNLIMITED_CLAIM = 100
+
+
+class ConsumerSession:
+    """The consumer of a transport's session (a mixin of
+    :class:`pgbroker.broker.transport.Transport`, whose state it uses)."""
+
+    channels: list[Channel]
+    options: TransportOptions
+    url: str
+    channel_name: str
+    due_channel: str
+    consumer_id: int | None
+    _lock_class: int
+    _lock_oid: int
+    _listening: bool
+    _attached: set[str]
+    _ready: set[str]
+    _acks: list[int]
+    _riding: list[int]
+    _held: dict[int, tuple[int, int]]
+    _orphan_key: tuple[str, str]
+    _loop: Any
+    _loop_thread: int | None
+    _next_sweep: float
+    _turn: int
+    _defer_acks: bool
+    _commit_pending: bool
+    _io: threading.RLock
+    _sweeper: sweeper.Sweeper | None
+    _due_at: float | None
+
+    if TYPE_CHECKING:
+
+        @property
+        def conn(self) -> psycopg.Connection: ...
+
+        def run(self, query: str, /, **params: Any) -> Any: ...
+
+        def run_all(self, query: str, /, **params: Any) -> list[Any]: ...
+
+        def run_count(self, query: str, /, **params: Any) -> int: ...
+
+        def _statements(self) -> contextlib.AbstractContextManager[None]: ...
+
+        def _settle(self, block: bool = True) -> bool: ...
+
+        def _session_gone(self) -> bool: ...
+
+        def _deliver(self, message: Any, queue: str) -> None: ...
+
+        def _learn_due(self, due: float | None, server_now: float | None = None) -> None: ...
+
+        def maybe_promote(self) -> None: ...
+
+    # --- claims ---------------------------------------------------------------------
+
+    def _ensure_consumer(self) -> int:
+        if self.consumer_id is None:
+            row = self.run(
+                "register_consumer",
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                process_key=process_key(),
+                lock_class=self._lock_class,
+            )
+            self.consumer_id = int(row[0])
+            if self.options.fast_recovery and self._sweeper is None:
+                self._sweeper = sweeper.acquire(self.url, self.options)
+            # Before this consumer claims anything: the acks of a lost session.
+            self._flush_orphans()
+        return self.consumer_id
+
+    def attach(self, queue: str) -> None:
+        consumer_id = self._ensure_consumer()
+        if not self._listening:
+            with self._io, self._statements():
+                self.conn.execute(
+                    sql.SQL("LISTEN {}; LISTEN {}").format(
+                        sql.Identifier(self.channel_name), sql.Identifier(self.due_channel)
+                    )
+                )
+            self._listening = True
+        if queue not in self._attached:
+            row = self.run("attach_queue", consumer_id=consumer_id, queue=queue)
+            self._attached.add(queue)
+            self._learn_due(row[0], row[1])
+        self._ready.add(queue)
+
+    def detach(self, queue: str) -> None:
+        if queue in self._attached and self.consumer_id is not None:
+            self._attached.discard(queue)
+            self._ready.discard(queue)
+            row = self.run("detach_queue", consumer_id=self.consumer_id, queue=queue)
+            if row and row[0]:
+                # Auto-delete: it goes if that was its last consumer.
+                self.run("drop_unused_queues", queue=queue)
+
+    def claim(self, queue: str, limit: int, no_ack: bool, settle: bool = True) -> list[Any]:
+        """Claim up to ``limit`` messages; with ``settle`` off, return before
+        the claim's commit has been confirmed (see ``_run_pipelined``)."""
+        if no_ack:
+            return self.run_all("claim_no_ack", queue=queue, limit=limit)
+        consumer_id = self._ensure_consumer()
+        if _orphaned.get(self._orphan_key):
+            self._flush_orphans()
+        # The acks not written yet commit with the claim (see `claim` in
+        # queries.sql); until its commit is confirmed they are "riding".
+        self._settle()
+        self._riding, self._acks = self._acks, []
+        try:
+            rows = self.run_all(
+                "claim", queue=queue, limit=limit, consumer_id=consumer_id, acks=self._riding
+            )
+        except BaseException:
+            self._unride()
+            raise
+        for row in rows:
+            self._held[row[0]] = (consumer_id, row[2])
+        if settle:
+            self._settle()
+        return rows
+
+    def claim_and_deliver(self) -> int:
+        """Claim from queues that may have work, up to each channel's free
+        prefetch, and hand the messages to their consumers. Pending acks go
+        with the first claim; the callers write those no claim took."""
+        delivered = 0
+        consuming = [(c, q) for c in list(self.channels) for q in list(c._active_queues)]
+        # Start one queue further each time, so that a backlog on the first
+        # queue cannot take all the prefetch capacity forever.
+        self._turn += 1
+        start = self._turn % len(consuming) if consuming else 0
+        for channel, queue in consuming[start:] + consuming[:start]:
+            if queue not in self._ready:
+                continue
+            no_ack = queue in channel._no_ack_queues
+            limit = UNLIMITED_CLAIM if no_ack else channel.qos.can_consume_max_estimate()
+            if limit is None:
+                limit = UNLIMITED_CLAIM
+            if limit > 0:
+                # Clear the flag before claiming: a NOTIFY that arrives with
+                # the claim's reply (a message committed after the claim's
+                # snapshot) sets it again and must not be lost.
+                self._ready.discard(queue)
+                try:
+                    rows = self.claim(queue, limit, no_ack, settle=False)
+                except STATEMENT_ERRORS:  # ConnectionLost too
+                    self._ready.add(queue)  # nothing claimed: the work is still there
+                    raise
+                if len(rows) >= limit:
+                    self._ready.add(queue)
+                rows.sort(key=lambda r: (-r[1], r[0]))
+                for i, row in enumerate(rows):
+                    try:
+                        self._deliver(to_raw(row, self._lock_oid), queue)
+                    except BaseException:
+                        # The callback raised: the rest of this claim was never
+                        # handed over, so give it back rather than hold it
+                        # until the connection closes.
+                        if not no_ack and i + 1 < len(rows):
+                            self.unclaim([r[0] for r in rows[i + 1 :]])
+                        raise
+                delivered += len(rows)
+        if self._commit_pending and self._loop is not None:
+            # The commit's reply (and NOTIFYs sent meanwhile) may have been
+            # read with the claim's rows, into libpq's buffer: then the
+            # socket never becomes readable for it, and nothing would read
+            # them until this session's next statement. Take them now if
+            # they are there; if not, their arrival makes the socket readable.
+            self._settle(block=False)
+        return delivered
+
+    # --- acks -----------------------------------------------------------------------
+
+    def ack(self, delivery_tag: int) -> None:
+        held = self._held.get(delivery_tag)
+        if held is not None and (held[0] != self.consumer_id or self._session_gone()):
+            # Delivered by a session that is gone: the next one writes it.
+            self._orphan([delivery_tag])
+            if self.consumer_id is not None:
+                self._flush_orphans()
+            return
+        self._acks.append(delivery_tag)
+        # Acks made while messages are being delivered (inside drain_events,
+        # or in the event loop's thread) are written together at the end of
+        # that delivery or tick, in one statement; any other ack at once.
+        # Until written, an ack's message may be redelivered if the process
+        # dies: delivery is at-least-once either way.
+        if self._defer_acks or (
+            self._loop is not None and threading.get_ident() == self._loop_thread
+        ):
+            return
+        self.flush_acks()
+
+    def flush_acks(self) -> None:
+        if _orphaned.get(self._orphan_key) and self.consumer_id is not None:
+            self._flush_orphans()
+        if not self._acks:
+            return
+        if self.consumer_id is None:  # no session has started: none to write them
+            self._orphan(self._unwritten_acks())
+            return
+        ids, self._acks = self._acks, []
+        try:
+            self.run_count("ack", ids=ids, consumer_id=self.consumer_id)
+        except BaseException:
+            self._acks = ids + self._acks  # kept: retried, or sent by the next session
+            if self._session_gone():
+                self._orphan(self._unwritten_acks())
+            raise
+        for tag in ids:
+            self._held.pop(tag, None)
+
+    # --- acks whose session is gone ------------------------------------------------
+
+    def _unride(self) -> None:
+        """The claim that carried acks failed: they are pending again."""
+        if self._riding:
+            self._acks = self._riding + self._acks
+            self._riding = []
+
+    def _rode(self) -> None:
+        """The claim that carried acks committed: they are written."""
+        for tag in self._riding:
+            self._held.pop(tag, None)
+        self._riding = []
+
+    def _unwritten_acks(self) -> list[int]:
+        self._unride()
+        tags, self._acks = self._acks, []
+        return tags
+
+    def _orphan(self, tags: list[int]) -> None:
+        """Keep acks whose session is gone for the process's next session on
+        this broker (any transport of the same URL and schema), which writes
+        them before it claims (``ack_orphaned`` in queries.sql): a message
+        the application acknowledged is not delivered again because the
+        connection was lost before its ack was written."""
+        entries = []
+        for tag in tags:
+            held = self._held.pop(tag, None)
+            if held is not None:
+                entries.append((tag, *held))
+        if entries:
+            with _orphaned_lock:
+                _orphaned.setdefault(self._orphan_key, []).extend(entries)
+
+    def _flush_orphans(self) -> None:
+        with _orphaned_lock:
+            entries = _orphaned.pop(self._orphan_key, [])
+        if not entries:
+            return
+        try:
+            written = self.run_count(
+                "ack_orphaned",
+                ids=[e[0] for e in entries],
+                consumer_ids=[e[1] for e in entries],
+                counts=[e[2] for e in entries],
+            )
+        except BaseException:
+            with _orphaned_lock:
+                _orphaned.setdefault(self._orphan_key, [])[:0] = entries
+            raise
+        logger.info(
+            "wrote %d of %d ack(s) made for a lost session (the others' messages "
+            "were delivered again meanwhile)",
+            written,
+            len(entries),
+            extra=recovery(
+                "session_lost",
+                consumer=self.consumer_id,
+                count=written,
+                reason="acks of a lost session",
+            ),
+        )
+
+    def requeue(self, delivery_tags: list[int], counted: bool = True) -> None:
+        """Hand messages back to their queues (logged in ``redelivery``).
+
+        ``counted``: a reject with requeue, which counts towards
+        ``max_deliveries`` (a message that reached it goes to dead_letter);
+        off for messages handed back unprocessed when a channel closes.
+        """
+        self._release(delivery_tags)
+        if self.consumer_id is None:
+            return
+        row = self.run(
+            "requeue",
+            ids=list(delivery_tags),
+            consumer_id=self.consumer_id,
+            channel=self.channel_name,
+            counted=counted,
+            max_deliveries=self.options.max_deliveries,
+            reason="requeued" if counted else "restored at close",
+            schema_name=self.options.schema,
+        )
+        if row and row[2]:
+            logger.warning(
+                "%d requeued message(s) reached max_deliveries=%d: moved to the "
+                "dead_letter table (reason 'max deliveries (requeued)')",
+                row[2],
+                self.options.max_deliveries,
+                extra=recovery(
+                    "dead_letter",
+                    consumer=self.consumer_id,
+                    count=row[2],
+                    reason="max deliveries (requeued)",
+                ),
+            )
+
+    def unclaim(self, delivery_tags: list[int]) -> None:
+        """Hand back claimed messages that were never delivered."""
+        self._release(delivery_tags)
+        if self.consumer_id is not None:
+            self.run(
+                "unclaim",
+                ids=list(delivery_tags),
+                consumer_id=self.consumer_id,
+                channel=self.channel_name,
+            )
+
+    def _release(self, delivery_tags: list[int]) -> None:
+        for tag in delivery_tags:
+            self._held.pop(tag, None)
+
+    def dead_letter(self, delivery_tags: list[int]) -> None:
+        self._release(delivery_tags)
+        if self.consumer_id is not None:
+            self.run_count("reject", ids=list(delivery_tags), consumer_id=self.consumer_id)
+
+    # --- sweep ------------------------------------------------------------------------
+
+    def sweep(self) -> tuple[int, int, int]:
+        """Recover dead consumers' messages, drop expired messages, queues
+        and results, promote due delayed messages, prune the dedup log (see
+        ``sweep`` in queries.sql); housekeeping a batch at a time, the
+        sweep run again while batches come back full for a bounded time.
+        Returns (requeued, expired messages, expired queues)."""
+        params = sweeper.sweep_params(self.options, self._lock_oid, sorted(self._attached))
+        row = self.run("sweep", **params)
+        log_sweep(row, self.options)
+        requeued = int(row[0])
+        expired_messages, expired_queues, _ = sweep_more(self.run, self.options, params, row)
+        promoted = int(row[7])
+        if promoted:
+            logger.debug(
+                "sweep promoted %d due delayed message(s)",
+                promoted,
+                extra=recovery("promote", consumer=self.consumer_id, count=promoted),
+            )
+        self._learn_due(row[9], row[10])
+        if promoted >= PROMOTE_BATCH:
+            self._due_at = time.monotonic()  # more are due: promote again now
+        drop_dead_consumers_queues(self.run, row)
+        return requeued, expired_messages, expired_queues
+
+    def maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if self.consumer_id is not None and now >= self._next_sweep:
+            self._next_sweep = now + self.options.sweep_interval
+            if not self._swept_elsewhere():
+                self.sweep()
+        self.maybe_promote()
+
+    def _swept_elsewhere(self) -> bool:
+        """The sweeper thread works (pgbroker.broker.sweeper): the periodic sweep
+        of this consumer would only repeat it."""
+        return self._sweeper is not None and self._sweeper.covers()
+
+
+#: Acks whose session was lost before they were written, by (URL, schema):
+#: (delivery tag, consumer id, delivery count). See Transport._orphan.
+_orphaned: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+_orphaned_lock = threading.Lock()
+
+
+def _forget_orphans_after_fork() -> None:
+    global _orphaned_lock
+    _orphaned_lock = threading.Lock()
+    _orphaned.clear()  # the parent's to write
+
+
+os.register_at_fork(after_in_child=_forget_orphans_after_fork)
