@@ -13,7 +13,7 @@
 -- and the client then calls sweeper_wait again, which watches them. A new
 -- process's standby also nudges it at once: a NOTIFY with payload
 -- 'sweeper' on the schema's due channel ('pgbd_' || md5(schema name),
--- pgbroker.broker.transport.due_channel_for), which the consumer sessions of
+-- pgbroker.broker.delayed.due_channel_for), which the consumer sessions of
 -- every consuming process LISTEN on anyway; the transport hands the nudge
 -- to its process's sweeper thread. (A process without fast_recovery has
 -- no standby: it is noticed at the next sweep, within one sweep_interval.)

@@ -16,7 +16,7 @@
 --   with its source: 'run <id>', the id of the message whose task run made
 --   it (the transport hands every delivered message its row id, and reads
 --   it back from Celery's current task request when that task publishes;
---   see pgbroker/broker/transport.py, _publication_source), or 'copy <delivery
+--   see pgbroker/broker/messages.py, _publication_source), or 'copy <delivery
 --   tag>' for a copy of a delivered message (celery migrate passes the
 --   copied message's properties on; a Redis message keeps its tag), so
 --   that a migration run again stores nothing twice. A publication is a
