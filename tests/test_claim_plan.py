@@ -19,8 +19,9 @@ from psycopg import pq
 from psycopg._queries import PostgresQuery
 from psycopg.adapt import Transformer
 
-from pgbroker.broker.transport import _PIPELINED, _numbered
+from pgbroker.broker.transport import _PIPELINED
 from pgbroker.database import queries
+from pgbroker.database.pipeline import numbered
 from tests.kombu_helpers import drain_until
 
 Q = queries.for_schema("pgbroker")
@@ -264,7 +265,7 @@ def test_a_new_queue_table_is_not_scanned(db_url: str) -> None:
         session = transport.conn
         # The claim as the transport prepared it (its cached plan), and the ack.
         claim_name = _PIPELINED["claim"][0].decode()
-        _, names = _numbered(transport._sql["claim"])
+        _, names = numbered(transport._sql["claim"])
         values = {"queue": "'fresh'", "limit": "5", "consumer_id": str(transport.consumer_id)}
         args = ", ".join(values.get(n, "'{1,2}'") for n in names)
         plans = [

@@ -17,8 +17,9 @@ import pytest
 from kombu import Connection, Consumer, Message, Producer, Queue
 from psycopg import pq
 
-from pgbroker.broker.transport import _PIPELINED, _numbered
+from pgbroker.broker.transport import _PIPELINED
 from pgbroker.database import queries
+from pgbroker.database.pipeline import numbered
 from tests.kombu_helpers import connect, drain_until
 from tests.test_claim_plan import big, nodes, scans_of  # noqa: F401  (fixture)
 
@@ -111,7 +112,7 @@ def test_prepared_claim_walks_the_ready_index(
     declared types), planned custom or generic, uses message_ready with
     neither a sequential scan nor a sort."""
     _, types = _PIPELINED["claim"]
-    text, names = _numbered(Q["claim"].as_bytes(big))
+    text, names = numbered(Q["claim"].as_bytes(big))
     res = big.pgconn.prepare(b"claim_plan", text, [types[n] for n in names])
     assert res.status == pq.ExecStatus.COMMAND_OK, res.get_error_message()
     values = {"queue": "'q3'", "limit": "10", "consumer_id": "1", "acks": "'{1,2}'"}

@@ -59,10 +59,8 @@ How it works, in short:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
-import re
 import select
 import threading
 import time
@@ -116,7 +114,6 @@ _PIPELINED = {
         {"queue": 25, "limit": 20, "consumer_id": 23, "acks": 1016},  # 1016: bigint[]
     ),
 }
-_PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
 
 
 _PgChannel = Channel  # for annotations inside Transport, where Channel is an attribute
@@ -376,7 +373,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         name, types = _PIPELINED[query]
         with self._io:
             conn = self.conn  # settles the previous one
-            text, names = _numbered(self._sql[query])
+            text, names = pipeline.numbered(self._sql[query])
             enc = conn.info.encoding
             values = [_text_param(params[n], enc) for n in names]
             # Its own transaction, whose COMMIT cannot fail while the session
@@ -395,7 +392,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
                 for step, key, _ in steps:
                     if step not in self._prepared:
                         step_text, step_names = (
-                            (text, names) if step == name else _numbered(self._sql[key])
+                            (text, names) if step == name else pipeline.numbered(self._sql[key])
                         )
                         pipeline.prepare(conn, step, step_text, [types[n] for n in step_names])
                         self._prepared.add(step)
@@ -643,20 +640,6 @@ def _text_param(value: Any, encoding: str) -> bytes | None:
         # libpq would cut the value at the NUL (another queue's name!).
         raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
     return data
-
-
-@functools.lru_cache(maxsize=16)
-def _numbered(query: bytes) -> tuple[bytes, list[str]]:
-    """``query`` with $n placeholders for libpq, and the parameter name of each."""
-    names: list[str] = []
-
-    def number(match: re.Match[bytes]) -> bytes:
-        name = match[1].decode()
-        if name not in names:
-            names.append(name)
-        return b"$%d" % (names.index(name) + 1)
-
-    return _PLACEHOLDER.sub(number, query), names
 
 
 def _url_of(client: Any) -> str:

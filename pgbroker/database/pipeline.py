@@ -24,6 +24,8 @@ of a connection themselves (they hold ``conn.lock`` or their own lock).
 
 from __future__ import annotations
 
+import functools
+import re
 import select
 from collections.abc import Sequence
 
@@ -33,6 +35,25 @@ from psycopg.abc import Buffer
 from psycopg.errors import error_from_result
 
 from pgbroker.errors import ConnectionLost
+
+#: psycopg's named placeholder, %(name)s, in a statement's text.
+_PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
+
+
+@functools.lru_cache(maxsize=32)
+def numbered(query: bytes) -> tuple[bytes, list[str]]:
+    """``query`` (a named statement's text) with libpq's $n placeholders, for
+    :func:`prepare`, and the parameter name of each $n in order."""
+    names: list[str] = []
+
+    def number(match: re.Match[bytes]) -> bytes:
+        name = match[1].decode()
+        if name not in names:
+            names.append(name)
+        return b"$%d" % (names.index(name) + 1)
+
+    return _PLACEHOLDER.sub(number, query), names
+
 
 #: Longest wait on the socket in one step, in seconds: a lost connection is
 #: noticed at least this often.

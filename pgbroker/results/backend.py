@@ -69,7 +69,6 @@ import difflib
 import heapq
 import logging
 import os
-import re
 import threading
 import time
 import weakref
@@ -95,7 +94,7 @@ from pgbroker.database.sessions import connect
 from pgbroker.errors import ConfigurationError, ResultTooLarge, session_lost
 from pgbroker.logs import recovery
 from pgbroker.options import MAX_FIELD, checked, flag, schema_name, seconds, validated, whole
-from pgbroker.results.consumer import ResultConsumer, channel_for
+from pgbroker.results.consumer import RESULT_COLUMNS, ResultConsumer, channel_for
 from pgbroker.urls import SCHEMES, mask_password, to_conninfo
 
 logger = logging.getLogger("pgbroker.results")
@@ -181,7 +180,6 @@ _STORE_PARAMS = {
     "expires": _FLOAT8,
     "channel": _TEXT,
 }
-_PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
 #: The prepared store_result statement, on connections that have it.
 STORE_STATEMENT = b"pgbroker_store_result"
 _prepared: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
@@ -692,69 +690,42 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
 
     def _store_query(self) -> tuple[bytes, list[str]]:
         """store_result with $n placeholders, and the parameter name of each."""
-        cached = getattr(self, "_store_query_cache", None)
+        cached: tuple[bytes, list[str]] | None = getattr(self, "_store_query_cache", None)
         if cached is None:
-            text = self.queries["store_result"].as_bytes(None)
-            names: list[str] = []
-
-            def number(match: re.Match[bytes]) -> bytes:
-                name = match[1].decode()
-                if name not in names:
-                    names.append(name)
-                return b"$%d" % (names.index(name) + 1)
-
-            cached = (_PLACEHOLDER.sub(number, text), names)
+            # Composed once per backend: this runs for every stored result.
+            cached = pipeline.numbered(self.queries["store_result"].as_bytes(None))
             self._store_query_cache = cached
         return cached
 
     def _meta_from_row(self, row: tuple[Any, ...]) -> dict[str, Any]:
-        (
-            task_id,
-            state,
-            result,
-            content_type,
-            content_encoding,
-            traceback,
-            children,
-            date_done,
-            name,
-            args,
-            kwargs,
-            worker,
-            retries,
-            queue,
-            parent_id,
-            _root_id,
-            group_id,
-            extra,
-        ) = row
+        r = dict(zip(RESULT_COLUMNS, row, strict=True))
 
         def load(data: bytes | None) -> Any:
-            return self._load(data, content_type, content_encoding)
+            return self._load(data, r["content_type"], r["content_encoding"])
 
         meta: dict[str, Any] = {
-            "task_id": task_id,
-            "status": state,
-            "result": load(result),
-            "traceback": traceback,
-            "children": load(children) or [],
-            "date_done": date_done,
+            "task_id": r["task_id"],
+            "status": r["state"],
+            "result": load(r["result"]),
+            "traceback": r["traceback"],
+            "children": load(r["children"]) or [],
+            "date_done": r["date_done"],
         }
-        if group_id is not None:
-            meta["group_id"] = group_id
-        if parent_id is not None:
-            meta["parent_id"] = parent_id
+        if r["group_id"] is not None:
+            meta["group_id"] = r["group_id"]
+        if r["parent_id"] is not None:
+            meta["parent_id"] = r["parent_id"]
         if self.extended:
             meta.update(
-                name=name,
-                args=load(args),
-                kwargs=load(kwargs),
-                worker=worker,
-                retries=retries,
-                queue=queue,
+                name=r["name"],
+                args=load(r["args"]),
+                kwargs=load(r["kwargs"]),
+                worker=r["worker"],
+                retries=r["retries"],
+                queue=r["queue"],
             )
-        if extra is not None:
-            meta.update(load(extra))
+        if r["extra"] is not None:
+            meta.update(load(r["extra"]))
         return self.meta_from_decoded(meta)  # type: ignore[no-any-return]
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:

@@ -102,47 +102,41 @@ def channel_for(schema: str, task_id: str) -> str:
     return "pgr_" + digest
 
 
+#: The columns of a stored result as get_result, get_results and
+#: get_results_json (sql/backend.sql) return them, in order.
+RESULT_COLUMNS = (
+    "task_id",
+    "state",
+    "result",
+    "content_type",
+    "content_encoding",
+    "traceback",
+    "children",
+    "date_done",
+    "name",
+    "args",
+    "kwargs",
+    "worker",
+    "retries",
+    "queue",
+    "parent_id",
+    "root_id",
+    "group_id",
+    "extra",
+)
+#: The bytea columns, which JSON carries in base64.
+_BYTEA = frozenset({"result", "children", "args", "kwargs", "extra"})
+
+
 def row_from_json(values: list[Any]) -> tuple[Any, ...]:
     """A ``get_results_json`` array as the row ``PostgresBackend`` decodes."""
-    (
-        task_id,
-        state,
-        result,
-        content_type,
-        content_encoding,
-        traceback,
-        children,
-        date_done,
-        name,
-        args,
-        kwargs,
-        worker,
-        retries,
-        queue,
-        parent_id,
-        root_id,
-        group_id,
-        extra,
-    ) = values
-    return (
-        task_id,
-        state,
-        _b64(result),
-        content_type,
-        content_encoding,
-        traceback,
-        _b64(children),
-        None if date_done is None else datetime.fromisoformat(date_done),
-        name,
-        _b64(args),
-        _b64(kwargs),
-        worker,
-        retries,
-        queue,
-        parent_id,
-        root_id,
-        group_id,
-        _b64(extra),
+    return tuple(
+        _b64(value)
+        if column in _BYTEA
+        else datetime.fromisoformat(value)
+        if column == "date_done" and value is not None
+        else value
+        for column, value in zip(RESULT_COLUMNS, values, strict=True)
     )
 
 
