@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -30,7 +31,11 @@ from pgbroker.database import schema
 from pgbroker.database.forking import neutralise
 from pgbroker.database.sessions import connect, default_application_name, pin_session
 from pgbroker.errors import DatabaseUnavailable, session_lost
+from pgbroker.logs import recovery
 from pgbroker.urls import to_conninfo
+
+logger = logging.getLogger("pgbroker.database")
+T = TypeVar("T")
 
 _pools: dict[tuple[str, str, str], psycopg_pool.ConnectionPool] = {}
 _lock = threading.Lock()
@@ -107,6 +112,31 @@ def _check_schema(url: str, schema_name: str, auto_migrate: bool) -> None:
             # failure to connect at all already carries its explanation.
             if attempt == 2 or isinstance(exc, DatabaseUnavailable) or not session_lost(exc):
                 raise
+
+
+def run_pooled(
+    pool: Callable[[], psycopg_pool.ConnectionPool],
+    fn: Callable[[psycopg.Connection], T],
+    what: str,
+) -> T:
+    """Run ``fn`` on a connection of ``pool()``; once more on a fresh one if
+    that one was dead (it died while idle in the pool: a server restart,
+    pg_terminate_backend), as ``fn`` must be safe to repeat. ``what`` names
+    the user in the log line ("result backend")."""
+    for attempt in (1, 2):
+        try:
+            with pool().connection() as conn:
+                return fn(conn)
+        except psycopg.OperationalError as exc:
+            if attempt == 2 or not session_lost(exc):
+                raise
+            logger.warning(
+                "pgbroker: %s connection lost, retrying once",
+                what,
+                extra=recovery("session_lost", reason=type(exc).__name__),
+            )
+            pool().check()  # its other idle sessions may be gone too
+    raise AssertionError("unreachable")
 
 
 def close_pools(purpose: str | None = None) -> None:

@@ -22,8 +22,7 @@ import psycopg_pool
 from pgbroker.appconfig import app_database
 from pgbroker.database import pools
 from pgbroker.database.sessions import connect
-from pgbroker.errors import SchemaError, session_lost
-from pgbroker.logs import recovery
+from pgbroker.errors import SchemaError
 from pgbroker.options import TEN_YEARS
 from pgbroker.options import seconds as check_seconds
 
@@ -98,24 +97,9 @@ def close_pools() -> None:
 
 
 def run_pooled(config: DurableConfig, fn: Callable[[psycopg.Connection], T]) -> T:
-    """Run ``fn`` on a pooled connection; once more if that one was dead."""
-    for attempt in (1, 2):
-        try:
-            with pool_for(config).connection() as conn:
-                return fn(conn)
-        except psycopg.OperationalError as exc:
-            # A connection that died while idle in the pool (server restart,
-            # pg_terminate_backend): the pool drops it and the retry gets a
-            # fresh one. The queries run here are safe to repeat (see
-            # sql/durable.sql).
-            if attempt == 2 or not session_lost(exc):
-                raise
-            logger.warning(
-                "pgbroker: durable step connection lost, retrying once",
-                extra=recovery("session_lost", reason=type(exc).__name__),
-            )
-            pool_for(config).check()  # its other idle sessions may be gone too
-    raise AssertionError("unreachable")
+    """Run ``fn`` on a pooled connection; once more if that one was dead. The
+    queries run here are safe to repeat (see sql/durable.sql)."""
+    return pools.run_pooled(lambda: pool_for(config), fn, "durable step")
 
 
 # --- a connection or URL given by the caller ----------------------------------------

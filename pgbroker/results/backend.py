@@ -423,22 +423,7 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
     def _run(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """Run ``fn`` on a pooled connection; once more if that one was dead."""
         self._settle()
-        for attempt in (1, 2):
-            try:
-                with self._pool().connection() as conn:
-                    return fn(conn)
-            except psycopg.OperationalError as exc:
-                # A connection that died while idle in the pool (server
-                # restart, pg_terminate_backend): the pool drops it; the
-                # retry gets a fresh one.
-                if attempt == 2 or not session_lost(exc):
-                    raise
-                logger.warning(
-                    "pgbroker: result backend connection lost, retrying once",
-                    extra=recovery("session_lost", reason=type(exc).__name__),
-                )
-                self._pool().check()  # its other idle sessions may be gone too
-        raise AssertionError("unreachable")
+        return pools.run_pooled(self._pool, fn, "result backend")
 
     def _fetchall(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         return self._run(lambda conn: conn.execute(self.queries[name], params).fetchall())
