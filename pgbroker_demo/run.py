@@ -32,6 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgbroker.database.pools import close_app
 from pgbroker.errors import ConfigurationError, PgBrokerError
 from pgbroker.options import schema_name
 from pgbroker.urls import mask_password
@@ -260,7 +261,7 @@ class Demo:
         finally:
             for w in self.workers:
                 w.stop()
-            _close_app(tasks.app)
+            close_app(tasks.app)
 
     def _run(self, tasks: Any, steps: int) -> bool:
         from celery import chain
@@ -441,12 +442,6 @@ def _import_app() -> Any:
 
     sys.modules.pop("pgbroker_demo.app", None)  # read the URL set above
     return importlib.import_module("pgbroker_demo.app")
-
-
-def _close_app(app: Any) -> None:
-    from pgbroker.database.pools import close_app
-
-    close_app(app)
 
 
 def _group_pids(pgid: int) -> list[int]:

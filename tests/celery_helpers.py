@@ -24,6 +24,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+from pgbroker.database.pools import close_app
+
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
@@ -242,14 +244,8 @@ def client_app(module: str, broker_url: str) -> Iterator[ModuleType]:
     try:
         yield mod
     finally:
-        _close_app(mod.app)
+        close_app(mod.app)
         sys.modules.pop(module, None)
-
-
-def _close_app(app: Any) -> None:
-    from pgbroker.database.pools import close_app
-
-    close_app(app)
 
 
 # --- what an example leaves in the user's database ---------------------------
