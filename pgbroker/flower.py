@@ -75,5 +75,5 @@ def install() -> None:
             return PgBrokerQueues(broker_url, *args, **kwargs)
         return original(klass, broker_url, *args, **kwargs)
 
-    cls.__new__ = staticmethod(__new__)  # type: ignore[method-assign,assignment]
-    cls._pgbroker_installed = True  # type: ignore[attr-defined]
+    cls.__new__ = staticmethod(__new__)
+    cls._pgbroker_installed = True

@@ -116,16 +116,16 @@ def _pause_once() -> None:
     time.sleep(120)
 
 
-@app.task(bind=True, base=OrderTask, short_name="reserve_stock")
+@app.task(bind=True, base=OrderTask, short_name="reserve_stock")  # type: ignore[untyped-decorator]
 def reserve_stock(self: OrderTask, order_id: str) -> dict[str, Any]:
     return self.run_steps({"order": order_id})
 
 
-@app.task(bind=True, base=OrderTask, short_name="charge_payment")
+@app.task(bind=True, base=OrderTask, short_name="charge_payment")  # type: ignore[untyped-decorator]
 def charge_payment(self: OrderTask, order: dict[str, Any]) -> dict[str, Any]:
     return self.run_steps(order)
 
 
-@app.task(bind=True, base=OrderTask, short_name="ship_order")
+@app.task(bind=True, base=OrderTask, short_name="ship_order")  # type: ignore[untyped-decorator]
 def ship_order(self: OrderTask, order: dict[str, Any]) -> dict[str, Any]:
     return self.run_steps(order)

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from pgbroker.database.pools import close_app
+from pgbroker.results.consumer import channel_for
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -77,6 +79,28 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def get_waits(backend: Any, *task_ids: str) -> bool:
+    """True once a ``get()`` on each of ``task_ids`` waits for its NOTIFY.
+
+    ``backend`` is the one the results use (``AsyncResult.backend``): an
+    app's ``backend`` is one per thread unless ``result_backend_thread_safe``.
+
+    Each wait has started (it took its task's initial read), the LISTENs on
+    the tasks' channels were sent and every reply is in, the read after them
+    too: from then on only a NOTIFY (or a reconnect) brings anything.
+    """
+    consumer = backend.result_consumer
+    channels = {channel_for(backend.schema, task_id) for task_id in task_ids}
+    with consumer._lock:
+        return (
+            consumer._connection is not None
+            and channels <= consumer._listening
+            and not any(task_id in consumer._initial for task_id in task_ids)
+            and not consumer._to_listen
+            and consumer._synced == consumer._sent
+        )
 
 
 class Celery:
@@ -302,3 +326,20 @@ def database_contents(url: str) -> dict[str, Any]:
 
 def _libpq(url: str) -> str:
     return "postgresql://" + url.partition("://")[2]
+
+
+def cut_off(app: Any, worker: Celery, queue: str, db_url: str) -> None:
+    """``worker`` stops taking messages from ``queue`` (so that a redelivery
+    goes elsewhere, or nowhere), then loses its consumers' broker sessions
+    (terminated by the server, as by a failover or an operator)."""
+    host = socket.gethostname()
+    replies = app.control.cancel_consumer(
+        queue, destination=[f"{worker.name}@{host}"], reply=True, timeout=10
+    )
+    assert replies, "no reply to cancel_consumer"
+    killed = execute(
+        db_url,
+        "SELECT pg_terminate_backend(backend_pid) FROM pgbroker.consumer WHERE pid = %s",
+        (worker.pid,),
+    )
+    assert killed and all(k[0] for k in killed)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -26,7 +26,7 @@ def connect(url: str, **options: Any) -> Connection:
     return conn
 
 
-def drain_until(conn: Connection, done: Callable[[], bool], timeout: float = 10.0) -> None:
+def drain_until(conn: Connection, done: Callable[[], object], timeout: float = 10.0) -> None:
     """Call drain_events until done() is true; fail after timeout seconds."""
     deadline = time.monotonic() + timeout
     while not done():
@@ -64,6 +64,11 @@ def collect(received: list[Message]) -> Callable[[Any, Message], None]:
 
 def rows(db: psycopg.Connection, query: str, *params: Any) -> list[tuple[Any, ...]]:
     return db.execute(query, params).fetchall()
+
+
+def length_is(items: Sequence[Any], n: int) -> Callable[[], bool]:
+    """A drain_until condition: ``items`` holds ``n`` entries."""
+    return lambda: len(items) == n
 
 
 def scalar(db: psycopg.Connection, query: str, *params: Any) -> Any:

@@ -321,7 +321,7 @@ def test_two_separate_cycles_are_two_components() -> None:
 AREA_DEPENDENCIES: dict[str, set[str]] = {
     "database": set(),
     "broker": {"database"},
-    "results": {"database"},
+    "results": {"database", "broker"},
     "durable": {"database", "results"},
     "operations": {"database", "broker", "results", "durable"},
     "cli": {"database", "broker", "results", "durable", "operations"},

@@ -13,7 +13,7 @@ import signal
 from pathlib import Path
 
 import psycopg
-from kombu import Consumer, Exchange, Producer, Queue
+from kombu import Consumer, Exchange, Message, Producer, Queue
 from kombu.common import Broadcast
 
 from tests.celery_helpers import celery_env, client_app, start_worker, wait_until
@@ -36,10 +36,10 @@ def test_broadcast_queue_goes_when_its_consumer_cancels(
     db_url: str, db: psycopg.Connection
 ) -> None:
     bq = Broadcast("bc-cancel")
-    got: list[object] = []
+    got: list[Message] = []
     with connect(db_url) as conn:
         producer = Producer(conn.default_channel)
-        consumer = Consumer(conn, [bq], callbacks=[collect(got)])  # type: ignore[list-item]
+        consumer = Consumer(conn, [bq], callbacks=[collect(got)])
         consumer.consume()
         name = bq.name
         assert name and name.startswith("bcast.")
@@ -115,8 +115,8 @@ def test_queue_with_two_consumers_stays_until_the_last_goes(
 ) -> None:
     bq = Broadcast("bc-shared", queue="bc-shared-q")
     with connect(db_url) as one, connect(db_url) as two:
-        first = Consumer(one, [bq], callbacks=[collect([])])  # type: ignore[list-item]
-        second = Consumer(two, [bq], callbacks=[collect([])])  # type: ignore[list-item]
+        first = Consumer(one, [bq], callbacks=[collect([])])
+        second = Consumer(two, [bq], callbacks=[collect([])])
         first.consume()
         second.consume()
         Producer(one.default_channel).publish("x", exchange=bq.exchange)

@@ -17,6 +17,7 @@ from celery.app.task import Context
 
 from pgbroker.errors import ConfigurationError, DatabaseUnavailable, ResultTooLarge
 from pgbroker.results.backend import PostgresBackend
+from tests.celery_helpers import get_waits, wait_until
 
 #: The apps a test made, closed after it (close_apps).
 _made: list[Celery] = []
@@ -145,7 +146,7 @@ def test_connection_error_is_clear_and_hides_password(pg_admin_url: str) -> None
 def test_chord_part_counted_once_and_fires_once(app: Celery, db: psycopg.Connection) -> None:
     b = app.backend
     fired: list[Any] = []
-    b._fire_chord = lambda conn, req, gid, header: fired.append(gid)  # type: ignore[method-assign]
+    b._fire_chord = lambda conn, req, gid, header: fired.append(gid)
     b.apply_chord(("g1", []), None)
     parts = [request(f"h{i}", group="g1", group_index=i, chord={"task": "body"}) for i in range(3)]
     b.set_chord_size("g1", 3)
@@ -166,11 +167,12 @@ def test_concurrent_last_parts_fire_once(db_url: str) -> None:
 
     def part(i: int) -> None:
         b = app.backend  # one backend per thread, as Celery does
-        b._fire_chord = lambda conn, req, gid, header: (
-            lock.acquire(),
-            fired.append(gid),  # type: ignore[method-assign]
-            lock.release(),
-        )
+
+        def fire(conn: Any, req: Any, gid: str, header: Any) -> None:
+            with lock:
+                fired.append(gid)
+
+        b._fire_chord = fire
         b.on_chord_part_return(
             request(f"h{i}", group="g2", group_index=i, chord={"task": "b"}),
             states.SUCCESS,
@@ -201,6 +203,7 @@ def test_expired_results_groups_and_chords_are_removed(db_url: str, db: psycopg.
     b.mark_as_done("new", 2)  # starts the expiry thread (it does not delete on this path)
     ids = [r[0] for r in db.execute("SELECT task_id FROM pgbroker.task_result ORDER BY 1")]
     assert ids == ["new", "old"]
+
     # With no further activity, the thread's passes (every 0.2 s) remove them.
     # A pass deletes each table's batch in turn: wait for all three.
     def left() -> tuple[list[str], int, int]:
@@ -227,7 +230,7 @@ def test_an_expired_result_reads_pending_with_no_other_activity(
     app.GroupResult("gshort", [app.AsyncResult("short")]).save()
     reader = make_app(db_url, result_expires=1).backend
     assert reader.get_task_meta("short")["status"] == states.SUCCESS
-    time.sleep(2.0)
+    time.sleep(2.0)  # on purpose: result_expires (1 s) elapses
     reader = make_app(db_url, result_expires=1).backend  # nothing cached
     assert reader.get_task_meta("short")["status"] == states.PENDING
     assert app.AsyncResult("short", backend=reader).state == states.PENDING
@@ -301,7 +304,9 @@ def test_threads_share_a_thread_safe_backend(db_url: str) -> None:
     threads = [threading.Thread(target=wait, args=(i,)) for i in ids]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    wait_until(
+        lambda: get_waits(app.backend, *ids), 15, "every thread's get() to wait for its NOTIFY"
+    )
     for task_id in ids:
         writer.mark_as_done(task_id, task_id.upper())
     for t in threads:

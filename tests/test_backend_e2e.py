@@ -21,6 +21,7 @@ from celery import chain, chord, group
 from celery.exceptions import ChordError, TaskRevokedError
 
 from tests import pgserver, refbrokers
+from tests.celery_helpers import get_waits, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -212,10 +213,15 @@ def test_started_state_with_track_started(pg_both: Any) -> None:
 
 
 def test_revoke(pg_both: Any) -> None:
-    mod, _worker, _url = pg_both
+    mod, worker, _url = pg_both
     task_id = str(uuid.uuid4())
     mod.app.control.revoke(task_id)
-    time.sleep(1)
+    # The worker has the broadcast before the task is sent.
+    wait_until(
+        lambda: f"Tasks flagged as revoked: {task_id}" in worker.log(),
+        T,
+        "the worker to take the revoke",
+    )
     r = mod.add.apply_async((1, 1), task_id=task_id)
     with pytest.raises(TaskRevokedError):
         r.get(timeout=T)
@@ -323,9 +329,10 @@ def test_redis_broker_with_pgbroker_backend(pg_admin_url: str, template_db: str)
     with (
         refbrokers.redis_namespace("e2e") as (client, prefix),
         database(pg_admin_url, template_db) as url,
-        running(
-            refbrokers.REDIS_URL, url, RB_QUEUE=prefix.rstrip(":"), RB_REDIS_PREFIX=prefix
-        ) as (mod, worker),
+        running(refbrokers.REDIS_URL, url, RB_QUEUE=prefix.rstrip(":"), RB_REDIS_PREFIX=prefix) as (
+            mod,
+            worker,
+        ),
     ):
         assert mod.app.conf.task_default_queue == prefix.rstrip(":")
         assert mod.add.delay(20, 22).get(timeout=T) == 42
@@ -348,12 +355,12 @@ def idle_get_sends_no_query(mod: Any, url: str) -> None:
     t = threading.Thread(target=lambda: got.append(r.get(timeout=T)))
     t.start()
     try:
-        time.sleep(0.7)
+        wait_until(lambda: get_waits(r.backend, r.id), T, "get() to wait for its NOTIFY")
         app_name = f"pgbroker:{os.uname().nodename}:{os.getpid()}"
         q = "SELECT max(query_start), count(*) FROM pg_stat_activity WHERE application_name = %s"
         with conn_for(url) as c:
             before = c.execute(q, [app_name]).fetchone()
-            time.sleep(1.5)
+            time.sleep(1.5)  # on purpose: a window in which no query may be sent
             after = c.execute(q, [app_name]).fetchone()
         assert before is not None and before[1] >= 1
         assert after == before, "an idle get() sent a query"

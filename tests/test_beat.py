@@ -124,7 +124,7 @@ def _rewind(db: psycopg.Connection, name: str, seconds: float) -> datetime:
         [seconds, name],
     ).fetchone()
     assert row is not None
-    return row[0]  # type: ignore[no-any-return]
+    return row[0]
 
 
 def _messages(db: psycopg.Connection) -> list[str]:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from celery.schedules import crontab
 
 from pgbroker.operations import beat
 from tests.celery_helpers import celery_env, start_worker, started, wait_until
+from tests.kombu_helpers import scalar
 
 APP = "tests.apps.beat_app"
 TASK = "tests.apps.beat_app.record"
@@ -53,11 +56,26 @@ def _wait_all_run(db: psycopg.Connection, name: str, *entries: str) -> int:
     return claimed
 
 
+def _standby_tries(db: psycopg.Connection, seen: set[tuple[Any, ...]]) -> int:
+    """Adds to ``seen`` the tries to take the beat lock that the sessions whose
+    last statement it was are idle after (a leader's next statements differ);
+    returns the most tries seen from one session."""
+    seen.update(
+        db.execute(
+            "SELECT pid, query_start FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+            " AND state = 'idle' AND query LIKE %s",
+            ["%pg_try_advisory_lock(hashtext('pgbroker.operations.beat')%"],
+        ).fetchall()
+    )
+    return max(Counter(pid for pid, _ in seen).values(), default=0)
+
+
 def test_standby_takes_over_after_sigkill_without_duplicate_or_gap(
     db_url: str, db: psycopg.Connection, tmp_path: Path
 ) -> None:
     _create_run_table(db)
     env = celery_env(db_url)
+    tries: set[tuple[Any, ...]] = set()
     with start_worker(APP, env, tmp_path) as worker:
         worker.wait_for_log("ready.")
         with started("beat-a", APP, BEAT, env, tmp_path) as a:
@@ -65,16 +83,18 @@ def test_standby_takes_over_after_sigkill_without_duplicate_or_gap(
             with started("beat-b", APP, BEAT, env, tmp_path) as b:
                 b.wait_for_log("beat: Starting...")
                 wait_until(lambda: len(_runs(db, "every-second")) >= 4, 20, "4 runs from beat-a")
-                time.sleep(1.5)  # b has tried (and failed) to take the lock
+                # b has tried (and failed) to take the lock: a standby tries
+                # again, a leader never does.
+                wait_until(lambda: _standby_tries(db, tries) >= 2, 15, "beat-b to try twice")
                 assert LEADER not in b.log()
 
                 a.kill_group()  # SIGKILL: no goodbye, Postgres drops the session
                 killed = time.monotonic()
-                killed_at = db.execute("SELECT clock_timestamp()").fetchone()[0]
+                killed_at = scalar(db, "SELECT clock_timestamp()")
                 a.wait_exit(10)
                 b.wait_for_log(LEADER, timeout=20)
                 takeover = time.monotonic() - killed
-                took_over_at = db.execute("SELECT clock_timestamp()").fetchone()[0]
+                took_over_at = scalar(db, "SELECT clock_timestamp()")
                 print(f"standby became the leader {takeover:.2f} s after the SIGKILL")
                 count = len(_runs(db, "every-second"))
                 wait_until(
@@ -126,12 +146,12 @@ def test_entries_added_changed_and_disabled_at_runtime(
         entry = beat.disable_entry(db_url, "added")
         assert not entry.enabled
         claimed = _wait_all_run(db, "added", "added", "changed")
-        time.sleep(2.5)  # five slots of "added" pass
+        # The scheduler is alive and the other entry still runs: three more
+        # runs of it, so at least four slots of "added" pass meanwhile.
+        before = len(_runs(db, "every-second"))
+        wait_until(lambda: len(_runs(db, "every-second")) >= before + 3, 15, "every-second runs")
         assert _claimed(db, "added") == claimed
         assert len(_runs(db, "added", "changed")) == claimed
-        # The scheduler is alive and the other entry still runs.
-        before = len(_runs(db, "every-second"))
-        wait_until(lambda: len(_runs(db, "every-second")) > before, 10, "every-second runs")
 
         slots = [slot for slot, _ in _runs(db, "added", "changed")]
         assert len(slots) == len(set(slots))

@@ -271,6 +271,51 @@ def diagnosis(db_url: str) -> str:
     return "\n".join(out)
 
 
+LOST = (
+    "SELECT DISTINCT task_id FROM chaos_publish p "
+    "WHERE NOT EXISTS (SELECT 1 FROM pgbroker.task_result r "
+    "WHERE r.task_id = p.task_id AND r.state IN ('SUCCESS', 'FAILURE')) "
+    "AND NOT EXISTS (SELECT 1 FROM pgbroker.message m WHERE m.task_id = p.task_id) "
+    "AND NOT EXISTS (SELECT 1 FROM pgbroker.dead_letter d WHERE d.task_id = p.task_id)"
+)
+
+
+#: Task ids published twice, and the task that published them (the link
+#: before them in their chain).
+DUPLICATES = (
+    "SELECT d.task_id, (SELECT p.task_id FROM chaos_event e JOIN chaos_event p "
+    "ON p.chain = e.chain AND p.pos = e.pos - 1 WHERE e.task_id = d.task_id LIMIT 1) "
+    "FROM chaos_publish d GROUP BY d.task_id, d.retries HAVING count(*) > 1 LIMIT 3"
+)
+
+
+def report(db_url: str, chaos: Chaos) -> str:
+    """The history of each lost task, and of a few tasks published twice
+    and the tasks that published them."""
+    tasks = [("lost", task_id) for (task_id,) in execute(db_url, LOST)]
+    for twice, parent in execute(db_url, DUPLICATES):
+        tasks += [("published twice", twice), ("the parent of", parent)]
+    return "\n".join(history(db_url, chaos, what, task_id) for what, task_id in tasks)
+
+
+def history(db_url: str, chaos: Chaos, what: str, task_id: str | None) -> str:
+    """A task's publishes, runs, redeliveries and result, and the worker log
+    lines that name it."""
+    out = [f"--- {what} task {task_id}"]
+    if task_id is not None:
+        for q in (
+            "SELECT id, retries, queue, at FROM chaos_publish WHERE task_id = %s ORDER BY id",
+            "SELECT chain, pos, event, pid, at FROM chaos_event WHERE task_id = %s ORDER BY id",
+            "SELECT at, reason, message_id, consumer_id, delivery_count "
+            "FROM pgbroker.redelivery WHERE task_id = %s ORDER BY id",
+            "SELECT state, date_done FROM pgbroker.task_result WHERE task_id = %s",
+        ):
+            out.append(f"{q}\n  {execute(db_url, q, (task_id,))}")
+        for w in chaos.logs():
+            out.extend(f"{w.name}: {line}" for line in w.log().splitlines() if task_id in line)
+    return "\n".join(out)
+
+
 def count(db_url: str, query: str) -> int:
     return int(execute(db_url, query)[0][0] or 0)
 
@@ -321,14 +366,7 @@ def test_chains_survive_killed_workers_and_sessions(
     # A lost task: published, and neither finished (SUCCESS or FAILURE
     # stored) nor still queued or dead-lettered; or finished with SUCCESS
     # without the effects of its conn= steps.
-    lost = count(
-        db_url,
-        "SELECT count(*) FROM (SELECT DISTINCT task_id FROM chaos_publish) p "
-        "WHERE NOT EXISTS (SELECT 1 FROM pgbroker.task_result r "
-        "WHERE r.task_id = p.task_id AND r.state IN ('SUCCESS', 'FAILURE')) "
-        "AND NOT EXISTS (SELECT 1 FROM pgbroker.message m WHERE m.task_id = p.task_id) "
-        "AND NOT EXISTS (SELECT 1 FROM pgbroker.dead_letter d WHERE d.task_id = p.task_id)",
-    ) + count(
+    lost = count(db_url, f"SELECT count(*) FROM ({LOST}) lost") + count(
         db_url,
         "SELECT count(*) FROM pgbroker.task_result r WHERE r.state = 'SUCCESS' "
         "AND (SELECT count(DISTINCT e.step) FROM chaos_effect e "
@@ -377,6 +415,8 @@ def test_chains_survive_killed_workers_and_sessions(
         f"kill -> killed work resumed: median {median}, max {worst} (n={len(resumes)})"
     )
     print(summary)
+    if lost or duplicate_pairs:
+        summary += "\n" + report(db_url, chaos)
     assert {
         "unfinished chains": CHAINS - finished,
         "lost tasks": lost,

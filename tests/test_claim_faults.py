@@ -168,7 +168,7 @@ def test_failing_commits_keep_acks_and_hand_out_nothing(
     try:
         while not ledger.done() and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(1.0)
+        time.sleep(1.0)  # on purpose: a delivery after its ack would show by now
     finally:
         stop.set()
         for t in threads:
@@ -258,7 +258,7 @@ def test_terminated_backend_loses_no_ack(
     try:
         while not ledger.done() and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(1.0)
+        time.sleep(1.0)  # on purpose: a delivery after its ack would show by now
     finally:
         stop.set()
         thread.join(10)

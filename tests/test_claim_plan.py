@@ -162,14 +162,20 @@ PUBLISH = {
     "source": None,
     "eta": None,
     "expires": None,
+    # No cached route (publish_routing routes in SQL; test_routing_cache.py).
+    "version": None,
+    "queues": [],
+    "ttls": [],
 }
 
 
 @pytest.mark.parametrize("how", [explain, explain_generic])
 def test_publish_does_not_scan_messages(big: psycopg.Connection, how: Any) -> None:
     for exchange in ("", "amq.topic"):
-        plan = how(big, "publish", {**PUBLISH, "exchange": exchange})
-        assert not [s for s in scans_of(plan, "message") if s[0] == "Seq Scan"]
+        for statement, route in (("publish", ["q1"]), ("publish_routing", [])):
+            params = {**PUBLISH, "exchange": exchange, "queues": route, "ttls": [None] * len(route)}
+            plan = how(big, statement, params)
+            assert not [s for s in scans_of(plan, "message") if s[0] == "Seq Scan"]
 
 
 SWEEP = {
@@ -190,7 +196,7 @@ SWEEP = {
 def test_statements_on_one_queue_use_indexes(big: psycopg.Connection) -> None:
     """Size, purge, ack, requeue, reject, delete and the sweep never read the
     whole message table."""
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "size": {"queue": "q1"},
         "purge": {"queue": "q1"},
         "delete_queue": {"name": "q1"},

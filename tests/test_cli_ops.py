@@ -23,6 +23,7 @@ from celery import Celery
 from celery.app.task import Context
 from kombu import Consumer, Exchange, Message, Producer, Queue
 
+from pgbroker.broker.messages import CONSUMER_ID
 from pgbroker.cli.status import rates
 from pgbroker.errors import NotFound, SchemaError
 from pgbroker.operations import admin
@@ -306,7 +307,6 @@ def test_rates_between_samples(db_url: str, conn: psycopg.Connection) -> None:
         kh.drain_until(c, lambda: len(got) >= 4)
         for m in got[:4]:
             m.ack()
-    time.sleep(0.05)
     after = admin.status(conn, "pgbroker")
     speed = rates(before, after)
     assert speed is not None
@@ -497,8 +497,18 @@ def test_replayed_message_is_consumed_intact(url: str, db_url: str, db: psycopg.
     thread.start()
     try:
         assert ready.wait(15)
-        kh.wait_for(lambda: kh.scalar(db, "SELECT count(*) FROM pgbroker.consumer_queue"))
-        time.sleep(0.5)  # let it settle into its wait
+        # Its first claim is done (so the replayed message can only come
+        # through the NOTIFY): its session is idle after the claim's COMMIT.
+        kh.wait_for(
+            lambda: kh.scalar(
+                db,
+                "SELECT count(*) FROM pgbroker.consumer_queue q"
+                " JOIN pgbroker.consumer c ON c.id = q.consumer_id"
+                " JOIN pg_stat_activity a ON a.pid = c.backend_pid"
+                " WHERE a.state = 'idle' AND a.query = 'COMMIT;'",
+            ),
+            15,
+        )
         result = run("dead-letters", "replay", str(dead_id), "--url", url)
         done = time.monotonic()
         assert result.returncode == 0, result
@@ -517,7 +527,8 @@ def test_replayed_message_is_consumed_intact(url: str, db_url: str, db: psycopg.
         before.content_type,
         before.content_encoding,
     )
-    skip = {"delivery_tag", "delivery_info"}
+    # Of the delivery, not the message: its row id and the consumer holding it.
+    skip = {"delivery_tag", "delivery_info", CONSUMER_ID}
     assert {k: v for k, v in after.properties.items() if k not in skip} == {
         k: v for k, v in before.properties.items() if k not in skip
     }

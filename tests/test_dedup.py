@@ -30,7 +30,14 @@ from kombu import Connection, Consumer, Message, Producer, Queue
 from pgbroker.broker.messages import SCHEMA_OID
 from pgbroker.operations import admin
 from tests.apps.delivery_log import runs, setup_run_log
-from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
+from tests.celery_helpers import (
+    celery_env,
+    client_app,
+    cut_off,
+    execute,
+    start_worker,
+    wait_until,
+)
 from tests.kombu_helpers import collect, connect, drain_until, scalar
 from tests.test_claim_plan import explain, explain_generic, scans_of
 from tests.test_eta import count_queries
@@ -266,15 +273,23 @@ def test_prune_walks_the_published_at_index(db: psycopg.Connection, how: Any) ->
 
 
 def test_chain_next_link_runs_once_when_worker_dies_after_hand_off(
-    db_url: str, db: psycopg.Connection, tmp_path: Path
+    db_url: str, db: psycopg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``first`` publishes ``second``, stores SUCCESS, and its worker is
-    SIGKILLed before acknowledging (task_success handler, first delivery
-    only). The redelivered ``first`` runs again and publishes ``second``
-    again: stored once, run once; the chain finishes; and the second run of
-    ``first`` does not overwrite its SUCCESS."""
+    """Results in a schema of their own: the broker cannot finish a task in
+    one transaction, so Celery's three commits stand. ``first`` publishes
+    ``second``, stores SUCCESS, and its worker is SIGKILLed before
+    acknowledging (task_success handler, first delivery only). The
+    redelivered ``first`` runs again and publishes ``second`` again: stored
+    once (publish deduplication), run once; the chain finishes; and the
+    second run of ``first`` does not overwrite its SUCCESS."""
     setup_run_log(db)
-    env = celery_env(db_url, TEST_SWEEP_INTERVAL="1", TEST_MARKER_DIR=str(tmp_path))
+    monkeypatch.setenv("TEST_RESULT_SCHEMA", "results_apart")
+    env = celery_env(
+        db_url,
+        TEST_SWEEP_INTERVAL="1",
+        TEST_MARKER_DIR=str(tmp_path),
+        TEST_RESULT_SCHEMA="results_apart",
+    )
     with client_app(APP, db_url) as tasks:
         # The first worker consumes only ``first``'s queue, so ``second``
         # cannot run before the kill.
@@ -287,7 +302,7 @@ def test_chain_next_link_runs_once_when_worker_dies_after_hand_off(
         assert len(runs(db_url, "first", "k")) == 1
         assert execute(
             db_url,
-            "SELECT state, convert_from(result, 'UTF8') FROM pgbroker.task_result "
+            "SELECT state, convert_from(result, 'UTF8') FROM results_apart.task_result "
             "WHERE task_id = %s",
             (first_id,),
         ) == [("SUCCESS", '"k run 1"')]
@@ -310,7 +325,7 @@ def test_chain_next_link_runs_once_when_worker_dies_after_hand_off(
         # The redelivered first returned "k run 2"; SUCCESS stayed "k run 1".
         assert execute(
             db_url,
-            "SELECT state, convert_from(result, 'UTF8') FROM pgbroker.task_result "
+            "SELECT state, convert_from(result, 'UTF8') FROM results_apart.task_result "
             "WHERE task_id = %s",
             (first_id,),
         ) == [("SUCCESS", '"k run 1"')]
@@ -319,6 +334,133 @@ def test_chain_next_link_runs_once_when_worker_dies_after_hand_off(
             "SELECT reason, task_id FROM pgbroker.redelivery",
         ) == [("consumer died", first_id)]
         assert "already published" in w2.log()
+
+
+def test_a_finished_task_is_not_run_again_when_its_worker_dies_before_acking(
+    db_url: str, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    """Broker and results share the schema: ``first``'s result, the next
+    link ``second`` and the ack of ``first``'s message commit together
+    (pgbroker/broker/finish.py). The worker is SIGKILLed right after
+    (task_success handler, before Celery's own ack): ``first``'s message is
+    already gone, so nothing is delivered again, ``first`` ran once and
+    ``second`` runs once."""
+    setup_run_log(db)
+    env = celery_env(db_url, TEST_SWEEP_INTERVAL="1", TEST_MARKER_DIR=str(tmp_path))
+    with client_app(APP, db_url) as tasks:
+        with start_worker(APP, env, tmp_path, name="w1", extra=("-Q", "celery")) as w1:
+            w1.wait_for_log("ready.")
+            result = chain(tasks.first.s("k"), tasks.second.s()).apply_async()
+            assert w1.wait_exit(60) == -9
+        assert (tmp_path / "killed-after-success").exists()
+        first_id = result.parent.id
+        assert execute(
+            db_url,
+            "SELECT state, convert_from(result, 'UTF8') FROM pgbroker.task_result "
+            "WHERE task_id = %s",
+            (first_id,),
+        ) == [("SUCCESS", '"k run 1"')]
+        # ``first``'s message went with its result; ``second`` is there once.
+        assert execute(
+            db_url,
+            "SELECT queue, state FROM pgbroker.message ORDER BY id",
+        ) == [("second", "ready")]
+        # Exactly once by construction: no published_task row was needed.
+        assert execute(db_url, "SELECT task_id FROM pgbroker.published_task") == []
+        with start_worker(APP, env, tmp_path, name="w2", extra=("-Q", "celery,second")) as w2:
+            w2.wait_for_log("ready.")
+            assert result.get(timeout=60) == "k run 1 then second"
+            wait_until(
+                lambda: not execute(db_url, "SELECT 1 FROM pgbroker.message"),
+                30,
+                "every message to be acknowledged",
+            )
+            time.sleep(1.0)  # a redelivered first would have run by now
+        assert len(runs(db_url, "first", "k")) == 1
+        assert len(runs(db_url, "second", "k")) == 1
+        assert execute(db_url, "SELECT reason, task_id FROM pgbroker.redelivery") == []
+
+
+def test_a_worker_killed_before_the_finish_commits_leaves_nothing_half_done(
+    db_url: str, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    """The worker is SIGKILLed as ``first``'s finish is about to commit: its
+    next link was handed to the transport (held), its result and ack not
+    written. Nothing of it is in PostgreSQL: no ``second``, no result, and
+    ``first``'s message still held by the dead worker. It is delivered
+    again, ``first`` runs again and the chain finishes, ``second`` once."""
+    setup_run_log(db)
+    env = celery_env(
+        db_url, TEST_SWEEP_INTERVAL="1", TEST_MARKER_DIR=str(tmp_path), TEST_KILL_BEFORE_FINISH="1"
+    )
+    with client_app(APP, db_url) as tasks:
+        with start_worker(APP, env, tmp_path, name="w1", extra=("-Q", "celery")) as w1:
+            w1.wait_for_log("ready.")
+            result = chain(tasks.first.s("k"), tasks.second.s()).apply_async()
+            assert w1.wait_exit(60) == -9
+        assert (tmp_path / "killed-before-finish").exists()
+        first_id = result.parent.id
+        assert len(runs(db_url, "first", "k")) == 1
+        assert execute(db_url, "SELECT state FROM pgbroker.task_result") == []
+        assert execute(db_url, "SELECT queue, state FROM pgbroker.message ORDER BY id") == [
+            ("celery", "reserved")
+        ]
+        with start_worker(APP, env, tmp_path, name="w2", extra=("-Q", "celery,second")) as w2:
+            w2.wait_for_log("ready.")
+            assert result.get(timeout=60) == "k run 2 then second"
+            wait_until(
+                lambda: not execute(db_url, "SELECT 1 FROM pgbroker.message"),
+                30,
+                "every message to be acknowledged",
+            )
+            time.sleep(1.0)  # a duplicate of second would have run by now
+        assert len(runs(db_url, "first", "k")) == 2
+        assert len(runs(db_url, "second", "k")) == 1
+        assert execute(
+            db_url,
+            "SELECT state, convert_from(result, 'UTF8') FROM pgbroker.task_result "
+            "WHERE task_id = %s",
+            (first_id,),
+        ) == [("SUCCESS", '"k run 2"')]
+        assert execute(db_url, "SELECT reason, task_id FROM pgbroker.redelivery") == [
+            ("consumer died", first_id)
+        ]
+
+
+def test_a_task_that_outlives_its_session_finishes_when_nobody_had_its_message_since(
+    db_url: str, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    """The worker's consumer session is terminated while ``outlive_session``
+    runs (acks_late); the sweep puts its message back in its queue, and no
+    consumer takes it (the worker stopped consuming that queue). The run
+    still holds its message (nobody has had it since), so its finish
+    commits: result, next link and ack. (It once rolled back, finding the
+    message in its queue, and then the worker's own ack of the run, written
+    for the lost session, removed it: the task was lost, with no result and
+    no next link. The chaos test found it.)"""
+    setup_run_log(db)
+    env = celery_env(db_url, TEST_SWEEP_INTERVAL="1")
+    with client_app(APP, db_url) as tasks:
+        extra = ("-Q", "outlive,second", "--concurrency=1")
+        with start_worker(APP, env, tmp_path, name="w1", extra=extra) as w1:
+            w1.wait_for_log("ready.")
+            result = chain(tasks.outlive_session.s("k"), tasks.second.s()).apply_async()
+            wait_until(lambda: runs(db_url, "outlive_session", "k"), 30, "the run to start")
+            cut_off(tasks.app, w1, "outlive", db_url)
+            assert result.get(timeout=60) == "k run 1 then second"
+            wait_until(
+                lambda: (
+                    not execute(db_url, "SELECT 1 FROM pgbroker.message WHERE task_id IS NOT NULL")
+                ),
+                30,
+                "every task message to be acknowledged",
+            )
+        assert len(runs(db_url, "outlive_session", "k")) == 1
+        assert len(runs(db_url, "second", "k")) == 1
+        assert execute(
+            db_url,
+            "SELECT reason, task_id FROM pgbroker.redelivery",
+        ) == [("session lost", result.parent.id)]
 
 
 @pytest.mark.parametrize("how", [explain, explain_generic])
@@ -334,11 +476,14 @@ def test_sweep_and_publish_use_published_task_indexes(db: psycopg.Connection, ho
     db.execute("ANALYZE pgbroker.published_task")
     plans = {
         "sweep": how(db, "sweep", SWEEP),
-        "publish": how(
-            db,
-            "publish",
-            {**PUBLISH, "dedup": True, "task_id": "t77", "task_name": "x", "source": "run 77"},
-        ),
+        **{
+            statement: how(
+                db,
+                statement,
+                {**PUBLISH, "dedup": True, "task_id": "t77", "task_name": "x", "source": "run 77"},
+            )
+            for statement in ("publish", "publish_routing")
+        },
     }
     for name, plan in plans.items():
         scans = scans_of(plan, "published_task")

@@ -533,7 +533,7 @@ def test_workers_prune_expired_steps_after_success(db_url: str, db: psycopg.Conn
 
     run(task, task_id="old")
     assert len(steps(db, "old")) == 1
-    time.sleep(0.4)
+    time.sleep(0.4)  # on purpose: the keep time (0.2 s) elapses
     run(task, task_id="new")  # its success prunes what expired
     assert steps(db, "old") == []
     assert len(steps(db, "new")) == 1
@@ -562,7 +562,7 @@ def test_prune_removes_expired_and_idle_tasks(db_url: str, db: psycopg.Connectio
         "UPDATE pgbroker.durable_step SET updated_at = now() - interval '2 days' "
         "WHERE task_id = 'idle' OR (task_id = 'busy' AND step_index = 0)"
     )
-    time.sleep(0.3)
+    time.sleep(0.3)  # on purpose: the keep time of 'expired' (0.2 s) elapses
     assert prune(db_url, timedelta(days=1)) == 4  # expired: 2 rows, idle: 2 rows
     left = db.execute("SELECT DISTINCT task_id FROM pgbroker.durable_step ORDER BY 1").fetchall()
     assert left == [("busy",), ("kept",), ("recent",)]
@@ -662,3 +662,34 @@ def test_fork_child_gets_its_own_pool(app: Celery, db: psycopg.Connection) -> No
     # The parent's pooled connection still works after the child exited.
     assert run(task, task_id="child") == pid
     assert run(task, task_id="again") == parent
+
+
+def test_a_run_that_cannot_get_a_session_is_requeued_not_failed(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session terminated as the run begins (the chaos test's case): the
+    body never ran, so with acks_late the message goes back to its queue
+    instead of ending as a FAILURE result."""
+    from celery.exceptions import Reject
+
+    from pgbroker.durable import task as durable_task
+    from pgbroker.errors import DatabaseUnavailable
+
+    ran: list[str] = []
+
+    @app.task(shared=False, bind=True, base=DurableTask, acks_late=True)
+    def job(self: DurableTask) -> None:
+        ran.append("body")
+
+    def unreachable(*args: Any) -> Any:
+        raise DatabaseUnavailable("the session ended as it started, retry in a moment")
+
+    monkeypatch.setattr(durable_task, "begin_run", unreachable)
+    job.push_request(id="requeued-1", is_eager=False, called_directly=False)
+    try:
+        with pytest.raises(Reject) as rejected:
+            job()
+    finally:
+        job.pop_request()
+    assert rejected.value.requeue is True
+    assert ran == []

@@ -86,7 +86,12 @@ def test_a_second_run_of_the_same_id_waits_then_replays(
     @app.task(shared=False, bind=True, base=DurableTask)
     def job(self: DurableTask, who: str) -> str:
         begin = time.monotonic()
-        value = self.step("work", lambda: calls.append(who) or f"done by {who}")
+
+        def work() -> str:
+            calls.append(who)
+            return f"done by {who}"
+
+        value = self.step("work", work)
         if who == "first":
             started.set()
             assert release.wait(30)
@@ -102,7 +107,7 @@ def test_a_second_run_of_the_same_id_waits_then_replays(
     assert row == (job.name, True)
     second, out2 = in_thread(run, job, "second", task_id="same")
     wait_until(lambda: lock_waiters(db) == 1, 15, "the second run to wait for the task's lock")
-    time.sleep(0.3)
+    time.sleep(0.3)  # on purpose: it would have started by now, were it not waiting
     assert [s[0] for s in spans] == []  # the second body has not started
     release.set()
     first.join(30)
@@ -304,7 +309,12 @@ def test_an_event_sent_before_the_wait_returns_at_once(
     def flow(self: DurableTask) -> Any:
         self.step("prepare", lambda: calls.append("prepare"))
         answer = self.wait_for_event("approval:1", timeout=3600)
-        return [answer, self.step("finish", lambda: calls.append("finish") or "finished")]
+
+        def finish() -> str:
+            calls.append("finish")
+            return "finished"
+
+        return [answer, self.step("finish", finish)]
 
     sent = send_event(app, "approval:1", {"approved": True, "by": "ann"})
     assert sent.recorded and sent.waiting == 0 and sent.woken == []
@@ -419,7 +429,7 @@ def test_prune_removes_old_events_waits_and_dead_runs(
         "INSERT INTO pgbroker.durable_run (task_id, run_id, backend_pid) VALUES "
         "('dead', gen_random_uuid(), 0), ('live', gen_random_uuid(), pg_backend_pid())"
     )
-    time.sleep(0.05)
+    time.sleep(0.05)  # on purpose: what was written is older than the keep time (0)
     assert prune(db_url, 0) == 3
     assert db.execute("SELECT count(*) FROM pgbroker.durable_event").fetchone() == (0,)
     assert [w.task_id for w in waiting(db)] == ["alive"]

@@ -6,7 +6,6 @@ durable_waits_app.py), sessions terminated and workers SIGKILLed.
 from __future__ import annotations
 
 import itertools
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,14 @@ import psycopg
 import pytest
 
 from pgbroker.durable import send_event
-from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
+from tests.celery_helpers import (
+    celery_env,
+    client_app,
+    cut_off,
+    execute,
+    start_worker,
+    wait_until,
+)
 
 APP = "tests.apps.durable_waits_app"
 RESULT_TIMEOUT = 60
@@ -73,7 +79,6 @@ def test_a_taken_over_task_never_runs_on_two_workers_at_once(
     monkeypatch.setenv("TEST_RESULTS", "rpc")  # so that the second run runs the body
     env = celery_env(db_url, TEST_RESULTS="rpc")
     pause, release = tmp_path / "paused", tmp_path / "release"
-    host = socket.gethostname()
     with (
         client_app(APP, db_url) as tasks,
         start_worker(APP, env, tmp_path, "a", ("--concurrency=1",)) as a,
@@ -88,16 +93,7 @@ def test_a_taken_over_task_never_runs_on_two_workers_at_once(
         assert first_pid in first.group_pids()
         # The first worker stops taking messages from the queue (so that the
         # redelivery goes to the other one), then loses its broker sessions.
-        replies = tasks.app.control.cancel_consumer(
-            "celery", destination=[f"{first.name}@{host}"], reply=True, timeout=10
-        )
-        assert replies, "no reply to cancel_consumer"
-        killed = execute(
-            db_url,
-            "SELECT pg_terminate_backend(backend_pid) FROM pgbroker.consumer WHERE pid = %s",
-            (first.pid,),
-        )
-        assert killed and all(k[0] for k in killed)
+        cut_off(tasks.app, first, "celery", db_url)
         second.wait_for_log("is already running", timeout=30)
         assert len(spans(db_url, "job")) == 1  # the second body has not started
         release.touch()
@@ -270,7 +266,17 @@ def test_a_parked_task_survives_the_sigkill_of_its_worker(db_url: str, tmp_path:
             flow = tasks.approval_flow.delay(43)
             wait_until(lambda: parked(db_url, flow.id), 30, "the flow to wait for its event")
             a.wait_for_log(f"approval_flow[{flow.id}]: waiting for event 'approval:43'")
-            time.sleep(0.5)  # the original message's ack
+            wait_until(
+                lambda: (
+                    not execute(
+                        db_url,
+                        "SELECT 1 FROM pgbroker.message WHERE task_id = %s AND state = 'reserved'",
+                        (flow.id,),
+                    )
+                ),
+                10,
+                "the original message's ack",
+            )
             a.kill_group()
             a.wait_exit(timeout=10)
             wait_until(lambda: not a.group_pids(), 10, "worker a's processes to die")
@@ -287,12 +293,14 @@ def test_a_parked_task_survives_the_sigkill_of_its_worker(db_url: str, tmp_path:
 
 
 def test_a_task_redelivered_after_its_success_was_stored_is_not_run_again(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The worker is SIGKILLed by a task_success handler: the result is
-    stored, the message not acked; it is delivered again to another worker
-    and returns the stored result without running the body."""
-    env = celery_env(db_url)
+    """Results in a schema of their own, so the result and the ack do not
+    commit together: the worker is SIGKILLed by a task_success handler, the
+    result stored, the message not acked; it is delivered again to another
+    worker and returns the stored result without running the body."""
+    monkeypatch.setenv("TEST_RESULTS", "apart")
+    env = celery_env(db_url, TEST_RESULTS="apart")
     marker = tmp_path / "killed-once"
     with client_app(APP, db_url) as tasks:
         with start_worker(APP, env, tmp_path, "a", ("--concurrency=1",)) as a:
@@ -317,3 +325,29 @@ def test_a_task_redelivered_after_its_success_was_stored_is_not_run_again(
             )
             assert result.get(timeout=RESULT_TIMEOUT) == "result of once"
             assert len(spans(db_url, "once")) == 1  # the body ran once
+
+
+def test_a_task_whose_success_was_stored_is_not_delivered_again(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Results in the broker's schema: the result and the ack commit
+    together, so the worker SIGKILLed by a task_success handler (result
+    stored, Celery's ack not sent) leaves no message behind: nothing is
+    delivered again, and the body ran once."""
+    env = celery_env(db_url)
+    marker = tmp_path / "killed-once"
+    with client_app(APP, db_url) as tasks:
+        with start_worker(APP, env, tmp_path, "a", ("--concurrency=1",)) as a:
+            a.wait_for_log("ready.")
+            result = tasks.succeed_then_die.apply_async(
+                kwargs={"key": "once", "marker": str(marker)}
+            )
+            assert result.get(timeout=RESULT_TIMEOUT) == "result of once"
+            a.wait_exit(timeout=30)
+            wait_until(lambda: not a.group_pids(), 10, "worker a's processes to die")
+        assert marker.exists()
+        assert (
+            execute(db_url, "SELECT 1 FROM pgbroker.message WHERE task_id = %s", (result.id,)) == []
+        )
+        assert execute(db_url, "SELECT reason FROM pgbroker.redelivery") == []
+        assert len(spans(db_url, "once")) == 1  # the body ran once

@@ -176,20 +176,23 @@ def test_asyncio_tasks_are_isolated(
     db_url: str, db: psycopg.Connection, broker: Connection, user_conn: psycopg.Connection
 ) -> None:
     seen: dict[str, Any] = {}
+    entered, outside_done = asyncio.Event(), asyncio.Event()
 
     async def inside() -> None:
         with enqueue_in(user_conn):
-            await asyncio.sleep(0.05)  # the other task runs meanwhile
+            entered.set()
+            # The other task runs meanwhile, all of it while this block is open.
+            await asyncio.wait_for(outside_done.wait(), 10)
             seen["inside"] = active_connection()
             publish(broker, {"task": "inside"})
-            await asyncio.sleep(0.1)
 
     async def outside() -> None:
-        await asyncio.sleep(0.02)
+        await asyncio.wait_for(entered.wait(), 10)
         seen["outside"] = active_connection()
         publish(broker, {"task": "outside"})
         # asyncio.to_thread copies the caller's context: nothing active here.
         seen["outside_thread"] = await asyncio.to_thread(active_connection)
+        outside_done.set()
 
     async def both() -> None:
         await asyncio.gather(inside(), outside())

@@ -228,7 +228,7 @@ def test_countdown_task_waits_in_postgres_and_runs_once_on_time(
         assert at - due < 3.0
         # Not held in the worker's ETA schedule longer than that.
         assert "Task delivery_app.record[" in worker.log()
-    time.sleep(0.5)
+    time.sleep(0.5)  # on purpose: a second run would have happened by now
     assert len(runs(db_url, "record", "cd")) == 1
     assert execute(
         db_url, "SELECT count(*) FROM pgbroker.message WHERE task_id = %s", (result.id,)
@@ -247,7 +247,8 @@ def test_far_future_task_survives_sigkill_and_runs_once_when_moved_to_now(
         with start_worker(APP, env, tmp_path, name="w1") as w1:
             w1.wait_for_log("ready.")
             result = tasks.record.apply_async(("tomorrow",), countdown=86400)
-            time.sleep(1.0)  # the worker would have taken it by now
+            # A task sent after it has run: the worker would have taken it too.
+            assert tasks.record.delay("marker").get(timeout=30) == "marker"
             assert execute(
                 db_url, "SELECT state FROM pgbroker.message WHERE task_id = %s", (result.id,)
             ) == [("delayed",)]
@@ -259,7 +260,7 @@ def test_far_future_task_survives_sigkill_and_runs_once_when_moved_to_now(
         with start_worker(APP, env, tmp_path, name="w2") as w2:
             w2.wait_for_log("ready.")
             assert tasks.record.delay("idle-check").get(timeout=30) == "idle-check"
-            time.sleep(1.0)  # idle: the startup sweep is long done
+            time.sleep(1.0)  # on purpose, idle: the startup sweep is long done
             assert not runs(db_url, "record", "tomorrow")
             execute(
                 db_url,
@@ -276,7 +277,7 @@ def test_far_future_task_survives_sigkill_and_runs_once_when_moved_to_now(
             assert not more
             assert at - moved < 3.0
             assert "Task delivery_app.record[" in w2.log()
-            time.sleep(0.5)
+            time.sleep(0.5)  # on purpose: a second run would have happened by now
             assert len(runs(db_url, "record", "tomorrow")) == 1
 
 
@@ -300,7 +301,7 @@ def test_waiting_eta_tasks_are_not_in_the_worker(
             assert scalar(db, delayed) == 5
         assert [r.get(timeout=60) for r in results] == [f"k{i}" for i in range(5)]
         assert time.time() >= due - 0.1
-        time.sleep(0.5)
+        time.sleep(0.5)  # on purpose: a second run would have happened by now
         assert all(len(runs(db_url, "record", f"k{i}")) == 1 for i in range(5))
 
 
@@ -342,7 +343,7 @@ def test_expired_task_message_is_dead_lettered_and_revoked(
         producer.publish("late", routing_key=queue.name, declare=[queue], headers=expired)
         producer.publish("already done", routing_key=queue.name, headers=done)
         producer.publish("ttl", routing_key=queue.name, expiration=0.01)
-        time.sleep(0.05)
+        time.sleep(0.05)  # on purpose: the TTL (10 ms) elapses
         # Claims skip them (before any sweep).
         assert queue(conn.default_channel).get() is None
         assert conn.transport.sweep() == (0, 3, 0)
@@ -351,7 +352,7 @@ def test_expired_task_message_is_dead_lettered_and_revoked(
     assert sorted(
         db.execute("SELECT reason, task_id FROM pgbroker.dead_letter").fetchall()
     ) == sorted([("expired", expired["id"]), ("expired", done["id"])])
-    results = dict(
+    results: dict[str, tuple[str, str]] = dict(
         db.execute(
             "SELECT task_id, (state, convert_from(result, 'UTF8')) FROM pgbroker.task_result"
         ).fetchall()
@@ -373,7 +374,7 @@ def test_expired_task_is_never_run_and_ends_revoked(
     with client_app(APP, db_url) as tasks:
         if when == "while_stopped":
             result = tasks.record.apply_async(("late",), expires=1.0)
-            time.sleep(1.5)  # expires while no worker runs
+            time.sleep(1.5)  # on purpose: it expires while no worker runs
         with start_worker(APP, env, tmp_path) as worker:
             worker.wait_for_log("ready.")
             if when == "past":

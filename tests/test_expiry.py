@@ -18,7 +18,7 @@ def test_message_expiration(db_url: str, db: psycopg.Connection) -> None:
         producer.publish("short", routing_key=queue.name, declare=[queue], expiration=0.2)
         producer.publish("long", routing_key=queue.name, expiration=60)
         producer.publish("forever", routing_key=queue.name)
-        time.sleep(0.4)
+        time.sleep(0.4)  # on purpose: the 0.2 s TTL elapses
         # Not delivered although no sweep has removed it yet.
         assert scalar(db, "SELECT count(*) FROM pgbroker.message") == 3
         assert queue(conn.default_channel).queue_declare(passive=True).message_count == 3
@@ -47,7 +47,7 @@ def test_queue_message_ttl(db_url: str, db: psycopg.Connection) -> None:
             " FROM pgbroker.message ORDER BY id",
         )
         assert ttls == [(0.3,), (0.1,), (0.3,)]
-        time.sleep(0.5)
+        time.sleep(0.5)  # on purpose: every TTL (0.3 s at most) elapses
         assert queue(conn.default_channel).get() is None
         assert conn.transport.sweep() == (0, 3, 0)
         producer.publish("d", routing_key=queue.name)
@@ -82,6 +82,8 @@ def test_unused_queue_expires_with_its_messages(db_url: str, db: psycopg.Connect
         producer.publish("m2", exchange="exp-x", routing_key="k")
         assert scalar(db, "SELECT expires FROM pgbroker.queue") == timedelta(seconds=0.5)
         assert conn.transport.sweep() == (0, 0, 0)
+        # On purpose: 0.6 s pass, more than x-expires, but with a use after
+        # 0.3 s; then the whole x-expires passes after that use.
         time.sleep(0.3)
         queue(conn.default_channel).declare()  # redeclaring counts as use
         time.sleep(0.3)
@@ -99,14 +101,14 @@ def test_queue_with_a_live_consumer_does_not_expire(db_url: str, db: psycopg.Con
     with connect(db_url, sweep_interval=60) as consumer, connect(db_url) as sweeper:
         c = Consumer(consumer, [queue], callbacks=[collect([])])
         c.consume()
-        time.sleep(0.6)
+        time.sleep(0.6)  # on purpose: longer than x-expires, but the consumer is alive
         sweeper.transport._ensure_consumer()
         assert sweeper.transport.sweep() == (0, 0, 0)
         assert scalar(db, "SELECT count(*) FROM pgbroker.queue") == 1
         # Once the consumer is gone, the expiry counts from its departure.
         c.cancel()
         assert sweeper.transport.sweep() == (0, 0, 0)
-        time.sleep(0.5)
+        time.sleep(0.5)  # on purpose: x-expires (0.3 s) elapses after the departure
         assert sweeper.transport.sweep() == (0, 0, 1)
     assert scalar(db, "SELECT count(*) FROM pgbroker.queue") == 0
 
@@ -118,7 +120,7 @@ def test_queue_of_a_dead_consumer_expires_after_the_death(
     a = connect(db_url, sweep_interval=60)
     try:
         Consumer(a, [queue], callbacks=[collect([])]).consume()
-        time.sleep(0.6)  # longer than x-expires, but the consumer was alive
+        time.sleep(0.6)  # on purpose: longer than x-expires, but the consumer is alive
         scalar(db, "SELECT pg_terminate_backend(%s)", a.transport._conn.info.backend_pid)
         with connect(db_url, sweep_interval=60) as b:
             b.transport._ensure_consumer()
@@ -129,7 +131,7 @@ def test_queue_of_a_dead_consumer_expires_after_the_death(
 
             wait_for(dead_consumer_swept, timeout=5)
             assert scalar(db, "SELECT count(*) FROM pgbroker.queue") == 1
-            time.sleep(0.6)
+            time.sleep(0.6)  # on purpose: x-expires elapses after the death was seen
             assert b.transport.sweep() == (0, 0, 1)
     finally:
         a.close()
@@ -145,7 +147,7 @@ def test_expired_queue_takes_its_reserved_messages_with_it(
         Producer(conn.default_channel).publish("x", routing_key=queue.name, declare=[queue])
         held = queue(conn.default_channel).get()
         assert held is not None
-        time.sleep(0.5)
+        time.sleep(0.5)  # on purpose: x-expires (0.3 s) elapses
         assert conn.transport.sweep() == (0, 0, 1)
         assert scalar(db, "SELECT count(*) FROM pgbroker.message") == 0
         held.ack()

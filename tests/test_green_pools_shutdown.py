@@ -18,10 +18,10 @@ import importlib.util
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
+from tests.celery_helpers import execute, wait_until
 from tests.test_backend_e2e import CELERY, ROOT, T, database
 
 
@@ -60,7 +60,10 @@ def test_green_worker_shuts_down_without_finaliser_errors(
         )
         try:
             assert green_app.add.delay(2, 3).get(timeout=T) == 5
-            time.sleep(0.5)
+            # The worker is idle: the task's message is acked.
+            wait_until(
+                lambda: not execute(url, "SELECT 1 FROM pgbroker.message"), T, "the task's ack"
+            )
             worker.send_signal(signal.SIGTERM)  # a warm shutdown
             _, stderr = worker.communicate(timeout=30)
         finally:

@@ -20,7 +20,7 @@ from kombu import Consumer, Message, Producer, Queue
 
 from tests.apps.delivery_log import runs, setup_run_log
 from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
-from tests.kombu_helpers import Child, collect, connect, drain_until, rows, scalar
+from tests.kombu_helpers import Child, collect, connect, drain_until, length_is, rows, scalar
 
 APP = "tests.apps.delivery_app"
 
@@ -50,7 +50,7 @@ def test_requeued_max_deliveries_times_goes_to_dead_letter(
         producer.publish("plain", routing_key=q.name)
         with Consumer(conn, [q], callbacks=[collect(got)]):
             for n in range(1, 4):
-                drain_until(conn, lambda n=n: len(got) == 2 * n)
+                drain_until(conn, length_is(got, 2 * n))
                 for m in got[-2:]:
                     m.requeue()
             # Both were requeued a third time: dead-lettered, not back.
@@ -80,7 +80,7 @@ def test_restored_at_close_is_never_dead_lettered(db_url: str, db: psycopg.Conne
             connect(db_url, max_deliveries=2) as conn,
             Consumer(conn, [q], callbacks=[collect(got)]),
         ):
-            drain_until(conn, lambda got=got: len(got) == 1)
+            drain_until(conn, length_is(got, 1))
     assert rows(db, "SELECT state, delivery_count FROM pgbroker.message") == [("ready", 4)]
     assert scalar(db, "SELECT count(*) FROM pgbroker.dead_letter") == 0
     assert rows(db, "SELECT DISTINCT reason FROM pgbroker.redelivery") == [("restored at close",)]
@@ -138,7 +138,7 @@ def test_consumer_dying_max_deliveries_times(
             # Once the server has ended the session (its lock is free), a
             # live connection's sweep recovers the message.
             wait_until(
-                lambda death=death: (
+                lambda: (
                     sweeper.transport.sweep() is not None
                     and scalar(db, "SELECT count(*) FROM pgbroker.consumer") == 0
                 ),
@@ -178,12 +178,12 @@ def test_lost_session_of_a_live_process_is_not_counted(db_url: str, db: psycopg.
             victim = connect(db_url, max_deliveries=2, sweep_interval=3600)
             try:
                 Consumer(victim, [q], callbacks=[collect(got)]).consume()
-                drain_until(victim, lambda got=got: len(got) == 1)
+                drain_until(victim, length_is(got, 1))
                 _kill_session(db, victim)
             finally:
                 victim.release()  # its session is gone: the errors are logged
             wait_until(
-                lambda loss=loss: (
+                lambda: (
                     sweeper.transport.sweep() is not None
                     and scalar(db, "SELECT count(*) FROM pgbroker.consumer") == 0
                 ),
@@ -230,7 +230,7 @@ def test_max_deliveries_zero_means_no_limit(db_url: str, db: psycopg.Connection)
         Producer(conn.default_channel).publish("again", routing_key=q.name, declare=[q])
         with Consumer(conn, [q], callbacks=[collect(got)]):
             for n in range(1, 13):
-                drain_until(conn, lambda n=n: len(got) == n)
+                drain_until(conn, length_is(got, n))
                 got[-1].requeue()
     assert rows(db, "SELECT delivery_count FROM pgbroker.message") == [(12,)]
     assert scalar(db, "SELECT count(*) FROM pgbroker.dead_letter") == 0
@@ -324,8 +324,12 @@ def test_worker_whose_session_is_terminated_keeps_its_task_alive(
                 "SELECT pg_terminate_backend(c.backend_pid) FROM pgbroker.consumer c"
                 " JOIN pgbroker.message m ON m.consumer_id = c.id",
             )
+
+            def recovered(loss: int = loss) -> bool:
+                return len(execute(db_url, "SELECT 1 FROM pgbroker.redelivery")) >= loss
+
             wait_until(
-                lambda loss=loss: len(execute(db_url, "SELECT 1 FROM pgbroker.redelivery")) >= loss,
+                recovered,
                 30,
                 f"loss {loss} to be recovered",
             )

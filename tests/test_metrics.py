@@ -99,7 +99,9 @@ def test_views_match_status(busy: Connection, db_url: str, db: psycopg.Connectio
     assert view["other"] == (2, 0, 1, 0, 0, True)
     broker = db.execute("SELECT * FROM pgbroker.broker_stats").fetchone()
     assert broker is not None
-    names = [d.name for d in db.execute("SELECT * FROM pgbroker.broker_stats LIMIT 0").description]
+    description = db.execute("SELECT * FROM pgbroker.broker_stats LIMIT 0").description
+    assert description is not None
+    names = [d.name for d in description]
     stats = dict(zip(names, broker, strict=True))
     assert stats["consumers_alive"] == len([c for c in status.consumers if c.alive]) == 1
     assert stats["messages_stored_total"] == status.activity.messages_stored_total == 8

@@ -43,6 +43,8 @@ EXPECTED_TABLES = {
         "durable_wait",
         # 012_sessions_lost
         "consumer_process",
+        # 015_routing_version
+        "routing_version",
         # bookkeeping
         "schema_version",
     ],

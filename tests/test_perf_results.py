@@ -28,6 +28,7 @@ from pgbroker.results import backend as backend_module
 from pgbroker.results.backend import PostgresBackend
 from pgbroker.results.consumer import channel_for
 from tests import pgserver
+from tests.celery_helpers import get_waits, wait_until
 
 
 def make_app(url: str, **conf: Any) -> Celery:
@@ -81,9 +82,9 @@ def count_statements(backend: PostgresBackend, monkeypatch: pytest.MonkeyPatch) 
         counts["listen: " + query.as_string(None).split()[0]] += 1
         real_send(conn, query, tag)
 
-    def send_read(conn: Any, task_id: str) -> None:
+    def send_read(conn: Any, task_ids: list[str]) -> None:
         counts["listen: read"] += 1
-        real_read(conn, task_id)
+        real_read(conn, task_ids)
 
     def run(fn: Any) -> Any:
         counts["pool"] += 1
@@ -182,18 +183,31 @@ def test_idle_get_sends_no_query_while_it_waits(client: Celery, db: psycopg.Conn
         "WHERE application_name = %s AND datname = current_database() ORDER BY pid"
     )
     snapshots: list[list[tuple[Any, ...]]] = []
+    errors: list[BaseException] = []
+    watched: list[float] = []
 
     def watch() -> None:
-        time.sleep(0.5)  # the LISTEN and the read are done by then
-        snapshots.append(db.execute(activity, [app_name]).fetchall())
-        time.sleep(1.5)
-        snapshots.append(db.execute(activity, [app_name]).fetchall())
+        try:
+            # The LISTEN and the read are done (within the get's 2.5 s,
+            # leaving room for the window below).
+            wait_until(lambda: get_waits(backend, task_id), 0.9, "get() to wait", interval=0.01)
+            snapshots.append(db.execute(activity, [app_name]).fetchall())
+            time.sleep(1.5)  # on purpose: a window in which no statement may start
+            snapshots.append(db.execute(activity, [app_name]).fetchall())
+            watched.append(time.monotonic())
+        except BaseException as exc:
+            errors.append(exc)
 
+    result = client.AsyncResult(task_id)
+    backend = result.backend  # (client.backend is one per thread)
     watcher = threading.Thread(target=watch)
     watcher.start()
     with pytest.raises(Exception, match="timed out"):
-        client.AsyncResult(task_id).get(timeout=2.5)
+        result.get(timeout=2.5)
+    returned = time.monotonic()
     watcher.join(10)
+    assert not errors, errors
+    assert watched[0] < returned  # the window was inside the wait
     before, after = snapshots
     assert before, "the client's sessions were not found"
     assert before == after  # no statement started, no state changed

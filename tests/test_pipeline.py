@@ -14,8 +14,7 @@ import pytest
 from psycopg import errors as pgerrors
 
 from pgbroker.database import pipeline
-from pgbroker.database.sessions import session_lost
-from pgbroker.errors import ConnectionLost
+from pgbroker.errors import ConnectionLost, session_lost
 from tests import pgserver
 
 _INT4 = 23

@@ -148,7 +148,7 @@ def test_live_slow_consumer_keeps_its_messages(db_url: str, db: psycopg.Connecti
                 sweeps.append(sweep())
                 return sweeps[-1]
 
-            conn.transport.sweep = counted_sweep  # type: ignore[method-assign]
+            conn.transport.sweep = counted_sweep
             got: list[Message] = []
             with Consumer(conn, [Queue("work")], callbacks=[collect(got)]):
                 drain_quietly(conn, 2.0)

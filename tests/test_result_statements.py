@@ -9,7 +9,6 @@ their rows in a second one; finished tasks are UNLISTENed in bulk.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from celery.result import ResultSet
 
 from pgbroker.results import consumer as result_consumer
 from pgbroker.results.backend import PostgresBackend
+from tests.celery_helpers import get_waits, wait_until
 from tests.test_perf_results import make_app, request
 
 
@@ -73,6 +73,29 @@ def store(worker: PostgresBackend, task_ids: list[str]) -> None:
         worker.mark_as_done(task_id, task_id[:8], request=request(task_id))
 
 
+class StoreWhenWaited(threading.Thread):
+    """Stores the results of ``task_ids`` once a get() waits for them (their
+    LISTENs and the read after them are done): they arrive by NOTIFY."""
+
+    def __init__(self, client: Celery, worker: PostgresBackend, task_ids: list[str]) -> None:
+        super().__init__()
+        self.backend = client.backend  # the caller's (one per thread)
+        self.worker, self.task_ids = worker, task_ids
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            wait_until(lambda: get_waits(self.backend, *self.task_ids), 10, "the get() to wait")
+            store(self.worker, self.task_ids)
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float | None = 30) -> None:
+        super().join(timeout)
+        assert self.error is None, self.error
+
+
 def test_result_set_get_is_one_listen_per_task_and_one_read(
     client: Celery, worker: PostgresBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -81,8 +104,7 @@ def test_result_set_get_is_one_listen_per_task_and_one_read(
     counts = count_sent(client, monkeypatch)
     ids = [str(uuid.uuid4()) for _ in range(60)]
     store(worker, ids[:30])  # before the wait: found by the read
-    later = threading.Timer(0.5, store, (worker, ids[30:]))  # notified
-    later.start()
+    later = StoreWhenWaited(client, worker, ids[30:])  # notified
     results = ResultSet([client.AsyncResult(task_id) for task_id in ids], app=client)
     assert results.get(timeout=20) == [task_id[:8] for task_id in ids]
     later.join()
@@ -114,8 +136,7 @@ def test_a_bulk_unlisten_keeps_the_live_channels(
     counts = count_sent(client, monkeypatch)
     waited, *done = (str(uuid.uuid4()) for _ in range(5))
     store(worker, done)
-    later = threading.Timer(1.0, store, (worker, [waited]))
-    later.start()
+    later = StoreWhenWaited(client, worker, [waited])
     ids = [waited, *done]
     results = ResultSet([client.AsyncResult(task_id) for task_id in ids], app=client)
     assert results.get(timeout=10) == [task_id[:8] for task_id in ids]
@@ -134,22 +155,37 @@ def test_a_wait_survives_its_session_terminated(
     them, and the results stored meanwhile and after arrive."""
     ids = [str(uuid.uuid4()) for _ in range(10)]
     store(worker, ids[:5])
-    consumer = client.backend.result_consumer
+    backend = client.backend  # (one per thread)
+    consumer = backend.result_consumer
     terminated: list[int] = []
+    errors: list[BaseException] = []
+
+    def reconnected() -> bool:
+        with consumer._lock:
+            conn = consumer._connection
+            return conn is not None and conn.info.backend_pid != terminated[0]
 
     def terminate_then_store() -> None:
-        with consumer._lock:
-            terminated.append(consumer._connection.info.backend_pid)  # type: ignore[union-attr]
-        db.execute("SELECT pg_terminate_backend(%s)", terminated)
-        store(worker, ids[5:8])  # while no session listens
-        time.sleep(0.5)
-        store(worker, ids[8:])  # after the reconnect, or during it
+        try:
+            # The get() waits for the five results not stored yet.
+            wait_until(lambda: get_waits(backend, *ids[5:]), 10, "the get() to wait")
+            with consumer._lock:
+                terminated.append(consumer._connection.info.backend_pid)
+            db.execute("SELECT pg_terminate_backend(%s)", terminated)
+            store(worker, ids[5:8])  # while no session listens
+            wait_until(reconnected, 10, "the consumer to reconnect")
+            store(worker, ids[8:])  # after the reconnect (its LISTENs may still be on the way)
+        except BaseException as exc:
+            errors.append(exc)
 
-    later = threading.Timer(0.5, terminate_then_store)
+    later = threading.Thread(target=terminate_then_store)
     later.start()
     results = ResultSet([client.AsyncResult(task_id) for task_id in ids], app=client)
-    assert results.get(timeout=20) == [task_id[:8] for task_id in ids]
-    later.join()
+    try:
+        assert results.get(timeout=20) == [task_id[:8] for task_id in ids]
+    finally:
+        later.join(30)
+    assert not errors, errors
     assert terminated
     assert consumer._connection is not None
     assert consumer._connection.info.backend_pid != terminated[0]

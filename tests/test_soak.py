@@ -39,6 +39,7 @@ import psycopg
 import pytest
 from kombu import Connection, Consumer, Producer, Queue
 
+from pgbroker.database import queries
 from pgbroker.operations import admin, retention
 from tests.celery_helpers import celery_env, client_app, start_worker, wait_until
 from tests.kombu_helpers import FAST, Child, drain_until, scalar
@@ -163,7 +164,7 @@ def _round(url: str, db: psycopg.Connection, results_mod: Any) -> dict[str, floa
     took["tasks"] = time.monotonic() - t0
 
     # 4. Prune everything older than a second, then vacuum as autovacuum would.
-    time.sleep(1.1)
+    time.sleep(1.1)  # on purpose: everything is older than the second kept
     t0 = time.monotonic()
     with admin.open_connection(url, "pgbroker") as conn:
         retention.prune(
@@ -286,7 +287,11 @@ def test_published_task_stays_flat_at_peak_publish_rate(
                 for _ in range(ROUNDS):
                     start, count = time.monotonic(), published[0]
                     end = start + DEDUP_ROUND_SECONDS
-                    drain_until(conn, lambda end=end: time.monotonic() >= end, 60)
+
+                    def round_over(end: float = end) -> bool:
+                        return time.monotonic() >= end
+
+                    drain_until(conn, round_over, 60)
                     rate = (published[0] - count) / (time.monotonic() - start)
                     rows = scalar(db, "SELECT count(*) FROM pgbroker.published_task")
                     db.execute("VACUUM pgbroker.published_task")
@@ -320,13 +325,13 @@ def test_pruning_keeps_up_far_above_the_peak_publish_rate(
     settings (sweep_interval 10 s): the sweeper thread prunes in batches of
     5,000 for half a second, then half a second of waiting, until done.
     That is over 100 times the benchmark's peak publish rate."""
-    db.execute(
+    backlog = (
         "INSERT INTO pgbroker.published_task (task_id, retries, source, exchange, "
         "routing_key, published_at) SELECT md5(i::text), 0, 'run ' || i, '', 'celery', "
         "now() - interval '2 hours' "
-        "FROM generate_series(1, %s) i",
-        [PRUNE_BACKLOG],
+        "FROM generate_series(1, %s) i"
     )
+    db.execute(backlog, [PRUNE_BACKLOG])
     db.execute("VACUUM ANALYZE pgbroker.published_task")
     count = "SELECT count(*) FROM pgbroker.published_task"
     with Connection(db_url) as conn:
@@ -338,7 +343,22 @@ def test_pruning_keeps_up_far_above_the_peak_publish_rate(
         started = time.monotonic()
         drain_until(conn, lambda: scalar(db, count) == 0, timeout=60)
         took = time.monotonic() - started
+    # The reference, on the machine as loaded as it is now: the same backlog
+    # deleted in the same batches, back to back, by the test itself.
+    db.execute(backlog, [PRUNE_BACKLOG])
+    db.execute("VACUUM ANALYZE pgbroker.published_task")
+    prune = queries.for_schema("pgbroker", "queries.sql")["prune_published"]
+    started = time.monotonic()
+    while db.execute(prune, {"window": 3600.0, "limit": 5000}).rowcount:
+        pass
+    direct = time.monotonic() - started
     rate = PRUNE_BACKLOG / took
-    print(f"\npruned {PRUNE_BACKLOG:,} published_task rows in {took:.1f} s: {rate:,.0f} rows/s")
-    # (About 10,000 rows/s before: the backlog took over 20 s.)
-    assert took < 10.0, took
+    print(
+        f"\npruned {PRUNE_BACKLOG:,} published_task rows in {took:.1f} s: {rate:,.0f} rows/s "
+        f"(deleted back to back by the test: {direct:.1f} s)"
+    )
+    # Half of each second spent pruning: about twice the back-to-back time,
+    # with room for a loaded machine (CI runs other tests beside this one).
+    # The old pruning, 21 batches per sweep_interval (about 10,000 rows/s
+    # whatever the server's speed), took over 20 s.
+    assert took < min(18.0, max(10.0, 4 * direct)), (took, direct)

@@ -25,7 +25,7 @@ from pgbroker.errors import ConnectionLost
 from tests import pgserver
 from tests.apps.delivery_log import runs, setup_run_log
 from tests.celery_helpers import celery_env, client_app, execute, start_worker
-from tests.kombu_helpers import collect, connect, drain_until, rows, scalar
+from tests.kombu_helpers import collect, connect, drain_until, rows, scalar, wait_for
 
 APP = "tests.apps.sessions_app"
 
@@ -119,7 +119,7 @@ def test_a_terminated_session_is_a_connection_error(db_url: str, db: psycopg.Con
             drain_until(conn, lambda: len(got) == 1)
             pid = conn.transport._conn.info.backend_pid
             db.execute("SELECT pg_terminate_backend(%s)", [pid])
-            time.sleep(0.2)
+            wait_for(lambda: not rows(db, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", pid))
             with pytest.raises(ConnectionLost) as lost:
                 conn.drain_events(timeout=2)
             assert isinstance(lost.value, conn.connection_errors)
@@ -140,6 +140,8 @@ def test_worker_rides_out_lock_timeouts_without_reconnecting(
         worker.wait_for_log("ready", timeout=60)
         first = [mod.work.delay(k, 0.5) for k in keys[:4]]
         with message_table_locked(db_url):
+            # On purpose: the lock is held a while, so that claims and acks
+            # hit lock_timeout (100 ms) again and again.
             time.sleep(2.5)
         rest = [mod.work.delay(k, 0.5) for k in keys[4:]]
         assert [r.get(timeout=60) for r in first + rest] == keys

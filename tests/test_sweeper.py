@@ -79,6 +79,12 @@ with Consumer(conn, [Queue(os.environ["QUEUE"])], callbacks=[lambda body, m: got
 """
 
 
+def process_state(pid: int) -> str:
+    """The state letter of a process (R, S, T for stopped...), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def sweeper_name(pid: int) -> str:
     return f"pgbroker-sweeper:{socket.gethostname()}:{pid}"
 
@@ -102,6 +108,18 @@ def waits_in_server(db: psycopg.Connection, name: str) -> bool:
             db,
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
             " AND state = 'active' AND query LIKE '%%sweeper_wait%%'",
+            name,
+        )
+    )
+
+
+def made_its_call(db: psycopg.Connection, name: str) -> bool:
+    """The sweeper session ``name`` is in a sweeper_wait call or idle after one."""
+    return bool(
+        scalar(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            " AND state IN ('active', 'idle') AND query LIKE '%%sweeper_wait%%'",
             name,
         )
     )
@@ -398,13 +416,15 @@ def test_idle_workers_send_at_most_two_statements_per_sweep_interval(
             children.append(stack.enter_context(start_consumer(c.url(db_url), "idle")))
             if len(children) == 1:
                 wait_for(lambda: sweeper_holder(db) == sweeper_name(children[0].proc.pid), 15)
-        time.sleep(3.0)  # start-up statements are over
-        # The first process, alone when it started, waits in the server
-        # from its next sweep on.
-        wait_for(lambda: waits_in_server(db, sweeper_name(children[0].proc.pid)), 15)
+        # Start-up is over once each process has made its call: the sweeper
+        # (alone when it started, it waits in the server from its next sweep
+        # on) and the standby wait in theirs, the idle process's returns.
+        names = [sweeper_name(c.proc.pid) for c in children]
+        wait_for(lambda: all(made_its_call(db, name) for name in names), 15)
+        wait_for(lambda: all(waits_in_server(db, name) for name in names[:2]), 15)
         xacts = xact_count(db)
         start = time.monotonic()
-        time.sleep(window)
+        time.sleep(window)  # on purpose: the window in which statements are counted
         end = time.monotonic()
         xacts = xact_count(db) - xacts
         assert all(child.proc.poll() is None for child in children)
@@ -433,10 +453,14 @@ def test_a_lone_worker_sends_only_its_sweep(
     call, so no LISTEN either (which every NOTIFY in the database would
     wake). Its session is idle between sweeps, costing no transaction."""
     interval = 1.0
+    began = time.monotonic()
     with start_consumer(counter.url(db_url), "idle", SWEEP_INTERVAL=str(interval)) as lone:
         name = sweeper_name(lone.proc.pid)
         wait_for(lambda: sweeper_holder(db) == name, 15)
-        time.sleep(2.0)
+        # Start-up is over once the sweeper has sent a sweep.
+        wait_for(
+            lambda: any("safety sweep" in s for s in counter.count(began, time.monotonic())), 15
+        )
         start = time.monotonic()
         states = []
         while time.monotonic() < start + 6.0:
@@ -535,10 +559,13 @@ def test_waits_do_not_hold_the_xmin_horizon(db_url: str, db: psycopg.Connection)
     about a second: VACUUM can clean the message table behind them."""
     with start_consumer(db_url, "idle") as first:
         wait_for(lambda: sweeper_holder(db) == sweeper_name(first.proc.pid), 15)
-        with start_consumer(db_url, "idle"):
-            # The first, alone until now, waits in the server from its next sweep.
-            wait_for(lambda: waits_in_server(db, sweeper_name(first.proc.pid)), 15)
-            time.sleep(1.0)
+        with start_consumer(db_url, "idle") as second:
+            # The first, alone until now, waits in the server from its next
+            # sweep; the standby from its first call.
+            wait_for(
+                lambda: all(waits_in_server(db, sweeper_name(c.proc.pid)) for c in (first, second)),
+                15,
+            )
             samples: list[tuple[Any, ...]] = []
             deadline = time.monotonic() + 8.0
             while time.monotonic() < deadline:
@@ -695,7 +722,7 @@ def test_fast_recovery_off_keeps_the_periodic_sweep(db_url: str, db: psycopg.Con
             sweeps.append(real())
             return sweeps[-1]
 
-        conn.transport.sweep = counted  # type: ignore[method-assign]
+        conn.transport.sweep = counted
         with Consumer(conn, [Queue("idle")], callbacks=[collect([])]):
             drain_quietly(conn, 1.5)
         assert conn.transport._sweeper is None
@@ -740,7 +767,7 @@ def test_a_standby_sweeps_at_once_for_a_stopped_sweeper(
         assert holder.read_line() == "held 0 1 2"
         os.kill(first.proc.pid, signal.SIGSTOP)
         stack.callback(os.kill, first.proc.pid, signal.SIGCONT)
-        time.sleep(0.5)
+        wait_for(lambda: process_state(first.proc.pid) == "T")  # stopped
         killed_at = kill(holder)
         wait_for(
             lambda: (

@@ -501,6 +501,8 @@ def test_notify_wakes_a_blocked_consumer_promptly(db_url: str) -> None:
                 sent: list[float] = []
 
                 def publish_later(i: int = i, sent: list[float] = sent) -> None:
+                    # Time for the consumer to block in drain_events (a wait
+                    # in the client, with nothing to see from the server).
                     time.sleep(0.3)
                     sent.append(time.monotonic())
                     Producer(publisher.default_channel).publish(i, routing_key="wake")
@@ -548,8 +550,8 @@ def test_event_loop_consumer(db_url: str, db: psycopg.Connection) -> None:
                 ack_batches.append(len(params["acks"]))
             return run_all(query, **params)
 
-        conn.transport.run_count = counting_run_count  # type: ignore[method-assign]
-        conn.transport.run_all = counting_run_all  # type: ignore[method-assign]
+        conn.transport.run_count = counting_run_count
+        conn.transport.run_all = counting_run_all
         conn.register_with_event_loop(hub)
         got: list[tuple[float, Message]] = []
 
@@ -580,7 +582,7 @@ def test_event_loop_consumer(db_url: str, db: psycopg.Connection) -> None:
         # A message published elsewhere wakes the loop promptly.
         with connect(db_url) as publisher:
             for i in range(3):
-                time.sleep(0.2)
+                time.sleep(0.2)  # the loop is idle (nothing to see from the server)
                 sent = time.monotonic()
                 Producer(publisher.default_channel).publish(i, routing_key="loop-b")
                 run_until(lambda n=41 + i: len(got) == n)

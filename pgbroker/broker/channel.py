@@ -9,10 +9,10 @@ from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from amqp.protocol import queue_declare_ok_t
 from kombu.exceptions import ChannelError
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
-from kombu.transport.virtual.base import queue_declare_ok_t
 from kombu.utils.uuid import uuid
 
 from pgbroker.broker.messages import _json, _ms_to_seconds, to_raw
@@ -37,7 +37,7 @@ class QoS(virtual.QoS):
     _delivered: Any
 
     def restore_unacked(self) -> list[Any]:
-        self._flush()
+        self._flush()  # type: ignore[no-untyped-call]
         tags = list(self._delivered)
         self._delivered.clear()
         if tags:
@@ -62,7 +62,7 @@ class QoS(virtual.QoS):
                 extra=recovery("session_lost", reason=type(exc).__name__),
             )
         finally:
-            self._delivered.restored = True  # type: ignore[attr-defined]
+            self._delivered.restored = True
 
 
 class Channel(virtual.Channel):
@@ -74,7 +74,7 @@ class Channel(virtual.Channel):
     connection: Transport
 
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
-        super().__init__(connection, **kwargs)
+        super().__init__(connection, **kwargs)  # type: ignore[no-untyped-call]
         self._no_ack_queues: set[str] = set()
 
     # --- declarations ------------------------------------------------------
@@ -201,7 +201,7 @@ class Channel(virtual.Channel):
         )
 
     def list_bindings(self) -> Iterable[tuple[str, str, str]]:
-        return [tuple(r) for r in self.connection.run_all("list_bindings")]  # type: ignore[misc]
+        return [tuple(r) for r in self.connection.run_all("list_bindings")]
 
     def get_exchanges(self) -> list[str]:
         raise NotImplementedError("list exchanges with SQL: SELECT name FROM <schema>.exchange")
@@ -232,13 +232,13 @@ class Channel(virtual.Channel):
             self._no_ack_queues.add(queue)
         else:
             self._no_ack_queues.discard(queue)
-        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)  # type: ignore[no-untyped-call]
         self.connection.attach(queue)
         return result
 
     def basic_cancel(self, consumer_tag: str) -> Any:
         queue = self._tag_to_queue.get(consumer_tag)
-        result = super().basic_cancel(consumer_tag)
+        result = super().basic_cancel(consumer_tag)  # type: ignore[no-untyped-call]
         if queue is not None and queue not in self._active_queues:
             self._no_ack_queues.discard(queue)
             if self.connection is not None:
@@ -249,7 +249,9 @@ class Channel(virtual.Channel):
         rows = self.connection.claim(queue, 1, no_ack)
         if not rows:
             return None
-        message = self.Message(to_raw(rows[0], self.connection._lock_oid), channel=self)
+        consumer = None if no_ack else self.connection.consumer_id
+        raw = to_raw(rows[0], self.connection._lock_oid, consumer, self.connection.origin)
+        message = self.Message(raw, channel=self)  # type: ignore[no-untyped-call]
         if not no_ack:
             self.qos.append(message, message.delivery_tag)
         return message

@@ -24,7 +24,13 @@ from psycopg import sql
 
 from pgbroker.broker import sweeper
 from pgbroker.broker.messages import to_raw
-from pgbroker.broker.sweeper import PROMOTE_BATCH, drop_dead_consumers_queues, log_sweep, sweep_more
+from pgbroker.broker.sweeper import (
+    HOUSEKEEP_AGAIN,
+    PROMOTE_BATCH,
+    drop_dead_consumers_queues,
+    log_sweep,
+    sweep_more,
+)
 from pgbroker.database.forking import process_key
 from pgbroker.errors import STATEMENT_ERRORS
 from pgbroker.logs import recovery
@@ -49,6 +55,7 @@ class ConsumerSession:
     channel_name: str
     due_channel: str
     consumer_id: int | None
+    origin: str | None
     _lock_class: int
     _lock_oid: int
     _listening: bool
@@ -74,6 +81,8 @@ class ConsumerSession:
         def conn(self) -> psycopg.Connection: ...
 
         def run(self, query: str, /, **params: Any) -> Any: ...
+
+        def _fingerprint(self) -> str: ...
 
         def run_all(self, query: str, /, **params: Any) -> list[Any]: ...
 
@@ -103,6 +112,9 @@ class ConsumerSession:
                 lock_class=self._lock_class,
             )
             self.consumer_id = int(row[0])
+            # Where its messages come from (once per session): a result
+            # backend there may acknowledge them (pgbroker/broker/finish.py).
+            self.origin = self._fingerprint()
             if self.options.fast_recovery and self._sweeper is None:
                 self._sweeper = sweeper.acquire(self.url, self.options)
             # Before this consumer claims anything: the acks of a lost session.
@@ -191,7 +203,9 @@ class ConsumerSession:
                 rows.sort(key=lambda r: (-r[1], r[0]))
                 for i, row in enumerate(rows):
                     try:
-                        self._deliver(to_raw(row, self._lock_oid), queue)
+                        consumer = None if no_ack else self.consumer_id
+                        raw = to_raw(row, self._lock_oid, consumer, self.origin)
+                        self._deliver(raw, queue)
                     except BaseException:
                         # The callback raised: the rest of this claim was never
                         # handed over, so give it back rather than hold it
@@ -379,7 +393,14 @@ class ConsumerSession:
         row = self.run("sweep", **params)
         log_sweep(row, self.options)
         requeued = int(row[0])
-        expired_messages, expired_queues, _ = sweep_more(self.run, self.options, params, row)
+        expired_messages, expired_queues, left = sweep_more(self.run, self.options, params, row)
+        if left:
+            # More housekeeping than one pass: the next one soon, by this
+            # process's sweeper thread (which knows of no backlog: it would
+            # sleep a whole sweep_interval) or, without one, by this consumer.
+            if self._sweeper is not None:
+                self._sweeper.housekeep_soon()
+            self._next_sweep = min(self._next_sweep, time.monotonic() + HOUSEKEEP_AGAIN)
         promoted = int(row[7])
         if promoted:
             logger.debug(
@@ -397,9 +418,40 @@ class ConsumerSession:
         now = time.monotonic()
         if self.consumer_id is not None and now >= self._next_sweep:
             self._next_sweep = now + self.options.sweep_interval
-            if not self._swept_elsewhere():
-                self.sweep()
+            if not self._swept_elsewhere() and self._take_sweep(now):
+                try:
+                    self.sweep()
+                except BaseException:
+                    self._drop_sweep(now)  # a sibling sweeps instead
+                    raise
         self.maybe_promote()
+
+    def _take_sweep(self, now: float) -> bool:
+        """Whether this consumer runs the periodic sweep now, or a consumer
+        of the same process and broker did within ``sweep_interval``, for
+        queues that include this one's (its promotion and next due time
+        cover them): a sweep recovers every dead consumer of the schema,
+        whoever runs it. Without this, 64 consumers starting together ran
+        64 sweeps at once, and their first claims waited behind them."""
+        key = self._orphan_key
+        attached = frozenset(self._attached)
+        with _sweeps_lock:
+            last = _sweeps.get(key)
+            if (
+                last is not None
+                and now - last[0] < self.options.sweep_interval
+                and attached <= last[1]
+            ):
+                # Next when that sweep is due again (or ours, if sooner).
+                self._next_sweep = min(self._next_sweep, last[0] + self.options.sweep_interval)
+                return False
+            _sweeps[key] = (now, attached)
+            return True
+
+    def _drop_sweep(self, now: float) -> None:
+        with _sweeps_lock:
+            if (last := _sweeps.get(self._orphan_key)) is not None and last[0] == now:
+                del _sweeps[self._orphan_key]
 
     def _swept_elsewhere(self) -> bool:
         """The sweeper thread works (pgbroker.broker.sweeper): the periodic sweep
@@ -413,10 +465,18 @@ _orphaned: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
 _orphaned_lock = threading.Lock()
 
 
+#: The last periodic sweep of a consumer of this process, by (URL, schema):
+#: when (monotonic) and the queues it promoted (see _take_sweep).
+_sweeps: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
+_sweeps_lock = threading.Lock()
+
+
 def _forget_orphans_after_fork() -> None:
-    global _orphaned_lock
+    global _orphaned_lock, _sweeps_lock
     _orphaned_lock = threading.Lock()
     _orphaned.clear()  # the parent's to write
+    _sweeps_lock = threading.Lock()
+    _sweeps.clear()  # the parent's sweeps: the child sweeps for itself
 
 
 os.register_at_fork(after_in_child=_forget_orphans_after_fork)

@@ -116,6 +116,16 @@ def active_connection() -> psycopg.Connection | None:
     return _target.get()
 
 
+def run_on(conn: psycopg.Connection, transport: _Transport, query: str, **params: Any) -> Any:
+    """Run the transport's ``query`` on ``conn``, one of pgbroker's own
+    connections to the broker's database and schema, in its transaction;
+    its row. Errors stay psycopg's (``enqueue_in`` translates them for a
+    caller's connection: a lost connection here is pgbroker's to handle)."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(transport.queries[query], params)
+        return cur.fetchone() if cur.description else None
+
+
 def runner(transport: _Transport) -> _Runner:
     """Where ``Transport.publish`` runs its statement: the transport itself,
     or the connection of the innermost active ``enqueue_in`` block."""
@@ -133,7 +143,7 @@ class _OnCallerConnection:
         statement = self.transport.queries[query]
         # On pgbroker's own session: its errors stay connection errors, which
         # Kombu handles by reconnecting.
-        broker = _broker_fingerprint(self.transport, schema)
+        broker = broker_fingerprint(self.transport, schema)
         try:
             self._check_same_database(schema, broker)
             # tuple_row: the caller's connection may have any row factory.
@@ -167,7 +177,7 @@ class _OnCallerConnection:
         verified = _verified.setdefault(self.conn, set())
         if broker in verified:
             return
-        mine, has_schema = _fingerprint(self.conn, schema)
+        mine, has_schema = fingerprint(self.conn, schema)
         if mine != broker:
             if not has_schema:
                 raise EnqueueError(
@@ -184,17 +194,19 @@ class _OnCallerConnection:
         verified.add(broker)
 
 
-def _broker_fingerprint(transport: _Transport, schema: str) -> str:
+def broker_fingerprint(transport: _Transport, schema: str) -> str:
+    """Server, database and schema of the transport's session (once per session)."""
     with transport._io:
         conn = transport.conn
         known = _broker_fingerprints.get(conn)
         if known is None:
-            known, _ = _fingerprint(conn, schema)
+            known, _ = fingerprint(conn, schema)
             _broker_fingerprints[conn] = known
         return known
 
 
-def _fingerprint(conn: psycopg.Connection, schema: str) -> tuple[str, bool]:
+def fingerprint(conn: psycopg.Connection, schema: str) -> tuple[str, bool]:
+    """Server, database and schema ``conn`` reaches, and whether the schema exists."""
     query = queries.for_schema(schema, "enqueue.sql")["database_fingerprint"]
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(query, {"schema": schema})

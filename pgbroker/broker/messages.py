@@ -8,12 +8,18 @@ virtual channel expects (``to_raw``).
 
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import datetime, timezone
 from typing import Any
 
 from kombu.utils import json
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json, Jsonb
+
+from pgbroker.errors import MessageTooLarge
+from pgbroker.logs import recovery
+
+logger = logging.getLogger("pgbroker.broker")
 
 #: A property of every delivered message: the schema's oid, which says that
 #: its ``delivery_tag`` is the id of its row in that schema. A Celery worker
@@ -22,12 +28,134 @@ from psycopg.types.json import Jsonb
 #: deduplication, see ``_publication_source``).
 SCHEMA_OID = "pgbroker_schema_oid"
 
-_PROPERTIES_NOT_STORED = ("delivery_tag", "delivery_info", "body_encoding", SCHEMA_OID)
+#: A property of every message delivered to a consumer that acknowledges:
+#: the id of that consumer, which holds the message (the fence of
+#: ``finish_ack``, :mod:`pgbroker.broker.finish`).
+CONSUMER_ID = "pgbroker_consumer_id"
+
+#: A property of every message delivered to a consumer that acknowledges:
+#: the server, database and schema it came from (``database_fingerprint``
+#: in sql/enqueue.sql). A result backend with the same fingerprint may
+#: acknowledge it with the task's result (:mod:`pgbroker.broker.finish`).
+ORIGIN = "pgbroker_origin"
+
+#: A property of every message delivered to a consumer that acknowledges:
+#: how many times it was delivered, this delivery included. A delivery whose
+#: session was lost still holds its message while the count has not grown
+#: (nobody has had it since): ``ack_orphaned`` and ``finish_ack``.
+DELIVERY_COUNT = "pgbroker_delivery_count"
+
+_PROPERTIES_NOT_STORED = (
+    "delivery_tag",
+    "delivery_info",
+    "body_encoding",
+    SCHEMA_OID,
+    CONSUMER_ID,
+    ORIGIN,
+    DELIVERY_COUNT,
+)
 
 
-def to_raw(row: Any, schema_oid: int) -> dict[str, Any]:
+def publish_params(
+    message: dict[str, Any],
+    exchange: str,
+    routing_key: str,
+    *,
+    priority: int,
+    max_message_size: int,
+    schema_oid: int | None,
+) -> dict[str, Any]:
+    """The parameters of ``publish`` (:file:`sql/queries.sql`) for a Kombu
+    message, but its route's. ``schema_oid``: the oid of the publishing
+    session's schema, or None when deduplication is off (``dedup_window``
+    0). Raises MessageTooLarge above ``max_message_size``."""
+    body = message.get("body") or b""
+    if isinstance(body, str):
+        body = body.encode(message.get("content-encoding") or "utf-8")
+    props = message.get("properties") or {}
+    headers = message.get("headers") or {}
+    # Headers count too (stored as JSON next to the body); dumped once.
+    headers_json = json.dumps(headers)
+    size = len(body) + (len(headers_json) if headers else 0)
+    if size > max_message_size:
+        parts = f" (body {len(body)}, headers {len(headers_json)})" if headers else ""
+        raise MessageTooLarge(
+            f"message for exchange {exchange!r} routing key {routing_key!r} is "
+            f"{size} bytes{parts}, more than max_message_size="
+            f"{max_message_size}: send a reference to the data instead, "
+            "or raise the max_message_size transport option"
+        )
+    task_id = _text_or_none(headers.get("id"))
+    task_name = _text_or_none(headers.get("task"))
+    # A Celery task message (protocol 2: id and task in the headers)
+    # published by a task run, or copied, is stored once per (task id,
+    # retries, source): see `publish` in queries.sql.
+    source = (
+        _publication_source(props, schema_oid)
+        if schema_oid is not None and task_id is not None and task_name is not None
+        else None
+    )
+    dedup = source is not None
+    return dict(
+        exchange=exchange,
+        routing_key=routing_key,
+        priority=priority,
+        ttl=_ms_to_seconds(props.get("expiration")),
+        persistent=props.get("delivery_mode", 2) != 1,
+        task_id=task_id,
+        task_name=task_name,
+        dedup=dedup,
+        retries=_retries(headers.get("retries")) if dedup else 0,
+        source=source,
+        eta=_timestamp(headers.get("eta")) if task_name is not None else None,
+        expires=_timestamp(headers.get("expires")) if task_name is not None else None,
+        content_type=message.get("content-type"),
+        content_encoding=message.get("content-encoding"),
+        # json, not jsonb: see the message table in 001_broker.sql.
+        headers=Json(headers, dumps=lambda _: headers_json),
+        properties=Json(
+            {k: v for k, v in props.items() if k not in _PROPERTIES_NOT_STORED},
+            dumps=json.dumps,
+        ),
+        body=body,
+    )
+
+
+def log_publish_outcome(row: Any, params: dict[str, Any]) -> None:
+    """Say what ``publish`` or ``publish_routing`` (their ``row``, run with
+    ``params``) did not store: a duplicate publication, or a message that
+    matched no queue (kept in dead_letter)."""
+    if row[4]:
+        logger.info(
+            "task %s (%s, retries %s) was already published to exchange %r with "
+            "routing key %r by the same source (%s): not stored again "
+            "(dedup_window transport option)",
+            params["task_id"],
+            params["task_name"],
+            params["retries"],
+            params["exchange"],
+            params["routing_key"],
+            params["source"],
+            extra=recovery("dedup", task_id=params["task_id"], reason=params["source"]),
+        )
+    elif row[0] == 0 and row[1]:
+        logger.warning(
+            "message to exchange %r with routing key %r matched no queue; "
+            "kept in the dead_letter table",
+            params["exchange"],
+            params["routing_key"],
+            extra=recovery("dead_letter", task_id=params["task_id"], reason="unroutable", count=1),
+        )
+
+
+def to_raw(
+    row: Any, schema_oid: int, consumer_id: int | None = None, origin: str | None = None
+) -> dict[str, Any]:
     """A claimed row as the message dict Kombu's virtual channel expects;
-    ``schema_oid``: the oid of the schema it was claimed from (SCHEMA_OID)."""
+    ``schema_oid``: the oid of the schema it was claimed from (SCHEMA_OID);
+    ``consumer_id`` and ``origin``: the consumer that holds it and where
+    (CONSUMER_ID, ORIGIN, with DELIVERY_COUNT), None when it was removed as
+    it was claimed (no ack)."""
     (
         id_,
         priority,
@@ -52,6 +180,11 @@ def to_raw(row: Any, schema_oid: int) -> dict[str, Any]:
         delivery_tag=id_,
         body_encoding=None,
         **{SCHEMA_OID: schema_oid},
+        **(
+            {CONSUMER_ID: consumer_id, ORIGIN: origin, DELIVERY_COUNT: delivery_count}
+            if consumer_id is not None
+            else {}
+        ),
         delivery_info={
             "exchange": exchange,
             "routing_key": routing_key,

@@ -259,6 +259,13 @@ class Sweeper:
         it watches the new consumers from now on, not from its next sweep."""
         self._nudged.set()
 
+    def housekeep_soon(self) -> None:
+        """A consumer's own sweep left housekeeping for a next pass (as
+        before this thread covered it): the thread's next pass comes after
+        HOUSEKEEP_AGAIN, not sweep_interval (a lone sweeper wakes for it)."""
+        self._backlog = True
+        self._nudged.set()
+
     # --- the thread ------------------------------------------------------------
 
     def start(self) -> None:

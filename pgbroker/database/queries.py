@@ -32,7 +32,4 @@ def for_schema(schema: str, filename: str = "queries.sql") -> dict[str, sql.Comp
     a placeholder, a quoted identifier's too: names with '%' are refused.
     """
     ident = sql.Identifier(schema_name("", "schema", schema))
-    return {
-        name: sql.SQL(text).format(schema=ident)  # type: ignore[arg-type]
-        for name, text in _texts(filename).items()
-    }
+    return {name: sql.SQL(text).format(schema=ident) for name, text in _texts(filename).items()}

@@ -41,7 +41,7 @@ class Migration:
     text: str
 
     def statement(self, schema: str) -> sql.Composed:
-        return sql.SQL(self.text).format(schema=sql.Identifier(schema))  # type: ignore[arg-type]
+        return sql.SQL(self.text).format(schema=sql.Identifier(schema))
 
 
 def migrations() -> list[Migration]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -46,13 +47,13 @@ def connect(
     """
     conninfo = to_conninfo(url)
     given = _params(url, conninfo)
-    defaults: dict[str, object] = {}
+    defaults: dict[str, Any] = {}
     if "application_name" not in given:
         defaults["application_name"] = default_application_name()
     if connect_timeout and "connect_timeout" not in given:
         defaults["connect_timeout"] = max(1, round(connect_timeout))
     try:
-        conn = psycopg.connect(conninfo, autocommit=True, **defaults)  # type: ignore[arg-type]
+        conn = psycopg.connect(conninfo, autocommit=True, **defaults)
     except psycopg.OperationalError as exc:
         raise explain_connect_error(exc, given, url) from None
     except psycopg.ProgrammingError as exc:
@@ -114,7 +115,7 @@ def session_settings(server_version: int, *, waits: bool = False) -> str:
 def pin_session(conn: psycopg.Connection, *, waits: bool = False) -> None:
     """Pin the session's settings (see :func:`session_settings`), on an
     autocommit connection. One statement, once per session."""
-    conn.execute(session_settings(conn.info.server_version, waits=waits))  # type: ignore[arg-type]
+    conn.execute(session_settings(conn.info.server_version, waits=waits))
 
 
 def prefer_indexes(conn: psycopg.Connection) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from celery import Task
@@ -64,7 +64,22 @@ class DurableTask(Task):  # type: ignore[misc]
         task_id = request.id
         if not task_id or request.called_directly:
             return super().__call__(*args, **kwargs)  # a plain function call
-        run = begin_run(self.durable_config, task_id, self.name)
+        try:
+            run = begin_run(self.durable_config, task_id, self.name)
+        except psycopg.OperationalError as exc:
+            # No session to hold the run (DatabaseUnavailable, ConnectionLost:
+            # a session terminated as it started): nothing ran, so the
+            # message goes back to its queue rather than end as a FAILURE.
+            if self.acks_late and not request.is_eager:
+                logger.warning(
+                    "task %s[%s]: no database session to begin the run (%s): requeued",
+                    self.name,
+                    task_id,
+                    exc,
+                    extra=recovery("requeue", task_id=task_id, reason=type(exc).__name__),
+                )
+                raise Reject(exc, requeue=True) from exc
+            raise
         try:
             found, value = stored_success(self, task_id)
             if found:
@@ -162,17 +177,23 @@ class DurableTask(Task):  # type: ignore[misc]
     ) -> T:
         """Run ``fn(*args, **kwargs)`` once for this task id; return its
         output, recorded (see :mod:`pgbroker.durable`)."""
-        return run_step(
-            self,
-            name,
-            fn,
-            args,
-            kwargs,
-            conn=conn,
-            retries=retries,
-            backoff=backoff,
-            max_backoff=max_backoff,
-            retry_on=retry_on,
+        # A replayed step returns its recorded output, decoded from the
+        # task's serializer: the T that fn returned, as that serializer
+        # round-trips it (a tuple comes back a list under JSON).
+        return cast(
+            T,
+            run_step(
+                self,
+                name,
+                fn,
+                args,
+                kwargs,
+                conn=conn,
+                retries=retries,
+                backoff=backoff,
+                max_backoff=max_backoff,
+                retry_on=retry_on,
+            ),
         )
 
     # --- when the task succeeds (pgbroker.durable.housekeeping) ----------------------

@@ -234,7 +234,8 @@ def next_slot(sched: Any, after: datetime) -> datetime:
         last, delta, _now = sched.remaining_delta(after)
         slot: datetime = last + delta
         return slot.astimezone(timezone.utc)
-    return (after + sched.run_every).astimezone(timezone.utc)
+    every: timedelta = sched.run_every
+    return (after + every).astimezone(timezone.utc)
 
 
 def first_slot(
@@ -446,7 +447,7 @@ def list_entries(target: Any, *, schema: str | None = None) -> list[BeatEntry]:
 # --- the scheduler ------------------------------------------------------------------
 
 
-class PgScheduler(Scheduler):
+class PgScheduler(Scheduler):  # type: ignore[misc]  # Celery ships no types
     """Celery beat scheduler on PostgreSQL, with leader election."""
 
     #: Longest sleep between ticks when the app sets no beat_max_loop_interval.

@@ -259,7 +259,9 @@ def age(value: Any, what: str) -> timedelta | None:
 # --- the celery beat task -----------------------------------------------------------
 
 
-@shared_task(name="pgbroker.prune", bind=True, ignore_result=True)
+@shared_task(  # type: ignore[untyped-decorator]  # Celery ships no types
+    name="pgbroker.prune", bind=True, ignore_result=True
+)
 def prune_task(
     self: Any,
     redeliveries_older_than: Any = "7d",

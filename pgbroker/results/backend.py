@@ -95,6 +95,7 @@ from pgbroker.errors import ConfigurationError, ResultTooLarge, session_lost
 from pgbroker.logs import recovery
 from pgbroker.options import MAX_FIELD, checked, flag, schema_name, seconds, validated, whole
 from pgbroker.results.consumer import RESULT_COLUMNS, ResultConsumer, channel_for
+from pgbroker.results.finishing import FinishingBackend
 from pgbroker.urls import SCHEMES, mask_password, to_conninfo
 
 logger = logging.getLogger("pgbroker.results")
@@ -362,7 +363,7 @@ _BASE_META = {
 }
 
 
-class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
+class PostgresBackend(FinishingBackend, Backend, AsyncBackendMixin):  # type: ignore[misc]
     """Celery result backend storing results in PostgreSQL tables."""
 
     ResultConsumer = ResultConsumer
@@ -391,6 +392,7 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         self.result_consumer = self.ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages
         )
+        self._offer_finishes()
 
     @staticmethod
     def _url_from_conf(conf: Any) -> str:
@@ -510,8 +512,11 @@ class PostgresBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             "expires": self._expires_seconds(),
             "channel": channel_for(self.schema, task_id),
         }
-        # STARTED is advisory: the task need not wait for it to be durable.
-        self._write_result(params, defer=state == states.STARTED)
+        # A run's outcome may commit with its chain's next link and its ack
+        # (pgbroker.results.finishing); otherwise on its own. STARTED is
+        # advisory: the task need not wait for it to be durable.
+        if state not in states.READY_STATES or not self._write_finished(params):
+            self._write_result(params, defer=state == states.STARTED)
         if state in states.READY_STATES:
             self._start_expiry()
         return result

@@ -188,7 +188,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         #: Closes _connection when this consumer is collected (an app
         #: dropped without stopping its backend's consumer: Celery's
         #: ``app.close()`` does not); it holds the connection, not us.
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[..., ResultConsumer] | None = None
         self._pid = os.getpid()
         #: channel -> task id, for every channel we LISTEN on (or will).
         self._channels: dict[str, str] = {}

@@ -105,11 +105,78 @@ WHERE exchange = %(exchange)s AND routing_key = %(routing_key)s AND queue = %(qu
 SELECT queue, exchange, routing_key FROM {schema}.binding ORDER BY exchange, routing_key, queue;
 
 -- name: publish
+-- Store one message in the queues its cached route names (`queues`, with
+-- each queue's message_ttl in seconds in `ttls`), resolved by
+-- publish_routing at routing version `version` (pgbroker.broker.routing):
+-- a plain insert and its NOTIFY, no routing table read. Only when that
+-- version is still the current one (routing_version, one row, read in this
+-- statement's snapshot: 015_routing_version.sql), so the route is exactly
+-- what the tables say; otherwise (`stale`) nothing is stored, no
+-- published_task row either, and the caller runs publish_routing. The
+-- routing tables are not even in this statement: naming them costs the
+-- server a quarter of the statement's time to lock and set up, even when
+-- that part never runs. A route that goes nowhere is not sent here
+-- (publish_routing dead-letters it); deduplication and eta are as in
+-- publish_routing, below.
+WITH current_routing AS (
+    SELECT version = %(version)s::bigint AS ok FROM {schema}.routing_version
+), first_publish AS (
+    INSERT INTO {schema}.published_task AS p (
+        task_id, retries, source, exchange, routing_key)
+    SELECT %(task_id)s, %(retries)s, %(source)s, %(exchange)s, %(routing_key)s
+    WHERE %(dedup)s AND (SELECT ok FROM current_routing)
+    ON CONFLICT (task_id, retries, source) DO UPDATE SET
+        exchange = EXCLUDED.exchange, routing_key = EXCLUDED.routing_key,
+        published_at = now()
+    WHERE (p.exchange, p.routing_key) IS DISTINCT FROM (EXCLUDED.exchange, EXCLUDED.routing_key)
+    RETURNING 1
+), fresh AS (
+    SELECT NOT %(dedup)s OR EXISTS (SELECT 1 FROM first_publish) AS ok
+), stored AS (
+    INSERT INTO {schema}.message (
+        queue, state, visible_at, priority, expires_at, exchange, routing_key, task_id,
+        task_name, content_type, content_encoding, headers, properties, body)
+    SELECT c.queue,
+           CASE WHEN %(eta)s::timestamptz > now() THEN 'delayed' ELSE 'ready' END,
+           CASE WHEN %(eta)s::timestamptz > now() THEN %(eta)s::timestamptz END,
+           %(priority)s,
+           least(now() + least(make_interval(secs => %(ttl)s), make_interval(secs => c.ttl)),
+                 %(expires)s::timestamptz),
+           %(exchange)s, %(routing_key)s, %(task_id)s, %(task_name)s,
+           %(content_type)s, %(content_encoding)s, %(headers)s, %(properties)s, %(body)s
+    FROM unnest(%(queues)s::text[], %(ttls)s::float8[]) AS c(queue, ttl)
+    WHERE (SELECT ok FROM current_routing) AND (SELECT ok FROM fresh)
+    RETURNING queue, state, visible_at
+)
+SELECT (SELECT count(*) FROM stored) AS routed,
+       0 AS dead_lettered,
+       (SELECT count(pg_notify(%(channel)s, s.queue))
+        FROM (SELECT DISTINCT queue FROM stored WHERE state = 'ready') s) AS notified,
+       (SELECT count(pg_notify(%(due_channel)s,
+                               extract(epoch FROM d.due)::text || ' ' || d.queue))
+        FROM (SELECT queue, min(visible_at) AS due FROM stored
+              WHERE state = 'delayed' GROUP BY queue) d) AS notified_delayed,
+       (SELECT ok FROM current_routing) AND NOT (SELECT ok FROM fresh) AS duplicate,
+       NOT (SELECT ok FROM current_routing) AS stale;
+
+-- name: publish_routing
 -- Route one message and store a copy in every matching queue, in one
 -- statement. The anonymous exchange ('') routes to the queue named by the
 -- routing key; other exchanges route through the bindings table. A
 -- persistent message that matches nothing goes to dead_letter; a transient
 -- one, or one sent to a non-durable exchange, is dropped, as AMQP does.
+--
+-- Run when the caller has no route cached for this exchange and routing
+-- key, when its route is stale (`publish` said so), and for a cached route
+-- that goes nowhere. `queues` and `ttls` are then the targets the caller
+-- resolved at routing version `version`: when that version is still the
+-- current one (routing_version, read in this statement's snapshot), they
+-- are used as they are. Otherwise (`version` NULL; or a declaration,
+-- binding or deletion committed since) the statement resolves the route
+-- itself, as it always did, and returns the current version, the targets
+-- it found and whether the exchange has no binding at all (every key then
+-- routes nowhere), which the caller caches. Either way the route is the
+-- one of this statement's snapshot.
 --
 -- A Celery task message with a `source` (`dedup` is set for those when
 -- deduplication is on) is stored only the first time that source publishes
@@ -140,19 +207,31 @@ WITH first_publish AS (
     RETURNING 1
 ), fresh AS (
     SELECT NOT %(dedup)s OR EXISTS (SELECT 1 FROM first_publish) AS ok
+), current_routing AS (
+    SELECT version FROM {schema}.routing_version
+), cached AS (
+    SELECT %(version)s::bigint IS NOT DISTINCT FROM (SELECT version FROM current_routing) AS ok
 ), target AS (
-    SELECT q.name AS queue, q.message_ttl
-    FROM {schema}.queue q
-    WHERE %(exchange)s = '' AND q.name = %(routing_key)s
-    UNION
-    SELECT q.name, q.message_ttl
-    FROM {schema}.binding b
-    JOIN {schema}.exchange e ON e.name = b.exchange
-    JOIN {schema}.queue q ON q.name = b.queue
-    WHERE %(exchange)s <> '' AND b.exchange = %(exchange)s
-      AND (e.type = 'fanout'
-           OR (e.type = 'direct' AND b.routing_key = %(routing_key)s)
-           OR (e.type = 'topic' AND ('.' || %(routing_key)s) ~ b.pattern))
+    SELECT c.queue, make_interval(secs => c.ttl) AS message_ttl
+    FROM unnest(%(queues)s::text[], %(ttls)s::float8[]) AS c(queue, ttl)
+    WHERE (SELECT ok FROM cached)
+    UNION ALL
+    SELECT r.queue, r.message_ttl
+    FROM (
+        SELECT q.name AS queue, q.message_ttl
+        FROM {schema}.queue q
+        WHERE %(exchange)s = '' AND q.name = %(routing_key)s
+        UNION
+        SELECT q.name, q.message_ttl
+        FROM {schema}.binding b
+        JOIN {schema}.exchange e ON e.name = b.exchange
+        JOIN {schema}.queue q ON q.name = b.queue
+        WHERE %(exchange)s <> '' AND b.exchange = %(exchange)s
+          AND (e.type = 'fanout'
+               OR (e.type = 'direct' AND b.routing_key = %(routing_key)s)
+               OR (e.type = 'topic' AND ('.' || %(routing_key)s) ~ b.pattern))
+    ) r
+    WHERE NOT (SELECT ok FROM cached)
 ), stored AS (
     INSERT INTO {schema}.message (
         queue, state, visible_at, priority, expires_at, exchange, routing_key, task_id,
@@ -193,7 +272,23 @@ SELECT (SELECT count(*) FROM stored) AS routed,
                                extract(epoch FROM d.due)::text || ' ' || d.queue))
         FROM (SELECT queue, min(visible_at) AS due FROM stored
               WHERE state = 'delayed' GROUP BY queue) d) AS notified_delayed,
-       NOT (SELECT ok FROM fresh) AS duplicate;
+       NOT (SELECT ok FROM fresh) AS duplicate,
+       -- Resolved here (the cache was stale): the route to cache, at this
+       -- version. NULL when the cached targets were used.
+       (SELECT version FROM current_routing) AS version,
+       CASE WHEN NOT (SELECT ok FROM cached) THEN
+           (SELECT coalesce(array_agg(t.queue ORDER BY t.queue), '{{}}') FROM target t)
+       END AS queues,
+       CASE WHEN NOT (SELECT ok FROM cached) THEN
+           (SELECT coalesce(array_agg(extract(epoch FROM t.message_ttl)::float8
+                                      ORDER BY t.queue), '{{}}')
+            FROM target t)
+       END AS ttls,
+       -- No binding at all on this exchange: no routing key goes anywhere.
+       CASE WHEN NOT (SELECT ok FROM cached) THEN
+           %(exchange)s <> '' AND NOT EXISTS (
+               SELECT 1 FROM {schema}.binding b WHERE b.exchange = %(exchange)s)
+       END AS unbound;
 
 -- name: claim
 -- Reserve up to `limit` ready messages of one queue for this consumer, in
@@ -204,12 +299,8 @@ SELECT (SELECT count(*) FROM stored) AS routed,
 -- cannot know `limit`) fetches them by primary key instead of hashing the
 -- whole table.
 --
--- The consumer's acks made since its last statement ride along (`acks`,
--- fenced as in `ack`): they commit with the claim, one commit instead of two.
-WITH acked AS (
-    DELETE FROM {schema}.message
-    WHERE id = ANY (%(acks)s::bigint[]) AND consumer_id = %(consumer_id)s
-)
+-- The consumer's acks made since its last statement ride along: they commit
+-- with the claim, one commit instead of two (claim_durability writes them).
 UPDATE {schema}.message m
 SET state = 'reserved', consumer_id = %(consumer_id)s, claimed_at = now(),
     delivery_count = m.delivery_count + 1
@@ -239,6 +330,31 @@ BEGIN ISOLATION LEVEL READ COMMITTED;
 
 -- name: claim_immediate
 SET CONSTRAINTS ALL IMMEDIATE;
+
+-- name: claim_durability
+-- The consumer's acks made since its last statement (`acks`, fenced as in
+-- `ack`), written in the claim's transaction; then the claim's durability.
+-- A claim that removed no message (no ack, or acks whose messages a task's
+-- finish removed already, pgbroker/broker/finish.py) commits without
+-- waiting for the WAL flush (synchronous_commit off for this transaction
+-- only): if the server crashes before the flush, the claim is lost and its
+-- messages are ready again, as recovery makes a crashed consumer's messages
+-- anyway; the application may have started on them (delivered again: at
+-- least once). A claim that removed messages waits for the flush as
+-- configured: an ack lost in a crash would deliver a finished task again
+-- (docs/delivery.md, "What a server crash may undo"). Not in the claim
+-- statement itself: a WITH query that only sets it would have to be read by
+-- the UPDATE to run.
+WITH acked AS (
+    DELETE FROM {schema}.message
+    WHERE id = ANY (%(acks)s::bigint[]) AND consumer_id = %(consumer_id)s
+    RETURNING 1
+)
+SELECT set_config('synchronous_commit',
+                  CASE WHEN EXISTS (SELECT 1 FROM acked)
+                       THEN current_setting('synchronous_commit')
+                       ELSE 'off' END,
+                  true);
 
 -- name: claim_commit
 COMMIT;
@@ -279,6 +395,32 @@ RETURNING m.id, m.priority, m.delivery_count + 1, m.exchange, m.routing_key,
 -- Fenced: only the consumer that holds a message can acknowledge it.
 DELETE FROM {schema}.message
 WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s;
+
+-- name: finish_ack
+-- A task run's own message, acknowledged in the transaction that stores its
+-- result and sends its chain's next link (pgbroker/broker/finish.py):
+-- 'acked' when this delivery still held it: its consumer holds it, or the
+-- consumer's session was lost and nobody has had the message since (ready
+-- again, its delivery count not grown, as in ack_orphaned: the worker's own
+-- ack of this run would be written so, and a finish rolled back would leave
+-- the message to that ack with no result stored). 'elsewhere' when another
+-- delivery has had it since: the caller then rolls the whole finish back,
+-- which restores the row, and that delivery finishes it. No row: it was
+-- removed already (acknowledged as it was delivered, without acks_late).
+-- The row is deleted whoever holds it, and judged as deleted: the version
+-- this statement's snapshot sees may be older than the one it deletes (the
+-- claim that handed the message over may still be committing, as a claim
+-- hands its rows over before its commit: the DELETE waits for it and takes
+-- the committed version), and the lock taken keeps the answer true until
+-- the commit.
+DELETE FROM {schema}.message
+WHERE id = %(message_id)s
+RETURNING CASE WHEN state = 'reserved' AND consumer_id = %(consumer_id)s THEN 'acked'
+               WHEN state = 'ready' AND delivery_count <= %(delivery_count)s THEN 'acked'
+               ELSE 'elsewhere' END;
+
+-- name: message_exists
+SELECT EXISTS (SELECT 1 FROM {schema}.message WHERE id = %(message_id)s);
 
 -- name: requeue
 -- Fenced like ack. The message keeps its id, so it goes back to its place;

@@ -4,7 +4,11 @@ chain hand-off, max deliveries).
 pgbroker is both broker and result backend (``TEST_BROKER_URL``). Options
 come from the environment, so the test and its workers build the same app:
 ``TEST_SWEEP_INTERVAL``, ``TEST_MAX_DELIVERIES``, ``TEST_MARKER_DIR`` (where
-``kill_after_success`` keeps its marker).
+``kill_after_success`` keeps its marker), ``TEST_RESULT_SCHEMA`` (results
+in a schema of their own: a backend the broker cannot finish a task with,
+so each finish takes Celery's usual three commits),
+``TEST_KILL_BEFORE_FINISH`` (SIGKILL the worker as ``first`` finishes,
+before its finish commits, on the first delivery only).
 
 Every run of a task is recorded in the ``run_log`` table of the broker's own
 database (tests/apps/delivery_log.py).
@@ -22,6 +26,9 @@ import psycopg
 from celery import Celery
 from celery.signals import task_success
 
+from pgbroker.broker.finish import Held
+from pgbroker.results.backend import PostgresBackend
+
 BROKER_URL = os.environ["TEST_BROKER_URL"]
 
 app = Celery("delivery_app")
@@ -35,8 +42,13 @@ if "TEST_SWEEP_INTERVAL" in os.environ:
 if "TEST_MAX_DELIVERIES" in os.environ:
     _options["max_deliveries"] = int(os.environ["TEST_MAX_DELIVERIES"])
 app.conf.broker_transport_options = _options
+if "TEST_RESULT_SCHEMA" in os.environ:
+    app.conf.result_backend_transport_options = {"schema": os.environ["TEST_RESULT_SCHEMA"]}
+if "TEST_KILL_BEFORE_FINISH" in os.environ:
+    app.conf.result_backend = "tests.apps.delivery_app:KillBeforeFinish"
 app.conf.task_routes = {
     "delivery_app.second": {"queue": "second"},
+    "delivery_app.outlive_session": {"queue": "outlive"},
 }
 
 
@@ -70,10 +82,42 @@ def first(key: str) -> str:
     return f"{key} run {run}"
 
 
+@app.task(shared=False, name="delivery_app.outlive_session", acks_late=True, bind=True)
+def outlive_session(self: Any, key: str) -> str:
+    """A chain's first link that outlives its delivery's session: it runs
+    until the sweep has put its message back in its queue (the test
+    terminates the worker's consumer session meanwhile), then succeeds."""
+    run = _record("outlive_session", key)
+    deadline = time.monotonic() + 60
+    with _db() as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT state FROM pgbroker.message WHERE task_id = %s", (self.request.id,)
+            ).fetchone()
+            if row is not None and row[0] == "ready":
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the message was not put back in its queue")
+    return f"{key} run {run}"
+
+
 @app.task(shared=False, name="delivery_app.second", acks_late=True)
 def second(previous: str) -> str:
     _record("second", previous.split(" ")[0])
     return f"{previous} then second"
+
+
+@app.task(shared=False, name="delivery_app.link")
+def link(n: int) -> int:
+    """A chain link that Celery acknowledges as it is delivered."""
+    return n + 1
+
+
+@app.task(shared=False, name="delivery_app.link_late", acks_late=True)
+def link_late(n: int) -> int:
+    """A chain link acknowledged after its run (acks_late)."""
+    return n + 1
 
 
 @app.task(shared=False, name="delivery_app.kill_worker", acks_late=True)
@@ -97,8 +141,24 @@ def kill_after_success(sender: Any = None, **kwargs: Any) -> None:
     acknowledged), SIGKILL the whole worker, on the first delivery only."""
     if getattr(sender, "name", None) != "delivery_app.first":
         return
+    if "TEST_KILL_BEFORE_FINISH" in os.environ:
+        return  # killed earlier instead
     marker = Path(os.environ.get("TEST_MARKER_DIR", ".")) / "killed-after-success"
     if marker.exists():
         return
     marker.write_text(str(os.getpid()))
     os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+class KillBeforeFinish(PostgresBackend):
+    """pgbroker's backend, but the worker is SIGKILLed as ``first``'s finish
+    is about to commit (next link held, result not stored, message not
+    acknowledged), on the first delivery only."""
+
+    def _commit(self, held: Held, params: dict[str, Any] | None) -> None:
+        marker = Path(os.environ.get("TEST_MARKER_DIR", ".")) / "killed-before-finish"
+        handing_on = [m["task_name"] for _, m in held.messages] == ["delivery_app.second"]
+        if handing_on and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        super()._commit(held, params)

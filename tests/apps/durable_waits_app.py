@@ -4,9 +4,11 @@ stored-result check of DurableTask, in real worker processes.
 Bodies record what they did in tables of the broker's own database (created
 by the tests): ``span`` (one row per body run: key, pid, start and end
 times, from the database clock) and ``effect`` (one row per step body). The
-result backend is pgbroker on the same database, unless ``TEST_RESULTS`` is
-``rpc``. Files passed as arguments coordinate with the test: a task writes
-``pause_file`` when it reached the point the test waits for, and waits for
+result backend is pgbroker on the same database (in its own schema when
+``TEST_RESULTS`` is ``apart``: then a task's result and its ack do not
+commit together), unless ``TEST_RESULTS`` is ``rpc``. Files passed as
+arguments coordinate with the test: a task writes ``pause_file`` when it
+reached the point the test waits for, and waits for
 ``release_file`` to exist before going on.
 """
 
@@ -35,6 +37,8 @@ app.conf.broker_transport_options = {
 }
 app.conf.worker_prefetch_multiplier = 1
 app.conf.task_acks_late = True
+if os.environ.get("TEST_RESULTS") == "apart":
+    app.conf.result_backend_transport_options = {"schema": "results_apart"}
 app.conf.task_reject_on_worker_lost = True
 
 

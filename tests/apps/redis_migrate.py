@@ -28,7 +28,7 @@ def log_url() -> str:
 
 
 @app.task(shared=False, bind=True)
-def record(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+def record(self, *args, **kwargs):
     with psycopg.connect(log_url()) as conn:
         conn.execute(
             "INSERT INTO migrate_log (task_id, args, kwargs, priority) VALUES (%s, %s, %s, %s)",

@@ -1,0 +1,199 @@
+"""One transaction to finish a task: its result, its hand-off and its ack.
+
+When a Celery task run ends, Celery's worker sends the next link of the
+task's chain (``_dispatch_callbacks_and_chain``), then stores the result
+(``mark_as_done``), then acknowledges the task's message (with
+``acks_late``). Three commits, and a crash between them leaves a chain
+half handed over: the next link sent but the result not stored, or the
+message delivered again and the link sent twice.
+
+When pgbroker's result backend shares the broker's database and schema,
+the three commit together instead (docs/delivery.md, "What commits
+together"):
+
+* The transport does not send the next link of a chain at once: it holds
+  the publish statement's parameters here (:func:`hold`), for the task run
+  that publishes it, in this thread.
+* The backend's ``mark_as_done`` or ``mark_as_failure`` for that run
+  (:func:`take`) runs them in the transaction that stores the result, with
+  ``finish_ack`` (:file:`sql/queries.sql`), which removes the run's own
+  message if this delivery still holds it: its consumer holds it, or its
+  consumer's session was lost and nobody has had the message since (back
+  in its queue, its delivery count not grown: as ``ack_orphaned``).
+* If another delivery has had it since (claimed by another consumer after
+  this delivery's session was lost), the whole transaction rolls back: the
+  delivery that holds the message now finishes the task. So the next link
+  is stored exactly once per finished run of the message, by construction.
+
+Only the chain's next link is held: messages a task body sends while it
+runs (``other.delay()``) go out when called, as always. Held messages that
+no finish takes (a run that ends without storing an outcome) are sent the
+usual way when the run ends (:func:`release`, from the backend's
+``process_cleanup``, which Celery's worker calls after every run).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pgbroker.broker.messages import CONSUMER_ID, DELIVERY_COUNT, ORIGIN
+from pgbroker.logs import recovery
+
+logger = logging.getLogger("pgbroker.broker")
+
+
+class Finisher(Protocol):
+    """A result backend that can finish a task in one transaction (pgbroker's)."""
+
+    def database_fingerprint(self) -> str | None:
+        """Server, database and schema of its connections (``database_fingerprint``
+        in sql/enqueue.sql), or None when it cannot tell."""
+        ...
+
+
+@dataclass
+class Held:
+    """What a task run's finish commits besides its result."""
+
+    task_id: str
+    #: The delivered message: its id, the consumer that holds it, and its
+    #: delivery count with this delivery.
+    message_id: int
+    consumer_id: int
+    delivery_count: int
+    #: The task acknowledges after its run: until the finish, this delivery
+    #: holds the message.
+    acks_late: bool
+    #: (transport, parameters of ``publish_routing``), in publish order.
+    messages: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
+
+
+#: Backends that finish tasks in one transaction, with their fingerprint
+#: (None until asked).
+_finishers: weakref.WeakKeyDictionary[Any, list[str | None]] = weakref.WeakKeyDictionary()
+
+_local = threading.local()
+
+
+def offer(backend: Finisher) -> None:
+    """Called by a result backend that can finish tasks in one transaction."""
+    _finishers.setdefault(backend, [None])
+
+
+def hold(transport: Any, params: dict[str, Any], broker_fingerprint: Callable[[], str]) -> bool:
+    """Hold the publish ``params`` for the finish of the current task run if
+    they are the next link of its chain and its backend finishes it; True if
+    held (the caller sends nothing now)."""
+    state = sys.modules.get("celery._state")
+    if state is None or params["task_id"] is None:
+        return False
+    task = state.get_current_worker_task()
+    request = getattr(task, "request", None)
+    if request is None or not _is_next_link(request, params):
+        return False
+    finishable = _finishable(task, request)
+    if finishable is None or finishable.origin != broker_fingerprint():
+        return False  # results or the message elsewhere: today's path
+    held: Held | None = getattr(_local, "held", None)
+    if held is None or held.task_id != request.id:
+        release()
+        held = _local.held = finishable.held
+    held.messages.append((transport, params))
+    return True
+
+
+def own_message(task_id: str | None) -> Held | None:
+    """For the finish of a successful ``acks_late`` run of ``task_id`` that
+    held nothing: its message, to acknowledge with its result, if it came
+    from the database and schema of its backend (else None)."""
+    state = sys.modules.get("celery._state")
+    task = state.get_current_worker_task() if state is not None else None
+    request = getattr(task, "request", None)
+    if request is None or request.id != task_id or not getattr(task, "acks_late", False):
+        return None
+    finishable = _finishable(task, request)
+    return finishable.held if finishable is not None else None
+
+
+@dataclass
+class _Finishable:
+    held: Held
+    #: Where the run's message came from (ORIGIN): its backend's database.
+    origin: str
+
+
+def _finishable(task: Any, request: Any) -> _Finishable | None:
+    """The run of ``request`` can finish in one transaction: its message
+    came from a pgbroker consumer, and its backend is pgbroker's, in the
+    same database and schema."""
+    props = getattr(request, "properties", None)
+    if not isinstance(props, dict):
+        return None
+    message_id, consumer_id = props.get("delivery_tag"), props.get(CONSUMER_ID)
+    delivery_count, origin = props.get(DELIVERY_COUNT), props.get(ORIGIN)
+    if not (
+        isinstance(message_id, int)
+        and isinstance(consumer_id, int)
+        and isinstance(delivery_count, int)
+        and origin
+    ):
+        return None
+    backend: Finisher | None = getattr(task, "backend", None)
+    known = _finishers.get(backend) if backend is not None else None
+    if backend is None or known is None:
+        return None
+    if known[0] is None:
+        known[0] = backend.database_fingerprint() or ""
+    if known[0] != origin:
+        return None
+    acks_late = bool(getattr(task, "acks_late", False))
+    held = Held(request.id, message_id, consumer_id, delivery_count, acks_late)
+    return _Finishable(held, origin)
+
+
+def _is_next_link(request: Any, params: dict[str, Any]) -> bool:
+    """Whether ``params`` publish the next link of the chain of ``request``
+    (Celery sends ``chain[-1]``, frozen with its task id, as its child)."""
+    chain = getattr(request, "chain", None)
+    if not chain:
+        return False
+    options = chain[-1].get("options") if isinstance(chain[-1], dict) else None
+    return isinstance(options, dict) and options.get("task_id") == params["task_id"]
+
+
+def take(task_id: str | None) -> Held | None:
+    """What the finish of ``task_id`` must commit besides the result, if
+    anything was held for it in this thread (then it is no longer held)."""
+    held: Held | None = getattr(_local, "held", None)
+    if held is None or task_id is None or held.task_id != task_id:
+        return None
+    _local.held = None
+    return held
+
+
+def release() -> None:
+    """Send what is still held in this thread the usual way: its run ended
+    without a finish taking it (nothing a task sends may be left unsent)."""
+    held: Held | None = getattr(_local, "held", None)
+    _local.held = None
+    if held is None:
+        return
+    logger.info(
+        "task %s ended without storing its outcome: sending its %d held message(s) now",
+        held.task_id,
+        len(held.messages),
+        extra=recovery("finish_released", task_id=held.task_id, count=len(held.messages)),
+    )
+    send_separately(held)
+
+
+def send_separately(held: Held) -> None:
+    """Publish held messages on their transports' sessions, as without a finish."""
+    for transport, params in held.messages:
+        transport.run("publish_routing", **params)

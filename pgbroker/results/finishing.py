@@ -1,0 +1,237 @@
+"""The result backend's side of finishing a task in one transaction.
+
+:mod:`pgbroker.broker.finish` holds the next link of a chain that a task
+run sends as it ends; this mixin of
+:class:`pgbroker.results.backend.PostgresBackend` commits it with the run's
+success (``mark_as_done``) and the ack of the run's own message
+(``finish_ack``), in one transaction on the backend's connection. A
+successful ``acks_late`` run that hands nothing on commits its result and
+its ack together too. Failures, runs of messages from another database or
+schema, and a backend elsewhere: the usual path, unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import psycopg
+from celery import states
+
+from pgbroker.broker import enqueue, finish
+from pgbroker.broker.messages import log_publish_outcome
+from pgbroker.database import queries
+from pgbroker.logs import recovery
+
+logger = logging.getLogger("pgbroker.results")
+
+T = TypeVar("T")
+
+
+class _NotOurs(Exception):
+    """Another delivery has had the run's message since: roll back."""
+
+
+class _FinishedAlready(Exception):
+    """An ``acks_late`` run's message is gone: a finish removed it (this
+    one, whose commit's reply was lost before the pool ran it again, or
+    another delivery's). Nothing more to write."""
+
+
+class FinishingBackend:
+    """Mark a task done or failed together with what it hands on."""
+
+    schema: str
+    _finishing: threading.local
+
+    if TYPE_CHECKING:  # PostgresBackend's
+
+        def _run(self, fn: Callable[[psycopg.Connection], T]) -> T: ...
+
+        def _write_result(self, params: dict[str, Any], defer: bool) -> None: ...
+
+        queries: Any
+
+    def _offer_finishes(self) -> None:
+        self._finishing = threading.local()
+        self._broker_sql: Any = None
+        finish.offer(self)
+
+    def process_cleanup(self) -> None:
+        """After each task run (Celery's worker calls it): anything still
+        held for a run that stored no outcome goes out now."""
+        finish.release()
+
+    def _broker_queries(self) -> Any:
+        """The broker's statements in this backend's schema (a finish runs
+        only where the broker's schema is this one)."""
+        if self._broker_sql is None:
+            self._broker_sql = queries.for_schema(self.schema, "queries.sql")
+        return self._broker_sql
+
+    def database_fingerprint(self) -> str | None:
+        try:
+            return self._run(lambda conn: enqueue.fingerprint(conn, self.schema)[0])
+        except psycopg.Error:
+            return None  # unknown: never finish in one transaction
+
+    def mark_as_done(
+        self,
+        task_id: str,
+        result: Any,
+        request: Any = None,
+        store_result: bool = True,
+        state: str = states.SUCCESS,
+    ) -> None:
+        held = finish.take(task_id) or finish.own_message(task_id)
+        with _Finish(self, held):
+            super().mark_as_done(task_id, result, request, store_result, state)  # type: ignore[misc]
+
+    def mark_as_failure(
+        self,
+        task_id: str,
+        exc: Any,
+        traceback: Any = None,
+        request: Any = None,
+        store_result: bool = True,
+        call_errbacks: bool = True,
+        state: str = states.FAILURE,
+    ) -> None:
+        # A failure's message is Celery's to acknowledge, reject or requeue
+        # (acks_on_failure_or_timeout, reject_on_worker_lost): a next link
+        # held as the run succeeded, whose success could not be stored
+        # (EncodeError), goes out as it did before the finish existed.
+        held = finish.take(task_id)
+        if held is not None:
+            finish.send_separately(held)
+        super().mark_as_failure(  # type: ignore[misc]
+            task_id, exc, traceback, request, store_result, call_errbacks, state
+        )
+
+    def _write_finished(self, params: dict[str, Any]) -> bool:
+        """Store ``params`` (a ready state) with what the current finish
+        holds, if anything: True if done (or given up because another
+        delivery holds the message), False for the usual path."""
+        held: finish.Held | None = getattr(self._finishing, "held", None)
+        if held is None or params["task_id"] != held.task_id:
+            return False
+        self._finishing.held = None
+        self._commit(held, params)
+        return True
+
+    def _commit(self, held: finish.Held, params: dict[str, Any] | None) -> None:
+        """One transaction: ack the run's message (if this delivery holds
+        it), send the held messages, store the result (``params``, if any).
+
+        When this delivery held the message until now ('acked') and it is
+        the message's first, the held messages need no publish
+        deduplication: the message cannot be delivered again after the
+        commit, and before it no run sent anything. A redelivery keeps it
+        (an earlier run may have sent its link the usual way, as after a
+        failed finish, and lost its ack); so does a message gone already
+        (acknowledged as it was delivered: a delivery whose early ack was
+        lost may be finishing too). With ``acks_late`` a message gone means
+        finished (only a finish removes a message its delivery holds, and
+        purges leave held messages alone): this finish writes nothing.
+        """
+        ack = {
+            "message_id": held.message_id,
+            "consumer_id": held.consumer_id,
+            "delivery_count": held.delivery_count,
+        }
+        first = held.delivery_count == 1
+        published: list[tuple[Any, dict[str, Any]]] = []
+
+        def write(conn: psycopg.Connection) -> None:
+            published.clear()
+            with conn.transaction():
+                row = conn.execute(self._broker_queries()["finish_ack"], ack).fetchone()
+                outcome = "gone" if row is None else row[0]
+                if outcome == "elsewhere":
+                    raise _NotOurs
+                if outcome == "gone" and held.acks_late:
+                    raise _FinishedAlready
+                for t, message in held.messages:
+                    if outcome == "acked" and first:
+                        message = {**message, "dedup": False}
+                    published.append(
+                        (enqueue.run_on(conn, t, "publish_routing", **message), message)
+                    )
+                if params is not None:
+                    conn.execute(self.queries["store_result"], params)
+
+        try:
+            self._run(write)
+        except _NotOurs:
+            logger.warning(
+                "task %s finished, but its message is no longer held by this delivery "
+                "(the worker's session was lost and another consumer has had the message "
+                "since): its outcome and next link are left to the delivery that has it now",
+                held.task_id,
+                extra=recovery("finish_dropped", task_id=held.task_id, reason="not held"),
+            )
+            return
+        except _FinishedAlready:
+            logger.info(
+                "task %s: its message was acknowledged by a finish already (a commit whose "
+                "reply was lost, or another delivery's): nothing more to write",
+                held.task_id,
+                extra=recovery("finish_done_already", task_id=held.task_id, reason="gone"),
+            )
+            return
+        except psycopg.Error as exc:
+            self._after_failed_commit(held, params, exc)
+            return
+        for row, message in published:
+            if row:
+                log_publish_outcome(row, message)
+
+    def _after_failed_commit(
+        self, held: finish.Held, params: dict[str, Any] | None, exc: psycopg.Error
+    ) -> None:
+        """The finish failed, or its commit's reply was lost. With acks_late
+        the message tells which: gone, the finish committed (only it removes
+        a message this delivery holds); there, it did not. Then, or without
+        acks_late, the usual path: a result stored again is the same, and
+        publish deduplication stores a link sent twice once."""
+        if held.acks_late:
+            check = {"message_id": held.message_id}
+            query = self._broker_queries()["message_exists"]
+            row = self._run(lambda conn: conn.execute(query, check).fetchone())
+            if row is not None and not row[0]:
+                return  # committed
+        logger.warning(
+            "task %s: finishing in one transaction failed (%s): storing its outcome "
+            "and sending its next link separately",
+            held.task_id,
+            exc,
+            extra=recovery("finish_separately", task_id=held.task_id, reason=type(exc).__name__),
+        )
+        finish.send_separately(held)
+        if params is not None:
+            self._write_result(params, defer=False)
+
+
+class _Finish:
+    """While the backend marks a task done or failed: what it must commit
+    with the outcome. If no ready state was stored (``ignore_result``), the
+    ack and the held messages commit on their own when it ends."""
+
+    def __init__(self, backend: FinishingBackend, held: finish.Held | None) -> None:
+        self.backend = backend
+        self.held = held
+
+    def __enter__(self) -> None:
+        self.backend._finishing.held = self.held
+
+    def __exit__(self, *exc: object) -> None:
+        held: finish.Held | None = getattr(self.backend._finishing, "held", None)
+        self.backend._finishing.held = None
+        if held is None:
+            return
+        if exc[0] is not None:
+            finish.send_separately(held)  # the outcome failed: as without a finish
+            return
+        self.backend._commit(held, None)
