@@ -290,6 +290,34 @@ def test_get_is_woken_by_notify(app: Celery) -> None:
     assert time.monotonic() - started < 2
 
 
+def test_get_raises_a_parents_failure_stored_during_its_first_check(app: Celery) -> None:
+    """AsyncResult.get() of a chain's last link raises a failed parent's
+    error (follow_parents): it checks the parents once, then through
+    on_interval after each wait. Here the worker ends the chain between that
+    first check and the first look at the link's own state: the parent
+    fails, and the link is failed by it (as a chord body gets ChordError).
+    The parent's error must win, as when get() has to wait (Celery's
+    test_chord_error_propagation_with_different_body_types)."""
+    b = app.backend
+    worker = make_app(app.conf.result_backend).backend
+
+    class FailsAfterFirstLook(type(app.AsyncResult("x"))):  # type: ignore[misc]
+        looks = 0
+
+        def maybe_throw(self, *args: Any, **kwargs: Any) -> Any:
+            FailsAfterFirstLook.looks += 1
+            value = super().maybe_throw(*args, **kwargs)  # PENDING: nothing to raise
+            if FailsAfterFirstLook.looks == 1:
+                worker.mark_as_failure("parent-1", KeyError("the parent's"))
+                worker.mark_as_failure("link-1", ValueError("the link's"))
+            return value
+
+    parent = FailsAfterFirstLook("parent-1", backend=b, app=app)
+    link = app.AsyncResult("link-1", parent=parent)
+    with pytest.raises(KeyError, match="the parent's"):
+        link.get(timeout=10)
+
+
 def test_threads_share_a_thread_safe_backend(db_url: str) -> None:
     app = make_app(db_url, result_backend_thread_safe=True)
     writer = make_app(db_url).backend

@@ -244,7 +244,7 @@ def _parse_junit(path: Path) -> list[Outcome]:
 
 def run_module(
     system: System, suite_dir: Path, path: str, label: str, out: Path,
-    redis_host_port: tuple[str, int], reruns: int | None,
+    redis_host_port: tuple[str, int], reruns: int | None, keyword: str | None = None,
 ) -> ModuleRun:
     junit = out / f"{system.name}-{label}.xml"
     log = out / f"{system.name}-{label}.log"
@@ -268,6 +268,8 @@ def run_module(
     ]
     if reruns is not None:
         cmd.append(f"--force-reruns={reruns}")
+    if keyword:
+        cmd += ["-k", keyword]
     started = time.monotonic()
     with open(log, "wb") as fh:
         try:
@@ -376,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true",
                    help="exit 1 when a pgbroker failure is not listed in compat/upstream/known.py")
     p.add_argument("--list", action="store_true", help="list the Celery modules and exit")
+    p.add_argument("-k", "--keyword",
+                   help="only the tests pytest's -k selects (to reproduce one failure)")
     a = p.parse_args(argv)
 
     celery_sdist, kombu_sdist = fetch(a.cache)
@@ -417,10 +421,10 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for m in wanted:
                 runs.append(run_module(system, celery_dir, f"t/integration/test_{m}.py",
-                                       f"celery:{m}", out, redis_hp, reruns))
+                                       f"celery:{m}", out, redis_hp, reruns, a.keyword))
             if a.kombu:
                 runs.append(run_module(system, kombu_dir, "t/integration/test_upstream_kombu.py",
-                                       "kombu:common", out, redis_hp, reruns))
+                                       "kombu:common", out, redis_hp, reruns, a.keyword))
             return runs
 
         runs: list[ModuleRun] = []

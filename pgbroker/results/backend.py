@@ -742,6 +742,26 @@ class PostgresBackend(FinishingBackend, Backend, AsyncBackendMixin):  # type: ig
         super().forget(task_id)
         self.result_consumer.cancel_for(task_id)
 
+    def _wait_for_pending(
+        self, result: Any, on_interval: Callable[[], None] | None = None, **kwargs: Any
+    ) -> Iterator[None]:
+        """Celery's wait, with ``on_interval`` called at least once.
+
+        ``AsyncResult.get()`` raises a failed parent's error (follow_parents)
+        by checking the parents before it waits and then through
+        ``on_interval``, which Celery's loop calls only after a wait. A
+        result found ready at the first look skips it: when the worker
+        fails the parent and then this link (a chord body gets ChordError)
+        between get()'s first check and that look, get() raised the link's
+        error instead of the parent's, a race Redis's backend has too.
+        """
+        waited = False
+        for _ in super()._wait_for_pending(result, on_interval=on_interval, **kwargs):
+            waited = True
+            yield
+        if on_interval is not None and not waited:
+            on_interval()
+
     def get_many(
         self,
         task_ids: Iterable[str],
