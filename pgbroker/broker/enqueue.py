@@ -116,16 +116,6 @@ def active_connection() -> psycopg.Connection | None:
     return _target.get()
 
 
-def run_on(conn: psycopg.Connection, transport: _Transport, query: str, **params: Any) -> Any:
-    """Run the transport's ``query`` on ``conn``, one of pgbroker's own
-    connections to the broker's database and schema, in its transaction;
-    its row. Errors stay psycopg's (``enqueue_in`` translates them for a
-    caller's connection: a lost connection here is pgbroker's to handle)."""
-    with conn.cursor(row_factory=tuple_row) as cur:
-        cur.execute(transport.queries[query], params)
-        return cur.fetchone() if cur.description else None
-
-
 def runner(transport: _Transport) -> _Runner:
     """Where ``Transport.publish`` runs its statement: the transport itself,
     or the connection of the innermost active ``enqueue_in`` block."""

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from celery import states
+from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 
 from pgbroker.broker import enqueue, finish
 from pgbroker.broker.messages import log_publish_outcome
@@ -125,42 +127,62 @@ class FinishingBackend:
         """One transaction: ack the run's message (if this delivery holds
         it), send the held messages, store the result (``params``, if any).
 
-        When this delivery held the message until now ('acked') and it is
-        the message's first, the held messages need no publish
-        deduplication: the message cannot be delivered again after the
-        commit, and before it no run sent anything. A redelivery keeps it
-        (an earlier run may have sent its link the usual way, as after a
-        failed finish, and lost its ack); so does a message gone already
-        (acknowledged as it was delivered: a delivery whose early ack was
-        lost may be finishing too). With ``acks_late`` a message gone means
-        finished (only a finish removes a message its delivery holds, and
-        purges leave held messages alone): this finish writes nothing.
+        Pipelined (two round trips, whatever it holds): BEGIN, the ack, the
+        publishes and the result go in one batch, the ack's outcome is read
+        with their replies, then COMMIT, or ROLLBACK when the outcome says
+        this delivery must write nothing.
+
+        The held messages skip publish deduplication only for the first
+        delivery of an ``acks_late`` message whose ack here finds it held
+        ('acked'): it cannot be delivered again after the commit, and
+        before it no run sent anything. Any other outcome of such a finish
+        rolls it back: with ``acks_late`` a message gone means finished
+        (only a finish removes a message its delivery holds, and purges
+        leave held messages alone), and 'elsewhere' leaves it to the
+        delivery that has it now. A redelivery keeps deduplication (an
+        earlier run may have sent its link the usual way, as after a failed
+        finish, and lost its ack), and so does a run without ``acks_late``
+        (its message acknowledged as it was delivered: a delivery whose
+        early ack was lost may be finishing too).
         """
         ack = {
             "message_id": held.message_id,
             "consumer_id": held.consumer_id,
             "delivery_count": held.delivery_count,
         }
-        first = held.delivery_count == 1
+        skip_dedup = held.acks_late and held.delivery_count == 1
         published: list[tuple[Any, dict[str, Any]]] = []
 
         def write(conn: psycopg.Connection) -> None:
             published.clear()
-            with conn.transaction():
-                row = conn.execute(self._broker_queries()["finish_ack"], ack).fetchone()
-                outcome = "gone" if row is None else row[0]
-                if outcome == "elsewhere":
-                    raise _NotOurs
-                if outcome == "gone" and held.acks_late:
-                    raise _FinishedAlready
-                for t, message in held.messages:
-                    if outcome == "acked" and first:
-                        message = {**message, "dedup": False}
-                    published.append(
-                        (enqueue.run_on(conn, t, "publish_routing", **message), message)
-                    )
-                if params is not None:
-                    conn.execute(self.queries["store_result"], params)
+            sent: list[tuple[psycopg.Cursor[Any], dict[str, Any]]] = []
+            # BEGIN and COMMIT by hand on this autocommit session: psycopg's
+            # transaction() in a pipeline syncs once more as it ends.
+            try:
+                with conn.pipeline():
+                    conn.execute("BEGIN")
+                    acked = conn.cursor(row_factory=tuple_row)
+                    acked.execute(self._broker_queries()["finish_ack"], ack)
+                    for t, message in held.messages:
+                        if skip_dedup:
+                            message = {**message, "dedup": False}
+                        cur = conn.cursor(row_factory=tuple_row)
+                        cur.execute(t.queries["publish_routing"], message)
+                        sent.append((cur, message))
+                    if params is not None:
+                        conn.execute(self.queries["store_result"], params)
+                    row = acked.fetchone()  # the first round trip: all of the above
+                    outcome = "gone" if row is None else row[0]
+                    if outcome == "elsewhere":
+                        raise _NotOurs
+                    if outcome == "gone" and held.acks_late:
+                        raise _FinishedAlready
+                    published.extend((cur.fetchone(), message) for cur, message in sent)
+                    conn.execute("COMMIT")  # the second, as the pipeline ends
+            except BaseException:
+                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
+                raise
 
         try:
             self._run(write)

@@ -1,0 +1,131 @@
+"""Round trips of a task's finish (pgbroker/results/finishing.py).
+
+The finish is pipelined: its ack, the messages it hands on and the result
+go to the server in one batch, then COMMIT: two round trips however many
+messages it holds. The first test fails if the statements go one by one
+again (seven round trips here, one per statement with BEGIN and COMMIT);
+the second, if a finish that must write nothing leaves anything behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from celery import Celery, states
+from kombu import Connection, Producer, Queue
+
+from pgbroker.broker import finish
+from pgbroker.broker.messages import CONSUMER_ID, DELIVERY_COUNT
+from pgbroker.database.pools import close_app
+
+QUEUE = "finish_round_trips"
+TASK_ID = "finish-rt-1"
+#: psycopg's generators that wait for a pipeline's replies (psycopg is
+#: pinned: pyproject.toml; .ci/run runs this test on the newest release too).
+REPLIES = {"BasePipeline._fetch_gen", "BasePipeline._sync_gen", "BasePipeline._exit_gen"}
+
+
+@pytest.fixture
+def app(db_url: str) -> Iterator[Celery]:
+    app = Celery("t", broker=db_url, backend=db_url, set_as_current=False)
+    yield app
+    app.backend.result_consumer.stop()
+    close_app(app)
+
+
+def finish_a_run(
+    app: Celery, db_url: str, monkeypatch: pytest.MonkeyPatch, consumer_shift: int = 0
+) -> list[str]:
+    """Deliver a message (acks_late), hold three messages its run hands on,
+    and store the run's result with them; the finish's round trips. With
+    ``consumer_shift``, the finish says another consumer holds the message."""
+    backend = app.backend
+    with Connection(db_url) as conn:
+        channel = conn.channel()
+        queue = Queue(QUEUE)
+        queue(channel).declare()
+        producer = Producer(channel)
+        producer.publish({"run": 1}, routing_key=QUEUE)
+        delivered = queue(channel).get()
+        assert delivered is not None
+        props = delivered.properties
+        handed_on: list[tuple[Any, dict[str, Any]]] = []
+
+        def hold(transport: Any, params: dict[str, Any], _fingerprint: Any) -> bool:
+            handed_on.append((transport, params))
+            return True
+
+        with monkeypatch.context() as m:
+            m.setattr(finish, "hold", hold)
+            for i in range(3):
+                producer.publish({"i": i}, routing_key=QUEUE)
+        assert len(handed_on) == 3
+        held = finish.Held(
+            TASK_ID,
+            delivered.delivery_tag,
+            props[CONSUMER_ID] + consumer_shift,
+            props[DELIVERY_COUNT],
+            acks_late=True,
+            messages=handed_on,
+        )
+
+        waits: list[str] = []
+        finishing: list[psycopg.Connection] = []
+        real_run, real_wait = backend._run, psycopg.Connection.wait
+
+        def run(fn: Any) -> Any:
+            def on(conn: psycopg.Connection) -> Any:
+                finishing.append(conn)
+                try:
+                    return fn(conn)
+                finally:
+                    finishing.remove(conn)
+
+            return real_run(on)
+
+        def wait(self: psycopg.Connection, gen: Any, *args: Any, **kwargs: Any) -> Any:
+            # A round trip: a statement outside a pipeline, or a pipeline's
+            # wait for replies (in a pipeline, a statement is only sent).
+            if self in finishing and (self._pipeline is None or gen.__qualname__ in REPLIES):
+                waits.append(gen.__qualname__)
+            return real_wait(self, gen, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(backend, "_run", run)
+            m.setattr(psycopg.Connection, "wait", wait)
+            backend._finishing.held = held
+            backend.store_result(TASK_ID, 42, states.SUCCESS)
+    return waits
+
+
+def bodies(db: psycopg.Connection) -> list[str]:
+    rows = db.execute(
+        "SELECT convert_from(body, 'utf8') FROM pgbroker.message WHERE queue = %s ORDER BY id",
+        (QUEUE,),
+    ).fetchall()
+    return [b for (b,) in rows]
+
+
+def test_a_finish_is_two_round_trips_whatever_it_holds(
+    app: Celery, db_url: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits = finish_a_run(app, db_url, monkeypatch)
+    assert waits == ["BasePipeline._fetch_gen", "BasePipeline._exit_gen"], waits
+    assert app.AsyncResult(TASK_ID).get(timeout=10) == 42
+    # The run's message acknowledged; the three handed on, in order.
+    assert bodies(db) == ['{"i": 0}', '{"i": 1}', '{"i": 2}']
+
+
+def test_a_finish_whose_message_is_held_elsewhere_writes_nothing(
+    app: Celery, db_url: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finish_a_run(app, db_url, monkeypatch, consumer_shift=1000)
+    # Rolled back: no result, nothing handed on, the run's message kept.
+    assert db.execute("SELECT count(*) FROM pgbroker.task_result").fetchone() == (0,)
+    assert bodies(db) == ['{"run": 1}']
+    # The backend's sessions are usable afterwards (none left in a transaction).
+    app.backend.store_result("other", 7, states.SUCCESS)
+    assert app.AsyncResult("other").get(timeout=10) == 7
