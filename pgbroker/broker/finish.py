@@ -86,6 +86,17 @@ def offer(backend: Finisher) -> None:
     _finishers.setdefault(backend, [None])
 
 
+def backend_origin(backend: Finisher) -> str | None:
+    """Server, database and schema of a backend that offered to finish
+    tasks (asked once, "" when it cannot tell); None for any other."""
+    known = _finishers.get(backend)
+    if known is None:
+        return None
+    if known[0] is None:
+        known[0] = backend.database_fingerprint() or ""
+    return known[0]
+
+
 def hold(transport: Any, params: dict[str, Any], broker_fingerprint: Callable[[], str]) -> bool:
     """Hold the publish ``params`` for the finish of the current task run if
     they are the next link of its chain and its backend finishes it; True if
@@ -145,12 +156,7 @@ def _finishable(task: Any, request: Any) -> _Finishable | None:
     ):
         return None
     backend: Finisher | None = getattr(task, "backend", None)
-    known = _finishers.get(backend) if backend is not None else None
-    if backend is None or known is None:
-        return None
-    if known[0] is None:
-        known[0] = backend.database_fingerprint() or ""
-    if known[0] != origin:
+    if backend is None or backend_origin(backend) != origin:
         return None
     acks_late = bool(getattr(task, "acks_late", False))
     held = Held(request.id, message_id, consumer_id, delivery_count, acks_late)

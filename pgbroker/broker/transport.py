@@ -79,7 +79,7 @@ from psycopg import pq
 from psycopg.adapt import Transformer
 from psycopg.types.json import set_json_loads
 
-from pgbroker.broker import enqueue, finish, sweeper
+from pgbroker.broker import enqueue, finish, header, sweeper
 from pgbroker.broker.channel import Channel, check_name
 from pgbroker.broker.consumer import ConsumerSession
 from pgbroker.broker.delayed import DelayedDelivery, due_channel_for
@@ -513,6 +513,22 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
             queues=list(route.queues) if route is not None else [],
             ttls=list(route.ttls) if route is not None else [],
         )
+        # A task of a chord's header: held, and sent with the whole header
+        # and its chord row in one transaction (pgbroker/broker/header.py).
+        chord_header = header.current() if own_session else None
+        if chord_header is not None:
+            if chord_header.takes(params, self._fingerprint):
+                chord_header.messages.append(params)
+                if chord_header.last_next:
+                    try:
+                        self._send_header(chord_header)
+                    except BaseException:
+                        chord_header.messages.pop()  # Kombu's retry of this publish sends it all
+                        raise
+                    header.close()
+                return
+            self._send_header(chord_header)  # as Celery sent it; this publish as usual
+            header.close()
         # The next link of a chain, sent by a task run as it finishes:
         # held for the transaction that stores the run's result.
         if own_session and finish.hold(self, params, self._fingerprint):
@@ -533,6 +549,43 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
             self._routes.learn(epoch, row[5], exchange, routing_key, row[6], row[7], row[8])
         if row:
             log_publish_outcome(row, params)
+
+    def _send_header(self, chord_header: header.Header) -> None:
+        """Write a chord's row and what is held of its header (then its
+        size, if set) in one pipelined transaction: one round trip, one
+        commit. With the backend in another database (a surprise: the
+        header was opened by a backend there), each on its own side."""
+        if chord_header.origin() != self._fingerprint():
+            chord_header.run_elsewhere(chord_header.statements)
+            chord_header.statements = []  # a retry does not write them again
+            while chord_header.messages:
+                params = chord_header.messages[0]
+                row = self.run("publish_routing", **params)
+                chord_header.messages.pop(0)
+                if row:
+                    log_publish_outcome(row, params)
+            return
+        sent: list[tuple[psycopg.Cursor[Any], dict[str, Any]]] = []
+        with self._io, self._statements():
+            conn = self.conn
+            try:
+                with conn.pipeline():
+                    conn.execute("BEGIN")
+                    for statement, params in chord_header.statements:
+                        conn.execute(statement, params)
+                    for params in chord_header.messages:
+                        cur = conn.cursor()
+                        cur.execute(self._sql["publish_routing"], params)
+                        sent.append((cur, params))
+                    conn.execute("COMMIT")
+            except BaseException:
+                if not conn.closed and conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
+                raise
+            rows = [(cur.fetchone(), params) for cur, params in sent]
+        for row, params in rows:
+            if row:
+                log_publish_outcome(row, params)
 
     def _fingerprint(self) -> str:
         """Server, database and schema of this session (sql/enqueue.sql)."""

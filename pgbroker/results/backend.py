@@ -85,10 +85,13 @@ from celery.backends.asynchronous import AsyncBackendMixin
 from celery.backends.base import Backend, _create_chord_error_with_cause
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
-from celery.result import GroupResult, allow_join_result, result_from_tuple
+from celery.result import AsyncResult, GroupResult, allow_join_result, result_from_tuple
 from celery.utils.functional import _regen
 from kombu.serialization import dumps, loads
 
+from pgbroker.appconfig import pgbroker_url
+from pgbroker.broker import enqueue, finish
+from pgbroker.broker import header as chord_header
 from pgbroker.database import pipeline, pools, queries
 from pgbroker.database.sessions import connect
 from pgbroker.errors import ConfigurationError, ResultTooLarge, session_lost
@@ -142,6 +145,16 @@ class BackendOptions:
 
 
 # --- one pool per process (pgbroker.database.pools) ------------------------------------------
+
+
+def _flat(results: Any) -> bool:
+    """Each part of a chord's header is one task, sent as one message (a
+    chain's or a chord's result has a parent, a group's is a set)."""
+    return (
+        not isinstance(results, _regen)
+        and bool(results)
+        and all(isinstance(r, AsyncResult) and r.parent is None for r in results)
+    )
 
 
 def _pool_for(url: str, options: BackendOptions) -> psycopg_pool.ConnectionPool:
@@ -851,13 +864,36 @@ class PostgresBackend(FinishingBackend, Backend, AsyncBackendMixin):  # type: ig
         # come from the recorded parts.
         if not isinstance(results, _regen) and any(isinstance(r, GroupResult) for r in results):
             header = self._dump(((group_id, None), [r.as_tuple() for r in results]))
-        self._execute(
-            "chord_start",
-            {"group_id": group_id, "header": header and header[0]},
-        )
+        params = {"group_id": group_id, "header": header and header[0]}
+        if (
+            _flat(results)
+            and enqueue.active_connection() is None
+            and pgbroker_url(self.app.conf.broker_url) is not None
+        ):
+            # Sent with its header, in one transaction (pgbroker/broker/header.py):
+            # pgbroker's transport sends the header, and it writes the row
+            # where this backend is if not in its own database.
+            chord_header.start(
+                group_id,
+                (self.queries["chord_start"], params),
+                origin=lambda: finish.backend_origin(self),
+                run_elsewhere=self._run_statements,
+            )
+            return
+        self._execute("chord_start", params)
 
     def set_chord_size(self, group_id: str, chord_size: int) -> None:
-        self._execute("chord_set_size", {"group_id": group_id, "size": chord_size})
+        params = {"group_id": group_id, "size": chord_size}
+        if not chord_header.size_set(group_id, (self.queries["chord_set_size"], params)):
+            self._execute("chord_set_size", params)
+
+    def _run_statements(self, statements: list[tuple[Any, dict[str, Any]]]) -> None:
+        def run(conn: psycopg.Connection) -> None:
+            with conn.transaction():
+                for statement, params in statements:
+                    conn.execute(statement, params)
+
+        self._run(run)
 
     def add_to_chord(self, group_id: str, result: Any) -> None:
         self._execute("chord_add", {"group_id": group_id})

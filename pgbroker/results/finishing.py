@@ -23,6 +23,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
 from pgbroker.broker import enqueue, finish
+from pgbroker.broker import header as chord_header
 from pgbroker.broker.messages import log_publish_outcome
 from pgbroker.database import queries
 from pgbroker.logs import recovery
@@ -63,8 +64,10 @@ class FinishingBackend:
 
     def process_cleanup(self) -> None:
         """After each task run (Celery's worker calls it): anything still
-        held for a run that stored no outcome goes out now."""
+        held for a run that stored no outcome goes out now; a chord header
+        the run stopped sending is dropped."""
         finish.release()
+        chord_header.discard()
 
     def _broker_queries(self) -> Any:
         """The broker's statements in this backend's schema (a finish runs
