@@ -21,7 +21,21 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 def _texts(filename: str = "queries.sql") -> dict[str, str]:
     text = resources.files("pgbroker.sql").joinpath(filename).read_text("utf-8")
     parts = _NAME.split(text)[1:]
-    return {name: body.strip() for name, body in zip(parts[::2], parts[1::2], strict=False)}
+    return {name: _compact(body) for name, body in zip(parts[::2], parts[1::2], strict=False)}
+
+
+def _compact(body: str) -> str:
+    """A statement as sent: without its comment lines and indentation.
+
+    The comments are for the reader of the .sql file. psycopg caches its
+    parsing of a query's placeholders only for queries up to 4,096 bytes
+    (``MAX_CACHED_STATEMENT_LENGTH``); ``publish_routing`` with its comments
+    is 7 KB, and parsing it again cost about 0.6 ms of the client's CPU on
+    every publish that ran it. (No statement has a string literal or a
+    dollar-quoted body spanning lines, where this would change it.)
+    """
+    lines = (line.strip() for line in body.splitlines())
+    return "\n".join(line for line in lines if line and not line.startswith("--"))
 
 
 @lru_cache(maxsize=16)
