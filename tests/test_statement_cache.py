@@ -36,7 +36,8 @@ def test_statements_fit_psycopgs_parse_cache(filename: str) -> None:
     assert too_long == {}
 
 
-def test_comments_and_indentation_are_not_sent() -> None:
+def test_statements_are_sent_named_without_comments_and_indentation() -> None:
     text = queries._texts("queries.sql")["publish_routing"]
+    assert text.startswith("/* pgbroker publish_routing */\n")
     assert "--" not in text
     assert all(line == line.strip() for line in text.splitlines())

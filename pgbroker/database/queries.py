@@ -21,11 +21,13 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 def _texts(filename: str = "queries.sql") -> dict[str, str]:
     text = resources.files("pgbroker.sql").joinpath(filename).read_text("utf-8")
     parts = _NAME.split(text)[1:]
-    return {name: _compact(body) for name, body in zip(parts[::2], parts[1::2], strict=False)}
+    return {name: _compact(name, body) for name, body in zip(parts[::2], parts[1::2], strict=False)}
 
 
-def _compact(body: str) -> str:
-    """A statement as sent: without its comment lines and indentation.
+def _compact(name: str, body: str) -> str:
+    """A statement as sent: named in a leading ``/* pgbroker NAME */`` (what
+    pg_stat_activity, the server's log and pg_stat_statements show), without
+    its comment lines and indentation.
 
     The comments are for the reader of the .sql file. psycopg caches its
     parsing of a query's placeholders only for queries up to 4,096 bytes
@@ -35,7 +37,8 @@ def _compact(body: str) -> str:
     dollar-quoted body spanning lines, where this would change it.)
     """
     lines = (line.strip() for line in body.splitlines())
-    return "\n".join(line for line in lines if line and not line.startswith("--"))
+    code = "\n".join(line for line in lines if line and not line.startswith("--"))
+    return f"/* pgbroker {name} */\n{code}"
 
 
 @lru_cache(maxsize=16)
