@@ -505,7 +505,8 @@ def test_replayed_message_is_consumed_intact(url: str, db_url: str, db: psycopg.
                 "SELECT count(*) FROM pgbroker.consumer_queue q"
                 " JOIN pgbroker.consumer c ON c.id = q.consumer_id"
                 " JOIN pg_stat_activity a ON a.pid = c.backend_pid"
-                " WHERE a.state = 'idle' AND a.query = 'COMMIT;'",
+                " WHERE a.state = 'idle'"
+                " AND starts_with(a.query, '/* pgbroker claim_commit */')",
             ),
             15,
         )
