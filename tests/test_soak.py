@@ -308,8 +308,18 @@ def test_published_task_stays_flat_at_peak_publish_rate(
         # Rows live the window, plus up to a sweep interval, plus a second
         # of slack for a loaded machine.
         assert rows <= rate * (DEDUP_WINDOW + 1.0 + 1.0) + 500, (rate, rows)
-    reference = rounds[1][2]
-    assert all(s <= max(reference * FACTOR, reference + SLACK) for _, _, s in rounds[2:]), rounds
+    # The table's size is the high-water mark of its live rows, which is
+    # the publish rate times the window: a round published faster (CI's
+    # load falls as other tests end: 380 tasks/s in round 1, 770 in round
+    # 4 once) may hold proportionally more. So round 2's size is scaled by
+    # the fastest rate so far against round 2's; at a steady rate the bound
+    # is round 2's size times FACTOR, and a table that grows because
+    # pruning falls behind still fails it.
+    ref_rate, _, reference = rounds[1]
+    for n in range(2, len(rounds)):
+        scale = max(1.0, max(rate for rate, _, _ in rounds[: n + 1]) / ref_rate)
+        size = rounds[n][2]
+        assert size <= max(reference * scale * FACTOR, reference * scale + SLACK), rounds
 
 
 #: Rows of the pruning backlog (three times what the old pruning could do
