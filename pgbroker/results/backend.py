@@ -147,16 +147,6 @@ class BackendOptions:
 # --- one pool per process (pgbroker.database.pools) ------------------------------------------
 
 
-def _flat(results: Any) -> bool:
-    """Each part of a chord's header is one task, sent as one message (a
-    chain's or a chord's result has a parent, a group's is a set)."""
-    return (
-        not isinstance(results, _regen)
-        and bool(results)
-        and all(isinstance(r, AsyncResult) and r.parent is None for r in results)
-    )
-
-
 def _pool_for(url: str, options: BackendOptions) -> psycopg_pool.ConnectionPool:
     return pools.pool_for(
         url,
@@ -374,6 +364,16 @@ _BASE_META = {
     "task_id",
     *_EXTENDED,
 }
+
+
+def _flat(results: Any) -> bool:
+    """Each part of a chord's header is one task, sent as one message (a
+    chain's or a chord's result has a parent, a group's is a set)."""
+    return (
+        not isinstance(results, _regen)
+        and bool(results)
+        and all(isinstance(r, AsyncResult) and r.parent is None for r in results)
+    )
 
 
 class PostgresBackend(FinishingBackend, Backend, AsyncBackendMixin):  # type: ignore[misc]
