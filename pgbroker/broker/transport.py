@@ -568,20 +568,13 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         sent: list[tuple[psycopg.Cursor[Any], dict[str, Any]]] = []
         with self._io, self._statements():
             conn = self.conn
-            try:
-                with conn.pipeline():
-                    conn.execute("BEGIN")
-                    for statement, params in chord_header.statements:
-                        conn.execute(statement, params)
-                    for params in chord_header.messages:
-                        cur = conn.cursor()
-                        cur.execute(self._sql["publish_routing"], params)
-                        sent.append((cur, params))
-                    conn.execute("COMMIT")
-            except BaseException:
-                if not conn.closed and conn.info.transaction_status != pq.TransactionStatus.IDLE:
-                    conn.execute("ROLLBACK")
-                raise
+            with pipeline.transaction(conn):
+                for statement, params in chord_header.statements:
+                    conn.execute(statement, params)
+                for params in chord_header.messages:
+                    cur = conn.cursor()
+                    cur.execute(self._sql["publish_routing"], params)
+                    sent.append((cur, params))
             rows = [(cur.fetchone(), params) for cur, params in sent]
         for row, params in rows:
             if row:

@@ -24,10 +24,11 @@ of a connection themselves (they hold ``conn.lock`` or their own lock).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import select
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import psycopg
 from psycopg import pq
@@ -208,3 +209,22 @@ def in_failed_transaction(conn: psycopg.Connection) -> bool:
     """Whether the session is inside a transaction block that failed (it
     needs a ROLLBACK), e.g. after an error between BEGIN and COMMIT."""
     return conn.pgconn.transaction_status == pq.TransactionStatus.INERROR
+
+
+@contextlib.contextmanager
+def transaction(conn: psycopg.Connection) -> Iterator[None]:
+    """One transaction in psycopg's pipeline, on an autocommit session:
+    BEGIN, the block's statements and COMMIT go out together, so it costs
+    one round trip, plus one for each reply the block reads before its end
+    (a cursor's ``fetchone()``). BEGIN and COMMIT are sent by hand:
+    psycopg's ``transaction()`` inside a pipeline syncs once more as it
+    ends. Whatever the block raises rolls the transaction back."""
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            yield
+            conn.execute("COMMIT")
+    except BaseException:
+        if not conn.closed and conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+        raise

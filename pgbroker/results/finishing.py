@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from celery import states
-from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
 from pgbroker.broker import enqueue, finish
 from pgbroker.broker import header as chord_header
 from pgbroker.broker.messages import log_publish_outcome
-from pgbroker.database import queries
+from pgbroker.database import pipeline, queries
 from pgbroker.logs import recovery
 
 logger = logging.getLogger("pgbroker.results")
@@ -159,33 +158,25 @@ class FinishingBackend:
         def write(conn: psycopg.Connection) -> None:
             published.clear()
             sent: list[tuple[psycopg.Cursor[Any], dict[str, Any]]] = []
-            # BEGIN and COMMIT by hand on this autocommit session: psycopg's
-            # transaction() in a pipeline syncs once more as it ends.
-            try:
-                with conn.pipeline():
-                    conn.execute("BEGIN")
-                    acked = conn.cursor(row_factory=tuple_row)
-                    acked.execute(self._broker_queries()["finish_ack"], ack)
-                    for t, message in held.messages:
-                        if skip_dedup:
-                            message = {**message, "dedup": False}
-                        cur = conn.cursor(row_factory=tuple_row)
-                        cur.execute(t.queries["publish_routing"], message)
-                        sent.append((cur, message))
-                    if params is not None:
-                        conn.execute(self.queries["store_result"], params)
-                    row = acked.fetchone()  # the first round trip: all of the above
-                    outcome = "gone" if row is None else row[0]
-                    if outcome == "elsewhere":
-                        raise _NotOurs
-                    if outcome == "gone" and held.acks_late:
-                        raise _FinishedAlready
-                    published.extend((cur.fetchone(), message) for cur, message in sent)
-                    conn.execute("COMMIT")  # the second, as the pipeline ends
-            except BaseException:
-                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
-                    conn.execute("ROLLBACK")
-                raise
+            with pipeline.transaction(conn):
+                acked = conn.cursor(row_factory=tuple_row)
+                acked.execute(self._broker_queries()["finish_ack"], ack)
+                for t, message in held.messages:
+                    if skip_dedup:
+                        message = {**message, "dedup": False}
+                    cur = conn.cursor(row_factory=tuple_row)
+                    cur.execute(t.queries["publish_routing"], message)
+                    sent.append((cur, message))
+                if params is not None:
+                    conn.execute(self.queries["store_result"], params)
+                row = acked.fetchone()  # the first round trip: all of the above
+                outcome = "gone" if row is None else row[0]
+                if outcome == "elsewhere":
+                    raise _NotOurs
+                if outcome == "gone" and held.acks_late:
+                    raise _FinishedAlready
+                published.extend((cur.fetchone(), message) for cur, message in sent)
+            # the second round trip: COMMIT
 
         try:
             self._run(write)
