@@ -132,6 +132,29 @@ def test_prepared_claim_walks_the_ready_index(
     assert any(n["Node Type"] == "Limit" for n in plan)
 
 
+def test_claim_statements_are_planned_once_per_session(db_url: str) -> None:
+    """Every step of the claim's transaction runs its generic plan: left to
+    choose, PostgreSQL planned claim_durability again at each claim (a
+    custom plan for the one or two acks sent always looks cheaper than the
+    generic plan's guess), which cost more than running it."""
+    queue = Queue("planned-once")
+    publish(db_url, queue, 12)
+    with connect(db_url) as conn:
+        queue(conn.channel()).declare()
+        t = conn.transport
+        for _ in range(12):
+            (row,) = t.claim("planned-once", 1, no_ack=False)
+            t._acks.append(row[0])  # rides on the next claim, as an ack does
+        t.claim("planned-once", 1, no_ack=False)
+        plans = t.conn.execute(
+            "SELECT name, generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE name IN ('pgbroker_claim', 'pgbroker_claim_durability')"
+        ).fetchall()
+    assert sorted(p[0] for p in plans) == ["pgbroker_claim", "pgbroker_claim_durability"]
+    for name, generic, custom in plans:
+        assert (generic, custom) == (13, 0), (name, generic, custom)
+
+
 def test_headers_with_nul_round_trip(db_url: str) -> None:
     """Celery copies a string argument's repr, U+0000 included, into the
     headers: stored as json (jsonb cannot hold it), they come back exact."""

@@ -389,6 +389,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
             steps = [
                 (b"pgbroker_claim_begin", "claim_begin", {}),
                 (b"pgbroker_claim_immediate", "claim_immediate", {}),
+                (b"pgbroker_claim_generic", "claim_generic", {}),
                 (b"pgbroker_claim_durability", "claim_durability", params),
                 (name, query, params),
                 (b"pgbroker_claim_commit", "claim_commit", {}),

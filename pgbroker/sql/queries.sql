@@ -331,6 +331,15 @@ BEGIN ISOLATION LEVEL READ COMMITTED;
 -- name: claim_immediate
 SET CONSTRAINTS ALL IMMEDIATE;
 
+-- name: claim_generic
+-- The claim's statements run on their generic plans (made once per
+-- session). Left to choose, PostgreSQL plans claim_durability again at
+-- every claim: a custom plan for the acks actually sent (one or two) always
+-- looks cheaper than the generic plan's guess of ten, and planning it cost
+-- more than running it (0.08 ms against 0.025 ms per claim, measured with
+-- pg_stat_statements in a 5,000-task Celery run).
+SET LOCAL plan_cache_mode = force_generic_plan;
+
 -- name: claim_durability
 -- The consumer's acks made since its last statement (`acks`, fenced as in
 -- `ack`), written in the claim's transaction; then the claim's durability.
