@@ -86,9 +86,11 @@ def test_events_dump_shows_worker_and_task_events(db_url: str, tmp_path: Path) -
         worker.wait_for_log("ready.")
         with started("events", APP, ["events", "--dump"], env, tmp_path) as events:
             # The receiver binds its queue when it starts; tasks sent before
-            # that would be missed, so keep sending until it sees one.
+            # that would be missed, so keep sending until it sees one whole
+            # (bound between a task's received and succeeded events, it
+            # sees only the second).
             deadline = time.monotonic() + 40
-            while "task succeeded" not in events.log():
+            while not all(e in events.log() for e in ("task received", "task succeeded")):
                 assert time.monotonic() < deadline, f"no task events:\n{events.log()}"
                 assert tasks.add.delay(20, 22).get(timeout=RESULT_TIMEOUT) == 42
                 time.sleep(0.5)

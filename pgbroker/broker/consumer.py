@@ -44,6 +44,14 @@ logger = logging.getLogger("pgbroker.broker")
 #: Largest claim when the consumer sets no prefetch limit.
 UNLIMITED_CLAIM = 100
 
+#: In Celery's event loop, a consumer that still holds messages claims again
+#: once half of its prefetch window is free, or once it has waited this long
+#: (seconds) for that: one claim (one commit, carrying the acks made
+#: meanwhile) per few tasks instead of one per task, while the worker still
+#: has messages to run. An ack waits at most this long for the claim it
+#: rides on.
+CLAIM_BATCH_WAIT = 0.05
+
 
 class ConsumerSession:
     """The consumer of a transport's session (a mixin of
@@ -74,6 +82,7 @@ class ConsumerSession:
     _io: threading.RLock
     _sweeper: sweeper.Sweeper | None
     _due_at: float | None
+    _claim_waiting_since: float | None  # a claim put off for a fuller batch
 
     if TYPE_CHECKING:
 
@@ -176,6 +185,7 @@ class ConsumerSession:
         prefetch, and hand the messages to their consumers. Pending acks go
         with the first claim; the callers write those no claim took."""
         delivered = 0
+        waiting = False
         consuming = [(c, q) for c in list(self.channels) for q in list(c._active_queues)]
         # Start one queue further each time, so that a backlog on the first
         # queue cannot take all the prefetch capacity forever.
@@ -188,6 +198,9 @@ class ConsumerSession:
             limit = UNLIMITED_CLAIM if no_ack else channel.qos.can_consume_max_estimate()
             if limit is None:
                 limit = UNLIMITED_CLAIM
+            if limit > 0 and not no_ack and self._claim_waits(channel, limit):
+                waiting = True
+                continue
             if limit > 0:
                 # Clear the flag before claiming: a NOTIFY that arrives with
                 # the claim's reply (a message committed after the claim's
@@ -214,6 +227,8 @@ class ConsumerSession:
                             self.unclaim([r[0] for r in rows[i + 1 :]])
                         raise
                 delivered += len(rows)
+        if not waiting:
+            self._claim_waiting_since = None
         if self._commit_pending and self._loop is not None:
             # The commit's reply (and NOTIFYs sent meanwhile) may have been
             # read with the claim's rows, into libpq's buffer: then the
@@ -222,6 +237,20 @@ class ConsumerSession:
             # they are there; if not, their arrival makes the socket readable.
             self._settle(block=False)
         return delivered
+
+    def _claim_waits(self, channel: Any, free: int) -> bool:
+        """Whether to put a claim of ``free`` messages off (see
+        CLAIM_BATCH_WAIT): only in Celery's event loop, whose timer claims
+        when the wait is over, and only while the consumer holds more than
+        half of its prefetch window, so that the worker has messages to run
+        meanwhile. A prefetch of 1 or 2 claims each free slot at once."""
+        prefetch = channel.qos.prefetch_count
+        if self._loop is None or not prefetch or free * 2 >= prefetch:
+            return False
+        now = time.monotonic()
+        if self._claim_waiting_since is None:
+            self._claim_waiting_since = now
+        return now - self._claim_waiting_since < CLAIM_BATCH_WAIT
 
     # --- acks -----------------------------------------------------------------------
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from pgbroker.broker.consumer import CLAIM_BATCH_WAIT
 from pgbroker.errors import STATEMENT_ERRORS, statement_error
 from pgbroker.logs import recovery
 from pgbroker.options import TransportOptions
@@ -47,6 +49,8 @@ class EventLoop:
     _due_tref: Any
     _due_armed: float | None
     _retry_tref: Any  # after a statement's error in the loop
+    _claim_tref: Any  # when a claim put off for a fuller batch is due
+    _claim_waiting_since: float | None
     _acks: list[int]
     _ready: set[str]
     consumer_id: int | None
@@ -106,6 +110,10 @@ class EventLoop:
         if self._retry_tref is not None:
             self._retry_tref.cancel()
             self._retry_tref = None
+        if self._claim_tref is not None:
+            self._claim_tref.cancel()
+            self._claim_tref = None
+        self._claim_waiting_since = None
 
     def _on_due_timer(self) -> None:
         self._due_tref = None
@@ -158,7 +166,11 @@ class EventLoop:
         wake = False
         with self._in_loop():
             wake = bool(self._ready and self.claim_and_deliver())
-            if earlier_acks and self._acks:  # no claim took them along
+            if self._ready and self._claim_waiting_since is not None:
+                # A claim put off for a fuller batch: the acks ride on it,
+                # at the latest when its wait is over.
+                self._arm_claim_timer()
+            elif earlier_acks and self._acks:  # no claim took them along
                 self.flush_acks()
         # Celery's prefork pool sends queued tasks to its children from
         # its own on_tick callback, which may already have run in this
@@ -170,6 +182,15 @@ class EventLoop:
             waker = getattr(self._loop, "_waker", None)  # kombu 5.7 Hub
             if waker is not None:
                 waker.wake()
+
+    def _arm_claim_timer(self) -> None:
+        if self._claim_tref is None and self._claim_waiting_since is not None:
+            wait = self._claim_waiting_since + CLAIM_BATCH_WAIT - time.monotonic()
+            self._claim_tref = self._loop.call_later(max(wait, 0.0), self._on_claim_timer)
+
+    def _on_claim_timer(self) -> None:
+        self._claim_tref = None
+        self._on_tick()
 
     def _on_sweep_timer(self) -> None:
         if self.consumer_id is not None and not self._swept_elsewhere():

@@ -196,6 +196,8 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         self._wake_tref: Any = None  # LOOP_WAKE_INTERVAL
         self._next_sweep = 0.0
         self._turn = 0  # round robin over consumed queues
+        self._claim_waiting_since: float | None = None  # see CLAIM_BATCH_WAIT
+        self._claim_tref: Any = None  # claims when a batch's wait is over
         self._woken = False  # a NOTIFY marked a queue ready
         self._defer_acks = False
         self._sql: dict[str, bytes] = {}
