@@ -11,6 +11,7 @@ application would already catch)::
     |- ConfigurationError         [ValueError] a wrong URL or option
     |- DatabaseUnavailable        [psycopg.OperationalError] cannot connect   (connection error)
     |- ConnectionLost             [psycopg.OperationalError] a session ended  (connection error)
+    |- UnsupportedServer          the PostgreSQL server is older than pgbroker supports
     |- SchemaError                the schema is missing, outdated or not usable by the role
     |- MessageTooLarge            [ValueError] more than max_message_size
     |- NameTooLong                [ValueError] a queue, exchange or routing key name
@@ -96,6 +97,7 @@ __all__ = [
     "ResultTooLarge",
     "SchemaError",
     "StepOutputError",
+    "UnsupportedServer",
     "classify",
     "session_lost",
     "statement_error",
@@ -123,6 +125,12 @@ class ConnectionLost(PgBrokerError, psycopg.OperationalError):
     pg_terminate_backend, network failure, an idle timeout): reconnect. A
     consumer's unacked messages go back to their queues; a session lost
     while its process lives does not count towards ``max_deliveries``."""
+
+
+class UnsupportedServer(PgBrokerError):
+    """The PostgreSQL server is older than pgbroker supports
+    (``pgbroker.database.sessions.MINIMUM_SERVER_VERSION``); retrying
+    cannot fix it."""
 
 
 class SchemaError(PgBrokerError):

@@ -22,8 +22,20 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict
 
-from pgbroker.errors import ConfigurationError, DatabaseUnavailable, session_lost
+from pgbroker.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    UnsupportedServer,
+    session_lost,
+)
 from pgbroker.urls import mask_password, redact, to_conninfo
+
+#: The oldest PostgreSQL pgbroker runs on, as ``server_version_num``: 13.
+#: What the code needs is older (plan_cache_mode, 12; procedures, 11); 13 is
+#: the oldest release still offered by the managed services (as extended
+#: support) and the one the SQL is reviewed against. CI runs the tests on 15
+#: and 18 (docs/production.md, "PostgreSQL versions").
+MINIMUM_SERVER_VERSION = 130000
 
 LIBPQ_PARAMS_DOC = "https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS"
 
@@ -113,9 +125,35 @@ def session_settings(server_version: int, *, waits: bool = False) -> str:
 
 
 def pin_session(conn: psycopg.Connection, *, waits: bool = False) -> None:
-    """Pin the session's settings (see :func:`session_settings`), on an
-    autocommit connection. One statement, once per session."""
-    conn.execute(session_settings(conn.info.server_version, waits=waits))
+    """Check the server's version (:func:`check_server_version`) and pin the
+    session's settings (see :func:`session_settings`), on an autocommit
+    connection. One statement, once per session."""
+    info = conn.info
+    where = describe(
+        {"host": info.host, "port": str(info.port), "user": info.user, "dbname": info.dbname}
+    )
+    check_server_version(info.server_version, where)
+    conn.execute(session_settings(info.server_version, waits=waits))
+
+
+def check_server_version(server_version: int, where: str) -> None:
+    """Refuse a server older than :data:`MINIMUM_SERVER_VERSION`, naming
+    its version, the minimum and the fix. ``where``: ``user@host:port/db``."""
+    if server_version < MINIMUM_SERVER_VERSION:
+        raise UnsupportedServer(
+            f"PostgreSQL at {where} is version {_version_text(server_version)}; pgbroker "
+            f"needs {_version_text(MINIMUM_SERVER_VERSION)} or later: upgrade the server "
+            "(pg_upgrade, or your provider's major version upgrade), or point the URL "
+            "at a newer one"
+        )
+
+
+def _version_text(server_version: int) -> str:
+    """130000 -> "13"; 130005 -> "13.5"; 90624 -> "9.6.24" (three parts before 10)."""
+    major, minor = divmod(server_version, 10000)
+    if major >= 10:
+        return f"{major}.{minor}" if minor else str(major)
+    return f"{major}.{minor // 100}.{minor % 100}"
 
 
 def prefer_indexes(conn: psycopg.Connection) -> None:
