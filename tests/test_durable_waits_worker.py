@@ -351,3 +351,40 @@ def test_a_task_whose_success_was_stored_is_not_delivered_again(
         )
         assert execute(db_url, "SELECT reason FROM pgbroker.redelivery") == []
         assert len(spans(db_url, "once")) == 1  # the body ran once
+
+
+def test_a_second_delivery_of_a_finished_task_hands_off_nothing_again(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Two messages of one task id (as after a failover: the original,
+    redelivered because its ack was lost with the primary, and the task's
+    own retry): the first to run stores SUCCESS and hands the chain's next
+    link off; the second finds the stored SUCCESS and is acknowledged
+    (Celery's Ignore) without storing, handing off or counting anything
+    again. Found by tests/test_ha_failover.py: five chain links handed off
+    twice."""
+    env = celery_env(db_url)
+    first, following = "twice-first", "twice-next"
+    with client_app(APP, db_url) as tasks:
+
+        def send() -> Any:
+            return (
+                tasks.succeed_then_die.si(key="twice", marker="").set(task_id=first)
+                | tasks.quick.si(1).set(task_id=following)
+            ).apply_async()
+
+        with start_worker(APP, env, tmp_path, "a", ("--concurrency=1",)) as worker:
+            worker.wait_for_log("ready.")
+            assert send().get(timeout=RESULT_TIMEOUT) == 2
+            send()  # the same task ids again: the second delivery of `first`
+            worker.wait_for_log(f"succeed_then_die[{first}] already succeeded", timeout=60)
+            wait_until(
+                lambda: execute(db_url, "SELECT count(*) FROM pgbroker.message") == [(0,)],
+                30,
+                "the queue to be empty",
+            )
+            time.sleep(0.5)  # a hand-off would have been delivered by now
+            assert worker.log().count(f"quick[{following}] received") == 1, worker.log()
+            assert f"succeed_then_die[{first}] ignored" in worker.log()
+        assert tasks.app.AsyncResult(first).get(timeout=RESULT_TIMEOUT) == "result of twice"
+        assert len(spans(db_url, "twice")) == 1  # the body ran once

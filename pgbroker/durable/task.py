@@ -15,7 +15,7 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 
 from pgbroker.durable.config import DurableConfig
 from pgbroker.durable.housekeeping import finish
@@ -89,7 +89,14 @@ class DurableTask(Task):  # type: ignore[misc]
                     task_id,
                     extra=recovery("skip_done", task_id=task_id, reason="result stored"),
                 )
-                return value
+                if request.is_eager:
+                    return value
+                # Another delivery of this task id (a redelivery after its
+                # ack was lost, or the original message beside its own retry)
+                # finished it: the run that stored SUCCESS sent the chain's
+                # next link and counted the chord part. Ignore: Celery acks
+                # this message and stores, sends and counts nothing again.
+                raise Ignore()
             if self.exclusive_key is not None:
                 skipped = take_exclusive_key(self, run, args, kwargs)
                 if skipped is not None:
