@@ -66,7 +66,7 @@ def _as_server_user() -> dict[str, Any]:
     return {"user": OS_USER} if os.geteuid() == 0 else {}
 
 
-def _give_to_server_user(path: Path) -> None:
+def give_to_server_user(path: Path) -> None:
     if os.geteuid() == 0:
         entry = pwd.getpwnam(OS_USER)
         os.chown(path, entry.pw_uid, entry.pw_gid)
@@ -163,7 +163,7 @@ class Server:
 def folder(prefix: str) -> Iterator[Path]:
     """A temporary folder the server's user may write in; deleted after."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
-    _give_to_server_user(path)
+    give_to_server_user(path)
     try:
         yield path
     finally:

@@ -1,17 +1,19 @@
-"""The Celery app of the failover test (tests/test_ha_failover.py).
+"""Chains of durable links, for the tests that break things under a running
+worker: a failover of the database (tests/test_ha_failover.py), a worker
+killed behind PgBouncer (tests/test_pgbouncer.py). tests/chain_ledger.py
+creates the tables, publishes the chains and counts.
 
-Chains of ``link`` tasks, each a :class:`DurableTask` with two steps that
-run with ``conn=``: the step's row in ``ha_effect`` commits in its
-checkpoint's transaction, so two rows for one step mean a completed step ran
-again. Every step also appends a line to the file ``HA_STEP_LOG`` before its
+Each ``link`` task is a :class:`DurableTask` with two steps that run with
+``conn=``: the step's row in ``link_effect`` commits in its checkpoint's
+transaction, so two rows for one step mean a completed step ran again.
+Every step also appends a line to the file ``LINK_STEP_LOG`` before its
 transaction commits: work done outside the database, which a step whose
 commit was lost does again (at least once by design), counted, not a bug.
 
-The broker URL has the primary and the standby, with
-``target_session_attrs=read-write``. The task's own sessions die with the
-primary too: the task then fails with psycopg's ``OperationalError`` and is
-retried by Celery (``autoretry_for``), as an application would do it; its
-recorded steps replay.
+The task's own sessions can die too (with a failed primary): the task then
+fails with psycopg's ``OperationalError`` and is retried by Celery
+(``autoretry_for``), as an application would do it; its recorded steps
+replay.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from celery import Celery
 from pgbroker.durable import DurableTask
 
 BROKER_URL = os.environ["TEST_BROKER_URL"]
-STEP_LOG = os.environ.get("HA_STEP_LOG", os.devnull)
+STEP_LOG = os.environ.get("LINK_STEP_LOG", os.devnull)
 
-app = Celery("failover_app")
+app = Celery("chains_app")
 app.conf.update(
     broker_url=BROKER_URL,
     result_backend=BROKER_URL,
@@ -51,7 +53,7 @@ def _db() -> psycopg.Connection:
     return psycopg.connect(
         "postgresql://" + BROKER_URL.partition("://")[2],
         autocommit=True,
-        application_name="ha-app",
+        application_name="chains-app",
         connect_timeout=2,
     )
 
@@ -61,7 +63,7 @@ def effect(conn: psycopg.Connection, chain: int, pos: int, step: str) -> str:
     with open(STEP_LOG, "a") as log:
         log.write(f"{chain} {pos} {step}\n")
     conn.execute(
-        "INSERT INTO ha_effect (chain, pos, step, pid) VALUES (%s, %s, %s, %s)",
+        "INSERT INTO link_effect (chain, pos, step, pid) VALUES (%s, %s, %s, %s)",
         (chain, pos, step, os.getpid()),
     )
     return f"{chain}.{pos}.{step}"
