@@ -1,0 +1,156 @@
+"""pgbroker behind PgBouncer in session mode (Debian's ``pgbouncer``).
+
+A PgBouncer of the test's own, in front of the test's database, with
+``pool_mode = session`` and its default ``server_reset_query = DISCARD
+ALL``. Every pgbroker session goes through it: the worker's consumer,
+results, durable steps and the sweeper, and the client's publishes and
+``get()`` (LISTEN). A prefork worker runs chains of durable links
+(tests/apps/chains_app.py) and is SIGKILLed with its whole process group
+while it holds messages; a second worker must get them back. It can only
+tell that the first one died because PgBouncer resets the server session
+of a client that disconnected: DISCARD ALL releases its advisory locks.
+
+Counted as in the failover test (tests/chain_ledger.py): every chain
+finishes, nothing is lost, no link is handed off twice, no completed step
+runs again, no task fails; and the client's ``get()`` on each chain's last
+link returns.
+
+Skipped when ``pgbouncer`` is not installed, unless
+``PGBROKER_REQUIRE_PGBOUNCER`` is set (CI installs it and sets it, so the
+test cannot pass by checking nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+from tests import chain_ledger, localpg
+from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
+
+pytestmark = pytest.mark.slow
+
+CHAINS = 20
+KILL_AFTER = 10
+DEADLINE = 120
+RESULT_TIMEOUT = 60
+
+
+def pgbouncer_binary() -> str:
+    found = shutil.which("pgbouncer") or shutil.which("/usr/sbin/pgbouncer")
+    if found is None:
+        if os.environ.get("PGBROKER_REQUIRE_PGBOUNCER"):
+            pytest.fail("pgbouncer is not installed and PGBROKER_REQUIRE_PGBOUNCER is set")
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
+    return found
+
+
+def answers(url: str) -> bool:
+    try:
+        return execute(url, "SELECT 1") == [(1,)]
+    except psycopg.OperationalError:
+        return False
+
+
+@contextlib.contextmanager
+def pgbouncer(db_url: str, pool_mode: str) -> Iterator[str]:
+    """A PgBouncer in front of ``db_url``'s server; yields the URL of the
+    same database through it."""
+    binary = pgbouncer_binary()
+    server = urlsplit(db_url)
+    dbname = server.path.lstrip("/")
+    port = localpg.free_port()
+    with localpg.folder("pgbroker-pgbouncer-") as base:
+        (base / "userlist.txt").write_text('"postgres" ""\n')
+        (base / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"{dbname} = host={server.hostname} port={server.port or 5432} "
+            f"dbname={dbname} user={server.username or 'postgres'}\n"
+            "[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {port}\n"
+            f"unix_socket_dir = {base}\n"
+            "auth_type = trust\n"
+            f"auth_file = {base}/userlist.txt\n"
+            f"pool_mode = {pool_mode}\n"
+            "max_client_conn = 200\n"
+            "default_pool_size = 60\n"
+            "server_reset_query = DISCARD ALL\n"
+            f"logfile = {base}/pgbouncer.log\n"
+            f"pidfile = {base}/pgbouncer.pid\n"
+        )
+        for name in ("userlist.txt", "pgbouncer.ini"):
+            localpg.give_to_server_user(base / name)
+        user = ["-u", localpg.OS_USER] if os.geteuid() == 0 else []
+        proc = subprocess.Popen([binary, *user, str(base / "pgbouncer.ini")], cwd=base)
+        try:
+            url = f"postgresql://postgres@127.0.0.1:{port}/{dbname}"
+            wait_until(lambda: answers(url), 30, "PgBouncer to answer")
+            yield url
+        finally:
+            proc.send_signal(signal.SIGINT)  # SIGINT: safe shutdown
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def held_by(db_url: str, pid: int) -> int:
+    """Messages reserved by the consumers of the worker whose main process is ``pid``."""
+    rows = execute(
+        db_url,
+        "SELECT count(*) FROM pgbroker.message m JOIN pgbroker.consumer c "
+        "ON c.id = m.consumer_id WHERE m.state = 'reserved' AND c.pid = %s",
+        (pid,),
+    )
+    return int(rows[0][0])
+
+
+@pytest.mark.timeout(DEADLINE + 120)
+def test_a_worker_killed_behind_pgbouncer_in_session_mode(db_url: str, tmp_path: Path) -> None:
+    with pgbouncer(db_url, "session") as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            chain_ledger.setup(conn)
+        step_log = tmp_path / "steps.log"
+        env = celery_env(url, LINK_STEP_LOG=str(step_log))
+        with (
+            client_app(chain_ledger.APP, url) as tasks,
+            start_worker(chain_ledger.APP, env, tmp_path, "b") as b,
+        ):
+            with start_worker(chain_ledger.APP, env, tmp_path, "a") as a:
+                a.wait_for_log("ready.", timeout=60)
+                b.wait_for_log("ready.", timeout=60)
+                client = chain_ledger.Client(tasks, CHAINS)
+                wait_until(lambda: len(client.published) >= KILL_AFTER, 60, "the first chains")
+                wait_until(lambda: held_by(db_url, a.pid) > 0, 30, "worker a to hold messages")
+                a.kill_group()
+                killed_at = time.time()
+                a.wait_exit(timeout=10)
+            client.thread.join(DEADLINE)
+            assert not client.errors, client.errors
+            chain_ledger.wait_for_chains(url, len(client.published), DEADLINE)
+            # get() through PgBouncer: the client's LISTEN, b's NOTIFY.
+            for number, result in enumerate(client.results):
+                assert result.get(timeout=RESULT_TIMEOUT) == f"{number}.{chain_ledger.LENGTH - 1}"
+            redelivered, first = execute(
+                db_url, "SELECT count(*), extract(epoch FROM min(at)) FROM pgbroker.redelivery"
+            )[0]
+        counts = chain_ledger.tally(db_url, len(client.published), step_log)
+        summary = (
+            f"PgBouncer session mode: {len(client.published)} chains x {chain_ledger.LENGTH} "
+            f"links, worker a SIGKILLed holding messages; {counts}; redeliveries {redelivered}, "
+            f"the first {float(first or 0) - killed_at:.2f} s after the kill"
+        )
+        chain_ledger.assert_clean(counts, summary, db_url, b.log())
+        assert redelivered > 0, summary  # a's messages came back, through the sweep
