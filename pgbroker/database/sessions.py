@@ -32,9 +32,9 @@ from pgbroker.urls import mask_password, redact, to_conninfo
 
 #: The oldest PostgreSQL pgbroker runs on, as ``server_version_num``: 13.
 #: What the code needs is older (plan_cache_mode, 12; procedures, 11); 13 is
-#: the oldest release still offered by the managed services (as extended
-#: support) and the one the SQL is reviewed against. CI runs the tests on 15
-#: and 18 (docs/production.md, "PostgreSQL versions").
+#: the oldest release the SQL was reviewed against (12 left community
+#: support in 2024). CI runs the tests on 15 and 18 (docs/production.md,
+#: "PostgreSQL versions").
 MINIMUM_SERVER_VERSION = 130000
 
 LIBPQ_PARAMS_DOC = "https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS"
