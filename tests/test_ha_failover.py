@@ -28,12 +28,14 @@ With asynchronous replication the commits that the standby had not yet
 received when the primary died are lost. The test makes that window
 ``LAG`` seconds wide (the standby's WAL receiver is stopped before the
 kill and killed after it, losing what was in flight to it; on one machine
-it would otherwise be caught up): the client's
-publishes in it are lost (their chains never run; ``publishes lost`` must
-be above zero), and so is the workers' progress, which is redone from the
-last state the standby had: the database stays consistent, so its counts
-stay zero, while steps' work outside the database is done again. Both
-runs print one summary line (``pytest -s``).
+it would otherwise be caught up): the client's publishes in it are lost
+(their chains never run; ``publishes lost`` must be above zero), and so is
+the workers' progress, which is redone from the last state the standby
+had: the counts must stay zero, while steps' work outside the database is
+done again. That case is an expected failure for now: a known bug loses
+chains published after the promotion in about one run in two (the xfail
+reason, docs/high-availability.md). Both runs print one summary line
+(``pytest -s``).
 """
 
 from __future__ import annotations
