@@ -129,6 +129,9 @@ class Server:
         """SIGKILL the postmaster and every process it started, at once: a
         crash of the server's machine, as its clients see it."""
         pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
+        # Stopped first, so that it forks no backend between the listing of
+        # its children and the kill (one would live on, serving its client).
+        os.kill(pid, signal.SIGSTOP)
         children = subprocess.run(
             ["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False
         ).stdout.split()
