@@ -16,6 +16,7 @@ import dataclasses
 import threading
 import time
 from collections import Counter
+from collections.abc import Set
 from pathlib import Path
 from typing import Any
 
@@ -99,18 +100,18 @@ class Client:
         except BaseException as exc:
             self.errors.append(exc)
 
-    def lost_on(self, url: str) -> int:
-        """Chains whose publish returned and that the database at ``url``
-        does not have: their commit was lost (a failover's)."""
+    def present_on(self, url: str) -> set[int]:
+        """The chains (numbers) whose publish returned and that the database
+        at ``url`` has; the others' commit was lost (a failover's)."""
         present = {task_id for (task_id,) in execute(url, "SELECT task_id FROM link_publish")}
-        return len(set(self.published) - present)
+        return {number for number, task_id in enumerate(self.published) if task_id in present}
 
 
-def finished_chains(url: str) -> int:
-    return count(
-        url,
-        f"SELECT count(DISTINCT chain) FROM link_effect WHERE pos = {LENGTH - 1} AND step = 's1'",
+def finished_chains(url: str) -> set[int]:
+    rows = execute(
+        url, f"SELECT DISTINCT chain FROM link_effect WHERE pos = {LENGTH - 1} AND step = 's1'"
     )
+    return {number for (number,) in rows}
 
 
 def queued_tasks(url: str) -> int:
@@ -151,12 +152,12 @@ class Tally:
         )
 
 
-def tally(url: str, expected_chains: int, step_log: Path) -> Tally:
-    """Count, in the database at ``url``, once ``expected_chains`` should
+def tally(url: str, chains: Set[int], step_log: Path) -> Tally:
+    """Count, in the database at ``url``, once ``chains`` (numbers) should
     have finished and the queue is empty."""
     step_runs = Counter(step_log.read_text().splitlines()) if step_log.exists() else Counter()
     return Tally(
-        unfinished_chains=expected_chains - finished_chains(url),
+        unfinished_chains=len(chains - finished_chains(url)),
         lost_tasks=count(url, LOST),
         duplicate_hand_offs=count(
             url,
@@ -176,12 +177,12 @@ def tally(url: str, expected_chains: int, step_log: Path) -> Tally:
     )
 
 
-def wait_for_chains(url: str, expected_chains: int, deadline: float) -> None:
-    """Until ``expected_chains`` chains finished and no task message is left
+def wait_for_chains(url: str, chains: Set[int], deadline: float) -> None:
+    """Until ``chains`` (numbers) finished and no task message is left
     (retries and redeliveries still queued run before counting)."""
     try:
         wait_until(
-            lambda: finished_chains(url) >= expected_chains,
+            lambda: finished_chains(url) >= chains,
             deadline,
             "every published chain to finish",
             interval=0.5,

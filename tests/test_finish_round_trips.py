@@ -4,12 +4,14 @@ The finish is pipelined: its ack, the messages it hands on and the result
 go to the server in one batch, then COMMIT: two round trips however many
 messages it holds. The first test fails if the statements go one by one
 again (seven round trips here, one per statement with BEGIN and COMMIT);
-the second, if a finish that must write nothing leaves anything behind.
+the second, if a finish that must write nothing leaves anything behind;
+the third, if a finish acknowledges another message that took its
+message's id.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -18,8 +20,9 @@ from celery import Celery, states
 from kombu import Connection, Producer, Queue
 
 from pgbroker.broker import finish
-from pgbroker.broker.messages import CONSUMER_ID, DELIVERY_COUNT
+from pgbroker.broker.messages import CONSUMER_ID, DELIVERY_COUNT, PUBLISHED_AT
 from pgbroker.database.pools import close_app
+from tests.test_reused_ids import give_its_id_to_another_message
 
 QUEUE = "finish_round_trips"
 TASK_ID = "finish-rt-1"
@@ -37,11 +40,16 @@ def app(db_url: str) -> Iterator[Celery]:
 
 
 def finish_a_run(
-    app: Celery, db_url: str, monkeypatch: pytest.MonkeyPatch, consumer_shift: int = 0
+    app: Celery,
+    db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    consumer_shift: int = 0,
+    before_finish: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Deliver a message (acks_late), hold three messages its run hands on,
     and store the run's result with them; the finish's round trips. With
-    ``consumer_shift``, the finish says another consumer holds the message."""
+    ``consumer_shift``, the finish says another consumer holds the message;
+    ``before_finish`` is called with the message's id before the finish."""
     backend = app.backend
     with Connection(db_url) as conn:
         channel = conn.channel()
@@ -68,10 +76,13 @@ def finish_a_run(
             delivered.delivery_tag,
             props[CONSUMER_ID] + consumer_shift,
             props[DELIVERY_COUNT],
+            props[PUBLISHED_AT],
             acks_late=True,
             messages=handed_on,
         )
 
+        if before_finish is not None:
+            before_finish(delivered.delivery_tag)
         waits: list[str] = []
         finishing: list[psycopg.Connection] = []
         real_run, real_wait = backend._run, psycopg.Connection.wait
@@ -129,3 +140,19 @@ def test_a_finish_whose_message_is_held_elsewhere_writes_nothing(
     # The backend's sessions are usable afterwards (none left in a transaction).
     app.backend.store_result("other", 7, states.SUCCESS)
     assert app.AsyncResult("other").get(timeout=10) == 7
+
+
+def test_a_finish_leaves_alone_another_message_that_took_its_id(
+    app: Celery, db_url: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that lost its last commits (an asynchronous standby
+    promoted, tests/test_ha_failover.py) hands their ids out again: the
+    run's message is gone, and its id names another message, published
+    later and never delivered. The finish must find its message gone (with
+    acks_late: finished already, nothing written), not remove the other
+    one as if it were its own message back in its queue."""
+    finish_a_run(
+        app, db_url, monkeypatch, before_finish=lambda id_: give_its_id_to_another_message(db, id_)
+    )
+    assert bodies(db) == ['{"n": "another"}']
+    assert db.execute("SELECT count(*) FROM pgbroker.task_result").fetchone() == (0,)

@@ -139,14 +139,15 @@ def test_a_worker_killed_behind_pgbouncer_in_session_mode(db_url: str, tmp_path:
                 a.wait_exit(timeout=10)
             client.thread.join(DEADLINE)
             assert not client.errors, client.errors
-            chain_ledger.wait_for_chains(url, len(client.published), DEADLINE)
+            chains = set(range(len(client.published)))
+            chain_ledger.wait_for_chains(url, chains, DEADLINE)
             # get() through PgBouncer: the client's LISTEN, b's NOTIFY.
             for number, result in enumerate(client.results):
                 assert result.get(timeout=RESULT_TIMEOUT) == f"{number}.{chain_ledger.LENGTH - 1}"
             redelivered, first = execute(
                 db_url, "SELECT count(*), extract(epoch FROM min(at)) FROM pgbroker.redelivery"
             )[0]
-        counts = chain_ledger.tally(db_url, len(client.published), step_log)
+        counts = chain_ledger.tally(db_url, chains, step_log)
         summary = (
             f"PgBouncer session mode: {len(client.published)} chains x {chain_ledger.LENGTH} "
             f"links, worker a SIGKILLed holding messages; {counts}; redeliveries {redelivered}, "

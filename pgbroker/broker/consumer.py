@@ -12,12 +12,14 @@ messages of consumers whose lock is gone back to their queues.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -53,6 +55,23 @@ UNLIMITED_CLAIM = 100
 CLAIM_BATCH_WAIT = 0.05
 
 
+class Held(NamedTuple):
+    """A message a claim handed out, until its ack is written or it is
+    handed back. ``registration`` says which of its transport's consumers
+    claimed it (a transport registers a new one in each session): consumer
+    ids can come again (see ``ack_orphaned`` in queries.sql), registrations
+    cannot. ``published_at`` with the id names the message for good."""
+
+    consumer_id: int
+    registration: int
+    delivery_count: int
+    published_at: datetime
+
+
+#: Every consumer registration of this process gets the next number.
+_registrations = itertools.count(1)
+
+
 class ConsumerSession:
     """The consumer of a transport's session (a mixin of
     :class:`pgbroker.broker.transport.Transport`, whose state it uses)."""
@@ -71,7 +90,8 @@ class ConsumerSession:
     _ready: set[str]
     _acks: list[int]
     _riding: list[int]
-    _held: dict[int, tuple[int, int]]
+    _held: dict[int, Held]
+    _registration: int
     _orphan_key: tuple[str, str]
     _loop: Any
     _loop_thread: int | None
@@ -121,6 +141,7 @@ class ConsumerSession:
                 lock_class=self._lock_class,
             )
             self.consumer_id = int(row[0])
+            self._registration = next(_registrations)
             # Where its messages come from (once per session): a result
             # backend there may acknowledge them (pgbroker/broker/finish.py).
             self.origin = self._fingerprint()
@@ -175,7 +196,7 @@ class ConsumerSession:
             self._unride()
             raise
         for row in rows:
-            self._held[row[0]] = (consumer_id, row[2])
+            self._held[row[0]] = Held(consumer_id, self._registration, row[2], row[11])
         if settle:
             self._settle()
         return rows
@@ -256,7 +277,7 @@ class ConsumerSession:
 
     def ack(self, delivery_tag: int) -> None:
         held = self._held.get(delivery_tag)
-        if held is not None and (held[0] != self.consumer_id or self._session_gone()):
+        if held is not None and (held.registration != self._registration or self._session_gone()):
             # Delivered by a session that is gone: the next one writes it.
             self._orphan([delivery_tag])
             if self.consumer_id is not None:
@@ -322,7 +343,9 @@ class ConsumerSession:
         for tag in tags:
             held = self._held.pop(tag, None)
             if held is not None:
-                entries.append((tag, *held))
+                entries.append(
+                    _Orphan(tag, held.consumer_id, held.delivery_count, held.published_at)
+                )
         if entries:
             with _orphaned_lock:
                 _orphaned.setdefault(self._orphan_key, []).extend(entries)
@@ -335,9 +358,10 @@ class ConsumerSession:
         try:
             written = self.run_count(
                 "ack_orphaned",
-                ids=[e[0] for e in entries],
-                consumer_ids=[e[1] for e in entries],
-                counts=[e[2] for e in entries],
+                ids=[e.message_id for e in entries],
+                consumer_ids=[e.consumer_id for e in entries],
+                counts=[e.delivery_count for e in entries],
+                published=[e.published_at for e in entries],
             )
         except BaseException:
             with _orphaned_lock:
@@ -363,12 +387,12 @@ class ConsumerSession:
         ``max_deliveries`` (a message that reached it goes to dead_letter);
         off for messages handed back unprocessed when a channel closes.
         """
-        self._release(delivery_tags)
-        if self.consumer_id is None:
+        tags = self._release(delivery_tags)
+        if self.consumer_id is None or not tags:
             return
         row = self.run(
             "requeue",
-            ids=list(delivery_tags),
+            ids=tags,
             consumer_id=self.consumer_id,
             channel=self.channel_name,
             counted=counted,
@@ -392,23 +416,30 @@ class ConsumerSession:
 
     def unclaim(self, delivery_tags: list[int]) -> None:
         """Hand back claimed messages that were never delivered."""
-        self._release(delivery_tags)
-        if self.consumer_id is not None:
+        tags = self._release(delivery_tags)
+        if self.consumer_id is not None and tags:
             self.run(
                 "unclaim",
-                ids=list(delivery_tags),
+                ids=tags,
                 consumer_id=self.consumer_id,
                 channel=self.channel_name,
             )
 
-    def _release(self, delivery_tags: list[int]) -> None:
+    def _release(self, delivery_tags: list[int]) -> list[int]:
+        """Forget these deliveries; returns those that this session's
+        consumer holds. A message claimed in an earlier session is the
+        sweep's to hand back, and its id may name another message by now."""
+        mine = []
         for tag in delivery_tags:
-            self._held.pop(tag, None)
+            held = self._held.pop(tag, None)
+            if held is not None and held.registration == self._registration:
+                mine.append(tag)
+        return mine
 
     def dead_letter(self, delivery_tags: list[int]) -> None:
-        self._release(delivery_tags)
-        if self.consumer_id is not None:
-            self.run_count("reject", ids=list(delivery_tags), consumer_id=self.consumer_id)
+        tags = self._release(delivery_tags)
+        if self.consumer_id is not None and tags:
+            self.run_count("reject", ids=tags, consumer_id=self.consumer_id)
 
     # --- sweep ------------------------------------------------------------------------
 
@@ -488,9 +519,18 @@ class ConsumerSession:
         return self._sweeper is not None and self._sweeper.covers()
 
 
-#: Acks whose session was lost before they were written, by (URL, schema):
-#: (delivery tag, consumer id, delivery count). See Transport._orphan.
-_orphaned: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+class _Orphan(NamedTuple):
+    """An ack whose session was lost before it was written."""
+
+    message_id: int
+    consumer_id: int
+    delivery_count: int
+    published_at: datetime
+
+
+#: Acks whose session was lost before they were written, by (URL, schema).
+#: See Transport._orphan.
+_orphaned: dict[tuple[str, str], list[_Orphan]] = {}
 _orphaned_lock = threading.Lock()
 
 

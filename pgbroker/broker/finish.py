@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pgbroker.broker.messages import CONSUMER_ID, DELIVERY_COUNT, ORIGIN
+from pgbroker.broker.messages import CONSUMER_ID, DELIVERY_COUNT, ORIGIN, PUBLISHED_AT
 from pgbroker.logs import recovery
 
 logger = logging.getLogger("pgbroker.broker")
@@ -62,11 +62,13 @@ class Held:
     """What a task run's finish commits besides its result."""
 
     task_id: str
-    #: The delivered message: its id, the consumer that holds it, and its
-    #: delivery count with this delivery.
+    #: The delivered message: its id, the consumer that holds it, its
+    #: delivery count with this delivery, and when it was published (ISO
+    #: 8601; with the id, it names the message for good).
     message_id: int
     consumer_id: int
     delivery_count: int
+    published_at: str
     #: The task acknowledges after its run: until the finish, this delivery
     #: holds the message.
     acks_late: bool
@@ -148,10 +150,12 @@ def _finishable(task: Any, request: Any) -> _Finishable | None:
         return None
     message_id, consumer_id = props.get("delivery_tag"), props.get(CONSUMER_ID)
     delivery_count, origin = props.get(DELIVERY_COUNT), props.get(ORIGIN)
+    published_at = props.get(PUBLISHED_AT)
     if not (
         isinstance(message_id, int)
         and isinstance(consumer_id, int)
         and isinstance(delivery_count, int)
+        and isinstance(published_at, str)
         and origin
     ):
         return None
@@ -159,7 +163,7 @@ def _finishable(task: Any, request: Any) -> _Finishable | None:
     if backend is None or backend_origin(backend) != origin:
         return None
     acks_late = bool(getattr(task, "acks_late", False))
-    held = Held(request.id, message_id, consumer_id, delivery_count, acks_late)
+    held = Held(request.id, message_id, consumer_id, delivery_count, published_at, acks_late)
     return _Finishable(held, origin)
 
 

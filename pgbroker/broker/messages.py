@@ -45,6 +45,12 @@ ORIGIN = "pgbroker_origin"
 #: (nobody has had it since): ``ack_orphaned`` and ``finish_ack``.
 DELIVERY_COUNT = "pgbroker_delivery_count"
 
+#: A property of every message delivered to a consumer that acknowledges:
+#: when it was published (ISO 8601). With its id, this names the message for
+#: good: ids are handed out again after a server lost its last commits
+#: (``ack_orphaned``), publication times are not.
+PUBLISHED_AT = "pgbroker_published_at"
+
 _PROPERTIES_NOT_STORED = (
     "delivery_tag",
     "delivery_info",
@@ -53,6 +59,7 @@ _PROPERTIES_NOT_STORED = (
     CONSUMER_ID,
     ORIGIN,
     DELIVERY_COUNT,
+    PUBLISHED_AT,
 )
 
 
@@ -154,8 +161,8 @@ def to_raw(
     """A claimed row as the message dict Kombu's virtual channel expects;
     ``schema_oid``: the oid of the schema it was claimed from (SCHEMA_OID);
     ``consumer_id`` and ``origin``: the consumer that holds it and where
-    (CONSUMER_ID, ORIGIN, with DELIVERY_COUNT), None when it was removed as
-    it was claimed (no ack)."""
+    (CONSUMER_ID, ORIGIN, with DELIVERY_COUNT and PUBLISHED_AT), None when
+    it was removed as it was claimed (no ack)."""
     (
         id_,
         priority,
@@ -168,6 +175,7 @@ def to_raw(
         properties,
         body,
         was_delayed,
+        published_at,
     ) = row
     if was_delayed and isinstance(headers, dict) and headers.get("eta"):
         # pgbroker kept the message until its eta (or an operator made it
@@ -181,7 +189,12 @@ def to_raw(
         body_encoding=None,
         **{SCHEMA_OID: schema_oid},
         **(
-            {CONSUMER_ID: consumer_id, ORIGIN: origin, DELIVERY_COUNT: delivery_count}
+            {
+                CONSUMER_ID: consumer_id,
+                ORIGIN: origin,
+                DELIVERY_COUNT: delivery_count,
+                PUBLISHED_AT: published_at.isoformat(),
+            }
             if consumer_id is not None
             else {}
         ),

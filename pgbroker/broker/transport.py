@@ -81,7 +81,7 @@ from psycopg.types.json import set_json_loads
 
 from pgbroker.broker import enqueue, finish, header, sweeper
 from pgbroker.broker.channel import Channel, check_name
-from pgbroker.broker.consumer import ConsumerSession
+from pgbroker.broker.consumer import ConsumerSession, Held
 from pgbroker.broker.delayed import DelayedDelivery, due_channel_for
 from pgbroker.broker.loop import EventLoop
 from pgbroker.broker.messages import _load_json, log_publish_outcome, publish_params
@@ -185,10 +185,10 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         self._acks: list[int] = []
         # Acks sent with a claim whose commit is not confirmed yet.
         self._riding: list[int] = []
-        # Messages handed out by a claim: delivery tag -> (consumer id,
-        # delivery count), so that an ack can still apply after its session
-        # was lost (see _orphan).
-        self._held: dict[int, tuple[int, int]] = {}
+        # Messages handed out by a claim, by delivery tag, so that an ack
+        # can still apply after its session was lost (see _orphan).
+        self._held: dict[int, Held] = {}
+        self._registration = 0  # of its consumer, see Held
         self._orphan_key = (self.url, self.options.schema)
         self._loop: Any = None
         self._loop_thread: int | None = None

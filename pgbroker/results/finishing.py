@@ -151,6 +151,7 @@ class FinishingBackend:
             "message_id": held.message_id,
             "consumer_id": held.consumer_id,
             "delivery_count": held.delivery_count,
+            "published_at": held.published_at,
         }
         skip_dedup = held.acks_late and held.delivery_count == 1
         published: list[tuple[Any, dict[str, Any]]] = []

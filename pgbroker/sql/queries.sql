@@ -316,7 +316,9 @@ WHERE m.id = ANY (ARRAY (
 RETURNING m.id, m.priority, m.delivery_count, m.exchange, m.routing_key,
           m.content_type, m.content_encoding, m.headers, m.properties, m.body,
           -- Was delayed until its eta: the consumer drops the eta header (due).
-          m.visible_at IS NOT NULL;
+          m.visible_at IS NOT NULL,
+          -- With the id, names this message for good (see ack_orphaned).
+          m.published_at;
 
 -- name: claim_begin
 -- A claim runs in its own transaction (`_run_pipelined`): READ COMMITTED
@@ -376,10 +378,18 @@ COMMIT;
 -- again (recovered by the sweep, or its claim never committed) and its
 -- delivery count has not grown since. A message claimed by another consumer
 -- meanwhile is left alone (that consumer holds it now).
+--
+-- The id alone does not name the message: a server that lost its last
+-- commits (an asynchronous standby promoted, a crash with commits not yet
+-- flushed) hands the lost window's ids out again, to other messages, and
+-- consumer ids too. The message's published_at, which never changes, tells
+-- them apart: a message that took the id later was published later.
 DELETE FROM {schema}.message m
-USING unnest(%(ids)s::bigint[], %(consumer_ids)s::int[], %(counts)s::int[])
-      AS a(id, consumer_id, delivery_count)
+USING unnest(%(ids)s::bigint[], %(consumer_ids)s::int[], %(counts)s::int[],
+             %(published)s::timestamptz[])
+      AS a(id, consumer_id, delivery_count, published_at)
 WHERE m.id = a.id
+  AND m.published_at = a.published_at
   AND m.delivery_count <= a.delivery_count
   AND (m.state = 'ready' OR (m.state = 'reserved' AND m.consumer_id = a.consumer_id));
 
@@ -398,7 +408,7 @@ WHERE m.id = ANY (ARRAY (
 ))
 RETURNING m.id, m.priority, m.delivery_count + 1, m.exchange, m.routing_key,
           m.content_type, m.content_encoding, m.headers, m.properties, m.body,
-          m.visible_at IS NOT NULL;
+          m.visible_at IS NOT NULL, m.published_at;
 
 -- name: ack
 -- Fenced: only the consumer that holds a message can acknowledge it.
@@ -421,9 +431,10 @@ WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s;
 -- claim that handed the message over may still be committing, as a claim
 -- hands its rows over before its commit: the DELETE waits for it and takes
 -- the committed version), and the lock taken keeps the answer true until
--- the commit.
+-- the commit. A row with this id published at another time is another
+-- message (ids come again after a lost window, see ack_orphaned): no row.
 DELETE FROM {schema}.message
-WHERE id = %(message_id)s
+WHERE id = %(message_id)s AND published_at = %(published_at)s::timestamptz
 RETURNING CASE WHEN state = 'reserved' AND consumer_id = %(consumer_id)s THEN 'acked'
                WHEN state = 'ready' AND delivery_count <= %(delivery_count)s THEN 'acked'
                ELSE 'elsewhere' END;
