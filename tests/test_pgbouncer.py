@@ -36,6 +36,7 @@ import psycopg
 import pytest
 
 from tests import chain_ledger, localpg
+from tests.celery_helpers import Celery as CeleryProcess
 from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
 
 pytestmark = pytest.mark.slow
@@ -117,6 +118,23 @@ def held_by(db_url: str, pid: int) -> int:
     return int(rows[0][0])
 
 
+def kill_while_holding(worker: CeleryProcess, db_url: str, timeout: float = 30) -> None:
+    """SIGKILL ``worker``'s process group while it holds messages. Checked
+    while the group is stopped (SIGSTOP), so that it cannot finish and
+    acknowledge them between the check and the kill; its statements in
+    flight get a moment to land first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        if held_by(db_url, worker.pid) > 0:
+            worker.kill_group()
+            return
+        os.killpg(worker.proc.pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, "worker a never held messages"
+        time.sleep(0.05)
+
+
 @pytest.mark.timeout(DEADLINE + 120)
 def test_a_worker_killed_behind_pgbouncer_in_session_mode(db_url: str, tmp_path: Path) -> None:
     with pgbouncer(db_url, "session") as url:
@@ -133,8 +151,7 @@ def test_a_worker_killed_behind_pgbouncer_in_session_mode(db_url: str, tmp_path:
                 b.wait_for_log("ready.", timeout=60)
                 client = chain_ledger.Client(tasks, CHAINS)
                 wait_until(lambda: len(client.published) >= KILL_AFTER, 60, "the first chains")
-                wait_until(lambda: held_by(db_url, a.pid) > 0, 30, "worker a to hold messages")
-                a.kill_group()
+                kill_while_holding(a, db_url)
                 killed_at = time.time()
                 a.wait_exit(timeout=10)
             client.thread.join(DEADLINE)
