@@ -12,6 +12,7 @@ application would already catch)::
     |- DatabaseUnavailable        [psycopg.OperationalError] cannot connect   (connection error)
     |- ConnectionLost             [psycopg.OperationalError] a session ended  (connection error)
     |- UnsupportedServer          the PostgreSQL server is older than pgbroker supports
+    |- UnsupportedPooler          a pooler in transaction or statement mode (PgBouncer)
     |- SchemaError                the schema is missing, outdated or not usable by the role
     |- MessageTooLarge            [ValueError] more than max_message_size
     |- NameTooLong                [ValueError] a queue, exchange or routing key name
@@ -97,6 +98,7 @@ __all__ = [
     "ResultTooLarge",
     "SchemaError",
     "StepOutputError",
+    "UnsupportedPooler",
     "UnsupportedServer",
     "classify",
     "session_lost",
@@ -131,6 +133,13 @@ class UnsupportedServer(PgBrokerError):
     """The PostgreSQL server is older than pgbroker supports
     (``pgbroker.database.sessions.MINIMUM_SERVER_VERSION``); retrying
     cannot fix it."""
+
+
+class UnsupportedPooler(PgBrokerError):
+    """The URL leads to a connection pooler that hands a session's server
+    connection to other clients between transactions (PgBouncer's
+    transaction or statement pool mode), which breaks LISTEN and session
+    advisory locks (``pgbroker.database.poolers``); retrying cannot fix it."""
 
 
 class SchemaError(PgBrokerError):

@@ -64,38 +64,47 @@ def answers(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def pgbouncer(db_url: str, pool_mode: str) -> Iterator[str]:
+def pgbouncer(
+    db_url: str, pool_mode: str, *, password: str = "", **settings: str | int
+) -> Iterator[str]:
     """A PgBouncer in front of ``db_url``'s server; yields the URL of the
-    same database through it."""
+    same database through it. ``password``: PgBouncer requires it of its
+    clients (auth_type md5), and the URL has it. ``settings``: more
+    ``[pgbouncer]`` settings, or other values for the defaults below
+    (``default_pool_size=1``)."""
     binary = pgbouncer_binary()
     server = urlsplit(db_url)
     dbname = server.path.lstrip("/")
     port = localpg.free_port()
     with localpg.folder("pgbroker-pgbouncer-") as base:
-        (base / "userlist.txt").write_text('"postgres" ""\n')
+        ini = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": port,
+            "unix_socket_dir": base,
+            "auth_type": "md5" if password else "trust",
+            "auth_file": f"{base}/userlist.txt",
+            "pool_mode": pool_mode,
+            "max_client_conn": 200,
+            "default_pool_size": 60,
+            "server_reset_query": "DISCARD ALL",
+            "logfile": f"{base}/pgbouncer.log",
+            "pidfile": f"{base}/pgbouncer.pid",
+            **settings,
+        }
+        (base / "userlist.txt").write_text(f'"postgres" "{password}"\n')
         (base / "pgbouncer.ini").write_text(
             "[databases]\n"
             f"{dbname} = host={server.hostname} port={server.port or 5432} "
             f"dbname={dbname} user={server.username or 'postgres'}\n"
-            "[pgbouncer]\n"
-            "listen_addr = 127.0.0.1\n"
-            f"listen_port = {port}\n"
-            f"unix_socket_dir = {base}\n"
-            "auth_type = trust\n"
-            f"auth_file = {base}/userlist.txt\n"
-            f"pool_mode = {pool_mode}\n"
-            "max_client_conn = 200\n"
-            "default_pool_size = 60\n"
-            "server_reset_query = DISCARD ALL\n"
-            f"logfile = {base}/pgbouncer.log\n"
-            f"pidfile = {base}/pgbouncer.pid\n"
+            "[pgbouncer]\n" + "".join(f"{name} = {value}\n" for name, value in ini.items())
         )
         for name in ("userlist.txt", "pgbouncer.ini"):
             localpg.give_to_server_user(base / name)
         user = ["-u", localpg.OS_USER] if os.geteuid() == 0 else []
         proc = subprocess.Popen([binary, *user, str(base / "pgbouncer.ini")], cwd=base)
         try:
-            url = f"postgresql://postgres@127.0.0.1:{port}/{dbname}"
+            login = f"postgres:{password}" if password else "postgres"
+            url = f"postgresql://{login}@127.0.0.1:{port}/{dbname}"
             wait_until(lambda: answers(url), 30, "PgBouncer to answer")
             yield url
         finally:
@@ -131,7 +140,7 @@ def kill_while_holding(worker: CeleryProcess, db_url: str, timeout: float = 30) 
             worker.kill_group()
             return
         os.killpg(worker.proc.pid, signal.SIGCONT)
-        assert time.monotonic() < deadline, "worker a never held messages"
+        assert time.monotonic() < deadline, "the worker never held messages"
         time.sleep(0.05)
 
 

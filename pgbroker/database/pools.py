@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -83,17 +84,17 @@ def pool_for(
                 open=True,
                 timeout=30,
                 name=f"pgbroker-{purpose}",
-                configure=_configure,
+                configure=functools.partial(_configure, conninfo),
             )
             _pools[key] = pool
             _close_at_shutdown()
     return pool
 
 
-def _configure(conn: psycopg.Connection) -> None:
+def _configure(conninfo: str, conn: psycopg.Connection) -> None:
     """A new pooled session: pin its settings as every pgbroker session's
-    (pgbroker.database.sessions.session_settings), and track it for fork."""
-    pin_session(conn)
+    (pgbroker.database.sessions.pin_session), and track it for fork."""
+    pin_session(conn, conninfo=conninfo)
     _conns.add(conn)
 
 

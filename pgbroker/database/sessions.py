@@ -22,6 +22,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict
 
+from pgbroker.database import poolers
 from pgbroker.errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -72,7 +73,7 @@ def connect(
         # psycopg checks some values itself ("bad value for connect_timeout").
         raise _bad_url(url, str(exc)) from None
     try:
-        pin_session(conn, waits=waits)
+        pin_session(conn, conninfo=conninfo, waits=waits)
         conn.autocommit = autocommit
     except BaseException as exc:
         conn.close()
@@ -124,16 +125,21 @@ def session_settings(server_version: int, *, waits: bool = False) -> str:
     return "; ".join(f"SET {name} = {value}" for name, value in settings.items())
 
 
-def pin_session(conn: psycopg.Connection, *, waits: bool = False) -> None:
-    """Check the server's version (:func:`check_server_version`) and pin the
-    session's settings (see :func:`session_settings`), on an autocommit
-    connection. One statement, once per session."""
+def pin_session(conn: psycopg.Connection, *, conninfo: str, waits: bool = False) -> None:
+    """Check the server's version (:func:`check_server_version`), pin the
+    session's settings (see :func:`session_settings`), and refuse a pooler
+    that does not keep sessions (:func:`pgbroker.database.poolers.check`),
+    on an autocommit connection. One statement, once per session; more only
+    through a pooler, once per process. ``conninfo``: what ``conn`` was
+    opened with, password included (the pooler's probe connects with it)."""
     info = conn.info
     where = describe(
         {"host": info.host, "port": str(info.port), "user": info.user, "dbname": info.dbname}
     )
     check_server_version(info.server_version, where)
-    conn.execute(session_settings(info.server_version, waits=waits))
+    statements = f"SELECT pg_backend_pid(); {session_settings(info.server_version, waits=waits)}"
+    row = conn.execute(statements).fetchone()
+    poolers.check(conn, int(row[0]) if row else 0, conninfo, where)
 
 
 def check_server_version(server_version: int, where: str) -> None:
