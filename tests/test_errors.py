@@ -805,14 +805,16 @@ def test_a_read_only_claim_in_the_event_loop_is_a_lost_connection(
         with Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]):
             transport = conn.transport
             transport._conn.execute("SET default_transaction_read_only = on")
-            with pytest.raises(ConnectionLost, match="read-only server") as failed, (
-                transport._in_loop()
+            with (
+                pytest.raises(ConnectionLost, match="read-only server") as failed,
+                transport._in_loop(),
             ):
                 transport.claim_and_deliver()
             assert isinstance(failed.value, conn.connection_errors)
             assert got == []
-    with Connection(db_url) as conn, Consumer(
-        conn, [q], callbacks=[lambda body, message: got.append(message)]
+    with (
+        Connection(db_url) as conn,
+        Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]),
     ):
         conn.drain_events(timeout=10)
         assert [m.payload for m in got] == [{"i": 0}]
