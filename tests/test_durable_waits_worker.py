@@ -388,3 +388,42 @@ def test_a_second_delivery_of_a_finished_task_hands_off_nothing_again(
             assert f"succeed_then_die[{first}] ignored" in worker.log()
         assert tasks.app.AsyncResult(first).get(timeout=RESULT_TIMEOUT) == "result of twice"
         assert len(spans(db_url, "twice")) == 1  # the body ran once
+
+
+def test_two_messages_of_one_task_id_running_at_once_hand_off_once(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Two messages of one task id run at once (a client's publish stored
+    twice, as when its commit's reply was lost in a failover and Kombu sent
+    it again; found under Patroni, docs/high-availability.md): the second
+    run waits for the first one's lock. It must not get the lock before the
+    first run's SUCCESS is stored and its next link handed off: it would
+    find no SUCCESS, replay the steps, and hand the next link off again."""
+    env = celery_env(db_url)
+    first, following = "both-first", "both-next"
+    pause, release = tmp_path / "paused", tmp_path / "release"
+    with client_app(APP, db_url) as tasks:
+
+        def send() -> Any:
+            return (
+                tasks.long_job.si("both", str(pause), str(release)).set(task_id=first)
+                | tasks.quick.si(1).set(task_id=following)
+            ).apply_async()
+
+        with start_worker(APP, env, tmp_path, "a", ("--concurrency=2",)) as worker:
+            worker.wait_for_log("ready.")
+            result = send()
+            wait_until(pause.exists, 30, "the first run to finish step one")
+            send()  # the same task ids again, while the first run holds the lock
+            worker.wait_for_log(f"long_job[{first}] is already running", timeout=30)
+            release.touch()
+            assert result.get(timeout=RESULT_TIMEOUT) == 2
+            worker.wait_for_log(f"long_job[{first}] already succeeded", timeout=60)
+            wait_until(
+                lambda: execute(db_url, "SELECT count(*) FROM pgbroker.message") == [(0,)],
+                30,
+                "the queue to be empty",
+            )
+            time.sleep(0.5)  # a second hand-off would have been delivered by now
+            assert worker.log().count(f"quick[{following}] received") == 1, worker.log()
+        assert len(spans(db_url, "both")) == 1  # the body ran once

@@ -3,12 +3,14 @@
 A run (``__call__``) takes the task id's lock, returns a stored SUCCESS
 without running, takes the ``exclusive_key``, then runs the body, whose
 ``self.step()``, ``self.wait_for_event()`` and ``self.sleep()`` are
-checkpointed. :mod:`pgbroker.durable` documents the whole API.
+checkpointed; the lock is held until Celery has stored the run's outcome.
+:mod:`pgbroker.durable` documents the whole API.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar, cast
@@ -16,10 +18,11 @@ from typing import Any, TypeVar, cast
 import psycopg
 from celery import Task
 from celery.exceptions import Ignore, Reject
+from celery.signals import task_postrun
 
 from pgbroker.durable.config import DurableConfig
 from pgbroker.durable.housekeeping import finish
-from pgbroker.durable.runs import begin_run, end_run, stored_success, take_exclusive_key
+from pgbroker.durable.runs import Run, begin_run, end_run, stored_success, take_exclusive_key
 from pgbroker.durable.steps import run_step
 from pgbroker.durable.waits import PARKS_HEADER, parks_of, wait_event, wait_sleep
 from pgbroker.errors import LeaseLost
@@ -64,6 +67,7 @@ class DurableTask(Task):  # type: ignore[misc]
         task_id = request.id
         if not task_id or request.called_directly:
             return super().__call__(*args, **kwargs)  # a plain function call
+        _end_finished_run()  # one whose outcome no tracer reported (see below)
         try:
             run = begin_run(self.durable_config, task_id, self.name)
         except psycopg.OperationalError as exc:
@@ -113,7 +117,13 @@ class DurableTask(Task):  # type: ignore[misc]
                 raise
         finally:
             request._durable_run = None
-            end_run(run)
+            # The lock is released once Celery has stored this run's outcome
+            # and handed its chain's next link off (task_postrun, after both):
+            # a run of the same task id waiting for it (two messages of one
+            # id) then finds the SUCCESS stored and runs nothing. Released as
+            # the body returned, the waiting run could start before the
+            # SUCCESS was stored, and both handed the next link off.
+            _finished.run = run
 
     # --- retries: parks do not count (pgbroker.durable.waits) ------------------------
 
@@ -217,3 +227,25 @@ class DurableTask(Task):  # type: ignore[misc]
             logger.warning(
                 "task %s[%s]: could not mark its steps done: %s", self.name, task_id, exc
             )
+
+
+#: The run whose body returned in this thread, until Celery's tracer
+#: reports its outcome stored (task_postrun): its lock is held until then.
+_finished = threading.local()
+
+
+def _end_finished_run(task_id: str | None = None) -> None:
+    """End the run kept in ``_finished`` (if ``task_id`` is given: only the
+    run of that task id)."""
+    run: Run | None = getattr(_finished, "run", None)
+    if run is not None and (task_id is None or run.task_id == task_id):
+        _finished.run = None
+        end_run(run)
+
+
+def _on_task_postrun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    if task_id is not None:
+        _end_finished_run(task_id)
+
+
+task_postrun.connect(_on_task_postrun, weak=False)
