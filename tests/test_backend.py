@@ -17,6 +17,7 @@ from celery.app.task import Context
 
 from pgbroker.errors import ConfigurationError, DatabaseUnavailable, ResultTooLarge
 from pgbroker.results.backend import PostgresBackend
+from tests import pgserver
 from tests.celery_helpers import get_waits, wait_until
 
 #: The apps a test made, closed after it (close_apps).
@@ -288,6 +289,45 @@ def test_get_is_woken_by_notify(app: Celery) -> None:
     started = time.monotonic()
     assert app.AsyncResult("w1").get(timeout=10) == "woken"
     assert time.monotonic() - started < 2
+
+
+def test_a_waiting_get_rides_out_a_database_gone_for_a_while(
+    app: Celery, db: psycopg.Connection, pg_admin_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The waiter's session ends and the database refuses connections for
+    two seconds (as in a failover, before the new primary takes writes):
+    the waiting get() keeps trying and returns the result stored after.
+    (It raised Celery's "Retry limit exceeded ... must be restarted" at the
+    first refused connection; found under Patroni.)"""
+    dbname = db.info.dbname
+    waited: list[Any] = []
+
+    def wait() -> None:
+        try:
+            waited.append(app.AsyncResult("gone-a-while").get(timeout=30))
+        except BaseException as exc:  # reported below
+            waited.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    others = (
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid()"
+    )
+    wait_until(lambda: bool(db.execute(others).fetchall()), 10, "the get() to connect")
+    time.sleep(0.5)  # its LISTEN and first read done
+    # The test's own database: refused from the server's admin database.
+    with psycopg.connect(pgserver.libpq_url(pg_admin_url), autocommit=True) as admin:
+        try:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+            db.execute(f"SELECT pg_terminate_backend(pid) FROM ({others}) o")
+            time.sleep(2)
+        finally:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+    make_app(app.conf.result_backend).backend.mark_as_done("gone-a-while", "still there")
+    waiter.join(30)
+    assert waited == ["still there"]
+    assert "trying again" in caplog.text
 
 
 def test_get_raises_a_parents_failure_stored_during_its_first_check(app: Celery) -> None:

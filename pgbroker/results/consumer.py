@@ -69,6 +69,12 @@ logger = logging.getLogger("pgbroker.results")
 MAX_WAIT = 1.0
 #: Longest wait for the replies to LISTEN after a reconnect.
 RECONNECT_TIMEOUT = 30.0
+#: How long a lost connection is tried again before the waiting ``get()``
+#: fails (Celery's RuntimeError), in seconds: long enough for a failover
+#: (Patroni's default ttl is 30 s) or a server restart. The waits between
+#: attempts grow from RECONNECT_FIRST_WAIT to MAX_WAIT.
+RECONNECT_PATIENCE = 60.0
+RECONNECT_FIRST_WAIT = 0.1
 #: Stale channels (finished tasks, still LISTENed) are dropped once there are
 #: at least this many, and ``STALE_RATIO`` times as many as live ones: then
 #: ``UNLISTEN *`` plus the live LISTENs is a fraction of one UNLISTEN each.
@@ -190,6 +196,8 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         #: ``app.close()`` does not); it holds the connection, not us.
         self._finalizer: weakref.finalize[..., ResultConsumer] | None = None
         self._pid = os.getpid()
+        #: Counts stop() calls: a reconnect in progress gives up at one.
+        self._stops = 0
         #: channel -> task id, for every channel we LISTEN on (or will).
         self._channels: dict[str, str] = {}
         #: channels whose LISTEN was sent on the current connection (stale
@@ -265,7 +273,30 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._forget_inherited()
 
     def _reconnect(self) -> None:
-        """After a lost connection: LISTEN again, then read what we missed."""
+        """After a lost connection: connect again, LISTEN again, then read
+        what we missed. While the database cannot be reached (a failover, a
+        restart), tried again for up to RECONNECT_PATIENCE seconds; Celery's
+        ``reconnect_on_error`` gives up on the first failure of this."""
+        deadline = time.monotonic() + RECONNECT_PATIENCE
+        wait = RECONNECT_FIRST_WAIT
+        stops = self._stops
+        while True:
+            try:
+                self._reconnect_once()
+                return
+            except psycopg.OperationalError as exc:  # a connection error, as Celery's catch
+                if time.monotonic() + wait > deadline or self._stops != stops:
+                    raise
+                logger.warning(
+                    "pgbroker: waiting for results, the connection to PostgreSQL is lost "
+                    "(%s): trying again in %.1f s",
+                    " ".join(str(exc).split())[:300],
+                    wait,
+                )
+                time.sleep(wait)
+                wait = min(wait * 2, MAX_WAIT)
+
+    def _reconnect_once(self) -> None:
         with self._lock:
             if self._connection is not None:
                 with contextlib.suppress(psycopg.Error):
@@ -429,6 +460,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
 
     def stop(self) -> None:
         self._check_fork()
+        self._stops += 1
         with self._lock:
             if self._connection is not None and self._pid == os.getpid():
                 self._connection.close()
