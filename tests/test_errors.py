@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kombu.exceptions
 import psycopg
@@ -254,6 +255,29 @@ def test_host_that_does_not_resolve(caplog: pytest.LogCaptureFixture) -> None:
     assert _is_retried(error)
     assert "at app@no-such-host.invalid:5432/jobs" in str(error)
     assert "the host name does not resolve: fix the host in the URL" in str(error)
+
+
+def test_several_hosts_of_which_none_takes_writes(
+    caplog: pytest.LogCaptureFixture, pg_admin_url: str
+) -> None:
+    """A multi-host URL during a failover: one host down, the other a
+    standby (here: a session that reports itself read-only, which libpq's
+    read-write check refuses the same way). The error names each host with
+    its port and each host's failure, and says why none was taken."""
+    server = urlsplit(pg_admin_url)
+    url = (
+        f"postgresql://postgres:{SECRET}@127.0.0.1:1,{server.hostname}:{server.port or 5432}"
+        "/postgres?target_session_attrs=read-write"
+        "&options=-c%20default_transaction_read_only%3Don"
+    )
+    error = _fail(caplog, url)
+    assert isinstance(error, DatabaseUnavailable)
+    assert _is_retried(error)
+    text = str(error)
+    assert f"at postgres@127.0.0.1:1,{server.hostname}:{server.port or 5432}/postgres: " in text
+    assert "no host in the URL accepts writes" in text
+    assert "port 1 failed: Connection refused" in text
+    assert "session is read-only" in text
 
 
 @pytest.mark.parametrize("password_in", ["userinfo", "query"])

@@ -205,12 +205,17 @@ def _bad_url(url: str, reason: str) -> ConfigurationError:
 
 
 def describe(params: dict[str, str]) -> str:
-    """Where we connect, without the password: 'user@host:port/db'."""
+    """Where we connect, without the password: 'user@host:port/db', or
+    'user@host1:port1,host2:port2/db' for several hosts."""
     host = params.get("host") or os.environ.get("PGHOST") or "localhost"
     port = params.get("port") or os.environ.get("PGPORT") or "5432"
     user = params.get("user") or os.environ.get("PGUSER") or _os_user()
     dbname = params.get("dbname") or os.environ.get("PGDATABASE") or user
-    return f"{user}@{host}:{port}/{dbname}"
+    hosts, ports = host.split(","), port.split(",")
+    if len(ports) != len(hosts):  # libpq: one port for every host
+        ports = [ports[0]] * len(hosts)
+    where = ",".join(f"{h}:{p}" for h, p in zip(hosts, ports, strict=True))
+    return f"{user}@{where}/{dbname}"
 
 
 def _os_user() -> str:
@@ -236,7 +241,12 @@ def explain_connect_error(
     where = describe(params)
     sqlstate = getattr(exc, "sqlstate", None)
     dbname = params.get("dbname") or where.rsplit("/", 1)[-1]
-    if sqlstate == "28P01" or "password authentication failed" in low:
+    if _only_standbys(low):
+        fix = (
+            "no host in the URL accepts writes: those that answered are standbys (a "
+            "failover in progress, or the primary is not in the URL); retry in a moment"
+        )
+    elif sqlstate == "28P01" or "password authentication failed" in low:
         fix = (
             "the server refused the password: fix the password in the URL "
             "(or in PGPASSWORD / ~/.pgpass)"
@@ -284,11 +294,21 @@ def explain_connect_error(
     return DatabaseUnavailable(f"cannot connect to PostgreSQL at {where}: {fix} ({detail})")
 
 
+def _only_standbys(low: str) -> bool:
+    """A connection error (lowercased) saying that the hosts that answered
+    were standbys (``target_session_attrs=read-write`` or ``primary``)."""
+    return "session is read-only" in low or "server is in hot standby mode" in low
+
+
 def _detail(text: str) -> str:
-    """The informative line of a libpq error, without psycopg's prefix."""
+    """The informative line of a libpq error, without psycopg's prefix; for
+    several hosts, each host's failure."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return "no detail"
+    attempts = [line for line in lines if line.startswith("- host:")]
+    if attempts:
+        return "; ".join(_detail(line.partition(": connection failed: ")[2]) for line in attempts)
     line = lines[0]
     for prefix in ("connection failed: ", "connection is bad: "):
         if line.startswith(prefix):
