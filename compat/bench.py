@@ -30,6 +30,9 @@ medians over rounds. compat/README.md says how each figure is taken.
   :mod:`compat.bench_longtx`).
 * delay-rate: ``delay()`` calls/s of one client while a celery worker runs
   the tasks on the same machine (every Celery column).
+* hosts (only when named in ``--only``): tasks/s, CPU per task and peak
+  PostgreSQL sessions with 1, 4, 8 worker hosts (``celery worker -c 2``
+  each) on one broker (every Celery column, :mod:`compat.bench_hosts`).
 
 ``--pg local,embedded`` runs everything once per PostgreSQL server (the
 local one at ``--pg-admin-url``, and an embedded PostgreSQL 18 started for
@@ -78,6 +81,7 @@ from psycopg import sql
 from compat import (
     bench_backlog,
     bench_celery,
+    bench_hosts,
     bench_listeners,
     bench_longtx,
     bench_pool,
@@ -102,8 +106,12 @@ STEP_TIMEOUT = 60.0
 
 PARTS = (
     "kombu", "celery", "kill", "redelivery", "idle", "backlog", "scale", "listeners", "longtx",
-    "delay-rate",
+    "delay-rate", "hosts",
 )  # fmt: skip
+#: Parts that run only when named in ``--only``: hosts starts up to 8 workers
+#: per Celery column and round (minutes at full size), and has a smoke test
+#: of its own (tests/test_bench_hosts.py).
+OPT_IN_PARTS = ("hosts",)
 #: PostgreSQL servers ``--pg`` can run the pgbroker columns on.
 PG_SERVERS = ("local", "embedded")
 
@@ -251,6 +259,8 @@ class Settings:
     longtx_rate: float
     longtx_burst: int
     delay_calls: int
+    hosts: tuple[int, ...]
+    hosts_tasks: int
     parts: tuple[str, ...]
     #: The servers to run on (``--pg``), and the one this run is on.
     pg_servers: tuple[str, ...]
@@ -288,6 +298,8 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "longtx_after_seconds": (3.0, 60.0),
     "longtx_burst": (500, 5000),
     "delay_calls": (100, 5000),
+    "hosts": ("1,2", "1,4,8"),
+    "hosts_tasks": (100, 5000),
 }
 
 
@@ -303,7 +315,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     preset.add_argument(
         "--quick", action="store_true", help="tiny sizes, about a minute (the default)"
     )
-    p.add_argument("--only", help=f"comma-separated parts to run, of {','.join(PARTS)}")
+    p.add_argument(
+        "--only",
+        help=f"comma-separated parts to run, of {','.join(PARTS)} "
+        f"(default: all but {','.join(OPT_IN_PARTS)})",
+    )
     p.add_argument("--messages", type=int, help="Kombu messages per round (full: 10000)")
     p.add_argument("--rounds", type=int, help="rounds; cells are medians (full: 3)")
     p.add_argument("--prefetch", type=int, default=100, help="Kombu consumers' prefetch_count")
@@ -365,6 +381,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="messages published flat out, consumers paused, for the drain rate (full: 5000)",
     )
     p.add_argument("--delay-calls", type=int, help="delay() calls per round (full: 5000)")
+    p.add_argument(
+        "--hosts", help="worker hosts (celery worker -c 2 each) of the hosts part (full: 1,4,8)"
+    )
+    p.add_argument(
+        "--hosts-tasks", type=int, help="no-op tasks per host count and round (full: 5000)"
+    )
     p.add_argument(
         "--pg",
         help="PostgreSQL servers to run pgbroker on, of local (--pg-admin-url) and embedded "
@@ -451,7 +473,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         longtx_rate=a.longtx_rate,
         longtx_burst=size("longtx_burst"),
         delay_calls=size("delay_calls"),
-        parts=names(a.only, PARTS, "parts") if a.only else PARTS,
+        hosts=tuple(int(x) for x in str(size("hosts")).split(",")),
+        hosts_tasks=size("hosts_tasks"),
+        parts=names(a.only, PARTS, "parts")
+        if a.only
+        else tuple(x for x in PARTS if x not in OPT_IN_PARTS),
         pg_servers=pg_servers,
         pg_server=pg_servers[0],
         pg_admin_url=a.pg_admin_url,
@@ -1103,8 +1129,40 @@ def make_figures(s: Settings) -> dict[str, Figure]:
                 Figure(f"scale_{layout}_{n}", f"scale: {n} consumers, {where}, msg/s",
                        s.scale_systems, "msg/s", "scale", target)
             )  # fmt: skip
-    figures += listener_figures(s) + longtx_figures(s)
+    figures += listener_figures(s) + longtx_figures(s) + hosts_figures(s)
     return {f.key: f for f in figures if f.part in s.parts}
+
+
+def hosts_figures(s: Settings) -> list[Figure]:
+    """Per host count: tasks/s, CPU ms per task (server, workers, client, the
+    rest of the machine), and pgbroker's peak sessions against the budget."""
+    figures = []
+    for n in s.hosts:
+        hosts = f"{n} host{'s' * (n > 1)}"
+        figures.append(
+            Figure(f"hosts_{n}_tasks",
+                   f"hosts: {hosts} (worker -c 2 each), tasks/s, {s.hosts_tasks} no-op",
+                   COLUMNS, "tasks/s", "hosts")
+        )  # fmt: skip
+        for part in bench_hosts.CPU_PARTS:
+            figures.append(
+                Figure(f"hosts_{n}_cpu_{part}", f"hosts: {hosts}, CPU ms per task, {part}",
+                       COLUMNS, "ms/task", "hosts")
+            )  # fmt: skip
+            if part == "server":  # the part of it that pgbroker's own sessions took
+                figures.append(
+                    Figure(f"hosts_{n}_cpu_database",
+                           f"hosts: {hosts}, CPU ms per task, server: the database's backends",
+                           ("pgbroker",), "ms/task", "hosts")
+                )  # fmt: skip
+        figures.append(
+            Figure(f"hosts_{n}_sessions",
+                   f"hosts: {hosts}, peak sessions of the workers "
+                   f"(budget {bench_hosts.SESSIONS_PER_HOST} per host)",
+                   ("pgbroker",), "sessions", "hosts",
+                   Target("<=", bench_hosts.session_budget(n), ""))
+        )  # fmt: skip
+    return figures
 
 
 def listener_figures(s: Settings) -> list[Figure]:
@@ -1214,6 +1272,7 @@ def run(s: Settings) -> Report:
         ("scale", lambda: run_scale(report, dbs, prefix, workdir)),
         ("listeners", lambda: run_listeners(report, dbs, prefix, workdir)),
         ("longtx", lambda: run_longtx(report, dbs, prefix, workdir)),
+        ("hosts", lambda: run_hosts(report, dbs, prefix, workdir)),
     ]
     with tempfile.TemporaryDirectory(prefix="pgbroker-bench-") as tmp:
         workdir = Path(tmp)
@@ -1688,6 +1747,90 @@ def run_longtx(report: Report, dbs: Databases, prefix: str, workdir: Path) -> No
     }
 
 
+def run_hosts(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
+    """Per host count: every Celery column (pgbroker in a fresh database per
+    count), rounds interleaved, each measurement with its own workers."""
+    s, figs = report.settings, report.figures
+    for n in s.hosts:
+        pairs = celery_pairs(report, dbs, f"_hosts{n}")
+        for r in range(s.rounds):
+            for pair in rotated(pairs, r):
+                log(f"round {r + 1}/{s.rounds}: {pair.label} hosts, {n} workers")
+                cells = [figs[f"hosts_{n}_tasks"].cell(pair.key)]
+                cells += [figs[f"hosts_{n}_cpu_{p}"].cell(pair.key) for p in bench_hosts.CPU_PARTS]
+                if pair.key == "pgbroker":
+                    cells += [figs[f"hosts_{n}_{k}"].cell(pair.key) for k in PG_HOSTS_ROWS]
+                m = attempt(
+                    cells,
+                    functools.partial(measure_hosts, s, pair, n, r, prefix, workdir),
+                    f"{pair.label} hosts ({n})",
+                )
+                if m:
+                    record_hosts(report, n, pair, m)
+
+
+#: The hosts rows of pgbroker alone.
+PG_HOSTS_ROWS = ("cpu_database", "sessions")
+
+
+def measure_hosts(
+    s: Settings,
+    pair: bench_celery.Pair,
+    hosts: int,
+    round_no: int,
+    prefix: str,
+    workdir: Path,
+) -> bench_hosts.Measurement:
+    pg = pair.key == "pgbroker"
+    if pg:
+        try:
+            bench_hosts.free_connections_check(pair.broker, hosts)
+        except bench_hosts.NotEnoughConnections as exc:
+            raise NotMeasured(f"{exc}: raise max_connections or run with fewer --hosts") from exc
+    tag = f"{pair.key}{hosts}r{round_no}"
+    with bench_hosts.started(pair, hosts, prefix, tag, workdir) as h:
+        return bench_hosts.measure(
+            h,
+            s.hosts_tasks,
+            s.pg_admin_url if pg else None,
+            database_name(pair.broker) if pg else None,
+        )
+
+
+def record_hosts(
+    report: Report, n: int, pair: bench_celery.Pair, m: bench_hosts.Measurement
+) -> None:
+    figs, key = report.figures, pair.key
+    figs[f"hosts_{n}_tasks"].cell(key).values.append(m.rate)
+    tasks = report.settings.hosts_tasks
+    for part in bench_hosts.CPU_PARTS:
+        cell, seconds = figs[f"hosts_{n}_cpu_{part}"].cell(key), m.cpu[part]
+        if seconds is None:
+            cell.error = m.cpu_errors.get(part, "not measured")
+        else:
+            cell.values.append(seconds * 1000 / tasks)
+            cell.note = m.server_text if part == "server" else ""
+    detail: dict[str, Any] = {
+        "tasks_per_s": round(m.rate, 1),
+        "seconds": round(m.seconds, 2),
+        "machine_cores_busy": None if m.machine_cores is None else round(m.machine_cores, 2),
+        "tasks_per_host": m.per_host_tasks,
+    }
+    if key == "pgbroker":
+        cell = figs[f"hosts_{n}_cpu_database"].cell(key)
+        if m.database_cpu is None:
+            cell.error = m.database_cpu_error or "not measured"
+        else:
+            cell.values.append(m.database_cpu * 1000 / tasks)
+        detail["database_sessions_closed_in_window"] = m.database_gone
+    if m.sessions is not None:
+        figs[f"hosts_{n}_sessions"].cell(key).values.append(m.sessions.workers)
+        detail["sessions"] = dataclasses.asdict(m.sessions)
+        detail["session_budget"] = bench_hosts.session_budget(n)
+    hosts_env = report.environment.setdefault("hosts", {})
+    hosts_env.setdefault(str(n), {}).setdefault(key, []).append(detail)
+
+
 def redis_visibility_timeout() -> int:
     try:
         from kombu.transport.redis import Channel
@@ -1760,7 +1903,8 @@ def header_lines(report: Report) -> list[str]:
         f"{','.join(map(str, s.scale_consumers))} consumers, {s.scale_messages} messages; "
         f"listeners {','.join(map(str, s.listeners))}, {s.listener_messages} messages at "
         f"{s.listener_rate:g}/s; longtx {s.longtx_rate:g}/s, pinned {s.longtx_seconds:g} s, "
-        f"{s.longtx_after_seconds:g} s before and after; delay-rate {s.delay_calls} calls"
+        f"{s.longtx_after_seconds:g} s before and after; delay-rate {s.delay_calls} calls; "
+        f"hosts {','.join(map(str, s.hosts))} x {s.hosts_tasks} tasks"
     )
     return lines
 
@@ -1776,7 +1920,13 @@ def table_rows(report: Report) -> list[list[str]]:
                 row.append("-")
                 continue
             cell = f.cells.get(key, Cell())
-            text = NOT_RUN if cell.error == NOT_RUN else fmt(cell.value())
+            value = cell.value()
+            if cell.error == NOT_RUN:
+                text = NOT_RUN
+            elif f.unit == "sessions" and value is not None:
+                text = f"{value:.0f}"  # a count
+            else:
+                text = fmt(value)
             if cell.configured is not None:
                 text += " *"
             row.append(text)
@@ -1846,6 +1996,7 @@ def render(report: Report) -> str:
             "+ redis-server), their other clients included; worker = celery worker and its "
             "pool; client = the bench process"
         )
+    notes += hosts_notes(report)
     for f in figures.values():
         for key, cell in f.cells.items():
             if cell.configured is not None:
@@ -1883,6 +2034,67 @@ def render(report: Report) -> str:
             + ", ".join(f"{k} {v:.0f} s" for k, v in env["part_seconds"].items())
         )
     return "\n".join(lines + notes)
+
+
+def hosts_notes(report: Report) -> list[str]:
+    """What the hosts rows are, and per host count: the machine's busy cores,
+    the tasks each host ran, pgbroker's sessions, the scaling from the first
+    count."""
+    s, env = report.settings, report.environment
+    if not any(f.part == "hosts" for f in report.figures.values()):
+        return []
+    cores = env.get("cpu_count")
+    notes = [
+        "hosts: N x `celery worker --pool prefork -c 2` (own --hostname each) on one queue, one "
+        f"client sending {s.hosts_tasks} no-op tasks (send_task), timed to the last result; "
+        f"every process on this machine's {cores} cores, so the figure is what the machine "
+        "sustains with N hosts' workers beside the server, not what the server alone could",
+        "  hosts CPU ms per task (/proc utime+stime over the window): server = the pair's "
+        "servers, every process (on a shared server, its other clients too); server: the "
+        "database's backends = pgbroker's own sessions only (pg_stat_activity pids); workers = "
+        "every host's worker and pool; client = the bench process; other = the rest of the "
+        "machine (/proc/stat busy less server, workers, client: other users)",
+        f"  hosts sessions: client backends of pgbroker's database, sampled every "
+        f"{bench_hosts.SAMPLE_INTERVAL:g} s in the window; budget = N x (3 + 4 x "
+        f"{bench_hosts.CONCURRENCY}) (docs/production.md)",
+    ]
+    by_count: dict[str, dict[str, list[dict[str, Any]]]] = env.get("hosts", {})
+    first = s.hosts[0]
+    for n, columns in by_count.items():
+        parts = []
+        for key, runs in columns.items():
+            busy = [r["machine_cores_busy"] for r in runs if r["machine_cores_busy"] is not None]
+            spread = [t for r in runs for t in r["tasks_per_host"]]
+            text = (
+                f"{SYSTEM_LABELS[key]} {fmt(statistics.median(busy)) if busy else 'n/a'} cores busy"
+            )
+            text += f", tasks per host {min(spread)}-{max(spread)}" if spread else ""
+            parts.append(text)
+        notes.append(f"  hosts {n}: " + "; ".join(parts))
+        pg = [r["sessions"] for r in columns.get("pgbroker", [])]
+        if pg:
+            notes.append(
+                f"  hosts {n}, pgbroker sessions (peaks): all {max(x['total'] for x in pg)}, "
+                f"workers {max(x['workers'] for x in pg)} (budget "
+                f"{bench_hosts.session_budget(int(n))}), most on one host "
+                f"{max(x['per_host'] for x in pg)} (budget {bench_hosts.SESSIONS_PER_HOST}), "
+                f"client {max(x['client'] for x in pg)}; {sum(x['samples'] for x in pg)} samples"
+            )
+    scaling = []
+    for key in COLUMNS:
+        base = report.figures.get(f"hosts_{first}_tasks")
+        ref = base.value(key) if base else None
+        values = [(n, report.figures[f"hosts_{n}_tasks"].value(key)) for n in s.hosts[1:]]
+        if ref and values and all(v is not None for _, v in values):
+            scaling.append(
+                f"{SYSTEM_LABELS[key]} "
+                + ", ".join(f"{n}: {v / ref:.2f}x" for n, v in values if v is not None)
+            )
+    if scaling:
+        notes.append(
+            f"  hosts tasks/s against {first} host{'s' * (first > 1)}: " + "; ".join(scaling)
+        )
+    return notes
 
 
 def main(argv: list[str] | None = None) -> int:
