@@ -2,7 +2,9 @@
 
 Subcommands: ``demo`` (from :mod:`pgbroker_demo`, an entry point),
 ``migrate``, ``status``, ``top``, ``purge``, ``dead-letters`` (``list``,
-``replay``, ``drop``), ``tasks`` (``show``), ``prune`` and ``metrics``.
+``replay``, ``drop``), ``tasks`` (``show``), ``prune``, ``metrics`` and
+``dashboard`` (its module is :mod:`pgbroker.dashboard.cli`, beside the web
+app it serves).
 The operator commands are thin wrappers over
 :mod:`pgbroker.operations.admin`; what they share is in
 :mod:`pgbroker.cli.options`.
@@ -39,6 +41,7 @@ from pgbroker.cli import (
     top,
 )
 from pgbroker.cli.options import EXIT_ERROR, EXIT_OK, one_line
+from pgbroker.dashboard import cli as dashboard
 from pgbroker.errors import PgBrokerError
 
 #: Entry points that add commands from other installed packages, listed in
@@ -55,6 +58,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore
     tasks.add_parser,
     prune.add_parser,
     metrics.add_parser,
+    dashboard.add_parser,
 ]
 
 
