@@ -455,11 +455,17 @@ def test_canvas_links_parent_children_and_group(client: TestClient, celery_app: 
 # --- escaping --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("actions", [False, True], ids=["read-only", "actions"])
 def test_task_data_is_escaped_on_every_page(
-    client: TestClient, celery_app: Celery, db: psycopg.Connection, db_url: str
+    actions: bool, celery_app: Celery, db: psycopg.Connection, db_url: str
 ) -> None:
+    """With actions on too: the forms carry task data in their fields, and
+    the actions' own pages repeat what they acted on."""
+    from pgbroker.dashboard import csrf
     from pgbroker.operations import beat
 
+    app = create_app(db_url, actions=True, token="tok") if actions else create_app(db_url)
+    client = TestClient(app, headers={"Authorization": "Bearer tok"} if actions else {})
     b = celery_app.backend
     b.mark_as_done(XSS, XSS, request=request(XSS, XSS, args=[XSS], kwargs={XSS: XSS}, hostname=XSS))
     fail(b, "f-1", XSS, XSS, parent_id=XSS, root_id=XSS, group=XSS)
@@ -504,6 +510,16 @@ def test_task_data_is_escaped_on_every_page(
         client.get("/redeliveries"),
         client.get("/redeliveries", params={"reason": XSS}),
     ]
+    if actions:
+        form = {"csrf_token": csrf.token_for(app.state.dashboard.csrf_secret, "token")}
+        done = [
+            client.post("/durable/event", data={**form, "event": XSS, "payload": json.dumps(XSS)}),
+            client.post("/beat/disable", data={**form, "entry": XSS}),
+            client.post("/dead-letters/replay", data={**form, "all": "1", "queue": XSS}),
+            client.post("/beat/enable", data={**form, "entry": XSS + "-missing"}),
+        ]
+        assert [p.status_code for p in done] == [200, 200, 200, 404]
+        pages += done
     for page in pages:
         assert "<script>alert" not in page.text, page.url
         # Each page shows the value (escaped), in its data or its filters.

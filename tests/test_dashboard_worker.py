@@ -2,10 +2,14 @@
 the overview sees the worker, its consumer and the sweeper; the Tasks page
 finds the tasks by name, state, queue and worker; a task's page shows its
 arguments, result or traceback and its canvas; and task data holding
-``<script>`` renders as text everywhere."""
+``<script>`` renders as text everywhere. The actions set a worker going: a
+dead letter replayed from the dashboard runs, and an event sent from it
+finishes a durable task parked on ``wait_for_event``."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import importlib
 import os
 import re
@@ -25,25 +29,26 @@ from starlette.testclient import TestClient
 from pgbroker.dashboard import create_app
 from pgbroker.dashboard.pool import close_all as close_dashboards
 from pgbroker.database.pools import close_app, close_pools
-from tests.celery_helpers import celery_env, start_worker, wait_until
+from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
 
 XSS = "<script>alert(1)</script>"
 APP = "tests.apps.results_app"
+DURABLE_APP = "tests.apps.durable_waits_app"
+TOKEN = "s3cret-token"
+ALICE = {"Authorization": "Basic " + base64.b64encode(f"alice:{TOKEN}".encode()).decode()}
 
 
-@pytest.fixture
-def worker_app(db_url: str, tmp_path: Path) -> Iterator[ModuleType]:
-    """tests/apps/results_app (result_extended on) in this process and in a
-    worker, both on the test's database."""
+@contextlib.contextmanager
+def results_app(db_url: str) -> Iterator[ModuleType]:
+    """tests/apps/results_app (result_extended on) in this process, on the
+    test's database."""
     extra = {"RB_BROKER": db_url, "RB_BACKEND": db_url}
     saved = {k: os.environ.get(k) for k in extra}
     os.environ.update(extra)
     sys.modules.pop(APP, None)
     try:
         module = importlib.import_module(APP)
-        with start_worker(APP, celery_env(db_url, **extra), tmp_path) as worker:
-            worker.wait_for_log("ready.", timeout=60)
-            yield module
+        yield module
         close_app(module.app)
     finally:
         sys.modules.pop(APP, None)
@@ -54,6 +59,30 @@ def worker_app(db_url: str, tmp_path: Path) -> Iterator[ModuleType]:
                 os.environ[k] = v
         close_dashboards()
         close_pools("results")  # before the test's database goes
+
+
+def results_worker(db_url: str, tmp_path: Path) -> contextlib.AbstractContextManager[Any]:
+    env = celery_env(db_url, RB_BROKER=db_url, RB_BACKEND=db_url)
+    return start_worker(APP, env, tmp_path)
+
+
+@pytest.fixture
+def worker_app(db_url: str, tmp_path: Path) -> Iterator[ModuleType]:
+    """results_app in this process and in a worker."""
+    with results_app(db_url) as module, results_worker(db_url, tmp_path) as worker:
+        worker.wait_for_log("ready.", timeout=60)
+        yield module
+
+
+def post_form(client: TestClient, page: str, action: str, **fields: str) -> str:
+    """Post ``fields`` to ``action`` with the CSRF token of ``page``'s forms,
+    as a browser that opened the page would; the result page's text."""
+    html = client.get(page, headers=ALICE).text
+    token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', html)
+    assert token is not None, html[-1000:]
+    done = client.post(action, data={"csrf_token": token.group(1), **fields}, headers=ALICE)
+    assert done.status_code == 200, done.text[-1000:]
+    return done.text
 
 
 def test_tasks_of_a_real_worker(worker_app: Any, db_url: str) -> None:
@@ -117,3 +146,67 @@ def test_tasks_of_a_real_worker(worker_app: Any, db_url: str) -> None:
         # completed it (Celery's parent_id), all in one group.
         assert set(shown) == {*members, fan.id}
         assert canvas.count(f"group {fan.parent.id}") == 4
+
+
+def test_a_dead_letter_replayed_from_the_dashboard_runs(db_url: str, tmp_path: Path) -> None:
+    from tests.test_dashboard import dead_letter_of
+
+    with results_app(db_url) as app:
+        lost = app.add.delay(20, 22)
+        execute(db_url, "SELECT 1")  # the message is committed
+        with psycopg_conn(db_url) as db:
+            dead_letter_of(db, lost.id, "rejected")
+        with (
+            results_worker(db_url, tmp_path) as worker,
+            TestClient(create_app(db_url, actions=True, token=TOKEN)) as client,
+        ):
+            worker.wait_for_log("ready.", timeout=60)
+            html = client.get("/dead-letters", headers=ALICE).text
+            letter = re.search(r'href="/dead-letter\?id=(\d+)"', html)
+            assert letter is not None and lost.id in html
+            done = post_form(
+                client, "/dead-letters", "/dead-letters/replay", id=letter.group(1), task_id=lost.id
+            )
+            assert "Replayed 1" in done
+            assert lost.get(timeout=30) == 42
+            task = client.get("/task", params={"id": lost.id}, headers=ALICE).text
+            assert "state-SUCCESS" in task, task[-1500:]
+
+
+def test_an_event_sent_from_the_dashboard_finishes_a_parked_task(
+    db_url: str, tmp_path: Path
+) -> None:
+    execute(db_url, "CREATE TABLE effect (id serial, key text, step text, pid int)")
+    with (
+        client_app(DURABLE_APP, db_url) as tasks,
+        start_worker(DURABLE_APP, celery_env(db_url), tmp_path, "w", ("--concurrency=1",)) as w,
+        TestClient(create_app(db_url, actions=True, token=TOKEN)) as client,
+    ):
+        w.wait_for_log("ready.", timeout=60)
+        flow = tasks.approval_flow.delay(61)
+        wait_until(
+            lambda: flow.id in client.get("/durable", headers=ALICE).text,
+            30,
+            "the flow to show as waiting",
+        )
+        w.wait_for_log(f"approval_flow[{flow.id}]: waiting for event 'approval:61'")
+        waiting = client.get("/durable", headers=ALICE).text
+        assert 'name="event" value="approval:61"' in waiting
+        done = post_form(
+            client, "/durable", "/durable/event", event="approval:61", payload='{"approved": true}'
+        )
+        assert "1 woken now" in done and flow.id in done
+        value = flow.get(timeout=30)
+        assert value["answer"] == {"approved": True}
+        page = client.get("/durable", headers=ALICE).text
+        waits = page.split("<h2>Waiting</h2>", 1)[1].split("<h2>", 1)[0]
+        assert flow.id not in waits
+    close_dashboards()
+
+
+@contextlib.contextmanager
+def psycopg_conn(db_url: str) -> Iterator[Any]:
+    import psycopg
+
+    with psycopg.connect("postgresql://" + db_url.partition("://")[2], autocommit=True) as conn:
+        yield conn

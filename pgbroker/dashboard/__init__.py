@@ -8,7 +8,7 @@ app to mount in your own web application.
     app = create_app("postgresql://app@db/app")  # an ASGI application
 
 Install it with ``pip install "pgbroker[dashboard]"`` (Starlette, Jinja2,
-uvicorn); docs/dashboard.md says how to run and mount it. This module
+uvicorn, python-multipart); docs/dashboard.md says how to run and mount it. This module
 imports none of them until :func:`create_app` is called, so the ``pgbroker``
 command works without the extra.
 """
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 #: The distributions of the ``dashboard`` extra, by the module they install.
-EXTRA_MODULES = ("starlette", "jinja2", "uvicorn", "markupsafe", "anyio")
+EXTRA_MODULES = ("starlette", "jinja2", "uvicorn", "markupsafe", "anyio", "python_multipart")
 
 
 def create_app(
@@ -39,12 +39,14 @@ def create_app(
 
     ``token``: when set, every request must carry it (HTTP basic auth with
     the token as the password, or ``Authorization: Bearer TOKEN``).
-    ``actions``: allow the pages' actions; needs a token. ``refresh``:
-    seconds between two refreshes of the overview. Nothing connects until
-    the first request; the pages run their queries on a small pool of the
-    app's own (at most 4 sessions), need the schema at version 16 or later
-    (``pgbroker migrate``) and only read: a role with SELECT on the
-    schema's tables is enough.
+    ``actions``: allow the pages' actions (replay or drop dead letters,
+    send durable events, enable or disable beat entries); needs a token,
+    and a role that may write pgbroker's tables (checked at each action).
+    ``refresh``: seconds between two refreshes of the overview. Nothing
+    connects until the first request; the pages run their queries on a
+    small pool of the app's own (at most 4 sessions), need the schema at
+    version 16 or later (``pgbroker migrate``) and, without actions, only
+    read: a role with SELECT on the schema's tables is enough.
     """
     try:
         from pgbroker.dashboard import app

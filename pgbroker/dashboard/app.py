@@ -7,10 +7,11 @@ reading through :class:`pgbroker.dashboard.web.Settings`.
 Layers, outermost first: the security headers (every response), the token
 check when a token is set (:mod:`pgbroker.dashboard.auth`), then the routes.
 Actions (forms that change something) are off unless ``actions=True``,
-which needs a token. An action's endpoint calls ``web.check_form`` (actions
-on, the CSRF checks of :mod:`pgbroker.dashboard.csrf`; a refusal is a 403
-page) and ``web.log_action`` (who did what); the pages that offer actions
-are not built yet (docs/dashboard.md).
+which needs a token. The actions (:mod:`pgbroker.dashboard.actions`: replay
+or drop dead letters, send a durable event, enable or disable a beat entry)
+are POST routes that call ``web.check_form`` (actions on, the CSRF checks of
+:mod:`pgbroker.dashboard.csrf`; a refusal is a 403 page), check that the
+database role may write, act, and ``web.log_action`` (who did what).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pgbroker.dashboard import actions as actions_mod
 from pgbroker.dashboard import auth, csrf, pages
 from pgbroker.dashboard.pool import Pool
 from pgbroker.dashboard.web import Settings, templates
@@ -85,6 +87,29 @@ def create_app(
             Route("/redeliveries", pages.redeliveries, name="redeliveries"),
             Route("/beat", pages.beat, name="beat"),
             Route("/durable", pages.durable_runs, name="durable"),
+            # Actions: refused (403) unless actions are on (pgbroker.dashboard.actions).
+            Route(
+                "/dead-letters/replay",
+                actions_mod.replay_dead_letters,
+                methods=["POST"],
+                name="replay_dead_letters",
+            ),
+            Route(
+                "/dead-letters/drop",
+                actions_mod.drop_dead_letters,
+                methods=["POST"],
+                name="drop_dead_letters",
+            ),
+            Route("/durable/event", actions_mod.send_durable_event, methods=["POST"], name="event"),
+            Route(
+                "/beat/enable", actions_mod.enable_beat_entry, methods=["POST"], name="beat_enable"
+            ),
+            Route(
+                "/beat/disable",
+                actions_mod.disable_beat_entry,
+                methods=["POST"],
+                name="beat_disable",
+            ),
             Mount(
                 "/static",
                 app=StaticFiles(packages=[("pgbroker.dashboard", "static")]),
@@ -95,6 +120,8 @@ def create_app(
         exception_handlers={
             NotFound: pages.not_found,
             csrf.CsrfError: pages.forbidden,
+            actions_mod.Refused: pages.forbidden,
+            actions_mod.BadForm: pages.bad_request,
             PgBrokerError: pages.failed,
             psycopg.Error: pages.failed,
         },

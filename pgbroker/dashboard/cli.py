@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import sys
 
 from pgbroker.cli.options import EXIT_OK, Env, add_database_options, require_url, schema_of
@@ -25,8 +26,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description=(
             "Serve the web dashboard of a pgbroker schema: queues, consumers and the last "
             "hour at /, task search and each task's record. It binds to 127.0.0.1 unless "
-            "told otherwise and is read-only; with --token every request must give the "
-            "token (HTTP basic auth: any user name, the token as the password). Needs "
+            "told otherwise and is read-only unless --actions; with --token every request "
+            "must give the token (HTTP basic auth: any user name, the token as the "
+            "password). Needs "
             'pip install "pgbroker[dashboard]". See docs/dashboard.md.'
         ),
     )
@@ -51,7 +53,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument(
         "--actions",
         action="store_true",
-        help="allow actions that change data (needs --token)",
+        help="allow actions that change data: replay or drop dead letters, send durable "
+        "events, enable or disable beat entries (needs --token, and a role that may write)",
     )
     parser.add_argument(
         "--access-log", action="store_true", help="log every request (uvicorn's access log)"
@@ -73,6 +76,18 @@ def address(host: str, port: int) -> str:
     return f"http://{shown}:{port}/"
 
 
+def log_actions() -> None:
+    """Show the dashboard's log (each action, with who did it; warnings) on
+    stderr, unless the logging configuration already handles it."""
+    logger = logging.getLogger("pgbroker.dashboard")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def _dashboard(args: argparse.Namespace) -> int:
     url = require_url(args)
     schema = schema_of(args)
@@ -83,6 +98,13 @@ def _dashboard(args: argparse.Namespace) -> int:
     app = create_app(url, schema=schema, actions=args.actions, token=args.token or None)
     settings = app.state.dashboard
     settings.check()  # a wrong URL or an old schema fails now, not on the first page
+    if args.actions:
+        from pgbroker.dashboard.actions import Refused, check_actions
+
+        try:
+            check_actions(settings)  # a role that may only read cannot act
+        except Refused as exc:
+            raise ConfigurationError(f"--actions: {exc}") from None
     try:
         import uvicorn
     except ModuleNotFoundError:
@@ -95,6 +117,7 @@ def _dashboard(args: argparse.Namespace) -> int:
             "reach this address can read task data (set PGBROKER_DASHBOARD_TOKEN)",
             file=sys.stderr,
         )
+    log_actions()
     print(
         f"pgbroker dashboard: {address(args.host, args.port)} "
         f"(schema {schema!r} of {settings.where}; Ctrl-C stops it)",

@@ -15,8 +15,9 @@ from a page the dashboard rendered. Two checks, both required:
   dashboard (several server workers) accepts the others' forms. It needs
   no cookie and no server-side session.
 
-The pages that post (Part 2 of the dashboard) put ``token_for(...)`` in a
-hidden field and call :func:`check` before acting.
+The pages that post put ``token_for(...)`` in a hidden field (templates/
+_csrf.html), and every action (:mod:`pgbroker.dashboard.actions`) calls
+:func:`check` through ``web.check_form`` before acting.
 """
 
 from __future__ import annotations

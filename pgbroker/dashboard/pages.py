@@ -392,3 +392,13 @@ def forbidden(request: Request, exc: Exception) -> Response:
     return render(
         request, "error.html", status_code=403, title="Refused", message=safe_message(request, exc)
     )
+
+
+def bad_request(request: Request, exc: Exception) -> Response:
+    return render(
+        request,
+        "error.html",
+        status_code=400,
+        title="Not done",
+        message=safe_message(request, exc),
+    )

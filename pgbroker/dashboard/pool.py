@@ -8,7 +8,10 @@ and recent enough (migration 016 made the dashboard's indexes and
 ``sweeper_sessions``), and otherwise opens sessions as every pgbroker
 session is opened: the first with :func:`pgbroker.database.sessions.connect`
 (its clear errors, the password never shown), each pooled one pinned by
-:func:`pgbroker.database.sessions.pin_session`.
+:func:`pgbroker.database.sessions.pin_session`. The actions, when on, check
+the role's privileges themselves before writing
+(:func:`pgbroker.dashboard.actions.may_act`) and run once
+(``Settings.act``), never through :meth:`Pool.run`'s retry.
 
 The pool opens on the first request (nothing connects at import or when
 the app is built) and closes at interpreter exit, or with :func:`close_all`.

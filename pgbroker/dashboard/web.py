@@ -52,6 +52,12 @@ class Settings:
         one was dead)."""
         return self.pool.run(fn)
 
+    def act(self, fn: Callable[[psycopg.Connection], T]) -> T:
+        """Run an action's ``fn`` once on a connection of the app's pool (no
+        retry: a write is not repeated behind the user's back)."""
+        with self.pool.get().connection() as conn:
+            return fn(conn)
+
     def check(self) -> None:
         """Connect now: a wrong URL, a server down or a schema not migrated
         raises pgbroker's clear error here rather than on the first page."""
@@ -100,9 +106,10 @@ def safe_message(request: Request, exc: BaseException) -> str:
 
 def log_action(request: Request, action: str, **fields: Any) -> None:
     """One log line per action a user took (pgbroker.dashboard, INFO), with
-    who did it: the ``pgbroker_action`` field, ``user``, and ``fields``."""
+    who did it: the ``pgbroker_action`` field, ``user``, and ``fields`` (those
+    that are None left out)."""
     user = request.scope.get(auth.USER_KEY) or "-"
-    details = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    details = ", ".join(f"{k}={v!r}" for k, v in fields.items() if v is not None)
     logger.info(
         "dashboard: %s by %s (%s)%s",
         action,
