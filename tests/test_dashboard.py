@@ -21,10 +21,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
-pytest.importorskip("starlette")
-pytest.importorskip("httpx")
-
 from celery import Celery
 from celery.app.task import Context
 from celery.schedules import crontab

@@ -24,10 +24,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-
-pytest.importorskip("starlette")
-pytest.importorskip("httpx")
-
 from celery import Celery
 from starlette.testclient import TestClient
 

@@ -29,9 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("starlette")
-
 from celery import Celery, chord
 
 from pgbroker.dashboard import create_app

@@ -20,9 +20,6 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-
-pytest.importorskip("starlette")
-
 from celery import chain, chord
 from starlette.testclient import TestClient
 
