@@ -130,6 +130,11 @@ class Tally:
     failure_results: int
     steps_rerun_outside_the_database: int
     task_retries: int
+    #: A chain's first link stored twice: the client's publish retried by
+    #: Kombu after a lost connection whose first attempt had committed (at
+    #: least once, as with Redis and RabbitMQ: docs/delivery.md); not a
+    #: task's hand-off, which duplicate_hand_offs counts.
+    client_publishes_stored_twice: int
 
     def failures(self) -> dict[str, int]:
         return {
@@ -152,18 +157,22 @@ class Tally:
         )
 
 
-def tally(url: str, chains: Set[int], step_log: Path) -> Tally:
+def tally(url: str, chains: Set[int], step_log: Path, first_links: Set[str]) -> Tally:
     """Count, in the database at ``url``, once ``chains`` (numbers) should
-    have finished and the queue is empty."""
+    have finished and the queue is empty. ``first_links``: the task ids of
+    the chains' first links, which the client publishes."""
     step_runs = Counter(step_log.read_text().splitlines()) if step_log.exists() else Counter()
+    stored_twice = [
+        task_id
+        for (task_id,) in execute(
+            url, "SELECT task_id FROM link_publish GROUP BY task_id, retries HAVING count(*) > 1"
+        )
+    ]
+    by_client = sum(1 for task_id in stored_twice if task_id in first_links)
     return Tally(
         unfinished_chains=len(chains - finished_chains(url)),
         lost_tasks=count(url, LOST),
-        duplicate_hand_offs=count(
-            url,
-            "SELECT count(*) FROM (SELECT 1 FROM link_publish GROUP BY task_id, retries "
-            "HAVING count(*) > 1) d",
-        ),
+        duplicate_hand_offs=len(stored_twice) - by_client,
         completed_steps_run_twice=count(
             url,
             "SELECT count(*) FROM (SELECT 1 FROM link_effect GROUP BY chain, pos, step "
@@ -174,6 +183,7 @@ def tally(url: str, chains: Set[int], step_log: Path) -> Tally:
         ),
         steps_rerun_outside_the_database=sum(n - 1 for n in step_runs.values()),
         task_retries=count(url, "SELECT count(*) FROM link_publish WHERE retries <> '0'"),
+        client_publishes_stored_twice=by_client,
     )
 
 

@@ -173,7 +173,7 @@ def test_a_worker_killed_behind_pgbouncer_in_session_mode(db_url: str, tmp_path:
             redelivered, first = execute(
                 db_url, "SELECT count(*), extract(epoch FROM min(at)) FROM pgbroker.redelivery"
             )[0]
-        counts = chain_ledger.tally(db_url, chains, step_log)
+        counts = chain_ledger.tally(db_url, chains, step_log, set(client.published))
         summary = (
             f"PgBouncer session mode: {len(client.published)} chains x {chain_ledger.LENGTH} "
             f"links, worker a SIGKILLed holding messages; {counts}; redeliveries {redelivered}, "
