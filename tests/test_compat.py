@@ -17,6 +17,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import celery
+import kombu
 import pytest
 from celery import Celery
 from kombu import Queue
@@ -28,6 +30,18 @@ from compat.suite.runner import Outcome, Report, SystemRun, classify, render_tab
 from tests.refbrokers import AMQP_URL, REDIS_URL, answers
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+#: Scenarios whose behaviour came with a newer Celery or Kombu than the one
+#: installed: they fail on Redis and RabbitMQ too, and are not required.
+OLDER_LIBRARY = {
+    # Celery 5.6: revoke marks a reserved task REVOKED at once (5.5: when
+    # the worker would have run it).
+    **({"revoke": "Celery < 5.6"} if celery.VERSION[:2] < (5, 6) else {}),
+    # Kombu 5.7: a rate limit's TokenBucket no longer counts the time it sat
+    # full as refill time (5.5, 5.6: the second task starts at once).
+    **({"rate_limit": "Kombu < 5.7"} if kombu.VERSION[:2] < (5, 7) else {}),
+}
 
 
 def references() -> list[System]:
@@ -55,7 +69,11 @@ def test_suite_on_pgbroker(db_url: str, tmp_path: Path, capsys: pytest.CaptureFi
         print("\n" + report.table())
     assert not report.harness_errors(), "\n".join(report.harness_errors())
     assert set(report.target.outcomes) == set(SCENARIOS)
-    failed = {n: o.detail for n, o in report.target.outcomes.items() if o.status != PASS}
+    failed = {
+        n: o.detail
+        for n, o in report.target.outcomes.items()
+        if o.status != PASS and n not in OLDER_LIBRARY
+    }
     assert not failed, f"scenarios not passing on pgbroker: {failed}\n{report.table()}"
     for run in report.references:
         # Every scenario ran and got a verdict, whatever it was.

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 
+import celery
 import pytest
 
 from tests.celery_helpers import execute, wait_until
@@ -35,7 +36,18 @@ def installed(module: str) -> pytest.MarkDecorator:
     "pool",
     [
         pytest.param("gevent", marks=installed("gevent")),
-        pytest.param("eventlet", marks=installed("eventlet")),
+        pytest.param(
+            "eventlet",
+            marks=[
+                installed("eventlet"),
+                # Celery 5.5's SIGTERM handler writes with eventlet's green
+                # os.write from the hub and the worker exits 1 (eventlet >=
+                # 0.37); fixed in Celery 5.6 (safe_say).
+                pytest.mark.skipif(
+                    celery.VERSION[:2] < (5, 6), reason="Celery 5.5: eventlet warm shutdown"
+                ),
+            ],
+        ),
     ],
 )
 def test_green_worker_shuts_down_without_finaliser_errors(

@@ -52,13 +52,17 @@ def test_reimported_test_apps_register_no_duplicate_task_names() -> None:
     any other app, do not meet the first import's tasks under the same name."""
     import warnings
 
-    from celery.exceptions import DuplicateTaskNameWarning
+    import celery.exceptions
 
     from tests.celery_helpers import client_app
 
     apps = ["tests.apps.basic", "tests.apps.results_app", "tests.apps.durable_waits_app"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error", DuplicateTaskNameWarning)
+        # Celery 5.7 warns of a duplicate task name; 5.5 and 5.6 do not (the
+        # names are compared below all the same).
+        duplicate = getattr(celery.exceptions, "DuplicateTaskNameWarning", None)
+        if duplicate is not None:
+            warnings.simplefilter("error", duplicate)
         names = []
         for module in [*apps, *apps]:
             with client_app(module, "memory://") as mod:

@@ -316,6 +316,14 @@ def _close(app: Celery) -> None:
         # which would open a new pub/sub connection: forget the subscriptions.
         getattr(app.backend.result_consumer, "subscribed_to", set()).clear()
     with contextlib.suppress(Exception):
+        # Celery 5.5's Redis backend unsubscribes on its pub/sub even once
+        # closed, which reconnects it (a socket left open; 5.7 defers it):
+        # closed and dropped here.
+        consumer = app.backend.result_consumer
+        if getattr(consumer, "_pubsub", None) is not None:
+            consumer._pubsub.close()
+            consumer._pubsub = None
+    with contextlib.suppress(Exception):
         # The Redis result backend's own connections (its client's pool).
         app.backend.client.connection_pool.disconnect()
     close_app(app)

@@ -115,6 +115,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import celery
 import psycopg
 from celery.beat import ScheduleEntry, Scheduler
 from celery.schedules import crontab, schedule
@@ -228,9 +229,20 @@ def _schedule_from_columns(row: Sequence[Any], app: Any) -> Any:
     return crontab(*cron, app=app)
 
 
+#: Celery 5.5 and 5.6: crontab.remaining_delta matches ``last_run_at`` in its
+#: own time zone, not the schedule's, and takes the minutes left in its hour
+#: only when ``now()`` is the same day (5.7 does neither).
+_OLD_CRONTAB = tuple(map(int, celery.__version__.split(".")[:2])) < (5, 7)
+
+
 def next_slot(sched: Any, after: datetime) -> datetime:
     """The first slot of ``sched`` strictly after ``after`` (aware, UTC)."""
     if isinstance(sched, crontab):
+        if _OLD_CRONTAB:
+            after = after.astimezone(sched.tz)
+            pinned = object.__new__(type(sched))
+            pinned.__dict__.update(sched.__dict__, nowfun=lambda: after)
+            sched = pinned
         last, delta, _now = sched.remaining_delta(after)
         slot: datetime = last + delta
         return slot.astimezone(timezone.utc)

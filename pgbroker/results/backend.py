@@ -82,7 +82,7 @@ import psycopg
 import psycopg_pool
 from celery import states
 from celery.backends.asynchronous import AsyncBackendMixin
-from celery.backends.base import Backend, _create_chord_error_with_cause
+from celery.backends.base import Backend, pending_results_t
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.result import AsyncResult, GroupResult, allow_join_result, result_from_tuple
@@ -97,7 +97,13 @@ from pgbroker.database.sessions import connect
 from pgbroker.errors import ConfigurationError, ResultTooLarge, session_lost
 from pgbroker.logs import recovery
 from pgbroker.options import MAX_FIELD, checked, flag, schema_name, seconds, validated, whole
-from pgbroker.results.consumer import RESULT_COLUMNS, ResultConsumer, channel_for
+from pgbroker.results.consumer import (
+    ONE_WAITER_PER_ID,
+    RESULT_COLUMNS,
+    ManyWaiters,
+    ResultConsumer,
+    channel_for,
+)
 from pgbroker.results.finishing import FinishingBackend
 from pgbroker.urls import SCHEMES, mask_password, to_conninfo
 
@@ -108,6 +114,17 @@ MiB = 1024 * 1024
 NO_INDEX = 2**31 - 1
 #: Rows deleted per statement by expiry.
 CLEANUP_BATCH = 1000
+
+
+def _chord_error(message: str, cause: object) -> ChordError:
+    """A ChordError whose __cause__ is the part's exception, as Celery 5.6+'s
+    celery.backends.base._create_chord_error_with_cause makes it (a private
+    helper that Celery 5.5 lacks)."""
+    error = ChordError(message)
+    if isinstance(cause, Exception):
+        error.__cause__ = cause
+    return error
+
 
 T = TypeVar("T")
 
@@ -376,7 +393,11 @@ def _flat(results: Any) -> bool:
     )
 
 
-class PostgresBackend(FinishingBackend, Backend, AsyncBackendMixin):  # type: ignore[misc]
+#: Celery 5.5 and 5.6: 5.7's pending-result bookkeeping (ManyWaiters).
+_Waiters: tuple[type, ...] = (ManyWaiters,) if ONE_WAITER_PER_ID else ()
+
+
+class PostgresBackend(FinishingBackend, *_Waiters, Backend, AsyncBackendMixin):  # type: ignore[misc]
     """Celery result backend storing results in PostgreSQL tables."""
 
     ResultConsumer = ResultConsumer
@@ -402,6 +423,8 @@ class PostgresBackend(FinishingBackend, Backend, AsyncBackendMixin):  # type: ig
         self.supports_autoexpire = bool(self.options.cleanup_interval and self.expires)
         #: This thread's _Pipeline holding a write not waited for.
         self._held = threading.local()
+        if ONE_WAITER_PER_ID:  # waiters by id, weak or not (ManyWaiters)
+            self._pending_results = pending_results_t({}, {})
         self.result_consumer = self.ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages
         )
@@ -953,11 +976,18 @@ class PostgresBackend(FinishingBackend, Backend, AsyncBackendMixin):  # type: ig
             logger.exception("Chord %r raised: %r", group_id, exc)
             self.chord_error_from_stack(
                 callback,
-                _create_chord_error_with_cause(f"Dependency raised {exc!r}", exc),
+                _chord_error(f"Dependency raised {exc!r}", exc),
             )
             return
         try:
-            app.amqp._retry_publish(callback.delay, resl)
+            # Celery 5.7 publishes chord callbacks through AMQP._retry_publish
+            # (each message retried on its own); 5.5 and 5.6 have no such
+            # method and their own backends call callback.delay directly.
+            retry_publish = getattr(app.amqp, "_retry_publish", None)
+            if retry_publish is not None:
+                retry_publish(callback.delay, resl)
+            else:
+                callback.delay(resl)
         except Exception as exc:
             logger.exception("Chord callback for %r raised: %r", group_id, exc)
             self.chord_error_from_stack(callback, ChordError(f"Callback error: {exc!r}"))
@@ -974,9 +1004,7 @@ class PostgresBackend(FinishingBackend, Backend, AsyncBackendMixin):  # type: ig
         if state in states.EXCEPTION_STATES:
             value = self.exception_to_python(value)
         if state in states.PROPAGATE_STATES:
-            raise _create_chord_error_with_cause(
-                message=f"Dependency {task_id} raised {value!r}", original_exc=value
-            )
+            raise _chord_error(f"Dependency {task_id} raised {value!r}", value)
         return value
 
     # --- expiry ----------------------------------------------------------------------

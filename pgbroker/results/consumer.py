@@ -46,9 +46,11 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import celery
 import psycopg
 from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
@@ -178,6 +180,50 @@ def _fire_if_complete(result: ResultSet) -> None:
         full.p(*full.args, **full.kwargs)
 
 
+#: Celery 5.5 and 5.6 keep one result object per waited task id: a second
+#: AsyncResult of the same id is never woken (a group member decoded from a
+#: parent's children holds the id), and any one's ``__del__`` ends the wait
+#: of all (Celery issue #4925, fixed in 5.7). ``ManyWaiters`` and
+#: ``ResultConsumer.on_state_change`` bring 5.7's bookkeeping to them.
+ONE_WAITER_PER_ID = celery.VERSION[:2] < (5, 7)
+
+
+def _waiting_on(pending_results: Any, task_id: str) -> list[Any]:
+    return [r for mapping in pending_results for r in list(mapping.get(task_id, {}).values())]
+
+
+class ManyWaiters:
+    """Celery 5.7's ``AsyncBackendMixin`` pending-result methods (each task id
+    maps to its waiters), for ``PostgresBackend`` on Celery 5.5 and 5.6."""
+
+    _pending_results: Any
+    result_consumer: Any
+
+    def _add_pending_result(self, task_id: str, result: Any, weak: bool = False) -> None:
+        if any(r is result for r in _waiting_on(self._pending_results, task_id)):
+            return
+        concrete, weak_ = self._pending_results
+        mapping, waiters = (weak_, weakref.WeakValueDictionary) if weak else (concrete, dict)
+        mapping.setdefault(task_id, waiters())[id(result)] = result
+        self.result_consumer.consume_from(task_id)
+
+    def remove_pending_result(self, result: Any) -> Any:
+        if not self._remove_pending_result(result):
+            self.result_consumer.cancel_for(result.id)  # on_result_fulfilled
+        return result
+
+    def _remove_pending_result(self, result: Any) -> list[Any]:
+        for mapping in self._pending_results:
+            waiters = mapping.get(result.id)
+            if waiters is None:
+                continue
+            if waiters.get(id(result)) is result:
+                waiters.pop(id(result), None)
+            if not waiters:
+                mapping.pop(result.id, None)
+        return _waiting_on(self._pending_results, result.id)
+
+
 class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
     backend: PostgresBackend
 
@@ -185,6 +231,24 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._connection_errors = (psycopg.OperationalError,)
         self._reset()
+
+    if not hasattr(BaseResultConsumer, "reconnect_on_error"):
+        # Celery 5.5: BaseResultConsumer.reconnect_on_error (which calls
+        # _reconnect on a connection error) came in 5.6; the same here.
+        @contextlib.contextmanager
+        def reconnect_on_error(self) -> Iterator[None]:
+            try:
+                yield
+            except self._connection_errors:
+                try:
+                    self._reconnect()
+                except self._connection_errors as exc:
+                    message = (
+                        "Retry limit exceeded while trying to reconnect to the Celery "
+                        "result store backend. The Celery application must be restarted."
+                    )
+                    logger.critical(message)
+                    raise RuntimeError(message) from exc
 
     def _reset(self) -> None:
         self._lock = threading.RLock()
@@ -494,7 +558,20 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._failed_reads.discard(task_id)
 
     def on_state_change(self, meta: dict[str, Any], message: Any) -> None:
-        super().on_state_change(meta, message)
+        if not ONE_WAITER_PER_ID:
+            super().on_state_change(meta, message)
+        else:  # Celery 5.7's, for 5.5 and 5.6 (ManyWaiters)
+            if self.on_message:
+                self.on_message(meta)
+            if meta["status"] in states.READY_STATES:
+                results = _waiting_on(self._pending_results, meta["task_id"])
+                if not results:
+                    self._pending_messages.put(meta["task_id"], meta)
+                for result in results:
+                    result._maybe_set_cache(meta)
+                    bucket = self.buckets.pop(result, None)
+                    if bucket is not None:
+                        bucket.append(result)
         if meta["status"] in states.READY_STATES:
             self.cancel_for(meta["task_id"])
 
@@ -531,6 +608,18 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                     self._deliver()
                     return
             self._step(MAX_WAIT)
+
+    def drain_events_until(
+        self, p: Any, timeout: float | None = None, on_interval: Any = None
+    ) -> Iterator[None]:
+        # Celery 5.5 and 5.6 drain once (up to 1 s) before looking at p, so
+        # a get() of a result that on_wait_for_pending already delivered
+        # took a second; 5.7 looks first. Looked at first here on every version.
+        if p.ready:
+            return iter(())
+        return super().drain_events_until(  # type: ignore[no-any-return]
+            p, timeout=timeout, on_interval=on_interval
+        )
 
     def drain_events(self, timeout: float | None = None) -> None:
         self._step(MAX_WAIT if timeout is None else min(timeout, MAX_WAIT))
