@@ -22,7 +22,6 @@ from typing import Any
 import psycopg
 import pytest
 from celery import Celery
-from celery.app.task import Context
 from celery.schedules import crontab
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -34,6 +33,7 @@ from pgbroker.database.pools import close_app, close_pools
 from pgbroker.errors import ConfigurationError
 from tests import kombu_helpers as kh
 from tests.celery_helpers import wait_until, with_password
+from tests.test_cli_ops import _request as _cli_request
 
 XSS = "<script>alert(1)</script>"
 
@@ -60,21 +60,8 @@ def celery_app(db_url: str) -> Iterator[Celery]:
     close_pools("results")  # before the test's database goes
 
 
-def request(task_id: str, name: str, **kw: Any) -> Context:
-    fields: dict[str, Any] = dict(
-        id=task_id,
-        task=name,
-        args=[1, 2],
-        kwargs={"k": "v"},
-        hostname="w1@host",
-        retries=0,
-        delivery_info={"routing_key": "celery"},
-        group=None,
-        parent_id=None,
-        root_id=task_id,
-    )
-    fields.update(kw)
-    return Context(**fields)
+# A result's request, as the CLI's task tests build it.
+request = _cli_request
 
 
 def fail(backend: Any, task_id: str, name: str, message: str, **kw: Any) -> None:
