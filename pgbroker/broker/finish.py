@@ -170,11 +170,27 @@ def _finishable(task: Any, request: Any) -> _Finishable | None:
 def _is_next_link(request: Any, params: dict[str, Any]) -> bool:
     """Whether ``params`` publish the next link of the chain of ``request``
     (Celery sends ``chain[-1]``, frozen with its task id, as its child)."""
+    noted = getattr(_local, "next_link", None)
+    if noted is not None and noted == (request.id, params["task_id"]):
+        return True  # Celery 5.5 (note_next_link)
+    link = _last_link_id(request)
+    return link is not None and link == params["task_id"]
+
+
+def _last_link_id(request: Any) -> Any:
+    """The task id of the last signature in ``request.chain`` (the next link)."""
     chain = getattr(request, "chain", None)
-    if not chain:
-        return False
-    options = chain[-1].get("options") if isinstance(chain[-1], dict) else None
-    return isinstance(options, dict) and options.get("task_id") == params["task_id"]
+    options = chain[-1].get("options") if chain and isinstance(chain[-1], dict) else None
+    return options.get("task_id") if isinstance(options, dict) else None
+
+
+def note_next_link(task: Any = None, **_: Any) -> None:
+    """``task_prerun`` receiver, connected on Celery 5.5 only: 5.5 pops the
+    next link off ``request.chain`` before it publishes it (5.6 and later
+    leave the chain as it is), so it is noted as the run starts."""
+    request = getattr(task, "request", None)
+    link = _last_link_id(request)
+    _local.next_link = (request.id, link) if request is not None and link is not None else None
 
 
 def take(task_id: str | None) -> Held | None:

@@ -956,6 +956,10 @@ class PostgresBackend(FinishingBackend, *_Waiters, Backend, AsyncBackendMixin): 
     ) -> None:
         app = self.app
         callback = maybe_signature(request.chord, app=app)
+        # Celery 5.6 freezes a chord's body with its header's group id; 5.5
+        # does not, and the body's result would not be in the group (the
+        # dashboard's canvas finds the chord by it). Set as 5.6 does.
+        callback.options.setdefault("group_id", group_id)
         try:
             if header is not None:
                 value = self._load(header, self.content_type, self.content_encoding)

@@ -17,8 +17,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import celery
 import psycopg
-from celery import states
+from celery import signals, states
 from psycopg.rows import tuple_row
 
 from pgbroker.broker import enqueue, finish
@@ -28,6 +29,13 @@ from pgbroker.database import pipeline, queries
 from pgbroker.logs import recovery
 
 logger = logging.getLogger("pgbroker.results")
+
+if tuple(map(int, celery.__version__.split(".")[:2])) < (5, 6):
+    # Celery 5.5 pops a chain's next link before publishing it: noted at the
+    # start of each run for finish.hold (pgbroker/broker/finish.py).
+    signals.task_prerun.connect(
+        finish.note_next_link, weak=False, dispatch_uid="pgbroker.finish.note_next_link"
+    )
 
 T = TypeVar("T")
 
