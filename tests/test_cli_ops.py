@@ -23,7 +23,7 @@ from celery import Celery
 from celery.app.task import Context
 from kombu import Consumer, Exchange, Message, Producer, Queue
 
-from pgbroker.broker.messages import CONSUMER_ID, PUBLISHED_AT
+from pgbroker.broker.messages import CONSUMER_ID, PUBLISHED_AT, RECEIVED_AT
 from pgbroker.cli.status import rates
 from pgbroker.errors import NotFound, SchemaError
 from pgbroker.operations import admin
@@ -528,9 +528,9 @@ def test_replayed_message_is_consumed_intact(url: str, db_url: str, db: psycopg.
         before.content_type,
         before.content_encoding,
     )
-    # Of the delivery, not the message: its row (id, published again) and
-    # the consumer holding it.
-    skip = {"delivery_tag", "delivery_info", CONSUMER_ID, PUBLISHED_AT}
+    # Of the delivery, not the message: its row (id, published again), the
+    # consumer holding it and when it claimed it.
+    skip = {"delivery_tag", "delivery_info", CONSUMER_ID, PUBLISHED_AT, RECEIVED_AT}
     assert {k: v for k, v in after.properties.items() if k not in skip} == {
         k: v for k, v in before.properties.items() if k not in skip
     }

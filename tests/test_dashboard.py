@@ -85,8 +85,11 @@ def ids_in(html: str) -> list[str]:
 def test_overview_shows_queues_consumers_and_the_chart(
     client: TestClient, celery_app: Celery, db_url: str
 ) -> None:
-    # Publishes are counted from the first view on (pgbroker.dashboard.rates).
+    # Publishes are counted from the samples sweeps take (publish_sample):
+    # none yet, so none known.
     assert "published (0)" in client.get("/").text
+    with kh.connect(db_url, fast_recovery=False, sweep_interval=3600.0) as conn:
+        conn.transport.sweep()  # as a worker's sweep does: this minute's sample
     celery_app.send_task("billing.charge", args=[1], queue="billing")
     celery_app.send_task("billing.charge", args=[2], queue="billing")
     celery_app.backend.mark_as_done("t1", 3, request=request("t1", "billing.add"))
@@ -519,32 +522,64 @@ def test_task_data_is_escaped_on_every_page(
 # --- the publish samples -----------------------------------------------------------
 
 
-def test_publish_rate_from_samples_of_the_sequence() -> None:
-    from datetime import datetime, timedelta, timezone
+def test_publish_rate_from_the_samples_sweeps_take(db_url: str, db: psycopg.Connection) -> None:
+    from pgbroker.dashboard import data
 
-    from pgbroker.dashboard import rates
+    def samples() -> int:
+        return int(kh.scalar(db, "SELECT count(*) FROM pgbroker.publish_sample"))
 
-    key = ("postgresql://sample", "s")
-    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
-    minutes = [t0 + timedelta(minutes=i) for i in range(-1, 12)]
-    try:
-        assert rates.per_minute(key, minutes) == [None] * 13
-        rates.record(key, t0 + timedelta(seconds=30), None)  # nothing stored yet
-        rates.record(key, t0 + timedelta(seconds=50), 10)
-        rates.record(key, t0 + timedelta(seconds=70), 25)
-        rates.record(key, t0 + timedelta(seconds=65), 99)  # older than the last: ignored
-        # A page closed for ten minutes, then open again.
-        rates.record(key, t0 + timedelta(minutes=10, seconds=5), 125)
-        rates.record(key, t0 + timedelta(minutes=10, seconds=55), 130)
-        got = rates.per_minute(key, minutes)
-        assert got[0] is None  # before the first sample
-        assert got[1] == 10  # 12:00, counted from the first sample
-        assert got[2] == 15  # 12:01: from the 12:00:50 sample to the 12:01:10 one
-        assert got[3:11] == [None] * 8  # no page open
-        assert got[11] == 5  # 12:10: from its own first sample (the last is stale)
-        assert got[12] is None
-    finally:
-        rates.forget(key)
+    def minute() -> Any:
+        return kh.scalar(db, "SELECT date_trunc('minute', now())")
+
+    with kh.connect(db_url, fast_recovery=False, sweep_interval=3600.0) as conn:
+        first = minute()
+        conn.transport.sweep()
+        conn.transport.sweep()
+        # One sample a minute, whoever sweeps: the second sweep adds none
+        # (two if the sweeps fell on either side of a minute's start).
+        assert samples() == (1 if minute() == first else 2)
+        # A sample older than a day goes at the next sweep; a younger one stays.
+        db.execute("DELETE FROM pgbroker.publish_sample")
+        db.execute(
+            "INSERT INTO pgbroker.publish_sample VALUES "
+            "(date_trunc('minute', now()) - interval '25 hours', now(), 1), "
+            "(date_trunc('minute', now()) - interval '23 hours', now(), 1)"
+        )
+        conn.transport.sweep()
+        assert samples() == 2
+        assert kh.scalar(db, "SELECT min(minute) FROM pgbroker.publish_sample") > kh.scalar(
+            db, "SELECT now() - interval '1 day'"
+        )
+
+    # The chart's minutes, from samples written here against the sequence as
+    # it stands (nothing publishes meanwhile); one transaction, so that now()
+    # is one time throughout. A minute counts from its sample to the next.
+    stored = kh.scalar(
+        db,
+        "SELECT coalesce(pg_sequence_last_value("
+        "pg_get_serial_sequence('pgbroker.message', 'id')::regclass), 0)",
+    )
+    insert = (
+        "INSERT INTO pgbroker.publish_sample (minute, sampled_at, stored_total) "
+        "VALUES (date_trunc('minute', now()) - make_interval(mins => %s), now(), %s)"
+    )
+    with db.transaction():
+        db.execute("DELETE FROM pgbroker.publish_sample")
+        for ago, behind in [(30, 100), (29, 90), (28, 60), (10, 20), (0, 4)]:
+            db.execute(insert, (ago, stored - behind))
+        published = [m.published for m in data.throughput(db, "pgbroker")]
+        assert len(published) == 60  # the last is the current minute
+        assert published[59 - 30] == 10 and published[59 - 29] == 30
+        assert published[59 - 28] is None  # the next minute has no sample: unknown
+        assert published[59 - 10] is None
+        assert published[59] == 4  # the current minute: to the sequence now
+        assert [i for i, n in enumerate(published) if n is not None] == [29, 30, 59]
+        # No sample yet in the current minute: the last one counts to now.
+        db.execute("DELETE FROM pgbroker.publish_sample WHERE minute = date_trunc('minute', now())")
+        db.execute(insert, (1, stored - 7))
+        published = [m.published for m in data.throughput(db, "pgbroker")]
+        assert published[58] == 7 and published[59] is None
+        db.execute("DELETE FROM pgbroker.publish_sample")
 
 
 # --- dead letters, redeliveries, beat, durable runs ----------------------------------

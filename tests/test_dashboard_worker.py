@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import psycopg
 import pytest
 from celery import chain, chord
 from starlette.testclient import TestClient
@@ -26,6 +27,7 @@ from starlette.testclient import TestClient
 from pgbroker.dashboard import create_app
 from pgbroker.dashboard.pool import close_all as close_dashboards
 from pgbroker.database.pools import close_app, close_pools
+from pgbroker.operations import admin
 from tests.celery_helpers import celery_env, client_app, execute, start_worker, wait_until
 
 XSS = "<script>alert(1)</script>"
@@ -107,6 +109,21 @@ def test_tasks_of_a_real_worker(worker_app: Any, db_url: str) -> None:
         assert completed is not None and int(completed.group(1)) >= 8
         assert "pgbroker-sweeper:" in html.split("<h2>Sweeper</h2>", 1)[1]
 
+        # Publishes per minute, from the samples the worker's sweeps take
+        # (publish_sample): once one is taken, what is published after it
+        # shows in the chart, whether or not a page was open.
+        def published() -> int:
+            found = re.search(r"published \((\d+)\)", client.get("/").text)
+            assert found is not None
+            return int(found.group(1))
+
+        with psycopg.connect(db_url, autocommit=True) as db:
+            sampled = "SELECT count(*) FROM pgbroker.publish_sample"
+            wait_until(lambda: (db.execute(sampled).fetchone() or [0])[0], 25, "a sweep's sample")
+        before = published()
+        assert [app.add.delay(i, i).get(timeout=30) for i in range(5)] == [0, 2, 4, 6, 8]
+        wait_until(lambda: published() >= before + 5, 10, "the chart to count 5 more")
+
         # Search: by name, state, worker and queue, as the worker stored them.
         def ids(**query: str) -> set[str]:
             page = client.get("/tasks", params=query).text
@@ -126,6 +143,20 @@ def test_tasks_of_a_real_worker(worker_app: Any, db_url: str) -> None:
         assert "<script>alert" not in worker
         failed = client.get("/task", params={"id": bad.id}).text
         assert "ValueError" in failed and "Traceback" in failed and "<script>alert" not in failed
+
+        # When each run was received and started, which Celery's latest
+        # state does not keep: stored with the result, in order, and in the
+        # timeline (the chain's first link finished in one transaction with
+        # its hand-off; a failure too).
+        with psycopg.connect(db_url, autocommit=True) as db:
+            for task_id in (ok.id, flow.parent.id, flow.id, bad.id):
+                result = admin.show_task(db, "pgbroker", task_id).result
+                assert result is not None and result.date_done is not None
+                assert result.received_at is not None and result.started_at is not None
+                assert result.received_at <= result.started_at <= result.date_done, result
+        timeline = worker.split("<h2>Timeline</h2>", 1)[1].split("</table>", 1)[0]
+        whats = re.findall(r"<tr><td>[^<]*</td><td>([^<]*)</td>", timeline)
+        assert whats[:2] == ["received", "started"] and whats[-1] == "SUCCESS", whats
 
         # The chain: the second link's parent is the first.
         second = client.get("/task", params={"id": flow.id}).text

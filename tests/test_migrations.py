@@ -45,6 +45,8 @@ EXPECTED_TABLES = {
         "consumer_process",
         # 015_routing_version
         "routing_version",
+        # 017_history
+        "publish_sample",
         # bookkeeping
         "schema_version",
     ],

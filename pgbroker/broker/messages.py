@@ -51,6 +51,11 @@ DELIVERY_COUNT = "pgbroker_delivery_count"
 #: (``ack_orphaned``), publication times are not.
 PUBLISHED_AT = "pgbroker_published_at"
 
+#: A property of every message delivered to a consumer that acknowledges:
+#: when this delivery claimed it (ISO 8601, the server's clock), which the
+#: result backend keeps as the task's ``received_at`` (017_history.sql).
+RECEIVED_AT = "pgbroker_received_at"
+
 _PROPERTIES_NOT_STORED = (
     "delivery_tag",
     "delivery_info",
@@ -60,6 +65,7 @@ _PROPERTIES_NOT_STORED = (
     ORIGIN,
     DELIVERY_COUNT,
     PUBLISHED_AT,
+    RECEIVED_AT,
 )
 
 
@@ -161,8 +167,8 @@ def to_raw(
     """A claimed row as the message dict Kombu's virtual channel expects;
     ``schema_oid``: the oid of the schema it was claimed from (SCHEMA_OID);
     ``consumer_id`` and ``origin``: the consumer that holds it and where
-    (CONSUMER_ID, ORIGIN, with DELIVERY_COUNT and PUBLISHED_AT), None when
-    it was removed as it was claimed (no ack)."""
+    (CONSUMER_ID, ORIGIN, with DELIVERY_COUNT, PUBLISHED_AT and
+    RECEIVED_AT), None when it was removed as it was claimed (no ack)."""
     (
         id_,
         priority,
@@ -176,6 +182,7 @@ def to_raw(
         body,
         was_delayed,
         published_at,
+        claimed_at,
     ) = row
     if was_delayed and isinstance(headers, dict) and headers.get("eta"):
         # pgbroker kept the message until its eta (or an operator made it
@@ -194,6 +201,7 @@ def to_raw(
                 ORIGIN: origin,
                 DELIVERY_COUNT: delivery_count,
                 PUBLISHED_AT: published_at.isoformat(),
+                RECEIVED_AT: claimed_at.isoformat(),
             }
             if consumer_id is not None
             else {}

@@ -141,6 +141,8 @@ def render_task(detail: admin.TaskDetail) -> str:
             ("group", r.group_id),
             ("children", None if not r.children else _value(r.children)),
             ("created", format_time(r.created_at)),
+            ("received", None if r.received_at is None else format_time(r.received_at)),
+            ("started", None if r.started_at is None else format_time(r.started_at)),
             ("updated", format_time(r.updated_at)),
             ("done", None if r.date_done is None else format_time(r.date_done)),
         ]

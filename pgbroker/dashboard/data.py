@@ -157,15 +157,13 @@ class Minute:
     at: datetime
     completed: int
     failed: int
-    #: Messages stored (pgbroker.dashboard.rates); None: not known.
+    #: Messages stored (publish_sample, 017_history.sql); None: not known.
     published: int | None = None
 
 
-def throughput(conn: psycopg.Connection, schema: str) -> tuple[list[Minute], datetime]:
-    """The last hour, per minute, oldest first (60 rows), and the server's
-    clock."""
-    rows = _run(conn, schema, "throughput", {}).fetchall()
-    return [Minute(r[0], r[1], r[2]) for r in rows], rows[-1][3]
+def throughput(conn: psycopg.Connection, schema: str) -> list[Minute]:
+    """The last hour, per minute, oldest first (60 rows)."""
+    return [Minute(*r[:4]) for r in _run(conn, schema, "throughput", {})]
 
 
 @dataclasses.dataclass

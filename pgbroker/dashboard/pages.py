@@ -17,7 +17,7 @@ import psycopg
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from pgbroker.dashboard import charts, data, rates, values
+from pgbroker.dashboard import charts, data, values
 from pgbroker.dashboard.web import logger, render, safe_message, settings_of
 from pgbroker.durable.waits import WaitRecord, waiting
 from pgbroker.errors import NotFound
@@ -47,17 +47,10 @@ def _live(request: Request) -> Live:
     settings = settings_of(request)
 
     def read(conn: psycopg.Connection) -> Live:
-        status = admin.status(conn, settings.schema)
-        minutes, now = data.throughput(conn, settings.schema)
-        key = (settings.url, settings.schema)
-        rates.record(key, now, status.activity.messages_stored_total)
-        published = rates.per_minute(key, [m.at for m in minutes])
-        for minute, count in zip(minutes, published, strict=True):
-            minute.published = count
         return Live(
-            status=status,
+            status=admin.status(conn, settings.schema),
             sweeper=data.sweeper(conn, settings.schema),
-            chart=charts.per_minute(minutes),
+            chart=charts.per_minute(data.throughput(conn, settings.schema)),
             at=datetime.now(timezone.utc),
         )
 
@@ -175,8 +168,10 @@ def timeline(detail: admin.TaskDetail) -> list[Event]:
     """What pgbroker recorded about a task, oldest first.
 
     Celery keeps only a task's latest state; the times here are those the
-    tables hold: messages published and claimed, redeliveries and their
-    reasons, dead letters, the result's first and last write.
+    tables hold: messages published and claimed (a message is deleted once
+    acked), redeliveries and their reasons, dead letters, the result's first
+    and last write, and when the run that stored the result was received
+    and started (017_history.sql).
     """
     events = []
     for m in detail.messages:
@@ -195,6 +190,11 @@ def timeline(detail: admin.TaskDetail) -> list[Event]:
         )
     result = detail.result
     if result is not None:
+        claimed = {m.claimed_at for m in detail.messages}
+        if result.received_at and result.received_at not in claimed:
+            events.append(Event(result.received_at, "received", "the run that stored the result"))
+        if result.started_at:
+            events.append(Event(result.started_at, "started", "the task body (worker's clock)"))
         events.append(Event(result.created_at, "first state stored", ""))
         retries = f", retries {result.retries}" if result.retries else ""
         if result.date_done:

@@ -38,7 +38,7 @@ from pgbroker.urls import to_conninfo
 T = TypeVar("T")
 
 #: The schema version whose tables and functions the pages read.
-NEEDS_VERSION = 16
+NEEDS_VERSION = 17
 #: Sessions of one dashboard at most (a page runs its reads on one).
 MAX_SIZE = 4
 

@@ -524,6 +524,11 @@ class TaskResult:
     date_done: datetime | None
     created_at: datetime
     updated_at: datetime
+    #: Of the run that stored the latest state (017_history.sql): when its
+    #: message was claimed (server clock) and its body started (worker
+    #: clock); None when unknown.
+    received_at: datetime | None = None
+    started_at: datetime | None = None
 
 
 @dataclasses.dataclass
@@ -624,6 +629,8 @@ def _task_result(row: tuple[Any, ...]) -> TaskResult:
         date_done,
         created_at,
         updated_at,
+        received_at,
+        started_at,
     ) = row
 
     def load(data: bytes | None) -> Any:
@@ -649,6 +656,8 @@ def _task_result(row: tuple[Any, ...]) -> TaskResult:
         date_done=date_done,
         created_at=created_at,
         updated_at=updated_at,
+        received_at=received_at,
+        started_at=started_at,
     )
 
 

@@ -97,6 +97,7 @@ from pgbroker.database.sessions import connect
 from pgbroker.errors import ConfigurationError, ResultTooLarge, session_lost
 from pgbroker.logs import recovery
 from pgbroker.options import MAX_FIELD, checked, flag, schema_name, seconds, validated, whole
+from pgbroker.results import run_times
 from pgbroker.results.consumer import (
     ONE_WAITER_PER_ID,
     RESULT_COLUMNS,
@@ -198,6 +199,8 @@ _STORE_PARAMS = {
     "children": _BYTEA,
     "extra": _BYTEA,
     "date_done": _TIMESTAMPTZ,
+    "received_at": _TIMESTAMPTZ,
+    "started_at": _TIMESTAMPTZ,
     "expires": _FLOAT8,
     "channel": _TEXT,
 }
@@ -545,6 +548,8 @@ class PostgresBackend(FinishingBackend, *_Waiters, Backend, AsyncBackendMixin): 
             "children": self._dump(children)[0] if children else None,
             "extra": self._dump(extra)[0] if extra else None,
             "date_done": meta.get("date_done"),
+            "received_at": run_times.received_at(request),
+            "started_at": run_times.started_at(request),
             "expires": self._expires_seconds(),
             "channel": channel_for(self.schema, task_id),
         }

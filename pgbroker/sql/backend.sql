@@ -18,12 +18,12 @@ WITH stored AS (
     INSERT INTO {schema}.task_result AS r (
         task_id, state, name, args, kwargs, worker, retries, queue,
         parent_id, root_id, group_id, result, content_type, content_encoding,
-        traceback, children, extra, date_done, expires_at)
+        traceback, children, extra, date_done, received_at, started_at, expires_at)
     VALUES (
         %(task_id)s, %(state)s, %(name)s, %(args)s, %(kwargs)s, %(worker)s,
         %(retries)s, %(queue)s, %(parent_id)s, %(root_id)s, %(group_id)s,
         %(result)s, %(content_type)s, %(content_encoding)s, %(traceback)s,
-        %(children)s, %(extra)s, %(date_done)s,
+        %(children)s, %(extra)s, %(date_done)s, %(received_at)s, %(started_at)s,
         -- result_expires (NULL: kept until pruned).
         now() + make_interval(secs => %(expires)s))
     ON CONFLICT (task_id) DO UPDATE SET
@@ -44,6 +44,9 @@ WITH stored AS (
         children = coalesce(EXCLUDED.children, r.children),
         extra = coalesce(EXCLUDED.extra, r.extra),
         date_done = EXCLUDED.date_done,
+        -- Of the run that stored this state (017_history.sql).
+        received_at = coalesce(EXCLUDED.received_at, r.received_at),
+        started_at = coalesce(EXCLUDED.started_at, r.started_at),
         updated_at = now(),
         expires_at = EXCLUDED.expires_at
     -- (An expired row is gone for readers: a new run may write it again.)

@@ -50,8 +50,11 @@ LIMIT %(limit)s;
 -- The last hour, a row per minute (the current one last): tasks completed,
 -- and of those the failures: task_result rows whose date_done falls in the
 -- minute (SUCCESS, FAILURE, REVOKED), that is results stored by pgbroker's
--- backend. Each row also carries the server's clock, which the publish
--- samples are taken by (pgbroker.dashboard.rates).
+-- backend; and messages stored, from the samples of the message id
+-- sequence that sweeps take each minute (publish_sample, 017_history.sql):
+-- a minute's sample to the next one's, or to the sequence as it stands now
+-- for the current minute (and the last one, until the current minute has a
+-- sample). NULL where a minute has no sample: no worker swept then.
 WITH minutes AS (
     SELECT generate_series(date_trunc('minute', now()) - interval '59 minutes',
                            date_trunc('minute', now()), interval '1 minute') AS minute
@@ -61,10 +64,25 @@ WITH minutes AS (
     FROM {schema}.task_result
     WHERE date_done >= date_trunc('minute', now()) - interval '59 minutes'
     GROUP BY 1
+), samples AS (
+    SELECT minute, stored_total FROM {schema}.publish_sample
+    WHERE minute >= date_trunc('minute', now()) - interval '59 minutes'
+), live AS (
+    SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence(
+               pg_typeof(NULL::{schema}.message)::text, 'id')::regclass), 0) AS total
 )
-SELECT m.minute, coalesce(d.n, 0), coalesce(d.failed, 0), now()
+SELECT m.minute, coalesce(d.n, 0), coalesce(d.failed, 0),
+       CASE WHEN s.minute IS NULL THEN NULL  -- (greatest() would take NULL for 0)
+            WHEN n.minute IS NOT NULL THEN greatest(0, n.stored_total - s.stored_total)
+            WHEN m.minute >= date_trunc('minute', now()) - interval '1 minute'
+                THEN greatest(0, live.total - s.stored_total)
+       END,
+       now()
 FROM minutes m
+CROSS JOIN live
 LEFT JOIN done d ON d.minute = m.minute
+LEFT JOIN samples s ON s.minute = m.minute
+LEFT JOIN samples n ON n.minute = m.minute + interval '1 minute'
 ORDER BY m.minute;
 
 -- name: sweeper

@@ -318,7 +318,9 @@ RETURNING m.id, m.priority, m.delivery_count, m.exchange, m.routing_key,
           -- Was delayed until its eta: the consumer drops the eta header (due).
           m.visible_at IS NOT NULL,
           -- With the id, names this message for good (see ack_orphaned).
-          m.published_at;
+          m.published_at,
+          -- The task's received_at, when pgbroker stores its result.
+          m.claimed_at;
 
 -- name: claim_begin
 -- A claim runs in its own transaction (`_run_pipelined`): READ COMMITTED
@@ -408,7 +410,7 @@ WHERE m.id = ANY (ARRAY (
 ))
 RETURNING m.id, m.priority, m.delivery_count + 1, m.exchange, m.routing_key,
           m.content_type, m.content_encoding, m.headers, m.properties, m.body,
-          m.visible_at IS NOT NULL, m.published_at;
+          m.visible_at IS NOT NULL, m.published_at, now();
 
 -- name: ack
 -- Fenced: only the consumer that holds a message can acknowledge it.
@@ -633,7 +635,7 @@ WHERE p.ctid = ANY (ARRAY (
 -- name: sweep
 -- The safety sweep, one statement every sweep_interval seconds (and at once
 -- when the sweeper thread sees a consumer die). Recovery (1) is small and
--- urgent; housekeeping (2, 3, 5, 6) is done in bounded batches, rows locked
+-- urgent; housekeeping (2, 3, 5, 6, 7) is done in bounded batches, rows locked
 -- by another sweep skipped (SKIP LOCKED), so that a large backlog of
 -- expired rows never delays a recovery by more than one batch: the client
 -- (pgbroker.broker.sweeper.sweep_more) runs the sweep again while a batch comes
@@ -665,7 +667,10 @@ WHERE p.ctid = ANY (ARRAY (
 --    next due time is returned for the timer;
 -- 5. one batch of published_task rows older than the dedup window goes;
 -- 6. one batch of results and saved groups past their expires_at
---    (result_expires when stored; reads already treat them as gone) goes.
+--    (result_expires when stored; reads already treat them as gone) goes;
+-- 7. the first sweep of a minute samples the message id sequence for the
+--    dashboard (publish_sample, 017_history.sql), and samples older than a
+--    day go.
 -- It also says whether live consumers of processes other than
 -- (own_host, own_pid) exist: a lone sweeper thread (pgbroker/broker/sweeper.py)
 -- then goes back to watching them. Results are written to task_result
@@ -861,6 +866,23 @@ WITH dead AS (
         LIMIT %(housekeep_limit)s
         FOR UPDATE SKIP LOCKED))
     RETURNING 1
+), sampled AS (
+    -- The message id sequence at the first sweep of each minute, for the
+    -- dashboard's publish rate (017_history.sql). A housekeeping sweep only.
+    INSERT INTO {schema}.publish_sample (minute, sampled_at, stored_total)
+    SELECT date_trunc('minute', now()), now(),
+           coalesce(pg_sequence_last_value(pg_get_serial_sequence(
+               pg_typeof(NULL::{schema}.message)::text, 'id')::regclass), 0)
+    WHERE %(housekeep_limit)s > 0
+      AND NOT EXISTS (SELECT 1 FROM {schema}.publish_sample
+                      WHERE minute = date_trunc('minute', now()))
+    ON CONFLICT (minute) DO NOTHING
+), old_samples AS (
+    DELETE FROM {schema}.publish_sample s
+    WHERE s.minute = ANY (ARRAY (
+        SELECT minute FROM {schema}.publish_sample
+        WHERE minute < now() - interval '1 day' AND %(housekeep_limit)s > 0
+        FOR UPDATE SKIP LOCKED))
 )
 SELECT (SELECT count(*) FROM requeued) AS requeued,
        (SELECT count(*) FROM expired_messages) AS expired_messages,

@@ -1,0 +1,33 @@
+-- 017_history: what the dashboard shows over time (pgbroker/dashboard/).
+--
+-- Design notes
+-- * publish_sample: the message id sequence (every message ever stored,
+--   once per queue it was routed to) read at the first sweep of each
+--   minute, by whichever process sweeps first (`sweep` in queries.sql: one
+--   more row in a statement every worker already runs, never a statement
+--   of its own, and nothing on the publish path). The messages stored in a
+--   minute are the difference between its sample and the next one; a
+--   minute without a sweep (no worker running) has no sample and its count
+--   is unknown, not zero. The sweep also removes samples older than a day.
+--   Samples are taken up to a sweep interval (10 s) into their minute, so
+--   a minute's count is off by at most that much at either end.
+-- * task_result.received_at and started_at: when the worker's consumer
+--   claimed the message of the run that stored the row (the server's
+--   clock: message.claimed_at, carried to the worker in the delivery
+--   property pgbroker_received_at) and when the task body started (the
+--   worker's clock, at Celery's task_prerun). Celery keeps only a task's
+--   latest state, which a finished task has long overwritten; these two
+--   keep the times of its last run, as its date_done (the worker's clock
+--   too) keeps the end. NULL where the row was written by anyone else
+--   (a client, the sweeper, another broker). Nullable with no default:
+--   adding them rewrites nothing.
+
+CREATE TABLE IF NOT EXISTS {schema}.publish_sample (
+    minute       timestamptz PRIMARY KEY,
+    sampled_at   timestamptz NOT NULL,
+    stored_total bigint NOT NULL
+);
+
+ALTER TABLE {schema}.task_result
+    ADD COLUMN IF NOT EXISTS received_at timestamptz,
+    ADD COLUMN IF NOT EXISTS started_at timestamptz;
