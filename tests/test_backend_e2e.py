@@ -20,6 +20,8 @@ import pytest
 from celery import chain, chord, group
 from celery.exceptions import ChordError, TaskRevokedError
 
+from pgbroker.dashboard.pages import timeline
+from pgbroker.operations import admin
 from tests import pgserver, refbrokers
 from tests.celery_helpers import get_waits, wait_until
 
@@ -183,10 +185,28 @@ def test_failure_traceback_and_sql_query(pg_both: Any) -> None:
 
 
 def test_retry_then_success(pg_both: Any) -> None:
-    mod, _worker, _url = pg_both
+    mod, _worker, url = pg_both
     r = mod.retry_until.delay(2)
     assert r.get(timeout=T) == 2
     assert r.retries == 2
+    # Each retry is logged with its reason and its run's times, which the
+    # final state would otherwise have overwritten; the dashboard's
+    # timeline shows the three runs in order.
+    with conn_for(url) as c:
+        detail = admin.show_task(c, "pgbroker", r.id)
+    result = detail.result
+    assert result is not None and result.date_done is not None
+    log = result.retry_log
+    assert [e.reason for e in log] == ["RuntimeError: try 0", "RuntimeError: try 1"]
+    times = []
+    for e in log:
+        assert e.received_at is not None and e.started_at is not None and e.at is not None
+        times += [e.received_at, e.started_at, e.at]
+    assert result.received_at is not None and result.started_at is not None
+    times += [result.received_at, result.started_at, result.date_done]
+    assert times == sorted(times), times
+    whats = [e.what for e in timeline(detail) if e.what != "first state stored"]
+    assert whats == [*["received", "started", "RETRY"] * 2, "received", "started", "SUCCESS"]
 
 
 def test_started_and_custom_state(pg_both: Any, tmp_path: Path) -> None:

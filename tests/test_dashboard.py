@@ -34,6 +34,7 @@ from pgbroker.errors import ConfigurationError
 from tests import kombu_helpers as kh
 from tests.celery_helpers import wait_until, with_password
 from tests.test_cli_ops import _request as _cli_request
+from tests.test_cli_ops import run as run_cli
 
 XSS = "<script>alert(1)</script>"
 
@@ -580,6 +581,23 @@ def test_publish_rate_from_the_samples_sweeps_take(db_url: str, db: psycopg.Conn
         published = [m.published for m in data.throughput(db, "pgbroker")]
         assert published[58] == 7 and published[59] is None
         db.execute("DELETE FROM pgbroker.publish_sample")
+
+
+def test_the_retry_log_keeps_the_last_fifty_and_cuts_long_reasons(
+    celery_app: Celery, db: psycopg.Connection, db_url: str
+) -> None:
+    backend = celery_app.backend
+    for i in range(54):
+        backend.mark_as_retry("t-r", RuntimeError(f"try {i}"), request=request("t-r", "x.y"))
+    backend.mark_as_retry("t-r", RuntimeError("x" * 1000 + "\0"), request=request("t-r", "x.y"))
+    backend.mark_as_done("t-r", 1, request=request("t-r", "x.y"))
+    log = kh.scalar(db, "SELECT retry_log FROM pgbroker.task_result WHERE task_id = 't-r'")
+    reasons = [e["reason"] for e in log]
+    assert reasons[:-1] == [f"RuntimeError: try {i}" for i in range(5, 54)]
+    assert len(reasons[-1]) == 500 and reasons[-1].endswith("x…")
+    # pgbroker show lists them.
+    shown = run_cli("tasks", "show", "t-r", "--url", db_url).stdout
+    assert "retried:" in shown and "run 50: RuntimeError: xxx" in shown, shown
 
 
 # --- dead letters, redeliveries, beat, durable runs ----------------------------------

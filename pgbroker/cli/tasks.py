@@ -147,6 +147,12 @@ def render_task(detail: admin.TaskDetail) -> str:
             ("done", None if r.date_done is None else format_time(r.date_done)),
         ]
         out += [f"  {k + ':':<10} {v}" for k, v in fields if v is not None]
+        if r.retry_log:
+            out.append("  retried:")
+            out += [
+                f"    {'?' if e.at is None else format_time(e.at)}  run {n}: {e.reason or ''}"
+                for n, e in enumerate(r.retry_log, 1)
+            ]
         if r.traceback:
             out.append("  traceback:")
             out += ["    " + line for line in r.traceback.rstrip().splitlines()]

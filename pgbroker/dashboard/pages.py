@@ -191,10 +191,17 @@ def timeline(detail: admin.TaskDetail) -> list[Event]:
     result = detail.result
     if result is not None:
         claimed = {m.claimed_at for m in detail.messages}
-        if result.received_at and result.received_at not in claimed:
-            events.append(Event(result.received_at, "received", "the run that stored the result"))
-        if result.started_at:
-            events.append(Event(result.started_at, "started", "the task body (worker's clock)"))
+        runs = [(r.received_at, r.started_at) for r in result.retry_log]
+        runs.append((result.received_at, result.started_at))
+        for n, (received, started) in enumerate(runs, 1):
+            run = f"run {n}" if len(runs) > 1 else "run"
+            if received and received not in claimed:
+                events.append(Event(received, "received", f"{run}: message claimed"))
+            if started:
+                events.append(Event(started, "started", f"{run}: task body (worker's clock)"))
+        for n, retry in enumerate(result.retry_log, 1):
+            if retry.at:
+                events.append(Event(retry.at, "RETRY", f"run {n}: {retry.reason or ''}"))
         events.append(Event(result.created_at, "first state stored", ""))
         retries = f", retries {result.retries}" if result.retries else ""
         if result.date_done:

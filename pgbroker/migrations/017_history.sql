@@ -21,6 +21,12 @@
 --   too) keeps the end. NULL where the row was written by anyone else
 --   (a client, the sweeper, another broker). Nullable with no default:
 --   adding them rewrites nothing.
+-- * task_result.retry_log: a JSON array with one object per RETRY state
+--   stored (at, reason, received_at, started_at: when, the exception's
+--   type and message cut at 500 characters, and that run's times, times in
+--   Unix seconds), which
+--   the next state would otherwise overwrite. Only a RETRY writes it, the
+--   last 50 are kept (a task retried forever keeps a bounded row).
 
 CREATE TABLE IF NOT EXISTS {schema}.publish_sample (
     minute       timestamptz PRIMARY KEY,
@@ -30,4 +36,5 @@ CREATE TABLE IF NOT EXISTS {schema}.publish_sample (
 
 ALTER TABLE {schema}.task_result
     ADD COLUMN IF NOT EXISTS received_at timestamptz,
-    ADD COLUMN IF NOT EXISTS started_at timestamptz;
+    ADD COLUMN IF NOT EXISTS started_at timestamptz,
+    ADD COLUMN IF NOT EXISTS retry_log jsonb;

@@ -529,6 +529,30 @@ class TaskResult:
     #: clock); None when unknown.
     received_at: datetime | None = None
     started_at: datetime | None = None
+    #: One per RETRY stored, oldest first (the last 50).
+    retry_log: list[RetryRecord] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class RetryRecord:
+    """A RETRY state stored (task_result.retry_log, 017_history.sql)."""
+
+    at: datetime | None
+    #: The exception's type and message.
+    reason: str | None
+    #: That run's times, as received_at and started_at.
+    received_at: datetime | None
+    started_at: datetime | None
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> RetryRecord:
+        def when(key: str) -> datetime | None:
+            at = entry.get(key)  # Unix seconds
+            if not isinstance(at, (int, float)):
+                return None
+            return datetime.fromtimestamp(at, timezone.utc)
+
+        return cls(when("at"), entry.get("reason"), when("received_at"), when("started_at"))
 
 
 @dataclasses.dataclass
@@ -631,6 +655,7 @@ def _task_result(row: tuple[Any, ...]) -> TaskResult:
         updated_at,
         received_at,
         started_at,
+        retry_log,
     ) = row
 
     def load(data: bytes | None) -> Any:
@@ -658,6 +683,7 @@ def _task_result(row: tuple[Any, ...]) -> TaskResult:
         updated_at=updated_at,
         received_at=received_at,
         started_at=started_at,
+        retry_log=[RetryRecord.from_json(e) for e in retry_log or []],
     )
 
 

@@ -201,6 +201,7 @@ _STORE_PARAMS = {
     "date_done": _TIMESTAMPTZ,
     "received_at": _TIMESTAMPTZ,
     "started_at": _TIMESTAMPTZ,
+    "retry_reason": _TEXT,
     "expires": _FLOAT8,
     "channel": _TEXT,
 }
@@ -550,6 +551,7 @@ class PostgresBackend(FinishingBackend, *_Waiters, Backend, AsyncBackendMixin): 
             "date_done": meta.get("date_done"),
             "received_at": run_times.received_at(request),
             "started_at": run_times.started_at(request),
+            "retry_reason": run_times.retry_reason(result) if state == states.RETRY else None,
             "expires": self._expires_seconds(),
             "channel": channel_for(self.schema, task_id),
         }

@@ -175,7 +175,7 @@ LIMIT %(limit)s;
 -- name: task_result
 SELECT task_id, state, name, worker, queue, retries, parent_id, root_id, group_id,
        result, content_type, content_encoding, traceback, args, kwargs, children, extra,
-       date_done, created_at, updated_at, received_at, started_at
+       date_done, created_at, updated_at, received_at, started_at, retry_log
 FROM {schema}.task_result
 WHERE task_id = %(task_id)s;
 

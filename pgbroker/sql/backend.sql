@@ -18,12 +18,20 @@ WITH stored AS (
     INSERT INTO {schema}.task_result AS r (
         task_id, state, name, args, kwargs, worker, retries, queue,
         parent_id, root_id, group_id, result, content_type, content_encoding,
-        traceback, children, extra, date_done, received_at, started_at, expires_at)
+        traceback, children, extra, date_done, received_at, started_at, retry_log,
+        expires_at)
     VALUES (
         %(task_id)s, %(state)s, %(name)s, %(args)s, %(kwargs)s, %(worker)s,
         %(retries)s, %(queue)s, %(parent_id)s, %(root_id)s, %(group_id)s,
         %(result)s, %(content_type)s, %(content_encoding)s, %(traceback)s,
         %(children)s, %(extra)s, %(date_done)s, %(received_at)s, %(started_at)s,
+        -- This retry, to append to the log (017_history.sql).
+        -- (Times as Unix seconds.)
+        CASE WHEN %(state)s::text = 'RETRY' THEN jsonb_build_array(jsonb_build_object(
+            'at', extract(epoch FROM now()), 'reason', %(retry_reason)s::text,
+            'received_at', extract(epoch FROM %(received_at)s::timestamptz),
+            'started_at', extract(epoch FROM %(started_at)s::timestamptz)))
+        END,
         -- result_expires (NULL: kept until pruned).
         now() + make_interval(secs => %(expires)s))
     ON CONFLICT (task_id) DO UPDATE SET
@@ -47,6 +55,12 @@ WITH stored AS (
         -- Of the run that stored this state (017_history.sql).
         received_at = coalesce(EXCLUDED.received_at, r.received_at),
         started_at = coalesce(EXCLUDED.started_at, r.started_at),
+        retry_log = CASE
+            WHEN EXCLUDED.retry_log IS NULL THEN r.retry_log
+            WHEN jsonb_array_length(coalesce(r.retry_log, '[]')) >= 50
+                THEN (r.retry_log - 0) || EXCLUDED.retry_log
+            ELSE coalesce(r.retry_log, '[]') || EXCLUDED.retry_log
+        END,
         updated_at = now(),
         expires_at = EXCLUDED.expires_at
     -- (An expired row is gone for readers: a new run may write it again.)
