@@ -60,3 +60,11 @@ def when(at: datetime | None) -> str:
     if at is None:
         return "-"
     return at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def when_ms(at: datetime | None) -> str:
+    """A time as UTC, to the millisecond (a timeline's steps are often
+    within one second)."""
+    if at is None:
+        return "-"
+    return at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
