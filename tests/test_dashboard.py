@@ -552,6 +552,31 @@ def test_publish_rate_from_the_samples_sweeps_take(db_url: str, db: psycopg.Conn
             db, "SELECT now() - interval '1 day'"
         )
 
+    # A worker whose role was granted the tables before migration 017, and
+    # not the message id sequence (an identity column needs no grant to
+    # insert), still sweeps and samples: sample_publishes runs as its owner.
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    role = f"pgb_old_grant_{uuid.uuid4().hex[:8]}"
+    db.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        db.execute(f'GRANT USAGE ON SCHEMA pgbroker TO "{role}"')
+        db.execute(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgbroker TO "{role}"'
+        )
+        db.execute(f'REVOKE ALL ON pgbroker.publish_sample FROM "{role}"')
+        db.execute("DELETE FROM pgbroker.publish_sample")
+        parts = urlsplit(db_url)
+        url = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+        with kh.connect(url, fast_recovery=False, sweep_interval=3600.0) as conn:
+            conn.transport.sweep()
+        assert samples() == 1
+    finally:
+        close_pools()
+        db.execute(f'DROP OWNED BY "{role}"')
+        db.execute(f'DROP ROLE "{role}"')
+
     # The chart's minutes, from samples written here against the sequence as
     # it stands (nothing publishes meanwhile); one transaction, so that now()
     # is one time throughout. A minute counts from its sample to the next.

@@ -198,20 +198,22 @@ def check_access(conn: psycopg.Connection, schema: str) -> None:
 
 
 # Whether the session has USAGE on the schema and the DML privileges on
-# every table (SELECT only on schema_version; identity columns need no
-# sequence privilege); else what is missing, grouped by the privileges
-# missing: "no DELETE privilege on binding, message; no privileges on ...".
+# every table (SELECT only on schema_version, and on publish_sample, which
+# only sample_publishes() writes, as its owner: 017_history.sql; identity
+# columns need no sequence privilege); else what is missing, grouped by the
+# privileges missing: "no DELETE privilege on binding, message; no
+# privileges on ...".
 _ACCESS = """
 WITH s AS (SELECT oid FROM pg_namespace WHERE nspname = %(schema)s),
 objects AS (
     SELECT c.relname::text AS name,
            array_remove(ARRAY[
                CASE WHEN NOT has_table_privilege(c.oid, 'SELECT') THEN 'SELECT' END,
-               CASE WHEN c.relname <> 'schema_version'
+               CASE WHEN c.relname NOT IN ('schema_version', 'publish_sample')
                          AND NOT has_table_privilege(c.oid, 'INSERT') THEN 'INSERT' END,
-               CASE WHEN c.relname <> 'schema_version'
+               CASE WHEN c.relname NOT IN ('schema_version', 'publish_sample')
                          AND NOT has_table_privilege(c.oid, 'UPDATE') THEN 'UPDATE' END,
-               CASE WHEN c.relname <> 'schema_version'
+               CASE WHEN c.relname NOT IN ('schema_version', 'publish_sample')
                          AND NOT has_table_privilege(c.oid, 'DELETE') THEN 'DELETE' END
            ], NULL) AS privileges
     FROM pg_class c, s

@@ -869,20 +869,7 @@ WITH dead AS (
 ), sampled AS (
     -- The message id sequence at the first sweep of each minute, for the
     -- dashboard's publish rate (017_history.sql). A housekeeping sweep only.
-    INSERT INTO {schema}.publish_sample (minute, sampled_at, stored_total)
-    SELECT date_trunc('minute', now()), now(),
-           coalesce(pg_sequence_last_value(pg_get_serial_sequence(
-               pg_typeof(NULL::{schema}.message)::text, 'id')::regclass), 0)
-    WHERE %(housekeep_limit)s > 0
-      AND NOT EXISTS (SELECT 1 FROM {schema}.publish_sample
-                      WHERE minute = date_trunc('minute', now()))
-    ON CONFLICT (minute) DO NOTHING
-), old_samples AS (
-    DELETE FROM {schema}.publish_sample s
-    WHERE s.minute = ANY (ARRAY (
-        SELECT minute FROM {schema}.publish_sample
-        WHERE minute < now() - interval '1 day' AND %(housekeep_limit)s > 0
-        FOR UPDATE SKIP LOCKED))
+    SELECT {schema}.sample_publishes() AS taken WHERE %(housekeep_limit)s > 0
 )
 SELECT (SELECT count(*) FROM requeued) AS requeued,
        (SELECT count(*) FROM expired_messages) AS expired_messages,
@@ -920,4 +907,7 @@ SELECT (SELECT count(*) FROM requeued) AS requeued,
            OR EXISTS (SELECT 1 FROM dropped_unready)) AS full,
        -- Dead consumers removed: their auto-delete and exclusive queues go
        -- next (drop_unused_queues).
-       (SELECT count(*) FROM dead) AS dead_consumers;
+       (SELECT count(*) FROM dead) AS dead_consumers,
+       -- (Read, so that the sample is taken: a CTE that only selects runs
+       -- when read.)
+       (SELECT taken FROM sampled) AS sampled;
