@@ -191,7 +191,11 @@ def test_retry_then_success(pg_both: Any) -> None:
     assert r.retries == 2
     # Each retry is logged with its reason and its run's times, which the
     # final state would otherwise have overwritten; the dashboard's
-    # timeline shows the three runs in order.
+    # timeline shows the three runs in order. (Runs 1 s apart: a RETRY is
+    # stored after its retry is sent, and one stored after the next run's
+    # final state is not logged, the final state being kept.)
+    r = mod.retry_until.delay(2, countdown=1.0)
+    assert r.get(timeout=T) == 2
     with conn_for(url) as c:
         detail = admin.show_task(c, "pgbroker", r.id)
     result = detail.result

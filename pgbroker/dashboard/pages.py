@@ -202,11 +202,15 @@ def timeline(detail: admin.TaskDetail) -> list[Event]:
         for n, retry in enumerate(result.retry_log, 1):
             if retry.at:
                 events.append(Event(retry.at, "RETRY", f"run {n}: {retry.reason or ''}"))
-        events.append(Event(result.created_at, "first state stored", ""))
+        if result.updated_at != result.created_at:
+            # Only for a row written more than once: a row written once is
+            # told by its one state below (its date_done is the worker's
+            # clock and created_at the server's: they may sort either way).
+            events.append(Event(result.created_at, "first state stored", ""))
         retries = f", retries {result.retries}" if result.retries else ""
         if result.date_done:
             events.append(Event(result.date_done, result.state, f"done{retries}"))
-        elif result.updated_at != result.created_at or not events:
+        else:
             events.append(Event(result.updated_at, result.state, f"latest state{retries}"))
     events.sort(key=lambda e: e.at)
     return events

@@ -77,9 +77,9 @@ def fail(message: str) -> None:
 
 
 @app.task(shared=False, bind=True, max_retries=5)
-def retry_until(self: Any, times: int) -> int:
+def retry_until(self: Any, times: int, countdown: float = 0.1) -> int:
     if self.request.retries < times:
-        raise self.retry(countdown=0.1, exc=RuntimeError(f"try {self.request.retries}"))
+        raise self.retry(countdown=countdown, exc=RuntimeError(f"try {self.request.retries}"))
     return self.request.retries
 
 
