@@ -163,7 +163,7 @@ class Minute:
 
 def throughput(conn: psycopg.Connection, schema: str) -> list[Minute]:
     """The last hour, per minute, oldest first (60 rows)."""
-    return [Minute(*r[:4]) for r in _run(conn, schema, "throughput", {})]
+    return [Minute(*r) for r in _run(conn, schema, "throughput", {})]
 
 
 @dataclasses.dataclass

@@ -28,11 +28,11 @@
 --   (a client, the sweeper, another broker). Nullable with no default:
 --   adding them rewrites nothing.
 -- * task_result.retry_log: a JSON array with one object per RETRY state
---   stored (at, reason, received_at, started_at: when, the exception's
---   type and message cut at 500 characters, and that run's times, times in
---   Unix seconds), which
---   the next state would otherwise overwrite. Only a RETRY writes it, the
---   last 50 are kept (a task retried forever keeps a bounded row).
+--   stored, which the next state would otherwise overwrite: at, reason,
+--   received_at, started_at (when it was stored, the exception's type and
+--   message cut at 500 characters, and that run's two times; times in Unix
+--   seconds). Only a RETRY writes it, and the last 50 are kept (a task
+--   retried forever keeps a bounded row).
 
 CREATE TABLE IF NOT EXISTS {schema}.publish_sample (
     minute       timestamptz PRIMARY KEY,

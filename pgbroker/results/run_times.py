@@ -5,7 +5,7 @@ when it was received or started, or why it was retried. The result backend
 keeps both times with each state it stores (``task_result.received_at``
 and ``started_at``, 017_history.sql), of the run that stored it, and a log
 of the retries with each run's times, for the dashboard's timeline and
-``pgbroker show``:
+``pgbroker tasks show``:
 
 - received: when pgbroker's consumer claimed the run's message (the
   server's clock), from the delivery property ``pgbroker_received_at``;

@@ -25,8 +25,8 @@ WITH stored AS (
         %(retries)s, %(queue)s, %(parent_id)s, %(root_id)s, %(group_id)s,
         %(result)s, %(content_type)s, %(content_encoding)s, %(traceback)s,
         %(children)s, %(extra)s, %(date_done)s, %(received_at)s, %(started_at)s,
-        -- This retry, to append to the log (017_history.sql).
-        -- (Times as Unix seconds.)
+        -- This retry, to append to the log (017_history.sql; times as Unix
+        -- seconds).
         CASE WHEN %(state)s::text = 'RETRY' THEN jsonb_build_array(jsonb_build_object(
             'at', extract(epoch FROM now()), 'reason', %(retry_reason)s::text,
             'received_at', extract(epoch FROM %(received_at)s::timestamptz),

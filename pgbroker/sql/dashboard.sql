@@ -76,8 +76,7 @@ SELECT m.minute, coalesce(d.n, 0), coalesce(d.failed, 0),
             WHEN n.minute IS NOT NULL THEN greatest(0, n.stored_total - s.stored_total)
             WHEN m.minute >= date_trunc('minute', now()) - interval '1 minute'
                 THEN greatest(0, live.total - s.stored_total)
-       END,
-       now()
+       END
 FROM minutes m
 CROSS JOIN live
 LEFT JOIN done d ON d.minute = m.minute
