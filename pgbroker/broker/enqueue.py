@@ -78,6 +78,8 @@ class _Transport(_Runner, Protocol):
     @property
     def conn(self) -> psycopg.Connection: ...
 
+    def _statements(self) -> contextlib.AbstractContextManager[None]: ...
+
 
 #: The connection of the innermost active ``enqueue_in`` block; None:
 #: pgbroker's own session (no block, or ``enqueue_in(None)``).
@@ -185,8 +187,16 @@ class _OnCallerConnection:
 
 
 def broker_fingerprint(transport: _Transport, schema: str) -> str:
-    """Server, database and schema of the transport's session (once per session)."""
-    with transport._io:
+    """Server, database and schema of the transport's session (once per session).
+
+    Its query runs on the transport's session, so its errors are classed as
+    every statement there (``Transport._statements``): a session ended
+    under it (pg_terminate_backend, a restart) is ``ConnectionLost``, a
+    connection error Kombu and Celery reconnect on. A consumer asks for it
+    when it registers (the pidbox queue's declare at worker startup): a
+    raw ``AdminShutdown`` there stopped the worker as an unrecoverable error.
+    """
+    with transport._io, transport._statements():
         conn = transport.conn
         known = _broker_fingerprints.get(conn)
         if known is None:
