@@ -232,7 +232,7 @@ def _schedule_from_columns(row: Sequence[Any], app: Any) -> Any:
 #: Celery 5.5 and 5.6: crontab.remaining_delta matches ``last_run_at`` in its
 #: own time zone, not the schedule's, and takes the minutes left in its hour
 #: only when ``now()`` is the same day (5.7 does neither).
-_OLD_CRONTAB = tuple(map(int, celery.__version__.split(".")[:2])) < (5, 7)
+_OLD_CRONTAB = celery.VERSION[:2] < (5, 7)
 
 
 def next_slot(sched: Any, after: datetime) -> datetime:

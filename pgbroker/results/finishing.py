@@ -30,7 +30,7 @@ from pgbroker.logs import recovery
 
 logger = logging.getLogger("pgbroker.results")
 
-if tuple(map(int, celery.__version__.split(".")[:2])) < (5, 6):
+if celery.VERSION[:2] < (5, 6):
     # Celery 5.5 pops a chain's next link before publishing it: noted at the
     # start of each run for finish.hold (pgbroker/broker/finish.py).
     signals.task_prerun.connect(
