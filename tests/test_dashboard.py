@@ -386,8 +386,8 @@ def test_task_page_shows_redeliveries_dead_letters_and_durable_steps(
     assert "dead-lettered" in timeline and "max deliveries" in timeline
     assert "no result stored yet" in html
 
-    # A durable task's steps, waits and run, as DurableTask writes them.
-    celery_app.backend.store_result("dur-1", None, "STARTED", request=request("dur-1", "flow"))
+    # A durable task's steps, waits and run, as DurableTask writes them; its
+    # result is not stored (yet, or in another backend) and its message is acked.
     db.execute(
         "INSERT INTO pgbroker.durable_step (task_id, step_index, name, task_name, state, "
         "output, content_type, content_encoding, attempts) VALUES "
@@ -404,12 +404,16 @@ def test_task_page_shows_redeliveries_dead_letters_and_durable_steps(
         "INSERT INTO pgbroker.durable_run (task_id, run_id, task_name, hostname, pid, "
         "exclusive_key) VALUES ('dur-1', gen_random_uuid(), 'flow', 'h1', 42, 'order-7')"
     )
-    html = client.get("/task", params={"id": "dur-1"}).text
+    page = client.get("/task", params={"id": "dur-1"})
+    html = page.text
+    assert page.status_code == 200 and "<h2>Durable steps</h2>" in html, html
     steps = html.split("<h2>Durable steps</h2>", 1)[1]
     assert "charge" in steps and "{\n  &#34;paid&#34;: 12\n}" in steps
     assert "TimeoutError()" in steps
     assert "approved" in steps and "waiting" in steps
     assert "order-7" in html  # the exclusive key
+    assert "<dt>name</dt><dd>flow</dd>" in html and "no result stored yet" in html
+    celery_app.backend.store_result("dur-1", None, "STARTED", request=request("dur-1", "flow"))
     db.execute(
         "INSERT INTO pgbroker.durable_event (name, payload, content_type, content_encoding) "
         "VALUES ('approved', NULL, 'application/json', 'utf-8')"

@@ -266,6 +266,9 @@ class Durable:
     waits: list[Wait]
     run: Run | None
 
+    #: The task's name, as its steps or run recorded it.
+    task_name: str | None = None
+
     def __bool__(self) -> bool:
         return bool(self.steps or self.waits or self.run)
 
@@ -274,6 +277,7 @@ def durable(conn: psycopg.Connection, schema: str, task_id: str) -> Durable:
     """A DurableTask's steps (outputs decoded as admin.decode does), waits
     and run; all empty for another task."""
     params = {"task_id": task_id}
+    rows = conn.execute(queries.for_schema(schema, "durable.sql")["task_steps"], params).fetchall()
     steps = [
         Step(
             index=r[0],
@@ -286,11 +290,13 @@ def durable(conn: psycopg.Connection, schema: str, task_id: str) -> Durable:
             updated_at=r[10],
             expires_at=r[11],
         )
-        for r in conn.execute(queries.for_schema(schema, "durable.sql")["task_steps"], params)
+        for r in rows
     ]
     waits = [Wait(*r) for r in _run(conn, schema, "task_waits", params)]
     row = _run(conn, schema, "task_run", params).fetchone()
-    return Durable(steps=steps, waits=waits, run=Run(*row) if row else None)
+    run = Run(*row) if row else None
+    task_name = run.task_name if run else next((r[2] for r in rows if r[2]), None)
+    return Durable(steps=steps, waits=waits, run=run, task_name=task_name)
 
 
 def durable_runs(conn: psycopg.Connection, schema: str, *, limit: int = 200) -> list[Run]:

@@ -228,13 +228,17 @@ def task(request: Request) -> Response:
     task_id = _task_id(request)
 
     def read(conn: psycopg.Connection) -> dict[str, Any]:
-        detail = admin.show_task(conn, settings.schema, task_id)
+        durable = data.durable(conn, settings.schema, task_id)
+        try:
+            detail = admin.show_task(conn, settings.schema, task_id)
+        except NotFound:
+            if not durable:
+                raise
+            # A durable task whose message is acked and whose result is in
+            # another backend, not stored yet, or expired: its steps remain.
+            detail = admin.TaskDetail(task_id, None, [], [], [])
         tree = data.canvas(conn, settings.schema, detail.result) if detail.result else []
-        return {
-            "detail": detail,
-            "canvas": tree,
-            "durable": data.durable(conn, settings.schema, task_id),
-        }
+        return {"detail": detail, "canvas": tree, "durable": durable}
 
     found = settings.run(read)
     detail: admin.TaskDetail = found["detail"]
@@ -242,7 +246,9 @@ def task(request: Request) -> Response:
     shown = {}
     if result is not None:
         shown = {field: values.shown(getattr(result, field)) for field in FIELDS}
+    durable: data.Durable = found["durable"]
     name = result.name if result else next((m.headers.get("task") for m in detail.messages), None)
+    name = name or durable.task_name
     return render(
         request,
         "task.html",
@@ -254,7 +260,7 @@ def task(request: Request) -> Response:
         shown=shown,
         timeline=timeline(detail),
         canvas=found["canvas"],
-        durable=found["durable"],
+        durable=durable,
     )
 
 
