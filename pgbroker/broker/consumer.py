@@ -60,12 +60,15 @@ class Held(NamedTuple):
     handed back. ``registration`` says which of its transport's consumers
     claimed it (a transport registers a new one in each session): consumer
     ids can come again (see ``ack_orphaned`` in queries.sql), registrations
-    cannot. ``published_at`` with the id names the message for good."""
+    cannot. ``published_at`` with the id names the message for good;
+    ``timeline``, the server's when it was claimed, says whether an ack
+    from a lost session may still be written (``_flush_orphans``)."""
 
     consumer_id: int
     registration: int
     delivery_count: int
     published_at: datetime
+    timeline: int | None
 
 
 #: Every consumer registration of this process gets the next number.
@@ -92,6 +95,7 @@ class ConsumerSession:
     _riding: list[int]
     _held: dict[int, Held]
     _registration: int
+    _timeline: int | None  # the server's, when the consumer registered
     _orphan_key: tuple[str, str]
     _loop: Any
     _loop_thread: int | None
@@ -142,6 +146,7 @@ class ConsumerSession:
             )
             self.consumer_id = int(row[0])
             self._registration = next(_registrations)
+            self._timeline = row[2]
             # Where its messages come from (once per session): a result
             # backend there may acknowledge them (pgbroker/broker/finish.py).
             self.origin = self._fingerprint()
@@ -196,7 +201,9 @@ class ConsumerSession:
             self._unride()
             raise
         for row in rows:
-            self._held[row[0]] = Held(consumer_id, self._registration, row[2], row[11])
+            self._held[row[0]] = Held(
+                consumer_id, self._registration, row[2], row[11], self._timeline
+            )
         if settle:
             self._settle()
         return rows
@@ -344,7 +351,9 @@ class ConsumerSession:
             held = self._held.pop(tag, None)
             if held is not None:
                 entries.append(
-                    _Orphan(tag, held.consumer_id, held.delivery_count, held.published_at)
+                    _Orphan(
+                        tag, held.consumer_id, held.delivery_count, held.published_at, held.timeline
+                    )
                 )
         if entries:
             with _orphaned_lock:
@@ -355,6 +364,27 @@ class ConsumerSession:
             entries = _orphaned.pop(self._orphan_key, [])
         if not entries:
             return
+        # On another timeline (an asynchronous standby promoted, a restore)
+        # the old server's last commits are lost, maybe with the work an ack
+        # acknowledges: its message is delivered again (018_server_timeline).
+        stale = [e for e in entries if e.timeline != self._timeline]
+        if stale:
+            entries = [e for e in entries if e.timeline == self._timeline]
+            logger.warning(
+                "%d ack(s) made for a lost session were not written: the server is on "
+                "another timeline since their messages were claimed (a failover), and "
+                "its lost commits may hold the work they acknowledge; those messages "
+                "are delivered again",
+                len(stale),
+                extra=recovery(
+                    "session_lost",
+                    consumer=self.consumer_id,
+                    count=len(stale),
+                    reason="acks from another timeline",
+                ),
+            )
+            if not entries:
+                return
         try:
             written = self.run_count(
                 "ack_orphaned",
@@ -526,6 +556,7 @@ class _Orphan(NamedTuple):
     consumer_id: int
     delivery_count: int
     published_at: datetime
+    timeline: int | None
 
 
 #: Acks whose session was lost before they were written, by (URL, schema).

@@ -189,6 +189,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         # can still apply after its session was lost (see _orphan).
         self._held: dict[int, Held] = {}
         self._registration = 0  # of its consumer, see Held
+        self._timeline: int | None = None
         self._orphan_key = (self.url, self.options.schema)
         self._loop: Any = None
         self._loop_thread: int | None = None

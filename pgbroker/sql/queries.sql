@@ -18,7 +18,8 @@ WHERE n.nspname = %(schema_name)s;
 -- A consumer is a session holding the advisory lock (schema oid, consumer
 -- id). The lock is taken in the same statement that creates the row, so no
 -- sweep can ever see the row without the lock. The row also names its
--- process's key (see process_lock).
+-- process's key (see process_lock). Also returns the server's timeline
+-- (018_server_timeline: a lost session's acks are written only on it).
 WITH c AS (
     INSERT INTO {schema}.consumer (hostname, pid)
     VALUES (%(hostname)s, %(pid)s)
@@ -27,7 +28,7 @@ WITH c AS (
     INSERT INTO {schema}.consumer_process (consumer_id, process_key)
     SELECT id, %(process_key)s FROM c
 )
-SELECT id, pg_advisory_lock(%(lock_class)s, id) FROM c;
+SELECT id, pg_advisory_lock(%(lock_class)s, id), {schema}.server_timeline() FROM c;
 
 -- name: unregister_consumer
 -- A clean shutdown: hand back what this consumer still holds, forget it,
