@@ -6,7 +6,8 @@ messages it holds. The first test fails if the statements go one by one
 again (seven round trips here, one per statement with BEGIN and COMMIT);
 the second, if a finish that must write nothing leaves anything behind;
 the third, if a finish acknowledges another message that took its
-message's id.
+message's id; the fourth, if a finish writes anything on another server
+timeline than its message was claimed on.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from celery import Celery, states
 from kombu import Connection, Producer, Queue
 
 from pgbroker.broker import finish
-from pgbroker.broker.messages import CONSUMER_ID, DELIVERY_COUNT, PUBLISHED_AT
+from pgbroker.broker.messages import CONSUMER_ID, DELIVERY_COUNT, PUBLISHED_AT, TIMELINE
 from pgbroker.database.pools import close_app
 from tests.test_reused_ids import give_its_id_to_another_message
 
@@ -45,11 +46,14 @@ def finish_a_run(
     monkeypatch: pytest.MonkeyPatch,
     consumer_shift: int = 0,
     before_finish: Callable[[int], None] | None = None,
+    claimed_on_timeline: int | None = None,
 ) -> list[str]:
     """Deliver a message (acks_late), hold three messages its run hands on,
     and store the run's result with them; the finish's round trips. With
     ``consumer_shift``, the finish says another consumer holds the message;
-    ``before_finish`` is called with the message's id before the finish."""
+    ``before_finish`` is called with the message's id before the finish;
+    ``claimed_on_timeline``, the finish says the message was claimed on that
+    server timeline (not the server's now, as after a failover)."""
     backend = app.backend
     with Connection(db_url) as conn:
         channel = conn.channel()
@@ -77,6 +81,7 @@ def finish_a_run(
             props[CONSUMER_ID] + consumer_shift,
             props[DELIVERY_COUNT],
             props[PUBLISHED_AT],
+            props[TIMELINE] if claimed_on_timeline is None else claimed_on_timeline,
             acks_late=True,
             messages=handed_on,
         )
@@ -156,3 +161,19 @@ def test_a_finish_leaves_alone_another_message_that_took_its_id(
     )
     assert bodies(db) == ['{"n": "another"}']
     assert db.execute("SELECT count(*) FROM pgbroker.task_result").fetchone() == (0,)
+
+
+def test_a_finish_of_a_message_claimed_on_another_timeline_writes_nothing(
+    app: Celery, db_url: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an asynchronous standby was promoted, a run claimed from the
+    old primary may finish on the new one, whose history lacks the old
+    primary's last commits: maybe the run's own work (its steps). Its
+    finish must write nothing, so that the message is delivered again,
+    rather than store a result and hand on the next link of work that no
+    longer exists (tests/test_failover_acks.py makes a real failover)."""
+    (now,) = db.execute("SELECT pgbroker.server_timeline()").fetchone() or (None,)
+    assert isinstance(now, int)
+    finish_a_run(app, db_url, monkeypatch, claimed_on_timeline=now - 1)
+    assert db.execute("SELECT count(*) FROM pgbroker.task_result").fetchone() == (0,)
+    assert bodies(db) == ['{"run": 1}']

@@ -250,7 +250,8 @@ class Channel(virtual.Channel):
         if not rows:
             return None
         consumer = None if no_ack else self.connection.consumer_id
-        raw = to_raw(rows[0], self.connection._lock_oid, consumer, self.connection.origin)
+        conn = self.connection
+        raw = to_raw(rows[0], conn._lock_oid, consumer, conn.origin, conn._timeline)
         message = self.Message(raw, channel=self)  # type: ignore[no-untyped-call]
         if not no_ack:
             self.qos.append(message, message.delivery_tag)

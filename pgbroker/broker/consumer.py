@@ -245,7 +245,7 @@ class ConsumerSession:
                 for i, row in enumerate(rows):
                     try:
                         consumer = None if no_ack else self.consumer_id
-                        raw = to_raw(row, self._lock_oid, consumer, self.origin)
+                        raw = to_raw(row, self._lock_oid, consumer, self.origin, self._timeline)
                         self._deliver(raw, queue)
                     except BaseException:
                         # The callback raised: the rest of this claim was never

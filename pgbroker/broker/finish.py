@@ -42,7 +42,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pgbroker.broker.messages import CONSUMER_ID, DELIVERY_COUNT, ORIGIN, PUBLISHED_AT
+from pgbroker.broker.messages import (
+    CONSUMER_ID,
+    DELIVERY_COUNT,
+    ORIGIN,
+    PUBLISHED_AT,
+    TIMELINE,
+)
 from pgbroker.logs import recovery
 
 logger = logging.getLogger("pgbroker.broker")
@@ -69,6 +75,9 @@ class Held:
     consumer_id: int
     delivery_count: int
     published_at: str
+    #: The server's timeline when the message was claimed (TIMELINE): on
+    #: another one, the finish writes nothing.
+    timeline: int | None
     #: The task acknowledges after its run: until the finish, this delivery
     #: holds the message.
     acks_late: bool
@@ -163,7 +172,10 @@ def _finishable(task: Any, request: Any) -> _Finishable | None:
     if backend is None or backend_origin(backend) != origin:
         return None
     acks_late = bool(getattr(task, "acks_late", False))
-    held = Held(request.id, message_id, consumer_id, delivery_count, published_at, acks_late)
+    timeline = props.get(TIMELINE)
+    held = Held(
+        request.id, message_id, consumer_id, delivery_count, published_at, timeline, acks_late
+    )
     return _Finishable(held, origin)
 
 

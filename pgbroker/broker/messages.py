@@ -56,6 +56,13 @@ PUBLISHED_AT = "pgbroker_published_at"
 #: result backend keeps as the task's ``received_at`` (017_history.sql).
 RECEIVED_AT = "pgbroker_received_at"
 
+#: A property of every message delivered to a consumer that acknowledges:
+#: the server's timeline when it was claimed (018_server_timeline; None
+#: where the server does not say). A finish on another timeline writes
+#: nothing (``finish_ack``): the old primary's lost commits may hold the
+#: run's work.
+TIMELINE = "pgbroker_timeline"
+
 _PROPERTIES_NOT_STORED = (
     "delivery_tag",
     "delivery_info",
@@ -66,6 +73,7 @@ _PROPERTIES_NOT_STORED = (
     DELIVERY_COUNT,
     PUBLISHED_AT,
     RECEIVED_AT,
+    TIMELINE,
 )
 
 
@@ -162,13 +170,18 @@ def log_publish_outcome(row: Any, params: dict[str, Any]) -> None:
 
 
 def to_raw(
-    row: Any, schema_oid: int, consumer_id: int | None = None, origin: str | None = None
+    row: Any,
+    schema_oid: int,
+    consumer_id: int | None = None,
+    origin: str | None = None,
+    timeline: int | None = None,
 ) -> dict[str, Any]:
     """A claimed row as the message dict Kombu's virtual channel expects;
     ``schema_oid``: the oid of the schema it was claimed from (SCHEMA_OID);
-    ``consumer_id`` and ``origin``: the consumer that holds it and where
-    (CONSUMER_ID, ORIGIN, with DELIVERY_COUNT, PUBLISHED_AT and
-    RECEIVED_AT), None when it was removed as it was claimed (no ack)."""
+    ``consumer_id``, ``origin`` and ``timeline``: the consumer that holds it,
+    where and on which timeline (CONSUMER_ID, ORIGIN, TIMELINE, with
+    DELIVERY_COUNT, PUBLISHED_AT and RECEIVED_AT), None when it was removed
+    as it was claimed (no ack)."""
     (
         id_,
         priority,
@@ -202,6 +215,7 @@ def to_raw(
                 DELIVERY_COUNT: delivery_count,
                 PUBLISHED_AT: published_at.isoformat(),
                 RECEIVED_AT: claimed_at.isoformat(),
+                TIMELINE: timeline,
             }
             if consumer_id is not None
             else {}

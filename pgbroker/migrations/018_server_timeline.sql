@@ -10,8 +10,11 @@
 --   acknowledges (a task's steps, its result), and the ack would remove the
 --   message of work that no longer exists. Promotion starts a new timeline
 --   (as does a restore to a point in time), so a consumer records the
---   timeline its session registered on, and acks are written only on the
---   same timeline; the others' messages are delivered again.
+--   timeline its session registered on (and gives it to each delivery, the
+--   property pgbroker_timeline), and acks are written only on the same
+--   timeline; the others' messages are delivered again. So is a task's
+--   one-transaction finish (`finish_ack` in queries.sql): on another
+--   timeline it writes nothing.
 -- * The timeline is the first eight hex digits of the current WAL file's
 --   name. Services that keep WAL functions to themselves (Aurora, which
 --   loses no commit on failover) raise an error for them: NULL then, and

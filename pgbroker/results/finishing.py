@@ -44,6 +44,10 @@ class _NotOurs(Exception):
     """Another delivery has had the run's message since: roll back."""
 
 
+class _OtherTimeline(Exception):
+    """The run's message was claimed on another server timeline: roll back."""
+
+
 class _FinishedAlready(Exception):
     """An ``acks_late`` run's message is gone: a finish removed it (this
     one, whose commit's reply was lost before the pool ran it again, or
@@ -160,6 +164,7 @@ class FinishingBackend:
             "consumer_id": held.consumer_id,
             "delivery_count": held.delivery_count,
             "published_at": held.published_at,
+            "timeline": held.timeline,
         }
         skip_dedup = held.acks_late and held.delivery_count == 1
         published: list[tuple[Any, dict[str, Any]]] = []
@@ -182,6 +187,8 @@ class FinishingBackend:
                 outcome = "gone" if row is None else row[0]
                 if outcome == "elsewhere":
                     raise _NotOurs
+                if outcome == "other timeline":
+                    raise _OtherTimeline
                 if outcome == "gone" and held.acks_late:
                     raise _FinishedAlready
                 published.extend((cur.fetchone(), message) for cur, message in sent)
@@ -196,6 +203,16 @@ class FinishingBackend:
                 "since): its outcome and next link are left to the delivery that has it now",
                 held.task_id,
                 extra=recovery("finish_dropped", task_id=held.task_id, reason="not held"),
+            )
+            return
+        except _OtherTimeline:
+            logger.warning(
+                "task %s finished, but its message was claimed on another server timeline "
+                "(the database failed over since, and the old primary's last commits, which "
+                "may hold this run's work, are lost): nothing written; the message is "
+                "delivered again",
+                held.task_id,
+                extra=recovery("finish_dropped", task_id=held.task_id, reason="other timeline"),
             )
             return
         except _FinishedAlready:

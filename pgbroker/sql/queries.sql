@@ -427,7 +427,7 @@ WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s;
 -- ack of this run would be written so, and a finish rolled back would leave
 -- the message to that ack with no result stored). 'elsewhere' when another
 -- delivery has had it since: the caller then rolls the whole finish back,
--- which restores the row, and that delivery finishes it. No row: it was
+-- which restores the row, and that delivery finishes it. 'gone': it was
 -- removed already (acknowledged as it was delivered, without acks_late).
 -- The row is deleted whoever holds it, and judged as deleted: the version
 -- this statement's snapshot sees may be older than the one it deletes (the
@@ -435,12 +435,22 @@ WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer_id)s;
 -- hands its rows over before its commit: the DELETE waits for it and takes
 -- the committed version), and the lock taken keeps the answer true until
 -- the commit. A row with this id published at another time is another
--- message (ids come again after a lost window, see ack_orphaned): no row.
-DELETE FROM {schema}.message
-WHERE id = %(message_id)s AND published_at = %(published_at)s::timestamptz
-RETURNING CASE WHEN state = 'reserved' AND consumer_id = %(consumer_id)s THEN 'acked'
-               WHEN state = 'ready' AND delivery_count <= %(delivery_count)s THEN 'acked'
-               ELSE 'elsewhere' END;
+-- message (ids come again after a lost window, see ack_orphaned): 'gone'.
+-- 'other timeline' when the message is there but was claimed on another
+-- server timeline (an asynchronous standby promoted since, 018): the old
+-- primary's lost commits may hold the run's work, so the caller rolls back
+-- and the message is delivered again, as ack_orphaned's acks are not written.
+WITH acked AS (
+    DELETE FROM {schema}.message
+    WHERE id = %(message_id)s AND published_at = %(published_at)s::timestamptz
+    RETURNING CASE WHEN state = 'reserved' AND consumer_id = %(consumer_id)s THEN 'acked'
+                   WHEN state = 'ready' AND delivery_count <= %(delivery_count)s THEN 'acked'
+                   ELSE 'elsewhere' END AS outcome
+)
+SELECT CASE WHEN NOT EXISTS (SELECT FROM acked) THEN 'gone'
+            WHEN %(timeline)s::integer IS DISTINCT FROM {schema}.server_timeline()
+            THEN 'other timeline'
+            ELSE (SELECT outcome FROM acked) END;
 
 -- name: message_exists
 SELECT EXISTS (SELECT 1 FROM {schema}.message WHERE id = %(message_id)s);
