@@ -16,6 +16,7 @@ import psycopg
 from kombu import Consumer, Exchange, Message, Producer, Queue
 from kombu.common import Broadcast
 
+from pgbroker.database import queries
 from tests.celery_helpers import celery_env, client_app, start_worker, wait_until
 from tests.kombu_helpers import Child, collect, connect, drain_until, scalar
 
@@ -181,3 +182,34 @@ def test_celery_worker_restarts_leave_no_broadcast_queue(
         assert bcast_queues() == 0
     assert scalar(db, "SELECT count(*) FROM pgbroker.binding WHERE queue LIKE 'bcast.%%'") == 0
     assert scalar(db, "SELECT count(*) FROM pgbroker.message WHERE queue LIKE 'bcast.%%'") == 0
+
+
+def test_a_redeclared_queue_its_consumers_left_is_not_swept_before_its_bind(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """A worker's new session redeclares its lost session's auto-delete
+    queue (Celery's pidbox queue), which has had consumers and has none now.
+    As in AMQP the declaration creates it anew, so another worker's sweep
+    between the declaration and the bind leaves it (the bind failed on the
+    foreign key: a worker crash)."""
+    queue = Queue("redeclared", Exchange("redeclared", type="fanout"), auto_delete=True)
+    with connect(db_url, **NO_SWEEP) as conn:
+        Consumer(conn, [queue], callbacks=[collect([])]).consume()
+    # Its consumer is gone (its connection closed): the queue went with it.
+    assert leftovers(db, "redeclared") == (0, 0, 0)
+    # As a lost session leaves it: consumed, no consumer, not swept yet.
+    with connect(db_url, **NO_SWEEP) as conn:
+        channel = conn.default_channel
+        queue(channel).declare()
+        db.execute("UPDATE pgbroker.queue SET consumed = true WHERE name = 'redeclared'")
+        channel.queue_declare("redeclared", auto_delete=True)
+        # Another worker's sweep, between the two: it removed the lost
+        # session's consumer, and drops the queues their consumers left.
+        db.execute(
+            queries.for_schema("pgbroker", "queries.sql")["drop_unused_queues"], {"queue": None}
+        )
+        channel.queue_bind("redeclared", "redeclared", "")
+        assert leftovers(db, "redeclared") == (1, 1, 0)
+        Consumer(conn, [queue], callbacks=[collect([])]).consume()
+        assert scalar(db, "SELECT consumed FROM pgbroker.queue WHERE name = 'redeclared'")
+    assert leftovers(db, "redeclared") == (0, 0, 0)  # went with its consumer, as before
