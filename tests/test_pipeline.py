@@ -191,11 +191,12 @@ def test_a_prepare_that_fails_is_a_statement_error(conn: psycopg.Connection) -> 
 def test_reads_without_waiting(conn: psycopg.Connection) -> None:
     """ready/busy/take_result never wait; a flush request gets a
     statement's rows before the slow statement after it has run."""
+    # Before anything is sent: libpq may send the queries before flush().
+    start = time.monotonic()
     pipeline.send_query(conn, b"SELECT 'now'")
     pipeline.request_flush(conn)
     pipeline.send_query(conn, b"SELECT pg_sleep(1)")
     pipeline.sync(conn)
-    start = time.monotonic()
     pipeline.flush(conn)
     res = pipeline.next_result(conn)
     assert res is not None and res.get_value(0, 0) == b"now"
