@@ -19,8 +19,9 @@
 --   name. Services that keep WAL functions to themselves (Aurora, which
 --   loses no commit on failover) raise an error for them: NULL then, and
 --   NULL on both sides counts as the same history, as before.
--- * Called once per consumer session (register_consumer); the exception
---   block costs a subtransaction only there.
+-- * Called once per consumer session (register_consumer), and by a finish
+--   whose message is still there (finish_ack): the exception block costs a
+--   subtransaction, which writes nothing and so takes no transaction id.
 
 CREATE OR REPLACE FUNCTION {schema}.server_timeline() RETURNS integer
 LANGUAGE plpgsql
