@@ -7,11 +7,13 @@ again (seven round trips here, one per statement with BEGIN and COMMIT);
 the second, if a finish that must write nothing leaves anything behind;
 the third, if a finish acknowledges another message that took its
 message's id; the fourth, if a finish writes anything on another server
-timeline than its message was claimed on.
+timeline than its message was claimed on; the last, if the backend's
+fingerprint is never asked again after a server restart.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -177,3 +179,25 @@ def test_a_finish_of_a_message_claimed_on_another_timeline_writes_nothing(
     finish_a_run(app, db_url, monkeypatch, claimed_on_timeline=now - 1)
     assert db.execute("SELECT count(*) FROM pgbroker.task_result").fetchone() == (0,)
     assert bodies(db) == ['{"run": 1}']
+
+
+def test_a_backend_fingerprint_that_no_longer_matches_is_asked_again(app: Celery) -> None:
+    """The backend's fingerprint holds the server's start time: after a
+    restart or a failover, deliveries carry a new origin. The backend's,
+    asked once, would no longer match them, and every task of the process
+    would finish the usual way (more commits) until it restarts. It is
+    asked again when it differs, at most every ASK_AGAIN_AFTER seconds
+    (a backend really elsewhere must not cost a statement per task)."""
+    backend = app.backend
+    now = finish.backend_origin(backend)
+    assert now
+    assert finish.backend_origin(backend, now) == now
+    finish._finishers[backend][:] = ["before the restart", time.monotonic()]
+    assert finish.backend_origin(backend, now) == "before the restart"  # not asked yet
+    finish._finishers[backend][1] -= finish.ASK_AGAIN_AFTER
+    assert finish.backend_origin(backend, now) == now
+    # A fingerprint that matches is never asked again.
+    asked = finish._finishers[backend][1]
+    finish._finishers[backend][1] -= 10 * finish.ASK_AGAIN_AFTER
+    assert finish.backend_origin(backend, now) == now
+    assert finish._finishers[backend][1] == asked - 10 * finish.ASK_AGAIN_AFTER

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,27 +86,40 @@ class Held:
     messages: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
 
 
-#: Backends that finish tasks in one transaction, with their fingerprint
-#: (None until asked).
-_finishers: weakref.WeakKeyDictionary[Any, list[str | None]] = weakref.WeakKeyDictionary()
+#: Backends that finish tasks in one transaction: their fingerprint (None
+#: until asked) and when it was asked (time.monotonic()).
+_finishers: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+
+#: Seconds after which a backend's fingerprint that differs from the one
+#: expected (a delivery's origin, the transport's own) is asked again: the
+#: server restarted or failed over since (its start time is part of it), or
+#: could not be asked. Without asking again, one-transaction finishes would
+#: stop for the rest of the process; asking at every task would cost a
+#: statement per task when the backend really is elsewhere.
+ASK_AGAIN_AFTER = 10.0
 
 _local = threading.local()
 
 
 def offer(backend: Finisher) -> None:
     """Called by a result backend that can finish tasks in one transaction."""
-    _finishers.setdefault(backend, [None])
+    _finishers.setdefault(backend, [None, 0.0])
 
 
-def backend_origin(backend: Finisher) -> str | None:
+def backend_origin(backend: Finisher, expected: str | None = None) -> str | None:
     """Server, database and schema of a backend that offered to finish
-    tasks (asked once, "" when it cannot tell); None for any other."""
+    tasks ("" when it cannot tell); None for any other. Asked once, and
+    again when it differs from ``expected`` (see ASK_AGAIN_AFTER)."""
     known = _finishers.get(backend)
     if known is None:
         return None
-    if known[0] is None:
+    now = time.monotonic()
+    if known[0] is None or (
+        expected is not None and known[0] != expected and now - known[1] >= ASK_AGAIN_AFTER
+    ):
         known[0] = backend.database_fingerprint() or ""
-    return known[0]
+        known[1] = now
+    return str(known[0])
 
 
 def hold(transport: Any, params: dict[str, Any], broker_fingerprint: Callable[[], str]) -> bool:
@@ -169,7 +183,7 @@ def _finishable(task: Any, request: Any) -> _Finishable | None:
     ):
         return None
     backend: Finisher | None = getattr(task, "backend", None)
-    if backend is None or backend_origin(backend) != origin:
+    if backend is None or backend_origin(backend, origin) != origin:
         return None
     acks_late = bool(getattr(task, "acks_late", False))
     timeline = props.get(TIMELINE)

@@ -42,8 +42,9 @@ Statement = tuple[Any, dict[str, Any]]
 @dataclass
 class Header:
     group_id: str
-    #: Server, database and schema of the result backend (asked once).
-    origin: Callable[[], str | None]
+    #: Server, database and schema of the result backend, given the
+    #: broker's (finish.backend_origin: asked again when they differ).
+    origin: Callable[[str], str | None]
     #: Runs the backend's statements on the backend's own connection: the
     #: way out when the broker is elsewhere.
     run_elsewhere: Callable[[list[Statement]], None]
@@ -59,7 +60,10 @@ class Header:
         can commit with it (the broker is in the backend's database)."""
         headers = params["headers"].obj
         group = headers.get("group") if isinstance(headers, dict) else None
-        return group == self.group_id and broker_fingerprint() == self.origin()
+        if group != self.group_id:
+            return False
+        broker = broker_fingerprint()
+        return broker == self.origin(broker)
 
 
 _local = threading.local()
@@ -68,7 +72,7 @@ _local = threading.local()
 def start(
     group_id: str,
     chord_row: Statement,
-    origin: Callable[[], str | None],
+    origin: Callable[[str], str | None],
     run_elsewhere: Callable[[list[Statement]], None],
 ) -> None:
     """A chord is being sent from this thread: hold its row and its header."""

@@ -559,7 +559,8 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         size, if set) in one pipelined transaction: one round trip, one
         commit. With the backend in another database (a surprise: the
         header was opened by a backend there), each on its own side."""
-        if chord_header.origin() != self._fingerprint():
+        broker = self._fingerprint()
+        if chord_header.origin(broker) != broker:
             chord_header.run_elsewhere(chord_header.statements)
             chord_header.statements = []  # a retry does not write them again
             while chord_header.messages:

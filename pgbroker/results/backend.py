@@ -906,7 +906,7 @@ class PostgresBackend(FinishingBackend, *_Waiters, Backend, AsyncBackendMixin): 
             chord_header.start(
                 group_id,
                 (self.queries["chord_start"], params),
-                origin=lambda: finish.backend_origin(self),
+                origin=lambda broker: finish.backend_origin(self, broker),
                 run_elsewhere=self._run_statements,
             )
             return
