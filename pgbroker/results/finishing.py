@@ -40,12 +40,27 @@ if celery.VERSION[:2] < (5, 6):
 T = TypeVar("T")
 
 
-class _NotOurs(Exception):
-    """Another delivery has had the run's message since: roll back."""
+class _Dropped(Exception):
+    """The finish must write nothing (``finish_ack``'s outcome, a key of
+    DROPPED): roll back."""
 
 
-class _OtherTimeline(Exception):
-    """The run's message was claimed on another server timeline: roll back."""
+#: The outcomes of ``finish_ack`` that roll a finish back: what the log
+#: says after "task ... finished, but", and the reason it records.
+DROPPED = {
+    "elsewhere": (
+        "its message is no longer held by this delivery (the worker's session was "
+        "lost and another consumer has had the message since): its outcome and next "
+        "link are left to the delivery that has it now",
+        "not held",
+    ),
+    "other timeline": (
+        "its message was claimed on another server timeline (the database failed over "
+        "since, and the old primary's last commits, which may hold this run's work, "
+        "are lost): nothing written; the message is delivered again",
+        "other timeline",
+    ),
+}
 
 
 class _FinishedAlready(Exception):
@@ -185,10 +200,8 @@ class FinishingBackend:
                     conn.execute(self.queries["store_result"], params)
                 row = acked.fetchone()  # the first round trip: all of the above
                 outcome = "gone" if row is None else row[0]
-                if outcome == "elsewhere":
-                    raise _NotOurs
-                if outcome == "other timeline":
-                    raise _OtherTimeline
+                if outcome in DROPPED:
+                    raise _Dropped(outcome)
                 if outcome == "gone" and held.acks_late:
                     raise _FinishedAlready
                 published.extend((cur.fetchone(), message) for cur, message in sent)
@@ -196,23 +209,13 @@ class FinishingBackend:
 
         try:
             self._run(write)
-        except _NotOurs:
+        except _Dropped as dropped:
+            why, reason = DROPPED[dropped.args[0]]
             logger.warning(
-                "task %s finished, but its message is no longer held by this delivery "
-                "(the worker's session was lost and another consumer has had the message "
-                "since): its outcome and next link are left to the delivery that has it now",
+                "task %s finished, but %s",
                 held.task_id,
-                extra=recovery("finish_dropped", task_id=held.task_id, reason="not held"),
-            )
-            return
-        except _OtherTimeline:
-            logger.warning(
-                "task %s finished, but its message was claimed on another server timeline "
-                "(the database failed over since, and the old primary's last commits, which "
-                "may hold this run's work, are lost): nothing written; the message is "
-                "delivered again",
-                held.task_id,
-                extra=recovery("finish_dropped", task_id=held.task_id, reason="other timeline"),
+                why,
+                extra=recovery("finish_dropped", task_id=held.task_id, reason=reason),
             )
             return
         except _FinishedAlready:
