@@ -250,7 +250,7 @@ def test_a_new_queue_table_is_not_scanned(db_url: str) -> None:
     the planner would judge a sequential scan cheapest for the claim and the
     ack, and keep that plan for the session's life while the table fills
     with dead rows. The transport's session plans them on their indexes
-    (pgbroker.database.sessions.prefer_indexes): asked on that session, after consuming."""
+    (pgbroker.database.sessions.plan_for_queue_tables): asked on that session, after consuming."""
     with Connection(db_url) as conn:
         queue = Queue("fresh")
         producer = Producer(conn.channel())

@@ -498,7 +498,7 @@ def test_replayed_message_is_consumed_intact(url: str, db_url: str, db: psycopg.
     try:
         assert ready.wait(15)
         # Its first claim is done (so the replayed message can only come
-        # through the NOTIFY): its session is idle after the claim's COMMIT.
+        # through the NOTIFY): its session is idle after the claim.
         kh.wait_for(
             lambda: kh.scalar(
                 db,
@@ -506,7 +506,7 @@ def test_replayed_message_is_consumed_intact(url: str, db_url: str, db: psycopg.
                 " JOIN pgbroker.consumer c ON c.id = q.consumer_id"
                 " JOIN pg_stat_activity a ON a.pid = c.backend_pid"
                 " WHERE a.state = 'idle'"
-                " AND starts_with(a.query, '/* pgbroker claim_commit */')",
+                " AND starts_with(a.query, '/* pgbroker claim */')",
             ),
             15,
         )

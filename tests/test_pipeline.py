@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import errors as pgerrors
+from psycopg import pq
 
 from pgbroker.database import pipeline
 from pgbroker.errors import ConnectionLost, session_lost
@@ -86,7 +87,7 @@ def test_replies_come_in_the_order_sent(conn: psycopg.Connection) -> None:
         "end",
         "sync",
     ]
-    assert not pipeline.in_failed_transaction(conn)
+    assert conn.pgconn.transaction_status == pq.TransactionStatus.IDLE
     pipeline.leave(conn)
     assert conn.execute("SELECT 'usable'").fetchone() == ("usable",)
 
@@ -152,31 +153,6 @@ def test_a_sync_after_an_error_starts_afresh(
     assert isinstance(replies[4][1], pgerrors.UniqueViolation)
     assert replies[4][1].diag.constraint_name == "t_pkey"
     assert other.execute("SELECT array_agg(n ORDER BY n) FROM t").fetchone() == ([2, 3],)
-
-
-def test_a_failed_transaction_block_is_reported(conn: psycopg.Connection) -> None:
-    """An error between an explicit BEGIN and its COMMIT leaves the session
-    in a failed block after the sync point (the claim's case: _settle rolls
-    it back)."""
-    pipeline.send_query(conn, b"BEGIN")
-    pipeline.send_query(conn, b"SELECT 1 / 0")
-    pipeline.send_query(conn, b"COMMIT")
-    pipeline.sync(conn)
-    pipeline.flush(conn)
-    replies = _replies(conn, 1)
-    assert [r if isinstance(r, str) else r[0] for r in replies] == [
-        "ok",
-        "end",
-        "error",
-        "end",
-        "aborted",
-        "end",
-        "sync",
-    ]
-    assert pipeline.in_failed_transaction(conn)
-    pipeline.leave(conn)
-    conn.execute("ROLLBACK")
-    assert not pipeline.in_failed_transaction(conn)
 
 
 def test_a_prepare_that_fails_is_a_statement_error(conn: psycopg.Connection) -> None:

@@ -38,7 +38,7 @@ How it works, in short:
   rows stay locked by the claiming transaction, so no other consumer can
   take them; the next statement on the session waits for the commit's
   reply first (``_settle``). The commit cannot fail while the session
-  lives (``claim_begin`` in :file:`sql/queries.sql`). Should it never
+  lives (``claim`` in :file:`sql/queries.sql`). Should it never
   happen (a lost session), the messages are redelivered, exactly as after a
   crash that follows a committed claim; acks made for a lost session are
   written by the process's next session (``_orphan``, docs/delivery.md).
@@ -88,7 +88,7 @@ from pgbroker.broker.messages import _load_json, log_publish_outcome, publish_pa
 from pgbroker.broker.routing import RouteCache, routing_channel_for
 from pgbroker.database import pipeline, queries, schema
 from pgbroker.database.forking import neutralise, process_key
-from pgbroker.database.sessions import connect, prefer_indexes
+from pgbroker.database.sessions import connect, plan_for_queue_tables
 from pgbroker.errors import (
     CONNECTION_ERRORS,
     STATEMENT_ERRORS,
@@ -110,10 +110,6 @@ _PIPELINED = {
         {"queue": 25, "limit": 20, "consumer_id": 23, "acks": 1016},  # 1016: bigint[]
     ),
 }
-
-#: The parameters of ``claim_durability`` (a step of the claim's transaction).
-_CLAIM_DURABILITY_TYPES = {"acks": 1016, "consumer_id": 23}
-
 
 _PgChannel = Channel  # for annotations inside Transport, where Channel is an attribute
 
@@ -260,7 +256,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         self._lock_class = (
             self._lock_oid - (1 << 32) if self._lock_oid >= 1 << 31 else self._lock_oid
         )
-        prefer_indexes(conn)
+        plan_for_queue_tables(conn)
         conn.add_notify_handler(self._on_notify)
         set_json_loads(_load_json, conn)
         # Compose each query's text once per connection, not per call.
@@ -383,43 +379,24 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         name, types = _PIPELINED[query]
         with self._io:
             conn = self.conn  # settles the previous one
-            enc = conn.info.encoding
-            # Its own transaction, whose COMMIT cannot fail while the session
-            # lives (see claim_begin in queries.sql). The acks that ride on it
-            # go first; if they removed nothing, it commits without waiting
-            # for the WAL flush (claim_durability).
-            # Every step is a prepared statement: parsed once per session.
-            steps = [
-                (b"pgbroker_claim_begin", "claim_begin", {}),
-                (b"pgbroker_claim_immediate", "claim_immediate", {}),
-                (b"pgbroker_claim_generic", "claim_generic", {}),
-                (b"pgbroker_claim_durability", "claim_durability", params),
-                (name, query, params),
-                (b"pgbroker_claim_commit", "claim_commit", {}),
-            ]
-            all_types = {**_CLAIM_DURABILITY_TYPES, **types}
+            # The statement is its own transaction, committed by the Sync;
+            # that commit cannot fail while the session lives (see `claim`
+            # in queries.sql). A prepared statement: parsed once per session.
+            text, names = pipeline.numbered(self._sql[query])
             # Every value in text before anything is sent (a value libpq
             # cannot take raises here, with nothing half sent).
-            values = {
-                step: [_text_param(p[n], enc) for n in pipeline.numbered(self._sql[key])[1]]
-                for step, key, p in steps
-            }
+            values = [_text_param(params[n], conn.info.encoding) for n in names]
             statements: list[bytes] = []  # those whose replies are read here
             with conn.lock:
                 pipeline.enter(conn)
                 self._commit_pending = True  # from here on, _settle cleans up
-                for step, key, _ in steps:
-                    if step not in self._prepared:
-                        step_text, step_names = pipeline.numbered(self._sql[key])
-                        pipeline.prepare(conn, step, step_text, [all_types[n] for n in step_names])
-                        self._prepared.add(step)
-                        statements.append(b"prepare " + step)
-                for step, key, _ in steps:
-                    pipeline.send_prepared(conn, step, values[step])
-                    if step == name:
-                        pipeline.request_flush(conn)  # its rows now, the commit later
-                    if key != "claim_commit":  # read by _settle
-                        statements.append(step)
+                if name not in self._prepared:
+                    pipeline.prepare(conn, name, text, [types[n] for n in names])
+                    self._prepared.add(name)
+                    statements.append(b"prepare " + name)
+                pipeline.send_prepared(conn, name, values)
+                pipeline.request_flush(conn)  # its rows now, the commit later
+                statements.append(name)
                 pipeline.sync(conn)
                 pipeline.flush(conn)
                 rows: pq.abc.PGresult | None = None
@@ -468,9 +445,6 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
                         error = error or pipeline.error(conn, res)
                     pipeline.leave(conn)
                     self._commit_pending = False
-                    failed_block = pipeline.in_failed_transaction(conn)
-                if failed_block:  # the claim failed inside its BEGIN: end that
-                    conn.execute("ROLLBACK")
                 if error is not None:
                     raise error
             except BaseException:

@@ -205,12 +205,6 @@ def alive(conn: psycopg.Connection) -> bool:
     return conn.pgconn.status == pq.ConnStatus.OK
 
 
-def in_failed_transaction(conn: psycopg.Connection) -> bool:
-    """Whether the session is inside a transaction block that failed (it
-    needs a ROLLBACK), e.g. after an error between BEGIN and COMMIT."""
-    return conn.pgconn.transaction_status == pq.TransactionStatus.INERROR
-
-
 @contextlib.contextmanager
 def transaction(conn: psycopg.Connection) -> Iterator[None]:
     """One transaction in psycopg's pipeline, on an autocommit session:

@@ -309,8 +309,24 @@ SELECT (SELECT count(*) FROM stored) AS routed,
 -- cannot know `limit`) fetches them by primary key instead of hashing the
 -- whole table.
 --
--- The consumer's acks made since its last statement ride along: they commit
--- with the claim, one commit instead of two (claim_durability writes them).
+-- One statement, the whole of its transaction (the Sync after it commits,
+-- pgbroker/broker/transport.py `_run_pipelined`); its rows reach the
+-- consumer before the commit's reply, so the commit must not be able to
+-- fail while the session lives. READ COMMITTED is the session's (pinned,
+-- pgbroker/database/sessions.py). claim_settings (019), run once at the
+-- first ready row the scan meets, checks every deferred constraint at the
+-- end of this statement instead of at the commit, and lets the commit skip
+-- the WAL flush unless the acks removed messages (docs/delivery.md, "What a
+-- server crash may undo"). A claim that meets no ready row never runs it:
+-- it writes nothing but its acks, which then commit as configured.
+--
+-- The consumer's acks made since its last statement (`acks`, fenced as in
+-- `ack`) ride along: they commit with the claim, one commit instead of two.
+WITH acked AS (
+    DELETE FROM {schema}.message
+    WHERE id = ANY (%(acks)s::bigint[]) AND consumer_id = %(consumer_id)s
+    RETURNING 1
+)
 UPDATE {schema}.message m
 SET state = 'reserved', consumer_id = %(consumer_id)s, claimed_at = now(),
     delivery_count = m.delivery_count + 1
@@ -319,6 +335,8 @@ WHERE m.id = ANY (ARRAY (
     FROM {schema}.message
     WHERE queue = %(queue)s AND state = 'ready'
       AND (expires_at IS NULL OR expires_at > now())
+      -- A scalar subquery: run once, when first needed.
+      AND (SELECT {schema}.claim_settings(EXISTS (SELECT FROM acked)))
     ORDER BY priority DESC, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -331,56 +349,6 @@ RETURNING m.id, m.priority, m.delivery_count, m.exchange, m.routing_key,
           m.published_at,
           -- The task's received_at, when pgbroker stores its result.
           m.claimed_at;
-
--- name: claim_begin
--- A claim runs in its own transaction (`_run_pipelined`): READ COMMITTED
--- whatever the database's default, and every deferred constraint or
--- constraint trigger checked at the end of each statement instead of at
--- COMMIT. A claim's rows reach the consumer before its COMMIT's reply; so
--- its COMMIT must not be able to fail while the session lives (a failure
--- would free rows the application already runs). An error now fails the
--- claim statement itself, before any row is handed over.
-BEGIN ISOLATION LEVEL READ COMMITTED;
-
--- name: claim_immediate
-SET CONSTRAINTS ALL IMMEDIATE;
-
--- name: claim_generic
--- The claim's statements run on their generic plans (made once per
--- session). Left to choose, PostgreSQL plans claim_durability again at
--- every claim: a custom plan for the acks actually sent (one or two) always
--- looks cheaper than the generic plan's guess of ten, and planning it cost
--- more than running it (0.08 ms against 0.025 ms per claim, measured with
--- pg_stat_statements in a 5,000-task Celery run).
-SET LOCAL plan_cache_mode = force_generic_plan;
-
--- name: claim_durability
--- The consumer's acks made since its last statement (`acks`, fenced as in
--- `ack`), written in the claim's transaction; then the claim's durability.
--- A claim that removed no message (no ack, or acks whose messages a task's
--- finish removed already, pgbroker/broker/finish.py) commits without
--- waiting for the WAL flush (synchronous_commit off for this transaction
--- only): if the server crashes before the flush, the claim is lost and its
--- messages are ready again, as recovery makes a crashed consumer's messages
--- anyway; the application may have started on them (delivered again: at
--- least once). A claim that removed messages waits for the flush as
--- configured: an ack lost in a crash would deliver a finished task again
--- (docs/delivery.md, "What a server crash may undo"). Not in the claim
--- statement itself: a WITH query that only sets it would have to be read by
--- the UPDATE to run.
-WITH acked AS (
-    DELETE FROM {schema}.message
-    WHERE id = ANY (%(acks)s::bigint[]) AND consumer_id = %(consumer_id)s
-    RETURNING 1
-)
-SELECT set_config('synchronous_commit',
-                  CASE WHEN EXISTS (SELECT 1 FROM acked)
-                       THEN current_setting('synchronous_commit')
-                       ELSE 'off' END,
-                  true);
-
--- name: claim_commit
-COMMIT;
 
 -- name: ack_orphaned
 -- Acks made for a session that is gone (lost before they were written, see
