@@ -213,3 +213,51 @@ def test_a_redeclared_queue_its_consumers_left_is_not_swept_before_its_bind(
         Consumer(conn, [queue], callbacks=[collect([])]).consume()
         assert scalar(db, "SELECT consumed FROM pgbroker.queue WHERE name = 'redeclared'")
     assert leftovers(db, "redeclared") == (0, 0, 0)  # went with its consumer, as before
+
+
+def test_a_redeclared_queue_whose_consumer_died_unswept_is_not_swept_before_its_bind(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """The same, when the lost session's consumer is still registered (its
+    session is gone, no sweep has removed it yet): its consumer_queue row
+    must not count as a consumer. The sweep that then removes it drops the
+    queues their consumers left, and the new session's bind failed on the
+    foreign key (seen in CI: the worker stopped, "Unrecoverable error")."""
+    queue = Queue("orphaned", Exchange("orphaned", type="fanout"), auto_delete=True)
+    with connect(db_url, **NO_SWEEP) as conn:
+        channel = conn.default_channel
+        queue(channel).declare()
+        # The lost session's consumer: registered, attached, its lock gone.
+        (dead,) = db.execute(
+            "INSERT INTO pgbroker.consumer (hostname, pid) VALUES ('gone', 1) RETURNING id"
+        ).fetchone() or (None,)
+        db.execute(
+            "INSERT INTO pgbroker.consumer_queue (consumer_id, queue) VALUES (%s, 'orphaned')",
+            [dead],
+        )
+        db.execute("UPDATE pgbroker.queue SET consumed = true WHERE name = 'orphaned'")
+        channel.queue_declare("orphaned", auto_delete=True)
+        # A sweep between the two: it removes the dead consumer, then drops
+        # the queues their consumers left.
+        db.execute("DELETE FROM pgbroker.consumer WHERE id = %s", [dead])
+        db.execute(
+            queries.for_schema("pgbroker", "queries.sql")["drop_unused_queues"], {"queue": None}
+        )
+        channel.queue_bind("orphaned", "orphaned", "")
+        assert leftovers(db, "orphaned") == (1, 1, 0)
+        Consumer(conn, [queue], callbacks=[collect([])]).consume()
+    assert leftovers(db, "orphaned") == (0, 0, 0)  # went with its consumer, as before
+
+
+def test_a_redeclared_queue_with_a_live_consumer_keeps_going_with_it(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """A declaration while a live consumer is attached does not make the
+    queue new: it still goes when that consumer leaves, as in AMQP."""
+    queue = Queue("shared-ad", Exchange("shared-ad", type="fanout"), auto_delete=True)
+    with connect(db_url, **NO_SWEEP) as consuming:
+        Consumer(consuming, [queue], callbacks=[collect([])]).consume()
+        with connect(db_url, **NO_SWEEP) as other:
+            other.default_channel.queue_declare("shared-ad", auto_delete=True)
+        assert scalar(db, "SELECT consumed FROM pgbroker.queue WHERE name = 'shared-ad'")
+    assert leftovers(db, "shared-ad") == (0, 0, 0)

@@ -68,13 +68,16 @@ DELETE FROM {schema}.exchange WHERE name = %(name)s;
 -- Declaring a queue also marks it used (x-expires counts from last use).
 -- An exclusive queue belongs to the declaring session's consumer
 -- (`exclusive_to`), the last one to declare it (see drop_unused_queues).
--- An auto-delete queue that has had consumers and has none now is one AMQP
--- would have deleted already, and this declaration creates it anew: never
--- consumed. Otherwise a sweep could drop it between this declaration and
--- the binding or consumer that follows it (a worker's new session
--- redeclaring its lost session's pidbox queue: the bind failed on the
--- foreign key). The row lock orders the two: a sweep's DELETE that waited
--- for this statement checks the row again and leaves it.
+-- An auto-delete queue that has had consumers and has no live one now is
+-- one AMQP would have deleted already, and this declaration creates it
+-- anew: never consumed. Otherwise a sweep could drop it between this
+-- declaration and the binding or consumer that follows it (a worker's new
+-- session redeclaring its lost session's pidbox queue: the bind failed on
+-- the foreign key, and the worker stopped). A consumer whose session is
+-- gone but that no sweep has removed yet still has its consumer_queue row:
+-- only live ones count (their advisory lock is held, consumer_alive). The
+-- row lock orders the two: a sweep's DELETE that waited for this statement
+-- checks the row again and leaves it.
 INSERT INTO {schema}.queue AS q (
     name, durable, auto_delete, message_ttl, expires, arguments, exclusive_to)
 VALUES (%(name)s, %(durable)s, %(auto_delete)s,
@@ -82,8 +85,13 @@ VALUES (%(name)s, %(durable)s, %(auto_delete)s,
         %(arguments)s, %(exclusive_to)s)
 ON CONFLICT (name) DO UPDATE SET
     last_used_at = now(), exclusive_to = coalesce(EXCLUDED.exclusive_to, q.exclusive_to),
-    consumed = q.consumed
-               AND EXISTS (SELECT 1 FROM {schema}.consumer_queue cq WHERE cq.queue = q.name)
+    consumed = q.consumed AND EXISTS (
+        SELECT 1 FROM {schema}.consumer_queue cq
+        -- (The schema oid joined, not a sub-select argument: see consumer_alive.)
+        CROSS JOIN (SELECT t.typnamespace AS oid FROM pg_type t
+                    WHERE t.oid = pg_typeof(NULL::{schema}.consumer)::oid) ns
+        CROSS JOIN LATERAL {schema}.consumer_alive(ns.oid, cq.consumer_id) a
+        WHERE cq.queue = q.name AND a.alive)
 RETURNING (SELECT count(*) FROM {schema}.message m
            WHERE m.queue = %(name)s AND m.state = 'ready');
 
