@@ -3,10 +3,10 @@
 A claim lost in a server crash only makes its messages ready again, as
 recovery does; an ack lost in a crash delivers a finished task again. So a
 claim without acks commits with ``synchronous_commit = off`` and a claim
-carrying acks waits for the flush (``claim_durability`` in
-sql/queries.sql, docs/delivery.md "What a server crash may undo"). These
-tests fail if the ackless claim's commit is made synchronous again, or if
-the acks' commit stops being durable.
+carrying acks waits for the flush (``claim_settings``, migration 019, called
+by ``claim`` in sql/queries.sql; docs/delivery.md "What a server crash may
+undo"). These tests fail if the ackless claim's commit is made synchronous
+again, or if the acks' commit stops being durable.
 """
 
 from __future__ import annotations
