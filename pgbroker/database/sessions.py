@@ -176,7 +176,7 @@ def plan_for_queue_tables(conn: psycopg.Connection) -> None:
     still run, at a cost so high that it would set off JIT compilation
     (seconds for the sweep): JIT goes off too, as it should for short queries.
 
-    Prepared statements (psycopg prepares a query at its fifth run, and the
+    Prepared statements (psycopg prepares a query after a few runs, and the
     claim at its first) run their generic plans, made once per session.
     Left to choose, PostgreSQL planned the claim again at every run: a
     custom plan for the acks actually sent (none, or one or two) always
