@@ -617,6 +617,9 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
                 self.flush_acks()
                 self._settle()
                 return
+            # The claim's commit: NOTIFYs that came with its reply are read
+            # with it, and the socket will not be readable for them.
+            self._settle()
             if self._woken:
                 continue  # a NOTIFY came with the reply to one of our queries
             remaining = None if deadline is None else deadline - time.monotonic()
