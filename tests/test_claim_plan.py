@@ -106,7 +106,15 @@ def scans_of(plan: list[dict[str, Any]], relation: str) -> list[tuple[str, str |
     ]
 
 
-CLAIM = {"queue": "q3", "limit": 10, "consumer_id": 1, "acks": [1, 2]}
+# From the start of the queue (pgbroker.broker.cursor.WHOLE_QUEUE).
+CLAIM = {
+    "queue": "q3",
+    "limit": 10,
+    "consumer_id": 1,
+    "acks": [1, 2],
+    "from_priority": 10,
+    "from_id": 0,
+}
 
 
 @pytest.mark.parametrize("how", [explain, explain_generic])
@@ -140,6 +148,39 @@ def test_claim_really_claims_in_order(big: psycopg.Connection) -> None:
         ).fetchall()
     ]
     assert {r[1] for r in got} == {8}  # q3 holds priorities 3 and 8
+
+
+def test_a_claim_from_a_position_takes_what_follows_it_in_order(big: psycopg.Connection) -> None:
+    """From (priority, id): the rest of that priority from the id, then the
+    lower priorities; nothing before the position (pgbroker.broker.cursor)."""
+
+    def ready(priority: int) -> list[int]:
+        return [
+            r[0]
+            for r in big.execute(
+                "SELECT id FROM pgbroker.message WHERE queue = 'q3' AND state = 'ready'"
+                " AND priority = %s ORDER BY id",
+                [priority],
+            )
+        ]
+
+    def claim(priority: int, message_id: int, limit: int) -> list[tuple[int, int]]:
+        params = {**CLAIM, "limit": limit, "from_priority": priority, "from_id": message_id}
+        return sorted((r[1], r[0]) for r in big.execute(Q["claim"], params).fetchall())
+
+    high, low = ready(8), ready(3)
+    middle = high[len(high) // 2]
+    # Within the position's priority, from its id on.
+    assert claim(8, middle, 10) == [(8, i) for i in high[len(high) // 2 :][:10]]
+    # The end of that priority reached: the lower ones follow.
+    last = high[-3:]
+    assert claim(8, last[0], 5) == [(3, i) for i in low[:2]] + [(8, i) for i in last]
+    # Nothing above the position's priority, nor before its id.
+    assert claim(3, low[-1], 10) == [(3, low[-1])]
+    # After the lowest priority: nothing (pgbroker.broker.cursor.END).
+    assert claim(-1, 0, 10) == []
+    # The whole queue: what is left of the highest priority first.
+    assert claim(10, 0, 3) == [(8, i) for i in high[:3]]
 
 
 PUBLISH = {
@@ -272,7 +313,13 @@ def test_a_new_queue_table_is_not_scanned(db_url: str) -> None:
         # The claim as the transport prepared it (its cached plan), and the ack.
         claim_name = _PIPELINED["claim"][0].decode()
         _, names = numbered(transport._sql["claim"])
-        values = {"queue": "'fresh'", "limit": "5", "consumer_id": str(transport.consumer_id)}
+        values = {
+            "queue": "'fresh'",
+            "limit": "5",
+            "consumer_id": str(transport.consumer_id),
+            "from_priority": "10",
+            "from_id": "0",
+        }
         args = ", ".join(values.get(n, "'{1,2}'") for n in names)
         plans = [
             session.execute(f"EXPLAIN (FORMAT JSON) EXECUTE {claim_name}({args})").fetchone(),

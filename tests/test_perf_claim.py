@@ -115,7 +115,14 @@ def test_prepared_claim_walks_the_ready_index(
     text, names = numbered(Q["claim"].as_bytes(big))
     res = big.pgconn.prepare(b"claim_plan", text, [types[n] for n in names])
     assert res.status == pq.ExecStatus.COMMAND_OK, res.get_error_message()
-    values = {"queue": "'q3'", "limit": "10", "consumer_id": "1", "acks": "'{1,2}'"}
+    values = {
+        "queue": "'q3'",
+        "limit": "10",
+        "consumer_id": "1",
+        "acks": "'{1,2}'",
+        "from_priority": "8",
+        "from_id": "1000",
+    }
     big.execute(f"SET plan_cache_mode = {plan_cache_mode}")
     try:
         args = ", ".join(values[n] for n in names)

@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from pgbroker.broker import sweeper
+from pgbroker.broker.cursor import WHOLE_QUEUE, ClaimCursors, Position, claim_params
 from pgbroker.broker.messages import to_raw
 from pgbroker.broker.sweeper import (
     HOUSEKEEP_AGAIN,
@@ -91,6 +92,7 @@ class ConsumerSession:
     _listening: bool
     _attached: set[str]
     _ready: set[str]
+    _cursors: ClaimCursors  # where each queue's next claim starts
     _acks: list[int]
     _riding: list[int]
     _held: dict[int, Held]
@@ -171,6 +173,7 @@ class ConsumerSession:
             self._attached.add(queue)
             self._learn_due(row[0], row[1])
         self._ready.add(queue)
+        self._cursors.rescan(queue)
 
     def detach(self, queue: str) -> None:
         if queue in self._attached and self.consumer_id is not None:
@@ -181,9 +184,17 @@ class ConsumerSession:
                 # Auto-delete: it goes if that was its last consumer.
                 self.run("drop_unused_queues", queue=queue)
 
-    def claim(self, queue: str, limit: int, no_ack: bool, settle: bool = True) -> list[Any]:
-        """Claim up to ``limit`` messages; with ``settle`` off, return before
-        the claim's commit has been confirmed (see ``_run_pipelined``)."""
+    def claim(
+        self,
+        queue: str,
+        limit: int,
+        no_ack: bool,
+        settle: bool = True,
+        start: Position = WHOLE_QUEUE,
+    ) -> list[Any]:
+        """Claim up to ``limit`` messages from ``start`` in service order
+        (pgbroker.broker.cursor); with ``settle`` off, return before the
+        claim's commit has been confirmed (see ``_run_pipelined``)."""
         if no_ack:
             return self.run_all("claim_no_ack", queue=queue, limit=limit)
         consumer_id = self._ensure_consumer()
@@ -195,7 +206,12 @@ class ConsumerSession:
         self._riding, self._acks = self._acks, []
         try:
             rows = self.run_all(
-                "claim", queue=queue, limit=limit, consumer_id=consumer_id, acks=self._riding
+                "claim",
+                queue=queue,
+                limit=limit,
+                consumer_id=consumer_id,
+                acks=self._riding,
+                **claim_params(start),
             )
         except BaseException:
             self._unride()
@@ -234,14 +250,19 @@ class ConsumerSession:
                 # the claim's reply (a message committed after the claim's
                 # snapshot) sets it again and must not be lost.
                 self._ready.discard(queue)
+                position = WHOLE_QUEUE if no_ack else self._cursors.start(queue)
                 try:
-                    rows = self.claim(queue, limit, no_ack, settle=False)
-                except STATEMENT_ERRORS:  # ConnectionLost too
-                    self._ready.add(queue)  # nothing claimed: the work is still there
+                    rows = self.claim(queue, limit, no_ack, settle=False, start=position)
+                except BaseException as exc:
+                    self._cursors.rescan(queue)
+                    if isinstance(exc, STATEMENT_ERRORS):  # ConnectionLost too
+                        self._ready.add(queue)  # nothing claimed: the work is still there
                     raise
                 if len(rows) >= limit:
                     self._ready.add(queue)
                 rows.sort(key=lambda r: (-r[1], r[0]))
+                if not no_ack:
+                    self._cursors.claimed(queue, [(-r[1], r[0]) for r in rows], limit)
                 for i, row in enumerate(rows):
                     try:
                         consumer = None if no_ack else self.consumer_id

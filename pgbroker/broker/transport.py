@@ -82,6 +82,7 @@ from psycopg.types.json import set_json_loads
 from pgbroker.broker import enqueue, finish, header, sweeper
 from pgbroker.broker.channel import Channel, check_name
 from pgbroker.broker.consumer import ConsumerSession, Held
+from pgbroker.broker.cursor import ClaimCursors
 from pgbroker.broker.delayed import DelayedDelivery, due_channel_for
 from pgbroker.broker.loop import EventLoop
 from pgbroker.broker.messages import _load_json, log_publish_outcome, publish_params
@@ -107,7 +108,15 @@ logger = logging.getLogger("pgbroker.broker")
 _PIPELINED = {
     "claim": (
         b"pgbroker_claim",
-        {"queue": 25, "limit": 20, "consumer_id": 23, "acks": 1016},  # 1016: bigint[]
+        # 25 text, 20 bigint, 21 smallint, 23 integer, 1016 bigint[]
+        {
+            "queue": 25,
+            "limit": 20,
+            "consumer_id": 23,
+            "acks": 1016,
+            "from_priority": 21,
+            "from_id": 20,
+        },
     ),
 }
 
@@ -178,6 +187,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         self._attached: set[str] = set()
         # Queues that may have ready messages: set by NOTIFY and by full claims.
         self._ready: set[str] = set()
+        self._cursors = ClaimCursors()
         self._acks: list[int] = []
         # Acks sent with a claim whose commit is not confirmed yet.
         self._riding: list[int] = []
@@ -272,6 +282,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         self._orphan(self._unwritten_acks())  # sent by the new session
         queues, self._attached = self._attached, set()
         self.consumer_id = None
+        self._cursors = ClaimCursors()  # NOTIFYs may have been lost meanwhile
         self._listening = False
         for queue in queues:
             self.attach(queue)
@@ -449,6 +460,8 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
                     raise error
             except BaseException:
                 self._unride()
+                # Its rows are ready again, behind the claim's position.
+                self._cursors.rescan_all()
                 raise
             self._rode()
             self._dispatch_notifies(conn)
@@ -645,9 +658,11 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
     def _on_notify(self, notify: psycopg.Notify) -> None:
         if notify.channel == self.routing_channel:
             self._routes.forget()
-        elif notify.channel == self.channel_name and notify.payload in self._attached:
-            self._ready.add(notify.payload)
-            self._woken = True
+        elif notify.channel == self.channel_name:
+            queue = self._cursors.notified(notify.pid, notify.payload, self._attached)
+            if queue is not None:
+                self._ready.add(queue)
+                self._woken = True
         elif notify.channel == self.due_channel:
             if notify.payload == "sweeper":
                 # A new process's standby: this process's sweeper may be

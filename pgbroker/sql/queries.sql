@@ -164,12 +164,19 @@ WITH current_routing AS (
            %(content_type)s, %(content_encoding)s, %(headers)s, %(properties)s, %(body)s
     FROM unnest(%(queues)s::text[], %(ttls)s::float8[]) AS c(queue, ttl)
     WHERE (SELECT ok FROM current_routing) AND (SELECT ok FROM fresh)
-    RETURNING queue, state, visible_at
+    RETURNING queue, state, visible_at, priority, id
 )
 SELECT (SELECT count(*) FROM stored) AS routed,
        0 AS dead_lettered,
-       (SELECT count(pg_notify(%(channel)s, s.queue))
-        FROM (SELECT DISTINCT queue FROM stored WHERE state = 'ready') s) AS notified,
+       -- Per queue, its name (what every consumer wakes on), then with the
+       -- first new message's place in service order: a consumer then claims
+       -- from there (pgbroker/broker/cursor.py).
+       (SELECT count(pg_notify(%(channel)s, w.payload))
+        FROM (SELECT DISTINCT ON (queue) queue, priority, id FROM stored
+              WHERE state = 'ready' ORDER BY queue, priority DESC, id) s
+        CROSS JOIN LATERAL (VALUES (s.queue),
+                                   (s.queue || E'\n' || s.priority || ' ' || s.id)) w(payload)
+       ) AS notified,
        (SELECT count(pg_notify(%(due_channel)s,
                                extract(epoch FROM d.due)::text || ' ' || d.queue))
         FROM (SELECT queue, min(visible_at) AS due FROM stored
@@ -264,7 +271,7 @@ WITH first_publish AS (
            %(content_type)s, %(content_encoding)s, %(headers)s, %(properties)s, %(body)s
     FROM target t
     WHERE (SELECT ok FROM fresh)
-    RETURNING queue, state, visible_at
+    RETURNING queue, state, visible_at, priority, id
 ), unroutable AS (
     -- (014_shared_predicates.sql; counted below, which makes it run.)
     SELECT {schema}.add_dead_letter(
@@ -284,8 +291,15 @@ WITH first_publish AS (
 )
 SELECT (SELECT count(*) FROM stored) AS routed,
        (SELECT count(*) FROM unroutable) AS dead_lettered,
-       (SELECT count(pg_notify(%(channel)s, s.queue))
-        FROM (SELECT DISTINCT queue FROM stored WHERE state = 'ready') s) AS notified,
+       -- Per queue, its name (what every consumer wakes on), then with the
+       -- first new message's place in service order: a consumer then claims
+       -- from there (pgbroker/broker/cursor.py).
+       (SELECT count(pg_notify(%(channel)s, w.payload))
+        FROM (SELECT DISTINCT ON (queue) queue, priority, id FROM stored
+              WHERE state = 'ready' ORDER BY queue, priority DESC, id) s
+        CROSS JOIN LATERAL (VALUES (s.queue),
+                                   (s.queue || E'\n' || s.priority || ' ' || s.id)) w(payload)
+       ) AS notified,
        (SELECT count(pg_notify(%(due_channel)s,
                                extract(epoch FROM d.due)::text || ' ' || d.queue))
         FROM (SELECT queue, min(visible_at) AS due FROM stored
@@ -310,21 +324,26 @@ SELECT (SELECT count(*) FROM stored) AS routed,
 
 -- name: claim
 -- Reserve up to `limit` ready messages of one queue for this consumer, in
--- service order (priority 9 first, then oldest first). The inner SELECT walks
--- the message_ready index and stops at `limit`; SKIP LOCKED lets many
--- consumers claim from one queue without waiting on each other. The ids go
--- through an array rather than a join, so that even a generic plan (which
--- cannot know `limit`) fetches them by primary key instead of hashing the
--- whole table.
+-- service order (priority 9 first, then oldest first), from a position in
+-- that order (`from_priority`, `from_id`) before which the consumer knows
+-- no ready message (pgbroker/broker/cursor.py; priority 10 and id 0 is the
+-- whole queue). Two scans of the message_ready index: the rest of the
+-- position's priority from its id, then the lower priorities. Starting
+-- there, a claim does not visit the entries of the messages claimed before
+-- it: when a long transaction keeps VACUUM from removing them, each one
+-- costs a visit to the table. SKIP LOCKED lets many consumers claim from
+-- one queue without waiting on each other. The ids go through an array
+-- rather than a join, so that even a generic plan (which cannot know
+-- `limit`) fetches them by primary key instead of hashing the whole table.
 --
 -- One statement, the whole of its transaction (the Sync after it commits,
 -- pgbroker/broker/transport.py `_run_pipelined`); its rows reach the
 -- consumer before the commit's reply, so the commit must not be able to
 -- fail while the session lives. READ COMMITTED is the session's (pinned,
--- pgbroker/database/sessions.py). claim_settings (019), run once at the
--- first ready row the scan meets, checks every deferred constraint at the
--- end of this statement instead of at the commit, and lets the commit skip
--- the WAL flush unless the acks removed messages (docs/delivery.md, "What a
+-- pgbroker/database/sessions.py). claim_settings (019), run at the first
+-- ready row a scan meets, checks every deferred constraint at the end of
+-- this statement instead of at the commit, and lets the commit skip the
+-- WAL flush unless the acks removed messages (docs/delivery.md, "What a
 -- server crash may undo"). A claim that meets no ready row never runs it:
 -- it writes nothing but its acks, which then commit as configured.
 --
@@ -334,21 +353,34 @@ WITH acked AS (
     DELETE FROM {schema}.message
     WHERE id = ANY (%(acks)s::bigint[]) AND consumer_id = %(consumer_id)s
     RETURNING 1
+), same_priority AS MATERIALIZED (
+    SELECT id
+    FROM {schema}.message
+    WHERE queue = %(queue)s AND state = 'ready'
+      AND priority = %(from_priority)s AND id >= %(from_id)s
+      AND (expires_at IS NULL OR expires_at > now())
+      -- A scalar subquery: run once, when first needed.
+      AND (SELECT {schema}.claim_settings(EXISTS (SELECT FROM acked)))
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), lower_priorities AS MATERIALIZED (
+    SELECT id
+    FROM {schema}.message
+    WHERE queue = %(queue)s AND state = 'ready'
+      AND priority < %(from_priority)s
+      AND (expires_at IS NULL OR expires_at > now())
+      AND (SELECT {schema}.claim_settings(EXISTS (SELECT FROM acked)))
+    ORDER BY priority DESC, id
+    -- Not scanned at all when the first scan filled the claim.
+    LIMIT %(limit)s - (SELECT count(*) FROM same_priority)
+    FOR UPDATE SKIP LOCKED
 )
 UPDATE {schema}.message m
 SET state = 'reserved', consumer_id = %(consumer_id)s, claimed_at = now(),
     delivery_count = m.delivery_count + 1
-WHERE m.id = ANY (ARRAY (
-    SELECT id
-    FROM {schema}.message
-    WHERE queue = %(queue)s AND state = 'ready'
-      AND (expires_at IS NULL OR expires_at > now())
-      -- A scalar subquery: run once, when first needed.
-      AND (SELECT {schema}.claim_settings(EXISTS (SELECT FROM acked)))
-    ORDER BY priority DESC, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-))
+WHERE m.id = ANY (ARRAY (SELECT id FROM same_priority UNION ALL
+                         SELECT id FROM lower_priorities))
 RETURNING m.id, m.priority, m.delivery_count, m.exchange, m.routing_key,
           m.content_type, m.content_encoding, m.headers, m.properties, m.body,
           -- Was delayed until its eta: the consumer drops the eta header (due).

@@ -1,0 +1,289 @@
+"""Where a consumer's claims start (pgbroker/broker/cursor.py).
+
+A claim starts at the consumer's position in the queue's service order,
+not at its start: under a long transaction (the xmin horizon pinned), the
+index entries of every message claimed since cannot be removed, and a
+claim from the start visits each one. These tests prove that the claims
+skip them, and that no message is missed on the way: one committed after
+a later one, one made ready again, one a failed claim left behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+import pgbroker
+from pgbroker.broker import cursor
+from pgbroker.broker.cursor import END, WHOLE_QUEUE, ClaimCursors
+from tests.kombu_helpers import drain_until
+
+# --- the positions ----------------------------------------------------------------------
+
+
+def test_a_publish_moves_the_position_back_to_its_message() -> None:
+    c = ClaimCursors()
+    assert c.start("q") == WHOLE_QUEUE
+    c.claimed("q", [(0, 5), (0, 6)], limit=10)  # fewer than asked: the end
+    assert c.notified(7, "q", {"q"}) == "q"  # the name, then the place
+    assert c.notified(7, "q\n0 4", {"q"}) == "q"
+    assert c.start("q") == (0, 4)
+    c.claimed("q", [(0, 4)], limit=1)  # a full claim: just after its last row
+    assert c.start("q") == (0, 5)
+    c.claimed("q", [], limit=1)
+    # A higher priority comes first in service order.
+    c.notified(7, "q", {"q"})
+    c.notified(7, "q\n9 80", {"q"})
+    c.notified(8, "q", {"q"})
+    c.notified(8, "q\n0 70", {"q"})
+    assert c.start("q") == (-9, 80)
+
+
+def test_a_queue_name_alone_rescans_the_whole_queue() -> None:
+    """A requeue, a recovery, a promotion or an older pgbroker's publish
+    NOTIFYs the name alone: what it made ready may lie before the position."""
+    c = ClaimCursors()
+    c.start("q")
+    c.claimed("q", [], limit=10)
+    c.notified(7, "q", {"q"})
+    assert c.start("q") == WHOLE_QUEUE
+    c.claimed("q", [], limit=10)
+    # A name whose place comes from another backend is not its companion.
+    c.notified(7, "q", {"q"})
+    c.notified(8, "q\n0 4", {"q"})
+    assert c.start("q") == WHOLE_QUEUE
+    c.claimed("q", [], limit=10)
+    # Nor is one followed by another queue's notification.
+    c.notified(7, "q", {"q", "r"})
+    c.notified(7, "r\n0 4", {"q", "r"})
+    assert c.start("q") == WHOLE_QUEUE
+    assert c.start("r") == WHOLE_QUEUE  # never claimed from yet
+    c.claimed("q", [], limit=10)
+    # A name whose place has not arrived when the claim starts.
+    c.notified(7, "q", {"q"})
+    assert c.start("q") == WHOLE_QUEUE
+
+
+def test_notifications_during_a_claim_are_kept() -> None:
+    """A publish that commits after the claim's snapshot: its NOTIFY arrives
+    while the claim runs, and moves the position set after it back."""
+    c = ClaimCursors()
+    c.start("q")
+    c.claimed("q", [], limit=10)
+    c.notified(7, "q", {"q"})
+    c.notified(7, "q\n0 50", {"q"})
+    assert c.start("q") == (0, 50)
+    c.notified(9, "q", {"q"})
+    c.notified(9, "q\n0 40", {"q"})  # committed after the snapshot
+    c.claimed("q", [(0, 50), (0, 51)], limit=2)
+    assert c.start("q") == (0, 40)
+    c.notified(9, "q", {"q"})  # a name alone during the claim
+    c.claimed("q", [(0, 40)], limit=1)
+    assert c.start("q") == WHOLE_QUEUE
+
+
+def test_other_payloads_change_nothing() -> None:
+    c = ClaimCursors()
+    c.start("q")
+    c.claimed("q", [], limit=10)
+    assert c.notified(7, "other", {"q"}) is None
+    assert c.notified(7, "other\n0 4", {"q"}) is None
+    assert c.start("q") == END
+    c.claimed("q", [], limit=10)
+    # A malformed place: the whole queue, to be safe.
+    assert c.notified(7, "q\nx", {"q"}) == "q"
+    assert c.start("q") == WHOLE_QUEUE
+
+
+def test_the_whole_queue_is_scanned_every_so_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    c = ClaimCursors()
+    assert c.start("q") == WHOLE_QUEUE
+    c.claimed("q", [(0, 5)], limit=1)
+    now[0] += cursor.FULL_CLAIM_EVERY - 0.1
+    assert c.start("q") == (0, 6)
+    c.claimed("q", [(0, 6)], limit=1)
+    now[0] += 0.2
+    assert c.start("q") == WHOLE_QUEUE
+
+
+# --- claims on a real queue -----------------------------------------------------------
+
+#: Messages claimed (and acknowledged) while the xmin horizon is pinned.
+BEFORE = 1500
+#: Then claimed one at a time, each woken by its NOTIFY.
+AFTER = 20
+
+
+@pytest.fixture
+def pinned(db_url: str) -> Iterator[None]:
+    """A transaction that holds a snapshot: VACUUM, and the index scans
+    that mark dead entries, may remove nothing committed after it began."""
+    with psycopg.connect(db_url) as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        conn.execute("SELECT 1")
+        yield
+        conn.rollback()
+
+
+def entries_read(db_url: str, transport: Any) -> int:
+    """Index entries the scans of message_ready returned so far (a dead one
+    too: each costs a visit to the table). The consumer's session flushes
+    its statistics first."""
+    transport.conn.execute("SELECT pg_stat_force_next_flush()")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT idx_tup_read FROM pg_stat_user_indexes"
+            " WHERE schemaname = 'pgbroker' AND indexrelname = 'message_ready'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("whole_queue", [False, True], ids=["from-position", "whole-queue"])
+def test_claims_do_not_visit_what_was_claimed_before(
+    db_url: str, pinned: None, whole_queue: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the xmin horizon pinned, BEFORE messages are claimed and acked,
+    then AFTER more, one at a time. From their position, those claims read
+    a few index entries each; from the start of the queue (the control,
+    every claim scanning the whole queue) each reads all BEFORE dead ones."""
+    monkeypatch.setattr(cursor, "FULL_CLAIM_EVERY", 0.0 if whole_queue else 3600.0)
+    queue = Queue("pinned", Exchange("pinned"), "pinned")
+    got: list[int] = []
+    with Connection(db_url) as conn, Connection(db_url) as pub:
+        producer = Producer(pub.channel())
+        queue(producer.channel).declare()
+        channel = conn.channel()
+        channel.basic_qos(0, 100, False)
+
+        def on_message(body: Any, message: Any) -> None:
+            got.append(body)
+            message.ack()
+
+        with Consumer(channel, [queue], callbacks=[on_message]):
+            for i in range(BEFORE):
+                producer.publish(i, exchange=queue.exchange, routing_key="pinned")
+            drain_until(conn, lambda: len(got) == BEFORE)
+            read = entries_read(db_url, conn.transport)
+            for i in range(BEFORE, BEFORE + AFTER):
+                producer.publish(i, exchange=queue.exchange, routing_key="pinned")
+                drain_until(conn, lambda: got[-1:] == [i])  # noqa: B023 (called at once)
+            read = entries_read(db_url, conn.transport) - read
+    assert got == list(range(BEFORE + AFTER))
+    if whole_queue:
+        assert read >= AFTER * BEFORE
+    else:
+        assert read <= AFTER * 10
+
+
+def test_a_message_committed_after_a_later_one_is_claimed_at_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message published in a transaction (pgbroker.enqueue_in) takes its
+    id first and commits last: its NOTIFY moves the position back to it,
+    with no whole-queue claim to find it."""
+    monkeypatch.setattr(cursor, "FULL_CLAIM_EVERY", 3600.0)
+    queue = Queue("late", Exchange("late"), "late")
+    got: list[str] = []
+    app_conn = psycopg.connect(db_url)
+    try:
+        with Connection(db_url) as conn, Connection(db_url) as pub:
+            producer = Producer(pub.channel())
+            queue(producer.channel).declare()
+            with Consumer(conn.channel(), [queue], callbacks=[take(got)]):
+                producer.publish("first", exchange=queue.exchange, routing_key="late")
+                drain_until(conn, lambda: got == ["first"])
+                with pgbroker.enqueue_in(app_conn):
+                    producer.publish("late", exchange=queue.exchange, routing_key="late")
+                producer.publish("later", exchange=queue.exchange, routing_key="late")
+                drain_until(conn, lambda: got == ["first", "later"])
+                app_conn.commit()
+                started = time.monotonic()
+                drain_until(conn, lambda: len(got) == 3, timeout=5)
+                assert got[2] == "late"
+                assert time.monotonic() - started < 1.0
+    finally:
+        app_conn.close()
+
+
+def test_a_requeued_message_is_claimed_again_at_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message handed back keeps its id, before the position: the queue's
+    name NOTIFYd alone sends the next claim over the whole queue."""
+    monkeypatch.setattr(cursor, "FULL_CLAIM_EVERY", 3600.0)
+    queue = Queue("again", Exchange("again"), "again")
+    got: list[str] = []
+    with Connection(db_url) as conn, Connection(db_url) as pub:
+        producer = Producer(pub.channel())
+        queue(producer.channel).declare()
+
+        def on_message(body: str, message: Any) -> None:
+            got.append(body)
+            if len(got) == 1:
+                message.requeue()
+            else:
+                message.ack()
+
+        with Consumer(conn.channel(), [queue], callbacks=[on_message]):
+            drain_for(conn, 0.2)  # the first claim: nothing yet
+            producer.publish("back", exchange=queue.exchange, routing_key="again")
+            drain_until(conn, lambda: len(got) == 2, timeout=5)
+    assert got == ["back", "back"]
+
+
+def test_a_message_a_failed_claim_left_is_claimed_by_a_whole_queue_claim(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message that another claim had locked (SKIP LOCKED passes over it)
+    is ready again, with no NOTIFY, when that claim rolls back. The claims
+    from the position do not see it; the next whole-queue claim, at most
+    FULL_CLAIM_EVERY later, does."""
+    monkeypatch.setattr(cursor, "FULL_CLAIM_EVERY", 3600.0)
+    queue = Queue("left", Exchange("left"), "left")
+    got: list[str] = []
+    with Connection(db_url) as conn, Connection(db_url) as pub:
+        producer = Producer(pub.channel())
+        queue(producer.channel).declare()
+        with Consumer(conn.channel(), [queue], callbacks=[take(got)]):
+            with psycopg.connect(db_url) as locker:
+                producer.publish("left", exchange=queue.exchange, routing_key="left")
+                locker.execute(
+                    "SELECT id FROM pgbroker.message WHERE queue = 'left' FOR UPDATE"
+                ).fetchall()
+                drain_for(conn, 0.3)  # its claim passes over it
+                assert got == []
+                locker.rollback()
+            producer.publish("first", exchange=queue.exchange, routing_key="left")
+            drain_until(conn, lambda: "first" in got)
+            assert got == ["first"]  # from the position: not seen
+            monkeypatch.setattr(cursor, "FULL_CLAIM_EVERY", 0.0)  # time for a whole one
+            producer.publish("second", exchange=queue.exchange, routing_key="left")
+            drain_until(conn, lambda: len(got) == 3, timeout=5)
+    assert sorted(got) == ["first", "left", "second"]
+
+
+def take(got: list[Any]) -> Any:
+    """A consumer callback: keep the body, ack the message."""
+
+    def on_message(body: Any, message: Any) -> None:
+        got.append(body)
+        message.ack()
+
+    return on_message
+
+
+def drain_for(conn: Connection, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            conn.drain_events(timeout=left)
+        except TimeoutError:
+            return
