@@ -10,6 +10,7 @@ a later one, one made ready again, one a failed claim left behind.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 import pgbroker
 from pgbroker.broker import cursor
 from pgbroker.broker.cursor import END, WHOLE_QUEUE, ClaimCursors
-from tests.kombu_helpers import drain_until
+from tests.kombu_helpers import drain_quietly, drain_until
 
 # --- the positions ----------------------------------------------------------------------
 
@@ -155,27 +156,16 @@ def test_claims_do_not_visit_what_was_claimed_before(
     a few index entries each; from the start of the queue (the control,
     every claim scanning the whole queue) each reads all BEFORE dead ones."""
     monkeypatch.setattr(cursor, "FULL_CLAIM_EVERY", 0.0 if whole_queue else 3600.0)
-    queue = Queue("pinned", Exchange("pinned"), "pinned")
     got: list[int] = []
-    with Connection(db_url) as conn, Connection(db_url) as pub:
-        producer = Producer(pub.channel())
-        queue(producer.channel).declare()
-        channel = conn.channel()
-        channel.basic_qos(0, 100, False)
-
-        def on_message(body: Any, message: Any) -> None:
-            got.append(body)
-            message.ack()
-
-        with Consumer(channel, [queue], callbacks=[on_message]):
-            for i in range(BEFORE):
-                producer.publish(i, exchange=queue.exchange, routing_key="pinned")
-            drain_until(conn, lambda: len(got) == BEFORE)
-            read = entries_read(db_url, conn.transport)
-            for i in range(BEFORE, BEFORE + AFTER):
-                producer.publish(i, exchange=queue.exchange, routing_key="pinned")
-                drain_until(conn, lambda: got[-1:] == [i])  # noqa: B023 (called at once)
-            read = entries_read(db_url, conn.transport) - read
+    with consuming(db_url, "pinned", take(got)) as (conn, publish):
+        for i in range(BEFORE):
+            publish(i)
+        drain_until(conn, lambda: len(got) == BEFORE)
+        read = entries_read(db_url, conn.transport)
+        for i in range(BEFORE, BEFORE + AFTER):
+            publish(i)
+            drain_until(conn, lambda: got[-1:] == [i])  # noqa: B023 (called at once)
+        read = entries_read(db_url, conn.transport) - read
     assert got == list(range(BEFORE + AFTER))
     if whole_queue:
         assert read >= AFTER * BEFORE
@@ -190,27 +180,22 @@ def test_a_message_committed_after_a_later_one_is_claimed_at_once(
     id first and commits last: its NOTIFY moves the position back to it,
     with no whole-queue claim to find it."""
     monkeypatch.setattr(cursor, "FULL_CLAIM_EVERY", 3600.0)
-    queue = Queue("late", Exchange("late"), "late")
     got: list[str] = []
-    app_conn = psycopg.connect(db_url)
-    try:
-        with Connection(db_url) as conn, Connection(db_url) as pub:
-            producer = Producer(pub.channel())
-            queue(producer.channel).declare()
-            with Consumer(conn.channel(), [queue], callbacks=[take(got)]):
-                producer.publish("first", exchange=queue.exchange, routing_key="late")
-                drain_until(conn, lambda: got == ["first"])
-                with pgbroker.enqueue_in(app_conn):
-                    producer.publish("late", exchange=queue.exchange, routing_key="late")
-                producer.publish("later", exchange=queue.exchange, routing_key="late")
-                drain_until(conn, lambda: got == ["first", "later"])
-                app_conn.commit()
-                started = time.monotonic()
-                drain_until(conn, lambda: len(got) == 3, timeout=5)
-                assert got[2] == "late"
-                assert time.monotonic() - started < 1.0
-    finally:
-        app_conn.close()
+    with (
+        psycopg.connect(db_url) as app_conn,
+        consuming(db_url, "late", take(got)) as (conn, publish),
+    ):
+        publish("first")
+        drain_until(conn, lambda: got == ["first"])
+        with pgbroker.enqueue_in(app_conn):
+            publish("late")
+        publish("later")
+        drain_until(conn, lambda: got == ["first", "later"])
+        app_conn.commit()
+        started = time.monotonic()
+        drain_until(conn, lambda: len(got) == 3, timeout=5)
+        assert got[2] == "late"
+        assert time.monotonic() - started < 1.0
 
 
 def test_a_requeued_message_is_claimed_again_at_once(
@@ -219,23 +204,19 @@ def test_a_requeued_message_is_claimed_again_at_once(
     """A message handed back keeps its id, before the position: the queue's
     name NOTIFYd alone sends the next claim over the whole queue."""
     monkeypatch.setattr(cursor, "FULL_CLAIM_EVERY", 3600.0)
-    queue = Queue("again", Exchange("again"), "again")
     got: list[str] = []
-    with Connection(db_url) as conn, Connection(db_url) as pub:
-        producer = Producer(pub.channel())
-        queue(producer.channel).declare()
 
-        def on_message(body: str, message: Any) -> None:
-            got.append(body)
-            if len(got) == 1:
-                message.requeue()
-            else:
-                message.ack()
+    def on_message(body: str, message: Any) -> None:
+        got.append(body)
+        if len(got) == 1:
+            message.requeue()
+        else:
+            message.ack()
 
-        with Consumer(conn.channel(), [queue], callbacks=[on_message]):
-            drain_for(conn, 0.2)  # the first claim: nothing yet
-            producer.publish("back", exchange=queue.exchange, routing_key="again")
-            drain_until(conn, lambda: len(got) == 2, timeout=5)
+    with consuming(db_url, "again", on_message) as (conn, publish):
+        drain_quietly(conn, 0.2)  # the first claim: nothing yet
+        publish("back")
+        drain_until(conn, lambda: len(got) == 2, timeout=5)
     assert got == ["back", "back"]
 
 
@@ -247,27 +228,40 @@ def test_a_message_a_failed_claim_left_is_claimed_by_a_whole_queue_claim(
     from the position do not see it; the next whole-queue claim, at most
     FULL_CLAIM_EVERY later, does."""
     monkeypatch.setattr(cursor, "FULL_CLAIM_EVERY", 3600.0)
-    queue = Queue("left", Exchange("left"), "left")
     got: list[str] = []
+    with consuming(db_url, "left", take(got)) as (conn, publish):
+        with psycopg.connect(db_url) as locker:
+            publish("left")
+            locker.execute(
+                "SELECT id FROM pgbroker.message WHERE queue = 'left' FOR UPDATE"
+            ).fetchall()
+            drain_quietly(conn, 0.3)  # its claim passes over it
+            assert got == []
+            locker.rollback()
+        publish("first")
+        drain_until(conn, lambda: "first" in got)
+        assert got == ["first"]  # from the position: not seen
+        monkeypatch.setattr(cursor, "FULL_CLAIM_EVERY", 0.0)  # time for a whole one
+        publish("second")
+        drain_until(conn, lambda: len(got) == 3, timeout=5)
+    assert sorted(got) == ["first", "left", "second"]
+
+
+@contextlib.contextmanager
+def consuming(db_url: str, name: str, callback: Any) -> Iterator[tuple[Connection, Any]]:
+    """A consumer of a new queue ``name`` (prefetch 100), and a function
+    that publishes a body to it from another connection."""
+    queue = Queue(name, Exchange(name), name)
     with Connection(db_url) as conn, Connection(db_url) as pub:
         producer = Producer(pub.channel())
         queue(producer.channel).declare()
-        with Consumer(conn.channel(), [queue], callbacks=[take(got)]):
-            with psycopg.connect(db_url) as locker:
-                producer.publish("left", exchange=queue.exchange, routing_key="left")
-                locker.execute(
-                    "SELECT id FROM pgbroker.message WHERE queue = 'left' FOR UPDATE"
-                ).fetchall()
-                drain_for(conn, 0.3)  # its claim passes over it
-                assert got == []
-                locker.rollback()
-            producer.publish("first", exchange=queue.exchange, routing_key="left")
-            drain_until(conn, lambda: "first" in got)
-            assert got == ["first"]  # from the position: not seen
-            monkeypatch.setattr(cursor, "FULL_CLAIM_EVERY", 0.0)  # time for a whole one
-            producer.publish("second", exchange=queue.exchange, routing_key="left")
-            drain_until(conn, lambda: len(got) == 3, timeout=5)
-    assert sorted(got) == ["first", "left", "second"]
+        channel = conn.channel()
+        channel.basic_qos(0, 100, False)
+        with Consumer(channel, [queue], callbacks=[callback]):
+            yield (
+                conn,
+                lambda body: producer.publish(body, exchange=queue.exchange, routing_key=name),
+            )
 
 
 def take(got: list[Any]) -> Any:
@@ -278,12 +272,3 @@ def take(got: list[Any]) -> Any:
         message.ack()
 
     return on_message
-
-
-def drain_for(conn: Connection, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            conn.drain_events(timeout=left)
-        except TimeoutError:
-            return
