@@ -357,11 +357,17 @@ WITH acked AS (
     SELECT id
     FROM {schema}.message
     WHERE queue = %(queue)s AND state = 'ready'
-      AND priority = %(from_priority)s AND id >= %(from_id)s
+      -- The one priority as a range, and ordered by it: only message_ready
+      -- gives this order. Written `priority = ...`, the order is by id alone,
+      -- and where one queue holds everything at one priority the planner
+      -- walked the primary key from the id instead, through every row
+      -- version after it, of every queue (tests/test_claim_plan.py).
+      AND priority >= %(from_priority)s AND priority <= %(from_priority)s
+      AND id >= %(from_id)s
       AND (expires_at IS NULL OR expires_at > now())
       -- A scalar subquery: run once, when first needed.
       AND (SELECT {schema}.claim_settings(EXISTS (SELECT FROM acked)))
-    ORDER BY id
+    ORDER BY priority DESC, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), lower_priorities AS MATERIALIZED (
