@@ -1607,6 +1607,7 @@ def measure_scale(
 ) -> float:
     tag = f"{prefix}.{layout}{consumers}r{round_no}"
     names = bench_scale.queue_names(tag, layout)
+    warm = bench_scale.warm_queue_name(prefix)
     exchange = Exchange(prefix, type="direct", durable=True)
     if system.key == "pgbroker":
         # One session per consumer, on a server others may be using too:
@@ -1620,7 +1621,7 @@ def measure_scale(
                 "raise max_connections or run with fewer --scale-consumers"
             )
     try:
-        bench_scale.declare(system.url, system.options, prefix, names)
+        bench_scale.declare(system.url, system.options, prefix, [*names, warm])
         per_queue = max(1, s.scale_messages // len(names))
         if system.key == "pgbroker":  # fast fill: copies of one published row
             for name in names:
@@ -1641,7 +1642,7 @@ def measure_scale(
             idle_stop=0.75 if s.preset == "quick" else bench_scale.IDLE_STOP,
         )
     finally:
-        for name in names:
+        for name in [*names, warm]:
             delete_queue(system, Queue(name, exchange, routing_key=name))
 
 
