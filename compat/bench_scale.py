@@ -187,9 +187,11 @@ def child_main() -> None:
         # Consume the empty warm-up queue once: what a consumer does once
         # per session (pgbroker: register, LISTEN, a first claim planned in
         # a new backend) happens before the clock, as the connection does.
-        with Consumer(conn.default_channel, [warm], auto_declare=False):
-            with contextlib.suppress(TimeoutError, OSError):
-                conn.drain_events(timeout=0.01)
+        with (
+            Consumer(conn.default_channel, [warm], auto_declare=False),
+            contextlib.suppress(TimeoutError, OSError),
+        ):
+            conn.drain_events(timeout=0.01)
     print("ready", flush=True)
     end = time.monotonic() + 600  # bounded even if the parent dies
     while not go.exists():

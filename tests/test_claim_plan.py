@@ -183,7 +183,6 @@ def test_a_claim_from_a_position_takes_what_follows_it_in_order(big: psycopg.Con
     assert claim(10, 0, 3) == [(8, i) for i in high[:3]]
 
 
-
 @pytest.fixture
 def one_queue(db: psycopg.Connection) -> psycopg.Connection:
     """The common shape: every message in one queue, at one priority, all
