@@ -181,7 +181,8 @@ def child_main() -> None:
                 f"{CONNECTION_HEADROOM} kept for other clients"
             )
     conns = [Connection(url, transport_options=options) for _ in assign]
-    warm = Queue(warm_queue_name(prefix), exchange, routing_key=warm_queue_name(prefix))
+    warm_name = warm_queue_name(prefix)
+    warm = Queue(warm_name, exchange, routing_key=warm_name)
     for conn in conns:
         conn.connect()
         # Consume the empty warm-up queue once: what a consumer does once

@@ -292,7 +292,7 @@ def test_published_task_stays_flat_at_peak_publish_rate(
         # High-water marks, as in test_sizes_stay_bounded: no truncating
         # VACUUM, autovacuum's or ours, cuts the reference round down to its
         # last used page of the moment (a CI run on PostgreSQL 18: 1.2 MB in
-        # round 2, then 2.2 and 2.7 MB in rounds 3 and 4 at one rate).
+        # round 2, then 2.2 and 2.7 MB in rounds 3 and 4, both at 1,100/s).
         db.execute(
             "ALTER TABLE pgbroker.published_task "
             "SET (autovacuum_enabled = off, toast.autovacuum_enabled = off)"
