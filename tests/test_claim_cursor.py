@@ -31,8 +31,9 @@ def test_a_publish_moves_the_position_back_to_its_message() -> None:
     c = ClaimCursors()
     assert c.start("q") == WHOLE_QUEUE
     c.claimed("q", [(0, 5), (0, 6)], limit=10)  # fewer than asked: the end
-    assert c.notified(7, "q", {"q"}) == "q"  # the name, then the place
-    assert c.notified(7, "q\n0 4", {"q"}) == "q"
+    assert c.notified(7, "q", {"q"})  # the name, then the place
+    assert c.notified(7, "q\n0 4", {"q"})
+    assert c.take_woken() == {"q"}
     assert c.start("q") == (0, 4)
     c.claimed("q", [(0, 4)], limit=1)  # a full claim: just after its last row
     assert c.start("q") == (0, 5)
@@ -92,12 +93,18 @@ def test_other_payloads_change_nothing() -> None:
     c = ClaimCursors()
     c.start("q")
     c.claimed("q", [], limit=10)
-    assert c.notified(7, "other", {"q"}) is None
-    assert c.notified(7, "other\n0 4", {"q"}) is None
+    assert not c.notified(7, "other", {"q"})
+    assert not c.notified(7, "other\n0 4", {"q"})
+    assert c.take_woken() == set()
     assert c.start("q") == END
     c.claimed("q", [], limit=10)
     # A malformed place: the whole queue, to be safe.
-    assert c.notified(7, "q\nx", {"q"}) == "q"
+    assert c.notified(7, "q\nx", {"q"})
+    assert c.take_woken() == {"q"}
+    assert c.start("q") == WHOLE_QUEUE
+    c.claimed("q", [], limit=10)
+    assert c.notified(7, "q\n0 4 5 6", {"q"})
+    assert c.take_woken() == {"q"}
     assert c.start("q") == WHOLE_QUEUE
 
 
@@ -112,6 +119,93 @@ def test_the_whole_queue_is_scanned_every_so_often(monkeypatch: pytest.MonkeyPat
     c.claimed("q", [(0, 6)], limit=1)
     now[0] += 0.2
     assert c.start("q") == WHOLE_QUEUE
+
+
+# --- who claims at once -----------------------------------------------------------------
+
+
+def test_a_place_naming_another_consumer_wakes_this_one_only_after_the_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    c = ClaimCursors()
+    c.start("q")
+    c.claimed("q", [], limit=10)
+    # The name, then the place naming consumer 5: this is consumer 3.
+    assert c.notified(7, "q", {"q"}, consumer_id=3)
+    assert c.notified(7, "q\n0 40 5", {"q"}, consumer_id=3)
+    assert c.take_woken() == set()
+    assert c.next_fallback() == 1000.0 + cursor.WAKE_FALLBACK
+    # A later one does not put the fallback off.
+    now[0] += 0.5
+    c.notified(8, "q", {"q"}, consumer_id=3)
+    c.notified(8, "q\n0 41 6", {"q"}, consumer_id=3)
+    assert c.take_woken() == set()
+    now[0] += cursor.WAKE_FALLBACK - 0.5
+    assert c.take_woken() == {"q"}
+    assert c.next_fallback() is None
+    assert c.start("q") == (0, 40)  # from the first place named
+
+
+def test_a_claim_from_the_queue_makes_its_fallback_needless(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    c = ClaimCursors()
+    c.start("q")
+    c.claimed("q", [], limit=10)
+    c.notified(7, "q", {"q"}, consumer_id=3)
+    c.notified(7, "q\n0 40 5", {"q"}, consumer_id=3)
+    assert c.start("q") == (0, 40)  # a claim for another reason covers it
+    c.claimed("q", [], limit=10)
+    now[0] += cursor.WAKE_FALLBACK
+    assert c.take_woken() == set()
+
+
+def test_the_named_consumer_and_an_unnamed_place_wake_at_once() -> None:
+    c = ClaimCursors()
+    c.start("q")
+    c.claimed("q", [], limit=10)
+    c.notified(7, "q", {"q"}, consumer_id=3)
+    c.notified(7, "q\n0 40 3", {"q"}, consumer_id=3)
+    assert c.take_woken() == {"q"}
+    assert c.start("q") == (0, 40)
+    c.claimed("q", [(0, 40)], limit=10)
+    c.notified(7, "q\n0 41", {"q"}, consumer_id=3)  # passed on by a consumer
+    assert c.take_woken() == {"q"}
+    # A name alone (a requeue) wakes everyone, as before.
+    c.start("q")
+    c.claimed("q", [], limit=10)
+    c.notified(9, "q", {"q"}, consumer_id=3)
+    assert c.take_woken() == {"q"}
+
+
+def test_a_place_named_for_this_consumer_that_it_cannot_take_is_passed_on() -> None:
+    c = ClaimCursors()
+    c.start("q")
+    c.claimed("q", [], limit=1)
+    c.notified(7, "q", {"q"}, consumer_id=3)
+    c.notified(7, "q\n0 40 3", {"q"}, consumer_id=3)
+    c.notified(8, "q", {"q"}, consumer_id=3)
+    c.notified(8, "q\n0 41 3", {"q"}, consumer_id=3)
+    c.take_woken()
+    c.start("q")
+    # Full (a prefetch of 1) before the second place: where it stopped is
+    # passed on, for the others to claim from.
+    assert c.claimed("q", [(0, 40)], limit=1) == (0, 41)
+    assert cursor.place_payload("q", (0, 41)) == "q\n0 41"
+    # A claim that got less than it asked took all it could see.
+    c.notified(7, "q\n0 42 3", {"q"}, consumer_id=3)
+    c.start("q")
+    assert c.claimed("q", [], limit=1) is None
+    # No room to claim at all: the first place named since.
+    c.notified(7, "q\n0 44 3", {"q"}, consumer_id=3)
+    c.notified(7, "q\n9 43 3", {"q"}, consumer_id=3)
+    c.notified(7, "q\n0 45 3", {"q"}, consumer_id=3)
+    assert c.unserved("q") == (-9, 43)
+    assert c.unserved("q") is None
 
 
 # --- claims on a real queue -----------------------------------------------------------

@@ -114,6 +114,7 @@ CLAIM = {
     "acks": [1, 2],
     "from_priority": 10,
     "from_id": 0,
+    "wake_min": 1,
 }
 
 
@@ -235,6 +236,7 @@ PUBLISH = {
     "body": b"{}",
     "channel": "pgbroker",
     "due_channel": "pgbd_x",
+    "wake_one": True,
     "dedup": False,
     "retries": 0,
     "source": None,
@@ -356,6 +358,7 @@ def test_a_new_queue_table_is_not_scanned(db_url: str) -> None:
             "consumer_id": str(transport.consumer_id),
             "from_priority": "10",
             "from_id": "0",
+            "wake_min": "1",
         }
         args = ", ".join(values.get(n, "'{1,2}'") for n in names)
         plans = [

@@ -122,6 +122,7 @@ def test_prepared_claim_walks_the_ready_index(
         "acks": "'{1,2}'",
         "from_priority": "8",
         "from_id": "1000",
+        "wake_min": "1",
     }
     big.execute(f"SET plan_cache_mode = {plan_cache_mode}")
     try:

@@ -25,7 +25,13 @@ import psycopg
 from psycopg import sql
 
 from pgbroker.broker import sweeper
-from pgbroker.broker.cursor import WHOLE_QUEUE, ClaimCursors, Position, claim_params
+from pgbroker.broker.cursor import (
+    WHOLE_QUEUE,
+    ClaimCursors,
+    Position,
+    claim_params,
+    place_payload,
+)
 from pgbroker.broker.messages import to_raw
 from pgbroker.broker.sweeper import (
     HOUSEKEEP_AGAIN,
@@ -54,6 +60,13 @@ UNLIMITED_CLAIM = 100
 #: has messages to run. An ack waits at most this long for the claim it
 #: rides on.
 CLAIM_BATCH_WAIT = 0.05
+
+#: A consumer whose deliveries (the callbacks of a claim's messages), or the
+#: gaps between its ``drain_events`` calls, took longer than this (seconds)
+#: runs the work itself (Celery's solo pool, a Kombu callback that does the
+#: job): it cannot act on a wake-up meanwhile, so from then on it waits for
+#: one only after a claim that got nothing (see ``_wake_min``).
+BLOCKING_DELIVERY = 0.1
 
 
 class Held(NamedTuple):
@@ -109,6 +122,8 @@ class ConsumerSession:
     _sweeper: sweeper.Sweeper | None
     _due_at: float | None
     _claim_waiting_since: float | None  # a claim put off for a fuller batch
+    _woken: bool
+    _deliveries_block: bool  # see BLOCKING_DELIVERY
 
     if TYPE_CHECKING:
 
@@ -191,10 +206,14 @@ class ConsumerSession:
         no_ack: bool,
         settle: bool = True,
         start: Position = WHOLE_QUEUE,
+        wake_min: int | None = None,
     ) -> list[Any]:
         """Claim up to ``limit`` messages from ``start`` in service order
         (pgbroker.broker.cursor); with ``settle`` off, return before the
-        claim's commit has been confirmed (see ``_run_pipelined``)."""
+        claim's commit has been confirmed (see ``_run_pipelined``). With
+        ``wake_min``, the consumer waits for a wake-up after this claim if
+        it leaves at least that many places free and nothing more is ready
+        (``claim`` in queries.sql); without, it does not (``basic_get``)."""
         if no_ack:
             return self.run_all("claim_no_ack", queue=queue, limit=limit)
         consumer_id = self._ensure_consumer()
@@ -211,6 +230,7 @@ class ConsumerSession:
                 limit=limit,
                 consumer_id=consumer_id,
                 acks=self._riding,
+                wake_min=limit + 1 if wake_min is None else wake_min,
                 **claim_params(start),
             )
         except BaseException:
@@ -230,6 +250,9 @@ class ConsumerSession:
         with the first claim; the callers write those no claim took."""
         delivered = 0
         waiting = False
+        self._take_woken()
+        # Places named for this consumer that it cannot take: for the others.
+        unserved: list[tuple[str, Position]] = []
         consuming = [(c, q) for c in list(self.channels) for q in list(c._active_queues)]
         # Start one queue further each time, so that a backlog on the first
         # queue cannot take all the prefetch capacity forever.
@@ -242,42 +265,58 @@ class ConsumerSession:
             limit = UNLIMITED_CLAIM if no_ack else channel.qos.can_consume_max_estimate()
             if limit is None:
                 limit = UNLIMITED_CLAIM
-            if limit > 0 and not no_ack and self._claim_waits(channel, limit):
-                waiting = True
+            if limit <= 0 or (not no_ack and self._claim_waits(channel, limit)):
+                waiting = waiting or limit > 0
+                if (place := self._cursors.unserved(queue)) is not None:
+                    unserved.append((queue, place))
                 continue
-            if limit > 0:
-                # Clear the flag before claiming: a NOTIFY that arrives with
-                # the claim's reply (a message committed after the claim's
-                # snapshot) sets it again and must not be lost.
-                self._ready.discard(queue)
-                position = WHOLE_QUEUE if no_ack else self._cursors.start(queue)
+            # Clear the flag before claiming: a NOTIFY that arrives with
+            # the claim's reply (a message committed after the claim's
+            # snapshot) sets it again and must not be lost.
+            self._ready.discard(queue)
+            position = WHOLE_QUEUE if no_ack else self._cursors.start(queue)
+            try:
+                rows = self.claim(
+                    queue,
+                    limit,
+                    no_ack,
+                    settle=False,
+                    start=position,
+                    wake_min=self._wake_min(channel, limit),
+                )
+            except BaseException as exc:
+                self._cursors.rescan(queue)
+                if isinstance(exc, STATEMENT_ERRORS):  # ConnectionLost too
+                    self._ready.add(queue)  # nothing claimed: the work is still there
+                raise
+            if len(rows) >= limit:
+                self._ready.add(queue)
+            rows.sort(key=lambda r: (-r[1], r[0]))
+            if not no_ack:
+                places = [(-r[1], r[0]) for r in rows]
+                if (place := self._cursors.claimed(queue, places, limit)) is not None:
+                    unserved.append((queue, place))
+            began = time.monotonic()
+            for i, row in enumerate(rows):
                 try:
-                    rows = self.claim(queue, limit, no_ack, settle=False, start=position)
-                except BaseException as exc:
-                    self._cursors.rescan(queue)
-                    if isinstance(exc, STATEMENT_ERRORS):  # ConnectionLost too
-                        self._ready.add(queue)  # nothing claimed: the work is still there
+                    consumer = None if no_ack else self.consumer_id
+                    raw = to_raw(row, self._lock_oid, consumer, self.origin, self._timeline)
+                    self._deliver(raw, queue)
+                except BaseException:
+                    # The callback raised: the rest of this claim was never
+                    # handed over, so give it back rather than hold it
+                    # until the connection closes.
+                    if not no_ack and i + 1 < len(rows):
+                        self.unclaim([r[0] for r in rows[i + 1 :]])
                     raise
-                if len(rows) >= limit:
-                    self._ready.add(queue)
-                rows.sort(key=lambda r: (-r[1], r[0]))
-                if not no_ack:
-                    self._cursors.claimed(queue, [(-r[1], r[0]) for r in rows], limit)
-                for i, row in enumerate(rows):
-                    try:
-                        consumer = None if no_ack else self.consumer_id
-                        raw = to_raw(row, self._lock_oid, consumer, self.origin, self._timeline)
-                        self._deliver(raw, queue)
-                    except BaseException:
-                        # The callback raised: the rest of this claim was never
-                        # handed over, so give it back rather than hold it
-                        # until the connection closes.
-                        if not no_ack and i + 1 < len(rows):
-                            self.unclaim([r[0] for r in rows[i + 1 :]])
-                        raise
-                delivered += len(rows)
+            if rows and time.monotonic() - began > BLOCKING_DELIVERY:
+                self._deliveries_block = True
+            delivered += len(rows)
         if not waiting:
             self._claim_waiting_since = None
+        for queue, place in unserved:
+            payload = place_payload(queue, place)
+            self.run("wake_consumers", channel=self.channel_name, payload=payload)
         if self._commit_pending and self._loop is not None:
             # The commit's reply (and NOTIFYs sent meanwhile) may have been
             # read with the claim's rows, into libpq's buffer: then the
@@ -286,6 +325,25 @@ class ConsumerSession:
             # they are there; if not, their arrival makes the socket readable.
             self._settle(block=False)
         return delivered
+
+    def _take_woken(self) -> None:
+        """Mark the queues to claim from: those notifications woke, and
+        those whose fallback time has come (pgbroker.broker.cursor)."""
+        if woken := self._cursors.take_woken():
+            self._ready |= woken
+
+    def _wake_min(self, channel: Any, limit: int) -> int:
+        """How many places a claim must leave free for its consumer to wait
+        for a wake-up (``claim`` in queries.sql): as many as make it claim
+        at once when woken. In Celery's event loop, half the prefetch
+        window (with less, ``_claim_waits`` puts the claim off); a consumer
+        that runs the work itself (BLOCKING_DELIVERY), all of it."""
+        if self._deliveries_block:
+            return limit
+        prefetch: int | None = channel.qos.prefetch_count
+        if self._loop is not None and prefetch:
+            return max(1, (prefetch + 1) // 2)
+        return 1
 
     def _claim_waits(self, channel: Any, free: int) -> bool:
         """Whether to put a claim of ``free`` messages off (see

@@ -30,6 +30,19 @@ in queries.sql):
 
 A position is held as its sort key ``(-priority, id)``: the smaller key
 comes first in service order.
+
+Who claims at once. A publish's place may name one consumer
+(``queue\n<priority> <id> <consumer>``): the one of the queue that has
+waited longest for a wake-up (020_waiting_consumers.sql). Only that one
+claims at once; every other consumer of the queue moves its position back
+as for any place, and claims ``WAKE_FALLBACK`` seconds later unless it
+claimed from the queue meanwhile, so a message whose named consumer cannot
+claim it (stopped, dead, busy) waits that long at most while others idle.
+The queue's name that comes before such a place wakes nobody. A named
+consumer that cannot take the message (its window is full, or its full
+claim stopped before the place) passes the place on to everyone
+(``wake_consumers`` in queries.sql). An older consumer, which does not
+parse three numbers, claims the whole queue, as for a name alone.
 """
 
 from __future__ import annotations
@@ -38,6 +51,10 @@ import time
 
 #: A claim scans the whole queue at least this often (seconds), see above.
 FULL_CLAIM_EVERY = 2.0
+
+#: A consumer that heard a publish name another consumer claims from that
+#: queue this long after (seconds), unless it claimed from it meanwhile.
+WAKE_FALLBACK = 1.0
 
 Position = tuple[int, int]
 
@@ -52,9 +69,15 @@ def claim_params(position: Position) -> dict[str, int]:
     return {"from_priority": -position[0], "from_id": position[1]}
 
 
+def place_payload(queue: str, position: Position) -> str:
+    """A NOTIFY payload that wakes every consumer of ``queue`` and moves
+    their positions back to ``position``."""
+    return f"{queue}\n{-position[0]} {position[1]}"
+
+
 class ClaimCursors:
     """The positions of one consumer session, by queue (missing: the whole
-    queue), and the NOTIFYs that move them."""
+    queue), the NOTIFYs that move them, and the queues to claim from now."""
 
     def __init__(self) -> None:
         self._positions: dict[str, Position] = {}
@@ -63,34 +86,76 @@ class ClaimCursors:
         # notification is the place of that publish's message, the name
         # was only its companion, not a message made ready again.
         self._named: tuple[int, str] | None = None
+        self._woken: set[str] = set()  # to claim from now
+        # When to claim from a queue whose publishes named other consumers.
+        self._fallback_at: dict[str, float] = {}
+        # The first and the last place named for this consumer, by queue:
+        # since the last claim there started, and for the claim under way.
+        self._mine: dict[str, tuple[Position, Position]] = {}
+        self._claiming_mine: dict[str, tuple[Position, Position]] = {}
 
-    def notified(self, pid: int, payload: str, attached: set[str]) -> str | None:
-        """Take a notification of the queue channel; return the attached
-        queue that may have ready messages now, if any."""
+    def notified(
+        self, pid: int, payload: str, attached: set[str], consumer_id: int | None = None
+    ) -> bool:
+        """Take a notification of the queue channel; say whether it was
+        about an attached queue (``take_woken`` then says what to claim)."""
         if payload in attached:
             self._settle()
             self._named = (pid, payload)
-            return payload
+            return True
         queue, newline, place = payload.rpartition("\n")
         if not newline or queue not in attached:
             self._settle()
-            return None
+            return False
         if self._named == (pid, queue):
             self._named = None  # the name's companion: a publish
         else:
             self._settle()
         try:
-            priority, message_id = (int(part) for part in place.split(" "))
+            numbers = [int(part) for part in place.split(" ")]
+            if len(numbers) not in (2, 3):
+                raise ValueError(place)
         except ValueError:
             self._positions.pop(queue, None)
-            return queue
-        self._move_back(queue, (-priority, message_id))
-        return queue
+            self._woken.add(queue)
+            return True
+        position = (-numbers[0], numbers[1])
+        self._move_back(queue, position)
+        named = numbers[2] if len(numbers) == 3 else None
+        if named is None or named == consumer_id:
+            self._woken.add(queue)
+            if named is not None:
+                first, last = self._mine.get(queue, (position, position))
+                self._mine[queue] = (min(first, position), max(last, position))
+        else:
+            self._fallback_at.setdefault(queue, time.monotonic() + WAKE_FALLBACK)
+        return True
+
+    def take_woken(self) -> set[str]:
+        """The queues to claim from now: woken by a notification, by a name
+        that came alone, or by their fallback time."""
+        self._settle()
+        now = time.monotonic()
+        for queue, at in list(self._fallback_at.items()):
+            if at <= now:
+                del self._fallback_at[queue]
+                self._woken.add(queue)
+        woken, self._woken = self._woken, set()
+        return woken
+
+    def next_fallback(self) -> float | None:
+        """When the next fallback claim is due (monotonic), if any."""
+        return min(self._fallback_at.values(), default=None)
 
     def start(self, queue: str) -> Position:
         """Where the next claim in ``queue`` starts. Until ``claimed`` is
         called, notifications move the position back from the end."""
         self._settle()
+        # This claim covers every place notified so far.
+        self._woken.discard(queue)
+        self._fallback_at.pop(queue, None)
+        if queue in self._mine:
+            self._claiming_mine[queue] = self._mine.pop(queue)
         position = self._positions.get(queue, WHOLE_QUEUE)
         now = time.monotonic()
         if now - self._whole_at.get(queue, -FULL_CLAIM_EVERY) >= FULL_CLAIM_EVERY:
@@ -100,24 +165,37 @@ class ClaimCursors:
         self._positions[queue] = END
         return position
 
-    def claimed(self, queue: str, places: list[Position], limit: int) -> None:
-        """A claim got the messages at ``places`` (asked for ``limit``)."""
+    def claimed(self, queue: str, places: list[Position], limit: int) -> Position | None:
+        """A claim got the messages at ``places`` (asked for ``limit``).
+        When it was full and a place named for this consumer lies after it,
+        returns where the claim stopped: for the others to claim from."""
         if len(places) < limit:
             after = END
         else:
             last = max(places)
             after = (last[0], last[1] + 1)
         self._move_back(queue, after)
+        mine = self._claiming_mine.pop(queue, None)
+        return after if mine is not None and mine[1] >= after else None
+
+    def unserved(self, queue: str) -> Position | None:
+        """No claim from ``queue`` now (no room): the first place named for
+        this consumer there since its last claim, if any, for the others to
+        claim from."""
+        mine = self._mine.pop(queue, None)
+        return mine[0] if mine is not None else None
 
     def rescan(self, queue: str) -> None:
         """The next claim scans the whole queue: a claim failed (what it
         would have taken is still there), or the queue was not consumed
         (its NOTIFYs went unheard)."""
         self._positions.pop(queue, None)
+        self._claiming_mine.pop(queue, None)
 
     def rescan_all(self) -> None:
         """A claim's commit failed (its queue is not known here)."""
         self._positions.clear()
+        self._claiming_mine.clear()
         self._named = None
 
     def _move_back(self, queue: str, position: Position) -> None:
@@ -127,4 +205,5 @@ class ClaimCursors:
         """A queue's name notified alone: the next claim scans it whole."""
         if self._named is not None:
             self._positions.pop(self._named[1], None)
+            self._woken.add(self._named[1])
             self._named = None

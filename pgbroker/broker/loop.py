@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from pgbroker.broker.consumer import CLAIM_BATCH_WAIT
+from pgbroker.broker.cursor import ClaimCursors
 from pgbroker.errors import STATEMENT_ERRORS, statement_error
 from pgbroker.logs import recovery
 from pgbroker.options import TransportOptions
@@ -50,6 +51,8 @@ class EventLoop:
     _due_armed: float | None
     _retry_tref: Any  # after a statement's error in the loop
     _claim_tref: Any  # when a claim put off for a fuller batch is due
+    _fallback_tref: Any  # when a fallback claim is due (pgbroker.broker.cursor)
+    _cursors: ClaimCursors
     _claim_waiting_since: float | None
     _acks: list[int]
     _ready: set[str]
@@ -74,6 +77,8 @@ class EventLoop:
         def _arm_due_timer(self) -> bool: ...
 
         def _swept_elsewhere(self) -> bool: ...
+
+        def _take_woken(self) -> None: ...
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         self._unregister_loop()
@@ -113,6 +118,9 @@ class EventLoop:
         if self._claim_tref is not None:
             self._claim_tref.cancel()
             self._claim_tref = None
+        if self._fallback_tref is not None:
+            self._fallback_tref.cancel()
+            self._fallback_tref = None
         self._claim_waiting_since = None
 
     def _on_due_timer(self) -> None:
@@ -165,6 +173,7 @@ class EventLoop:
         earlier_acks = bool(self._acks)
         wake = False
         with self._in_loop():
+            self._take_woken()  # notified during a statement (psycopg's handler)
             wake = bool(self._ready and self.claim_and_deliver())
             if self._ready and self._claim_waiting_since is not None:
                 # A claim put off for a fuller batch: the acks ride on it,
@@ -178,6 +187,7 @@ class EventLoop:
         # tasks waiting for the next timer or I/O event (up to seconds).
         # Likewise when a due time came with a reply read in this tick: the
         # loop chose how long to wait before the timer existed.
+        self._arm_fallback_timer()
         if self._arm_due_timer() or wake:
             waker = getattr(self._loop, "_waker", None)  # kombu 5.7 Hub
             if waker is not None:
@@ -191,6 +201,21 @@ class EventLoop:
     def _on_claim_timer(self) -> None:
         self._claim_tref = None
         self._on_tick()
+
+    def _arm_fallback_timer(self) -> None:
+        """A timer for the next fallback claim, if one is due and none is
+        set. Fallback times only come later (each is a fixed time after its
+        notification), so the timer set is never too late."""
+        if self._loop is None or self._fallback_tref is not None:
+            return
+        if (at := self._cursors.next_fallback()) is not None:
+            wait = max(at - time.monotonic(), 0.0)
+            self._fallback_tref = self._loop.call_later(wait, self._on_fallback_timer)
+
+    def _on_fallback_timer(self) -> None:
+        self._fallback_tref = None
+        self._on_tick()  # takes the due fallbacks and claims
+        self._arm_fallback_timer()
 
     def _on_sweep_timer(self) -> None:
         if self.consumer_id is not None and not self._swept_elsewhere():

@@ -81,7 +81,7 @@ from psycopg.types.json import set_json_loads
 
 from pgbroker.broker import enqueue, finish, header, sweeper
 from pgbroker.broker.channel import Channel, check_name
-from pgbroker.broker.consumer import ConsumerSession, Held
+from pgbroker.broker.consumer import BLOCKING_DELIVERY, ConsumerSession, Held
 from pgbroker.broker.cursor import ClaimCursors
 from pgbroker.broker.delayed import DelayedDelivery, due_channel_for
 from pgbroker.broker.loop import EventLoop
@@ -116,6 +116,7 @@ _PIPELINED = {
             "acks": 1016,
             "from_priority": 21,
             "from_id": 20,
+            "wake_min": 20,
         },
     ),
 }
@@ -205,7 +206,11 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         self._turn = 0  # round robin over consumed queues
         self._claim_waiting_since: float | None = None  # see CLAIM_BATCH_WAIT
         self._claim_tref: Any = None  # claims when a batch's wait is over
+        self._fallback_tref: Any = None  # claims when a fallback is due (cursor.py)
         self._woken = False  # a NOTIFY marked a queue ready
+        # The consumer runs the work in its callbacks (BLOCKING_DELIVERY).
+        self._deliveries_block = False
+        self._drained_at: float | None = None  # when drain_events last returned
         self._defer_acks = False
         self._sql: dict[str, bytes] = {}
         self._fd = -1  # the socket registered with the event loop
@@ -499,6 +504,9 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         params.update(
             channel=self.channel_name,
             due_channel=self.due_channel,
+            # Name the consumer waiting longest in the NOTIFY: it alone
+            # claims at once (pgbroker/broker/cursor.py).
+            wake_one=True,
             # The cached route: used by the statement if still current.
             version=route.version if route is not None else None,
             queues=list(route.queues) if route is not None else [],
@@ -565,7 +573,8 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
                     conn.execute(statement, params)
                 for params in chord_header.messages:
                     cur = conn.cursor()
-                    cur.execute(self._sql["publish_routing"], params)
+                    # Many messages at once: a wake-up for every consumer.
+                    cur.execute(self._sql["publish_routing"], {**params, "wake_one": False})
                     sent.append((cur, params))
             rows = [(cur.fetchone(), params) for cur, params in sent]
         for row, params in rows:
@@ -614,6 +623,15 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
     def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Deliver at least one message, or raise ``socket.timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._drained_at is not None and time.monotonic() - self._drained_at > BLOCKING_DELIVERY:
+            # Away from drain_events that long: a wake-up could wait as long.
+            self._deliveries_block = True
+        try:
+            self._drain(deadline)
+        finally:
+            self._drained_at = time.monotonic()
+
+    def _drain(self, deadline: float | None) -> None:
         while True:
             self._woken = False
             self.maybe_sweep()
@@ -645,10 +663,13 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
             )
             if self.consumer_id is not None:
                 # Wake up for the next sweep, which may be due before the poll,
-                # and when the next delayed message is due.
+                # when the next delayed message is due, and for a fallback
+                # claim (a publish named another consumer).
                 wait = min(wait, self._next_sweep - time.monotonic())
                 if self._due_at is not None:
                     wait = min(wait, self._due_at - time.monotonic())
+                if (fallback := self._cursors.next_fallback()) is not None:
+                    wait = min(wait, fallback - time.monotonic())
             readable, _, _ = select.select([self.conn.fileno()], [], [], max(wait, 0))
             if readable:
                 self.read_notifies()
@@ -659,10 +680,8 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         if notify.channel == self.routing_channel:
             self._routes.forget()
         elif notify.channel == self.channel_name:
-            queue = self._cursors.notified(notify.pid, notify.payload, self._attached)
-            if queue is not None:
-                self._ready.add(queue)
-                self._woken = True
+            if self._cursors.notified(notify.pid, notify.payload, self._attached, self.consumer_id):
+                self._woken = True  # take_woken says which queues
         elif notify.channel == self.due_channel:
             if notify.payload == "sweeper":
                 # A new process's standby: this process's sweeper may be
@@ -693,6 +712,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
                 self._on_notify(
                     psycopg.Notify(n.relname.decode(enc), n.extra.decode(enc), n.be_pid)
                 )
+        self._take_woken()
         if pgconn.status != psycopg.pq.ConnStatus.OK:
             raise ConnectionLost("pgbroker: the connection to PostgreSQL was lost")
 

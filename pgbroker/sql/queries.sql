@@ -168,14 +168,18 @@ WITH current_routing AS (
 )
 SELECT (SELECT count(*) FROM stored) AS routed,
        0 AS dead_lettered,
-       -- Per queue, its name (what every consumer wakes on), then with the
-       -- first new message's place in service order: a consumer then claims
-       -- from there (pgbroker/broker/cursor.py).
+       -- Per queue, its name (what older consumers wake on), then with the
+       -- first new message's place in service order (a consumer claims from
+       -- there, pgbroker/broker/cursor.py) and, with `wake_one`, the
+       -- consumer waiting longest (waiting_consumer, 020_waiting_consumers.sql):
+       -- only that one claims at once. Without one, every consumer does.
        (SELECT count(pg_notify(%(channel)s, w.payload))
         FROM (SELECT DISTINCT ON (queue) queue, priority, id FROM stored
               WHERE state = 'ready' ORDER BY queue, priority DESC, id) s
         CROSS JOIN LATERAL (VALUES (s.queue),
-                                   (s.queue || E'\n' || s.priority || ' ' || s.id)) w(payload)
+            (s.queue || E'\n' || s.priority || ' ' || s.id || coalesce(' ' || (
+                SELECT consumer_id FROM {schema}.waiting_consumer
+                WHERE %(wake_one)s AND queue = s.queue), ''))) w(payload)
        ) AS notified,
        (SELECT count(pg_notify(%(due_channel)s,
                                extract(epoch FROM d.due)::text || ' ' || d.queue))
@@ -291,14 +295,18 @@ WITH first_publish AS (
 )
 SELECT (SELECT count(*) FROM stored) AS routed,
        (SELECT count(*) FROM unroutable) AS dead_lettered,
-       -- Per queue, its name (what every consumer wakes on), then with the
-       -- first new message's place in service order: a consumer then claims
-       -- from there (pgbroker/broker/cursor.py).
+       -- Per queue, its name (what older consumers wake on), then with the
+       -- first new message's place in service order (a consumer claims from
+       -- there, pgbroker/broker/cursor.py) and, with `wake_one`, the
+       -- consumer waiting longest (waiting_consumer, 020_waiting_consumers.sql):
+       -- only that one claims at once. Without one, every consumer does.
        (SELECT count(pg_notify(%(channel)s, w.payload))
         FROM (SELECT DISTINCT ON (queue) queue, priority, id FROM stored
               WHERE state = 'ready' ORDER BY queue, priority DESC, id) s
         CROSS JOIN LATERAL (VALUES (s.queue),
-                                   (s.queue || E'\n' || s.priority || ' ' || s.id)) w(payload)
+            (s.queue || E'\n' || s.priority || ' ' || s.id || coalesce(' ' || (
+                SELECT consumer_id FROM {schema}.waiting_consumer
+                WHERE %(wake_one)s AND queue = s.queue), ''))) w(payload)
        ) AS notified,
        (SELECT count(pg_notify(%(due_channel)s,
                                extract(epoch FROM d.due)::text || ' ' || d.queue))
@@ -349,6 +357,14 @@ SELECT (SELECT count(*) FROM stored) AS routed,
 --
 -- The consumer's acks made since its last statement (`acks`, fenced as in
 -- `ack`) ride along: they commit with the claim, one commit instead of two.
+--
+-- The claim also says whether its consumer now waits for a wake-up
+-- (consumer_queue.waiting_since, 020_waiting_consumers.sql): it got fewer
+-- than `limit` (nothing more is ready for it) and keeps at least `wake_min`
+-- free (it would claim again at once when woken). A publish names the
+-- consumer waiting longest in its NOTIFY. Written only when it changes, and
+-- at each claim that took something and still waits (the consumer goes to
+-- the back of the line); that write needs no flush either.
 WITH acked AS (
     DELETE FROM {schema}.message
     WHERE id = ANY (%(acks)s::bigint[]) AND consumer_id = %(consumer_id)s
@@ -381,6 +397,19 @@ WITH acked AS (
     -- Not scanned at all when the first scan filled the claim.
     LIMIT %(limit)s - (SELECT count(*) FROM same_priority)
     FOR UPDATE SKIP LOCKED
+), claimed AS (
+    SELECT (SELECT count(*) FROM same_priority) + (SELECT count(*) FROM lower_priorities) AS n
+), waits AS (
+    SELECT n < %(limit)s AND %(limit)s - n >= %(wake_min)s AS now_waiting, n > 0 AS took
+    FROM claimed
+), waiting AS (
+    UPDATE {schema}.consumer_queue c
+    SET waiting_since = CASE WHEN w.now_waiting THEN now() END
+    FROM waits w
+    WHERE c.consumer_id = %(consumer_id)s AND c.queue = %(queue)s
+      AND CASE WHEN w.now_waiting THEN w.took OR c.waiting_since IS NULL
+               ELSE c.waiting_since IS NOT NULL END
+      AND (SELECT {schema}.claim_settings(EXISTS (SELECT FROM acked)))
 )
 UPDATE {schema}.message m
 SET state = 'reserved', consumer_id = %(consumer_id)s, claimed_at = now(),
@@ -395,6 +424,15 @@ RETURNING m.id, m.priority, m.delivery_count, m.exchange, m.routing_key,
           m.published_at,
           -- The task's received_at, when pgbroker stores its result.
           m.claimed_at;
+
+-- name: wake_consumers
+-- A wake-up its consumer cannot act on, passed to every consumer of the
+-- queue (`payload` is `queue\n<priority> <id>`, pgbroker/broker/cursor.py):
+-- a publish named this consumer while its window was full, or named it for
+-- a message its full claim did not reach. A NOTIFY writes nothing worth a
+-- flush.
+SELECT pg_catalog.set_config('synchronous_commit', 'off', true),
+       pg_notify(%(channel)s, %(payload)s);
 
 -- name: ack_orphaned
 -- Acks made for a session that is gone (lost before they were written, see
