@@ -28,7 +28,7 @@ from kombu import Connection, Consumer, Producer, Queue
 import pgbroker
 from pgbroker.broker import cursor
 from pgbroker.broker.transport import Transport
-from tests.kombu_helpers import Child, connect, scalar, wait_for
+from tests.kombu_helpers import Child, connect, length_is, scalar, wait_for
 
 
 def count_claims(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
@@ -118,7 +118,7 @@ def test_a_publish_wakes_one_idle_consumer_not_all(
         claims.clear()
         for i in range(m):
             producer.publish({"i": i})
-            wait_for(lambda: len(group.received) > i, timeout=5, interval=0.002)
+            wait_for(length_is(group.received, i + 1), timeout=5, interval=0.002)
         made = sum(claims.values())
     assert sorted(body["i"] for _, body, _ in group.received) == list(range(m))
     # Each named consumer's claim, and at most one fallback claim for each
