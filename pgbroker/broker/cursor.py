@@ -32,8 +32,8 @@ A position is held as its sort key ``(-priority, id)``: the smaller key
 comes first in service order.
 
 Who claims at once. A publish's place may name one consumer
-(``queue\n<priority> <id> <consumer>``): the one of the queue that has
-waited longest for a wake-up (020_waiting_consumers.sql). Only that one
+(``queue\n<priority> <id> <consumer>``): one of the queue's consumers that
+wait for a wake-up, at random (020_waiting_consumers.sql). Only that one
 claims at once; every other consumer of the queue moves its position back
 as for any place, and claims ``WAKE_FALLBACK`` seconds later unless it
 claimed from the queue meanwhile, so a message whose named consumer cannot

@@ -504,8 +504,8 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         params.update(
             channel=self.channel_name,
             due_channel=self.due_channel,
-            # Name the consumer waiting longest in the NOTIFY: it alone
-            # claims at once (pgbroker/broker/cursor.py).
+            # Name a waiting consumer in the NOTIFY: it alone claims at
+            # once (pgbroker/broker/cursor.py).
             wake_one=True,
             # The cached route: used by the statement if still current.
             version=route.version if route is not None else None,

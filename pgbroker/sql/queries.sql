@@ -170,9 +170,9 @@ SELECT (SELECT count(*) FROM stored) AS routed,
        0 AS dead_lettered,
        -- Per queue, its name (what older consumers wake on), then with the
        -- first new message's place in service order (a consumer claims from
-       -- there, pgbroker/broker/cursor.py) and, with `wake_one`, the
-       -- consumer waiting longest (waiting_consumer, 020_waiting_consumers.sql):
-       -- only that one claims at once. Without one, every consumer does.
+       -- there, pgbroker/broker/cursor.py) and, with `wake_one`, one waiting
+       -- consumer (waiting_consumer, 020_waiting_consumers.sql): only that
+       -- one claims at once. Without one, every consumer does.
        (SELECT count(pg_notify(%(channel)s, w.payload))
         FROM (SELECT DISTINCT ON (queue) queue, priority, id FROM stored
               WHERE state = 'ready' ORDER BY queue, priority DESC, id) s
@@ -297,9 +297,9 @@ SELECT (SELECT count(*) FROM stored) AS routed,
        (SELECT count(*) FROM unroutable) AS dead_lettered,
        -- Per queue, its name (what older consumers wake on), then with the
        -- first new message's place in service order (a consumer claims from
-       -- there, pgbroker/broker/cursor.py) and, with `wake_one`, the
-       -- consumer waiting longest (waiting_consumer, 020_waiting_consumers.sql):
-       -- only that one claims at once. Without one, every consumer does.
+       -- there, pgbroker/broker/cursor.py) and, with `wake_one`, one waiting
+       -- consumer (waiting_consumer, 020_waiting_consumers.sql): only that
+       -- one claims at once. Without one, every consumer does.
        (SELECT count(pg_notify(%(channel)s, w.payload))
         FROM (SELECT DISTINCT ON (queue) queue, priority, id FROM stored
               WHERE state = 'ready' ORDER BY queue, priority DESC, id) s
@@ -361,10 +361,9 @@ SELECT (SELECT count(*) FROM stored) AS routed,
 -- The claim also says whether its consumer now waits for a wake-up
 -- (consumer_queue.waiting_since, 020_waiting_consumers.sql): it got fewer
 -- than `limit` (nothing more is ready for it) and keeps at least `wake_min`
--- free (it would claim again at once when woken). A publish names the
--- consumer waiting longest in its NOTIFY. Written only when it changes, and
--- at each claim that took something and still waits (the consumer goes to
--- the back of the line); that write needs no flush either.
+-- free (it would claim again at once when woken). A publish names one
+-- waiting consumer in its NOTIFY. Written only when it changes, with no
+-- flush either.
 WITH acked AS (
     DELETE FROM {schema}.message
     WHERE id = ANY (%(acks)s::bigint[]) AND consumer_id = %(consumer_id)s
@@ -400,15 +399,13 @@ WITH acked AS (
 ), claimed AS (
     SELECT (SELECT count(*) FROM same_priority) + (SELECT count(*) FROM lower_priorities) AS n
 ), waits AS (
-    SELECT n < %(limit)s AND %(limit)s - n >= %(wake_min)s AS now_waiting, n > 0 AS took
-    FROM claimed
+    SELECT n < %(limit)s AND %(limit)s - n >= %(wake_min)s AS now_waiting FROM claimed
 ), waiting AS (
     UPDATE {schema}.consumer_queue c
     SET waiting_since = CASE WHEN w.now_waiting THEN now() END
     FROM waits w
     WHERE c.consumer_id = %(consumer_id)s AND c.queue = %(queue)s
-      AND CASE WHEN w.now_waiting THEN w.took OR c.waiting_since IS NULL
-               ELSE c.waiting_since IS NOT NULL END
+      AND w.now_waiting = (c.waiting_since IS NULL)
       AND (SELECT {schema}.claim_settings(EXISTS (SELECT FROM acked)))
 )
 UPDATE {schema}.message m
