@@ -124,43 +124,46 @@ def test_the_whole_queue_is_scanned_every_so_often(monkeypatch: pytest.MonkeyPat
 # --- who claims at once -----------------------------------------------------------------
 
 
-def test_a_place_naming_another_consumer_wakes_this_one_only_after_the_fallback(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """time.monotonic, set by the test."""
     now = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    return now
+
+
+def named_another() -> ClaimCursors:
+    """Consumer 3's cursors, idle, after a publish named consumer 5."""
     c = ClaimCursors()
     c.start("q")
     c.claimed("q", [], limit=10)
-    # The name, then the place naming consumer 5: this is consumer 3.
-    assert c.notified(7, "q", {"q"}, consumer_id=3)
+    assert c.notified(7, "q", {"q"}, consumer_id=3)  # the name, then the place
     assert c.notified(7, "q\n0 40 5", {"q"}, consumer_id=3)
+    return c
+
+
+def test_a_place_naming_another_consumer_wakes_this_one_only_after_the_fallback(
+    clock: list[float],
+) -> None:
+    c = named_another()
     assert c.take_woken() == set()
     assert c.next_fallback() == 1000.0 + cursor.WAKE_FALLBACK
     # A later one does not put the fallback off.
-    now[0] += 0.5
+    clock[0] += 0.5
     c.notified(8, "q", {"q"}, consumer_id=3)
     c.notified(8, "q\n0 41 6", {"q"}, consumer_id=3)
     assert c.take_woken() == set()
-    now[0] += cursor.WAKE_FALLBACK - 0.5
+    clock[0] += cursor.WAKE_FALLBACK - 0.5
     assert c.take_woken() == {"q"}
     assert c.next_fallback() is None
     assert c.start("q") == (0, 40)  # from the first place named
 
 
-def test_a_claim_from_the_queue_makes_its_fallback_needless(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    now = [1000.0]
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    c = ClaimCursors()
-    c.start("q")
-    c.claimed("q", [], limit=10)
-    c.notified(7, "q", {"q"}, consumer_id=3)
-    c.notified(7, "q\n0 40 5", {"q"}, consumer_id=3)
+def test_a_claim_from_the_queue_makes_its_fallback_needless(clock: list[float]) -> None:
+    c = named_another()
     assert c.start("q") == (0, 40)  # a claim for another reason covers it
     c.claimed("q", [], limit=10)
-    now[0] += cursor.WAKE_FALLBACK
+    clock[0] += cursor.WAKE_FALLBACK
     assert c.take_woken() == set()
 
 
