@@ -185,10 +185,13 @@ def test_the_named_consumer_and_an_unnamed_place_wake_at_once() -> None:
     assert c.take_woken() == {"q"}
 
 
-def test_a_place_named_for_this_consumer_that_it_cannot_take_is_passed_on() -> None:
+def test_a_place_named_for_this_consumer_that_it_cannot_take_is_passed_on(
+    clock: list[float],
+) -> None:
     c = ClaimCursors()
     c.start("q")
     c.claimed("q", [], limit=1)
+    c.notified(6, "q\n0 39 5", {"q"}, consumer_id=3)  # another consumer waits
     c.notified(7, "q", {"q"}, consumer_id=3)
     c.notified(7, "q\n0 40 3", {"q"}, consumer_id=3)
     c.notified(8, "q", {"q"}, consumer_id=3)
@@ -197,8 +200,8 @@ def test_a_place_named_for_this_consumer_that_it_cannot_take_is_passed_on() -> N
     c.start("q")
     # Full (a prefetch of 1) before the second place: where it stopped is
     # passed on, for the others to claim from.
-    assert c.claimed("q", [(0, 40)], limit=1) == (0, 41)
-    assert cursor.place_payload("q", (0, 41)) == "q\n0 41"
+    assert c.claimed("q", [(0, 39)], limit=1) == (0, 40)
+    assert cursor.place_payload("q", (0, 40)) == "q\n0 40"
     # A claim that got less than it asked took all it could see.
     c.notified(7, "q\n0 42 3", {"q"}, consumer_id=3)
     c.start("q")
@@ -209,6 +212,14 @@ def test_a_place_named_for_this_consumer_that_it_cannot_take_is_passed_on() -> N
     c.notified(7, "q\n0 45 3", {"q"}, consumer_id=3)
     assert c.unserved("q") == (-9, 43)
     assert c.unserved("q") is None
+    # No other consumer named lately: nobody to pass it on to.
+    clock[0] += cursor.OTHERS_WAITED_WITHIN
+    c.notified(7, "q\n0 46 3", {"q"}, consumer_id=3)
+    assert c.unserved("q") is None
+    c.notified(7, "q\n0 47 3", {"q"}, consumer_id=3)
+    c.take_woken()
+    c.start("q")
+    assert c.claimed("q", [(0, 46)], limit=1) is None
 
 
 # --- claims on a real queue -----------------------------------------------------------

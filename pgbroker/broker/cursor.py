@@ -56,6 +56,12 @@ FULL_CLAIM_EVERY = 2.0
 #: queue this long after (seconds), unless it claimed from it meanwhile.
 WAKE_FALLBACK = 1.0
 
+#: A named consumer passes on a wake-up it cannot act on only if it heard a
+#: publish name another consumer of the queue within this many seconds:
+#: otherwise no other consumer waits, and it claims again itself when it
+#: has room (a single consumer, or all of them busy).
+OTHERS_WAITED_WITHIN = 2 * WAKE_FALLBACK
+
 Position = tuple[int, int]
 
 #: Before every message: priority 10 is above the highest (9).
@@ -93,6 +99,8 @@ class ClaimCursors:
         # since the last claim there started, and for the claim under way.
         self._mine: dict[str, tuple[Position, Position]] = {}
         self._claiming_mine: dict[str, tuple[Position, Position]] = {}
+        # When a publish last named another consumer, by queue.
+        self._others_named_at: dict[str, float] = {}
 
     def notified(
         self, pid: int, payload: str, attached: set[str], consumer_id: int | None = None
@@ -128,12 +136,16 @@ class ClaimCursors:
                 first, last = self._mine.get(queue, (position, position))
                 self._mine[queue] = (min(first, position), max(last, position))
         else:
-            self._fallback_at.setdefault(queue, time.monotonic() + WAKE_FALLBACK)
+            now = time.monotonic()
+            self._fallback_at.setdefault(queue, now + WAKE_FALLBACK)
+            self._others_named_at[queue] = now
         return True
 
     def take_woken(self) -> set[str]:
         """The queues to claim from now: woken by a notification, by a name
         that came alone, or by their fallback time."""
+        if not (self._woken or self._named or self._fallback_at):
+            return set()  # (at every turn of Celery's event loop)
         self._settle()
         now = time.monotonic()
         for queue, at in list(self._fallback_at.items()):
@@ -176,14 +188,22 @@ class ClaimCursors:
             after = (last[0], last[1] + 1)
         self._move_back(queue, after)
         mine = self._claiming_mine.pop(queue, None)
-        return after if mine is not None and mine[1] >= after else None
+        if mine is None or mine[1] < after or not self._others_wait(queue):
+            return None
+        return after
 
     def unserved(self, queue: str) -> Position | None:
         """No claim from ``queue`` now (no room): the first place named for
         this consumer there since its last claim, if any, for the others to
         claim from."""
         mine = self._mine.pop(queue, None)
-        return mine[0] if mine is not None else None
+        return mine[0] if mine is not None and self._others_wait(queue) else None
+
+    def _others_wait(self, queue: str) -> bool:
+        """Whether another consumer of ``queue`` was named lately: one that
+        waits, to pass a wake-up on to."""
+        named_at = self._others_named_at.get(queue)
+        return named_at is not None and time.monotonic() - named_at < OTHERS_WAITED_WITHIN
 
     def rescan(self, queue: str) -> None:
         """The next claim scans the whole queue: a claim failed (what it
