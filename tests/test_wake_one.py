@@ -279,3 +279,19 @@ def test_a_role_granted_before_the_waiting_consumers_still_publishes(db_url: str
         with psycopg.connect(db_url, autocommit=True) as db:
             db.execute(f'DROP OWNED BY "{role}"')
             db.execute(f'DROP ROLE "{role}"')
+
+
+def test_the_publish_finds_the_waiting_consumer_through_the_queue_index(db_url: str) -> None:
+    """waiting_consumer picks one row per queue (DISTINCT ON): read with the
+    queue given, as the publish reads it, the condition must reach the
+    scan of consumer_queue_queue, not come after a sort of every queue's
+    consumers."""
+    with psycopg.connect(db_url) as db:
+        db.execute(
+            "PREPARE lookup(text) AS SELECT (SELECT consumer_id FROM pgbroker.waiting_consumer"
+            " WHERE queue = $1)"
+        )
+        db.execute("SET plan_cache_mode = force_generic_plan")
+        plan = "\n".join(row[0] for row in db.execute("EXPLAIN EXECUTE lookup('q')"))
+    assert "Index Cond: (queue = $1)" in plan, plan
+    assert "Seq Scan on consumer_queue" not in plan, plan
