@@ -11,10 +11,9 @@
 --   publish names one waiting consumer of its queue in its NOTIFY
 --   (`queue\n<priority> <id> <consumer>`), chosen at random, so that work
 --   spreads over the idle consumers as RabbitMQ's round robin spreads it.
---   Random rather than the one waiting longest: that order would need a
---   write at every claim (measured: +0.05 to 0.1 ms of server CPU per
---   message with one consumer); the column only changes when its consumer
---   starts or stops waiting.
+--   Random rather than the one waiting longest: that order needs a write
+--   at every claim that takes something; the column only changes when its
+--   consumer starts or stops waiting.
 -- * Only the consumer's claim writes it, in the claim's transaction; a
 --   publish only reads it, so it takes no lock a claim could wait on (a
 --   publish inside a caller's long transaction, enqueue_in, holds none).
