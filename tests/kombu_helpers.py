@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -157,3 +157,25 @@ def run(code: str, url: str, timeout: float = 30.0, **env: str) -> str:
     )
     assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{proc.stderr}"
     return proc.stdout
+
+
+@contextlib.contextmanager
+def role_granted_before(db_url: str, prefix: str, created_later: str) -> Iterator[str]:
+    """A login role (its name yielded) granted pgbroker's schema and tables
+    as an application role was before the migration that created
+    ``created_later`` (GRANT ... ON ALL TABLES covers only what exists
+    then): no privilege on that table or view. Dropped afterwards."""
+    role = prefix + db_url.rsplit("_", 1)[-1]
+    with psycopg.connect(db_url, autocommit=True) as db:
+        db.execute(f'CREATE ROLE "{role}" LOGIN')
+        db.execute(f'GRANT USAGE ON SCHEMA pgbroker TO "{role}"')
+        db.execute(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgbroker TO "{role}"'
+        )
+        db.execute(f'REVOKE ALL ON pgbroker.{created_later} FROM "{role}"')
+    try:
+        yield role
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as db:
+            db.execute(f'DROP OWNED BY "{role}"')
+            db.execute(f'DROP ROLE "{role}"')

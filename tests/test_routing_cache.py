@@ -20,6 +20,8 @@ import psycopg
 import pytest
 from kombu import Connection, Exchange, Producer, Queue
 
+from tests.kombu_helpers import role_granted_before
+
 ROUTING_TABLES = {"binding", "exchange", "queue"}
 
 
@@ -373,15 +375,7 @@ def test_a_role_granted_before_the_routing_version_still_publishes_and_declares(
     """An application role granted the tables before migration 015 (the
     grant does not cover tables created later) reads the routing version
     and bumps it through the trigger, which runs as its owner."""
-    role = "pgb_old_grant_" + db_url.rsplit("_", 1)[-1]
-    with psycopg.connect(db_url, autocommit=True) as db:
-        db.execute(f'CREATE ROLE "{role}" LOGIN')
-        db.execute(f'GRANT USAGE ON SCHEMA pgbroker TO "{role}"')
-        db.execute(
-            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgbroker TO "{role}"'
-        )
-        db.execute(f'REVOKE ALL ON pgbroker.routing_version FROM "{role}"')
-    try:
+    with role_granted_before(db_url, "pgb_old_grant_", "routing_version") as role:
         before = version(db_url)
         with psycopg.connect(db_url, autocommit=True) as app:
             app.execute(f'SET ROLE "{role}"')
@@ -389,7 +383,3 @@ def test_a_role_granted_before_the_routing_version_still_publishes_and_declares(
             assert app.execute("SELECT version FROM pgbroker.routing_version").fetchone() == (
                 before + 1,
             )
-    finally:
-        with psycopg.connect(db_url, autocommit=True) as db:
-            db.execute(f'DROP OWNED BY "{role}"')
-            db.execute(f'DROP ROLE "{role}"')

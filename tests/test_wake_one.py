@@ -25,11 +25,19 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 from kombu import Connection, Consumer, Producer, Queue
+from kombu.asynchronous import Hub
 
 import pgbroker
 from pgbroker.broker import cursor
 from pgbroker.broker.transport import Transport
-from tests.kombu_helpers import Child, connect, length_is, scalar, wait_for
+from tests.kombu_helpers import (
+    Child,
+    connect,
+    length_is,
+    role_granted_before,
+    scalar,
+    wait_for,
+)
 
 
 def count_claims(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
@@ -49,11 +57,14 @@ def count_claims(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
 
 class Consumers:
     """Kombu consumers of one queue, each on its own connection (its own
-    session), draining in a thread of its own; they record what they get
-    (consumer index, body, when) and ack it unless ``ack`` is off."""
+    session), draining in a thread of its own (with ``loop``, turning a
+    Kombu hub, as a Celery worker's consumer does); they record what they
+    get (consumer index, body, when) and ack it unless ``ack`` is off."""
 
-    def __init__(self, url: str, name: str, n: int, prefetch: int, ack: bool = True) -> None:
-        self.url, self.name, self.prefetch, self.ack = url, name, prefetch, ack
+    def __init__(
+        self, url: str, name: str, n: int, prefetch: int, ack: bool = True, loop: bool = False
+    ) -> None:
+        self.url, self.name, self.prefetch, self.ack, self.loop = url, name, prefetch, ack, loop
         self.received: list[tuple[int, Any, float]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -69,8 +80,14 @@ class Consumers:
         with connect(self.url, sweep_interval=30) as conn:
             channel = conn.channel()
             channel.basic_qos(0, self.prefetch, False)
+            hub = Hub() if self.loop else None
+            if hub is not None:
+                conn.register_with_event_loop(hub)
             with Consumer(channel, [Queue(self.name)], callbacks=[on_message]):
                 while not self._stop.is_set():
+                    if hub is not None:
+                        hub.run_once()  # at most LOOP_WAKE_INTERVAL
+                        continue
                     with contextlib.suppress(TimeoutError):
                         conn.drain_events(timeout=0.2)
 
@@ -173,15 +190,17 @@ with Connection(os.environ["TEST_URL"], transport_options={"sweep_interval": 30}
 """
 
 
-def test_a_stopped_named_consumer_leaves_the_message_to_the_others(db_url: str) -> None:
+@pytest.mark.parametrize("loop", [False, True], ids=["drain_events", "event_loop"])
+def test_a_stopped_named_consumer_leaves_the_message_to_the_others(db_url: str, loop: bool) -> None:
     """A waiting consumer is stopped (SIGSTOP): publishes that name it are
     taken by the other consumer after WAKE_FALLBACK, once; those that name
-    the other are taken at once."""
+    the other are taken at once. The other waits in ``drain_events``, or
+    in an event loop (its fallback is a timer of the loop)."""
     places = Places(db_url)
     with producer_for(db_url, "wake-stopped") as producer, Child(CHILD_CONSUMER, db_url) as named:
         word, consumer_id = named.read_line().split()
         assert word == "consuming"
-        with Consumers(db_url, "wake-stopped", 1, 4) as other:
+        with Consumers(db_url, "wake-stopped", 1, 4, loop=loop) as other:
             wait_for(lambda: waiting(db_url, "wake-stopped") == 2)
             os.kill(named.proc.pid, signal.SIGSTOP)
             delays: dict[bool, float] = {}
@@ -256,15 +275,7 @@ def test_a_role_granted_before_the_waiting_consumers_still_publishes(db_url: str
     """An application role granted the tables before migration 020 (the
     grant does not cover the view created later) publishes, and its
     publish still names the waiting consumer."""
-    role = "pgb_old_wake_" + db_url.rsplit("_", 1)[-1]
-    with psycopg.connect(db_url, autocommit=True) as db:
-        db.execute(f'CREATE ROLE "{role}" LOGIN')
-        db.execute(f'GRANT USAGE ON SCHEMA pgbroker TO "{role}"')
-        db.execute(
-            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgbroker TO "{role}"'
-        )
-        db.execute(f'REVOKE ALL ON pgbroker.waiting_consumer FROM "{role}"')
-    try:
+    with role_granted_before(db_url, "pgb_old_wake_", "waiting_consumer") as role:
         parts = urlsplit(db_url)
         app_url = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
         with (
@@ -275,10 +286,6 @@ def test_a_role_granted_before_the_waiting_consumers_still_publishes(db_url: str
             wait_for(lambda: waiting(db_url, "wake-granted") == 2)
             Producer(app.default_channel, routing_key="wake-granted").publish({"i": 1})
             wait_for(lambda: group.received, timeout=cursor.WAKE_FALLBACK * 0.5)
-    finally:
-        with psycopg.connect(db_url, autocommit=True) as db:
-            db.execute(f'DROP OWNED BY "{role}"')
-            db.execute(f'DROP ROLE "{role}"')
 
 
 def test_the_publish_finds_the_waiting_consumer_through_the_queue_index(db_url: str) -> None:

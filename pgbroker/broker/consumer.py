@@ -122,7 +122,6 @@ class ConsumerSession:
     _sweeper: sweeper.Sweeper | None
     _due_at: float | None
     _claim_waiting_since: float | None  # a claim put off for a fuller batch
-    _woken: bool
     _deliveries_block: bool  # see BLOCKING_DELIVERY
 
     if TYPE_CHECKING:

@@ -214,8 +214,7 @@ class EventLoop:
 
     def _on_fallback_timer(self) -> None:
         self._fallback_tref = None
-        self._on_tick()  # takes the due fallbacks and claims
-        self._arm_fallback_timer()
+        self._on_tick()  # takes the due fallbacks, claims, sets the next timer
 
     def _on_sweep_timer(self) -> None:
         if self.consumer_id is not None and not self._swept_elsewhere():
