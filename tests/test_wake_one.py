@@ -77,19 +77,23 @@ class Consumers:
             if self.ack:
                 message.ack()
 
-        with connect(self.url, sweep_interval=30) as conn:
-            channel = conn.channel()
-            channel.basic_qos(0, self.prefetch, False)
-            hub = Hub() if self.loop else None
+        hub = Hub() if self.loop else None
+        try:
+            with connect(self.url, sweep_interval=30) as conn:
+                channel = conn.channel()
+                channel.basic_qos(0, self.prefetch, False)
+                if hub is not None:
+                    conn.register_with_event_loop(hub)
+                with Consumer(channel, [Queue(self.name)], callbacks=[on_message]):
+                    while not self._stop.is_set():
+                        if hub is not None:
+                            hub.run_once()  # at most LOOP_WAKE_INTERVAL
+                            continue
+                        with contextlib.suppress(TimeoutError):
+                            conn.drain_events(timeout=0.2)
+        finally:
             if hub is not None:
-                conn.register_with_event_loop(hub)
-            with Consumer(channel, [Queue(self.name)], callbacks=[on_message]):
-                while not self._stop.is_set():
-                    if hub is not None:
-                        hub.run_once()  # at most LOOP_WAKE_INTERVAL
-                        continue
-                    with contextlib.suppress(TimeoutError):
-                        conn.drain_events(timeout=0.2)
+                hub.close()  # its poller and waker sockets
 
     def __enter__(self) -> Consumers:
         for thread in self._threads:
