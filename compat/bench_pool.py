@@ -282,7 +282,16 @@ def ready_count(url: str, options: dict[str, Any], queue: Queue) -> int:
 
 
 def backend_cpu(pid: int) -> float | None:
-    """utime+stime of one process in seconds; None when it is gone."""
+    """CPU seconds of one single-threaded process (a PostgreSQL backend);
+    None when it is gone. From ``schedstat`` (nanoseconds) where the kernel
+    keeps it: utime+stime come in 10 ms ticks, and a backend serving a few
+    dozen tasks can use less than one, so short windows read 0."""
+    try:
+        nanoseconds = int((PROC / str(pid) / "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        nanoseconds = 0
+    if nanoseconds:
+        return nanoseconds / 1e9
     try:
         fields = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
