@@ -31,44 +31,38 @@ def test_a_publish_moves_the_position_back_to_its_message() -> None:
     c = ClaimCursors()
     assert c.start("q") == WHOLE_QUEUE
     c.claimed("q", [(0, 5), (0, 6)], limit=10)  # fewer than asked: the end
-    assert c.notified(7, "q", {"q"})  # the name, then the place
-    assert c.notified(7, "q\n0 4", {"q"})
+    assert c.notified("q\n0 4", {"q"})  # the place of its first message
     assert c.take_woken() == {"q"}
     assert c.start("q") == (0, 4)
     c.claimed("q", [(0, 4)], limit=1)  # a full claim: just after its last row
     assert c.start("q") == (0, 5)
     c.claimed("q", [], limit=1)
     # A higher priority comes first in service order.
-    c.notified(7, "q", {"q"})
-    c.notified(7, "q\n9 80", {"q"})
-    c.notified(8, "q", {"q"})
-    c.notified(8, "q\n0 70", {"q"})
+    c.notified("q\n9 80", {"q"})
+    c.notified("q\n0 70", {"q"})
     assert c.start("q") == (-9, 80)
 
 
 def test_a_queue_name_alone_rescans_the_whole_queue() -> None:
-    """A requeue, a recovery, a promotion or an older pgbroker's publish
-    NOTIFYs the name alone: what it made ready may lie before the position."""
+    """A requeue, a recovery or a promotion NOTIFYs the queue's name: what
+    it made ready may lie before the position."""
     c = ClaimCursors()
     c.start("q")
     c.claimed("q", [], limit=10)
-    c.notified(7, "q", {"q"})
+    assert c.notified("q", {"q"})
+    assert c.take_woken() == {"q"}
     assert c.start("q") == WHOLE_QUEUE
     c.claimed("q", [], limit=10)
-    # A name whose place comes from another backend is not its companion.
-    c.notified(7, "q", {"q"})
-    c.notified(8, "q\n0 4", {"q"})
+    # A place after the name does not narrow it.
+    c.notified("q", {"q"})
+    c.notified("q\n0 4", {"q"})
     assert c.start("q") == WHOLE_QUEUE
     c.claimed("q", [], limit=10)
-    # Nor is one followed by another queue's notification.
-    c.notified(7, "q", {"q", "r"})
-    c.notified(7, "r\n0 4", {"q", "r"})
+    # Another queue's notification does not touch this one.
+    c.notified("q", {"q", "r"})
+    c.notified("r\n0 4", {"q", "r"})
     assert c.start("q") == WHOLE_QUEUE
     assert c.start("r") == WHOLE_QUEUE  # never claimed from yet
-    c.claimed("q", [], limit=10)
-    # A name whose place has not arrived when the claim starts.
-    c.notified(7, "q", {"q"})
-    assert c.start("q") == WHOLE_QUEUE
 
 
 def test_notifications_during_a_claim_are_kept() -> None:
@@ -77,14 +71,12 @@ def test_notifications_during_a_claim_are_kept() -> None:
     c = ClaimCursors()
     c.start("q")
     c.claimed("q", [], limit=10)
-    c.notified(7, "q", {"q"})
-    c.notified(7, "q\n0 50", {"q"})
+    c.notified("q\n0 50", {"q"})
     assert c.start("q") == (0, 50)
-    c.notified(9, "q", {"q"})
-    c.notified(9, "q\n0 40", {"q"})  # committed after the snapshot
+    c.notified("q\n0 40", {"q"})  # committed after the snapshot
     c.claimed("q", [(0, 50), (0, 51)], limit=2)
     assert c.start("q") == (0, 40)
-    c.notified(9, "q", {"q"})  # a name alone during the claim
+    c.notified("q", {"q"})  # a name alone during the claim
     c.claimed("q", [(0, 40)], limit=1)
     assert c.start("q") == WHOLE_QUEUE
 
@@ -93,17 +85,17 @@ def test_other_payloads_change_nothing() -> None:
     c = ClaimCursors()
     c.start("q")
     c.claimed("q", [], limit=10)
-    assert not c.notified(7, "other", {"q"})
-    assert not c.notified(7, "other\n0 4", {"q"})
+    assert not c.notified("other", {"q"})
+    assert not c.notified("other\n0 4", {"q"})
     assert c.take_woken() == set()
     assert c.start("q") == END
     c.claimed("q", [], limit=10)
     # A malformed place: the whole queue, to be safe.
-    assert c.notified(7, "q\nx", {"q"})
+    assert c.notified("q\nx", {"q"})
     assert c.take_woken() == {"q"}
     assert c.start("q") == WHOLE_QUEUE
     c.claimed("q", [], limit=10)
-    assert c.notified(7, "q\n0 4 5 6", {"q"})
+    assert c.notified("q\n0 4 5 6", {"q"})
     assert c.take_woken() == {"q"}
     assert c.start("q") == WHOLE_QUEUE
 
@@ -137,8 +129,7 @@ def named_another() -> ClaimCursors:
     c = ClaimCursors()
     c.start("q")
     c.claimed("q", [], limit=10)
-    assert c.notified(7, "q", {"q"}, consumer_id=3)  # the name, then the place
-    assert c.notified(7, "q\n0 40 5", {"q"}, consumer_id=3)
+    assert c.notified("q\n0 40 5", {"q"}, consumer_id=3)
     return c
 
 
@@ -150,8 +141,7 @@ def test_a_place_naming_another_consumer_wakes_this_one_only_after_the_fallback(
     assert c.next_fallback() == 1000.0 + cursor.WAKE_FALLBACK
     # A later one does not put the fallback off.
     clock[0] += 0.5
-    c.notified(8, "q", {"q"}, consumer_id=3)
-    c.notified(8, "q\n0 41 6", {"q"}, consumer_id=3)
+    c.notified("q\n0 41 6", {"q"}, consumer_id=3)
     assert c.take_woken() == set()
     clock[0] += cursor.WAKE_FALLBACK - 0.5
     assert c.take_woken() == {"q"}
@@ -171,17 +161,16 @@ def test_the_named_consumer_and_an_unnamed_place_wake_at_once() -> None:
     c = ClaimCursors()
     c.start("q")
     c.claimed("q", [], limit=10)
-    c.notified(7, "q", {"q"}, consumer_id=3)
-    c.notified(7, "q\n0 40 3", {"q"}, consumer_id=3)
+    c.notified("q\n0 40 3", {"q"}, consumer_id=3)
     assert c.take_woken() == {"q"}
     assert c.start("q") == (0, 40)
     c.claimed("q", [(0, 40)], limit=10)
-    c.notified(7, "q\n0 41", {"q"}, consumer_id=3)  # passed on by a consumer
+    c.notified("q\n0 41", {"q"}, consumer_id=3)  # passed on by a consumer
     assert c.take_woken() == {"q"}
     # A name alone (a requeue) wakes everyone, as before.
     c.start("q")
     c.claimed("q", [], limit=10)
-    c.notified(9, "q", {"q"}, consumer_id=3)
+    c.notified("q", {"q"}, consumer_id=3)
     assert c.take_woken() == {"q"}
 
 
@@ -191,11 +180,9 @@ def test_a_place_named_for_this_consumer_that_it_cannot_take_is_passed_on(
     c = ClaimCursors()
     c.start("q")
     c.claimed("q", [], limit=1)
-    c.notified(6, "q\n0 39 5", {"q"}, consumer_id=3)  # another consumer waits
-    c.notified(7, "q", {"q"}, consumer_id=3)
-    c.notified(7, "q\n0 40 3", {"q"}, consumer_id=3)
-    c.notified(8, "q", {"q"}, consumer_id=3)
-    c.notified(8, "q\n0 41 3", {"q"}, consumer_id=3)
+    c.notified("q\n0 39 5", {"q"}, consumer_id=3)  # another consumer waits
+    c.notified("q\n0 40 3", {"q"}, consumer_id=3)
+    c.notified("q\n0 41 3", {"q"}, consumer_id=3)
     c.take_woken()
     c.start("q")
     # Full (a prefetch of 1) before the second place: where it stopped is
@@ -203,20 +190,20 @@ def test_a_place_named_for_this_consumer_that_it_cannot_take_is_passed_on(
     assert c.claimed("q", [(0, 39)], limit=1) == (0, 40)
     assert cursor.place_payload("q", (0, 40)) == "q\n0 40"
     # A claim that got less than it asked took all it could see.
-    c.notified(7, "q\n0 42 3", {"q"}, consumer_id=3)
+    c.notified("q\n0 42 3", {"q"}, consumer_id=3)
     c.start("q")
     assert c.claimed("q", [], limit=1) is None
     # No room to claim at all: the first place named since.
-    c.notified(7, "q\n0 44 3", {"q"}, consumer_id=3)
-    c.notified(7, "q\n9 43 3", {"q"}, consumer_id=3)
-    c.notified(7, "q\n0 45 3", {"q"}, consumer_id=3)
+    c.notified("q\n0 44 3", {"q"}, consumer_id=3)
+    c.notified("q\n9 43 3", {"q"}, consumer_id=3)
+    c.notified("q\n0 45 3", {"q"}, consumer_id=3)
     assert c.unserved("q") == (-9, 43)
     assert c.unserved("q") is None
     # No other consumer named lately: nobody to pass it on to.
     clock[0] += cursor.OTHERS_WAITED_WITHIN
-    c.notified(7, "q\n0 46 3", {"q"}, consumer_id=3)
+    c.notified("q\n0 46 3", {"q"}, consumer_id=3)
     assert c.unserved("q") is None
-    c.notified(7, "q\n0 47 3", {"q"}, consumer_id=3)
+    c.notified("q\n0 47 3", {"q"}, consumer_id=3)
     c.take_woken()
     c.start("q")
     assert c.claimed("q", [(0, 46)], limit=1) is None

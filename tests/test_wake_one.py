@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-from kombu import Connection, Consumer, Producer, Queue
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.asynchronous import Hub
 
 import pgbroker
@@ -273,6 +273,29 @@ def test_a_named_consumer_with_no_room_passes_the_wake_up_on(db_url: str) -> Non
     places.close()
     assert len(set(named)) < 4, named
     assert last < cursor.WAKE_FALLBACK * 0.5, (last, named)
+
+
+def test_a_publish_sends_one_notification_per_queue(db_url: str) -> None:
+    """Every listening session reads every notification of the channel
+    (PostgreSQL up to 18 signals each at every commit): a publish sends its
+    first message's place in each queue it reaches, and nothing else (until
+    2026-12-07 the queue's name went first). Through a fanout exchange to
+    two queues, its route resolved in SQL and then from the cache, and
+    through the default exchange."""
+    with psycopg.connect(db_url, autocommit=True) as heard, Connection(db_url) as conn:
+        channel = conn.default_channel
+        fanout = Exchange("one-note", "fanout")
+        for name in ("one-note-a", "one-note-b"):
+            Queue(name, fanout)(channel).declare()
+        heard.execute("LISTEN pgbroker")
+        producer = Producer(channel)
+        producer.publish({"i": 1}, exchange=fanout)  # routed in SQL
+        producer.publish({"i": 2}, exchange=fanout)  # from the cache
+        producer.publish({"i": 3}, routing_key="one-note-a")
+        notes = [n.payload for n in heard.notifies(timeout=1)]
+        rows = heard.execute("SELECT queue, id FROM pgbroker.message ORDER BY id").fetchall()
+    assert [q for q, _ in rows].count("one-note-a") == 3 and len(rows) == 5
+    assert sorted(notes) == sorted(f"{q}\n0 {i}" for q, i in rows)
 
 
 def test_a_role_granted_before_the_waiting_consumers_still_publishes(db_url: str) -> None:

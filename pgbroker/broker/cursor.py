@@ -14,15 +14,13 @@ in queries.sql):
 * after a claim that got fewer messages than it asked for, nothing was
   ready from where it started: the position is the end of the queue;
 * after a claim that got all it asked for, it is just after its last row;
-* a publish NOTIFYs the queue's name and then, in a second notification,
-  the place of its first new message (``queue\\n<priority> <id>``): the
-  position moves back there if that is earlier. A message committed later
-  than another with a higher id (two publishers at once, or a publish in
-  a long transaction) is found so;
-* a NOTIFY of the queue's name alone (a message made ready again:
-  requeued, recovered from a dead consumer, promoted from delayed, given
-  back; or a publish by an older pgbroker) sends the next claim over the
-  whole queue;
+* a publish NOTIFYs the place of its first new message in the queue
+  (``queue\\n<priority> <id>``): the position moves back there if that is
+  earlier. A message committed later than another with a higher id (two
+  publishers at once, or a publish in a long transaction) is found so;
+* a NOTIFY of the queue's name (a message made ready again: requeued,
+  recovered from a dead consumer, promoted from delayed, given back) sends
+  the next claim over the whole queue;
 * and every ``FULL_CLAIM_EVERY`` seconds a claim scans the whole queue
   anyway: a message that another consumer's claim had locked (SKIP LOCKED
   passes over it) and that is ready again because that claim failed
@@ -38,11 +36,14 @@ claims at once; every other consumer of the queue moves its position back
 as for any place, and claims ``WAKE_FALLBACK`` seconds later unless it
 claimed from the queue meanwhile, so a message whose named consumer cannot
 claim it (stopped, dead, busy) waits that long at most while others idle.
-The queue's name that comes before such a place wakes nobody. A named
-consumer that cannot take the message (its window is full, or its full
-claim stopped before the place) passes the place on to everyone
-(``wake_consumers`` in queries.sql). An older consumer, which does not
-parse three numbers, claims the whole queue, as for a name alone.
+A named consumer that cannot take the message (its window is full, or its
+full claim stopped before the place) passes the place on to everyone
+(``wake_consumers`` in queries.sql).
+
+A publish sends the place alone: every listening session reads every
+notification of the channel (PostgreSQL up to 18 signals them all), so a
+second one per publish costs each of them. pgbroker before 2026-12-07
+(never released) sent the queue's name first and woke on names only.
 """
 
 from __future__ import annotations
@@ -88,10 +89,6 @@ class ClaimCursors:
     def __init__(self) -> None:
         self._positions: dict[str, Position] = {}
         self._whole_at: dict[str, float] = {}
-        # A queue's name just notified, by (backend pid, queue): if the next
-        # notification is the place of that publish's message, the name
-        # was only its companion, not a message made ready again.
-        self._named: tuple[int, str] | None = None
         self._woken: set[str] = set()  # to claim from now
         # When to claim from a queue whose publishes named other consumers.
         self._fallback_at: dict[str, float] = {}
@@ -102,23 +99,16 @@ class ClaimCursors:
         # When a publish last named another consumer, by queue.
         self._others_named_at: dict[str, float] = {}
 
-    def notified(
-        self, pid: int, payload: str, attached: set[str], consumer_id: int | None = None
-    ) -> bool:
+    def notified(self, payload: str, attached: set[str], consumer_id: int | None = None) -> bool:
         """Take a notification of the queue channel; say whether it was
         about an attached queue (``take_woken`` then says what to claim)."""
         if payload in attached:
-            self._settle()
-            self._named = (pid, payload)
+            self._positions.pop(payload, None)  # the whole queue
+            self._woken.add(payload)
             return True
         queue, newline, place = payload.rpartition("\n")
         if not newline or queue not in attached:
-            self._settle()
             return False
-        if self._named == (pid, queue):
-            self._named = None  # the name's companion: a publish
-        else:
-            self._settle()
         try:
             numbers = [int(part) for part in place.split(" ")]
             if len(numbers) not in (2, 3):
@@ -142,11 +132,10 @@ class ClaimCursors:
         return True
 
     def take_woken(self) -> set[str]:
-        """The queues to claim from now: woken by a notification, by a name
-        that came alone, or by their fallback time."""
-        if not (self._woken or self._named or self._fallback_at):
+        """The queues to claim from now: woken by a notification or by
+        their fallback time."""
+        if not (self._woken or self._fallback_at):
             return set()  # (at every turn of Celery's event loop)
-        self._settle()
         now = time.monotonic()
         for queue, at in list(self._fallback_at.items()):
             if at <= now:
@@ -162,7 +151,6 @@ class ClaimCursors:
     def start(self, queue: str) -> Position:
         """Where the next claim in ``queue`` starts. Until ``claimed`` is
         called, notifications move the position back from the end."""
-        self._settle()
         # This claim covers every place notified so far.
         self._woken.discard(queue)
         self._fallback_at.pop(queue, None)
@@ -216,14 +204,6 @@ class ClaimCursors:
         """A claim's commit failed (its queue is not known here)."""
         self._positions.clear()
         self._claiming_mine.clear()
-        self._named = None
 
     def _move_back(self, queue: str, position: Position) -> None:
         self._positions[queue] = min(self._positions.get(queue, WHOLE_QUEUE), position)
-
-    def _settle(self) -> None:
-        """A queue's name notified alone: the next claim scans it whole."""
-        if self._named is not None:
-            self._positions.pop(self._named[1], None)
-            self._woken.add(self._named[1])
-            self._named = None

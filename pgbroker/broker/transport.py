@@ -21,7 +21,8 @@ How it works, in short:
   crash may undo").
 * Publishing stores the message in the queues of the route the session
   cached, while that route's routing version is current, and NOTIFYs the
-  queue's name (:file:`sql/queries.sql`, ``publish``); otherwise it routes
+  message's place in the queue (:file:`sql/queries.sql`, ``publish``;
+  :mod:`pgbroker.broker.cursor`); otherwise it routes
   in SQL against bindings stored in PostgreSQL (``publish_routing``) and
   caches the route (:mod:`pgbroker.broker.routing`).
 * A consuming connection LISTENs. It claims messages only when a NOTIFY says
@@ -680,7 +681,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         if notify.channel == self.routing_channel:
             self._routes.forget()
         elif notify.channel == self.channel_name:
-            if self._cursors.notified(notify.pid, notify.payload, self._attached, self.consumer_id):
+            if self._cursors.notified(notify.payload, self._attached, self.consumer_id):
                 self._woken = True  # take_woken says which queues
         elif notify.channel == self.due_channel:
             if notify.payload == "sweeper":

@@ -168,18 +168,16 @@ WITH current_routing AS (
 )
 SELECT (SELECT count(*) FROM stored) AS routed,
        0 AS dead_lettered,
-       -- Per queue, its name (what older consumers wake on), then with the
-       -- first new message's place in service order (a consumer claims from
-       -- there, pgbroker/broker/cursor.py) and, with `wake_one`, one waiting
-       -- consumer (waiting_consumer, 020_waiting_consumers.sql): only that
-       -- one claims at once. Without one, every consumer does.
-       (SELECT count(pg_notify(%(channel)s, w.payload))
+       -- Per queue, the first new message's place in service order (a
+       -- consumer claims from there, pgbroker/broker/cursor.py) and, with
+       -- `wake_one`, one waiting consumer (waiting_consumer, 020): only
+       -- that one claims at once. Without one, every consumer does.
+       (SELECT count(pg_notify(%(channel)s,
+            s.queue || E'\n' || s.priority || ' ' || s.id || coalesce(' ' || (
+                SELECT consumer_id FROM {schema}.waiting_consumer
+                WHERE %(wake_one)s AND queue = s.queue), '')))
         FROM (SELECT DISTINCT ON (queue) queue, priority, id FROM stored
               WHERE state = 'ready' ORDER BY queue, priority DESC, id) s
-        CROSS JOIN LATERAL (VALUES (s.queue),
-            (s.queue || E'\n' || s.priority || ' ' || s.id || coalesce(' ' || (
-                SELECT consumer_id FROM {schema}.waiting_consumer
-                WHERE %(wake_one)s AND queue = s.queue), ''))) w(payload)
        ) AS notified,
        (SELECT count(pg_notify(%(due_channel)s,
                                extract(epoch FROM d.due)::text || ' ' || d.queue))
@@ -295,18 +293,16 @@ WITH first_publish AS (
 )
 SELECT (SELECT count(*) FROM stored) AS routed,
        (SELECT count(*) FROM unroutable) AS dead_lettered,
-       -- Per queue, its name (what older consumers wake on), then with the
-       -- first new message's place in service order (a consumer claims from
-       -- there, pgbroker/broker/cursor.py) and, with `wake_one`, one waiting
-       -- consumer (waiting_consumer, 020_waiting_consumers.sql): only that
-       -- one claims at once. Without one, every consumer does.
-       (SELECT count(pg_notify(%(channel)s, w.payload))
+       -- Per queue, the first new message's place in service order (a
+       -- consumer claims from there, pgbroker/broker/cursor.py) and, with
+       -- `wake_one`, one waiting consumer (waiting_consumer, 020): only
+       -- that one claims at once. Without one, every consumer does.
+       (SELECT count(pg_notify(%(channel)s,
+            s.queue || E'\n' || s.priority || ' ' || s.id || coalesce(' ' || (
+                SELECT consumer_id FROM {schema}.waiting_consumer
+                WHERE %(wake_one)s AND queue = s.queue), '')))
         FROM (SELECT DISTINCT ON (queue) queue, priority, id FROM stored
               WHERE state = 'ready' ORDER BY queue, priority DESC, id) s
-        CROSS JOIN LATERAL (VALUES (s.queue),
-            (s.queue || E'\n' || s.priority || ' ' || s.id || coalesce(' ' || (
-                SELECT consumer_id FROM {schema}.waiting_consumer
-                WHERE %(wake_one)s AND queue = s.queue), ''))) w(payload)
        ) AS notified,
        (SELECT count(pg_notify(%(due_channel)s,
                                extract(epoch FROM d.due)::text || ' ' || d.queue))
