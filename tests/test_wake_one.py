@@ -28,7 +28,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.asynchronous import Hub
 
 import pgbroker
-from pgbroker.broker import cursor
+from pgbroker.broker import consumer, cursor
 from pgbroker.broker.transport import Transport
 from tests.kombu_helpers import (
     Child,
@@ -273,6 +273,50 @@ def test_a_named_consumer_with_no_room_passes_the_wake_up_on(db_url: str) -> Non
     places.close()
     assert len(set(named)) < 4, named
     assert last < cursor.WAKE_FALLBACK * 0.5, (last, named)
+
+
+def consumer_queue_updates(url: str) -> int:
+    """Updates of consumer_queue rows so far, once every other session of
+    the database has ended (a session's statistics reach the server at its
+    end at the latest)."""
+    with psycopg.connect(url, autocommit=True) as db:
+        others = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        wait_for(lambda: scalar(db, others) == 0)
+        return int(
+            scalar(db, "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'consumer_queue'")
+        )
+
+
+def test_a_consumer_busy_and_idle_at_every_message_writes_its_waiting_seldom(
+    db_url: str,
+) -> None:
+    """Two consumers with a prefetch of 1: each claim that takes a message
+    fills the window (not waiting), the next one finds nothing (waiting).
+    Written at every claim, that was two row versions of consumer_queue per
+    message, which a transaction pinning the xmin horizon keeps for every
+    publish's lookup of a waiting consumer to step over (the longtx figures
+    of docs/benchmarks.md). Changes are written at most once per
+    WAITING_WRITE_EVERY per consumer; the messages still arrive at once."""
+    before = consumer_queue_updates(db_url)
+    m = 60
+    with (
+        producer_for(db_url, "wake-churn") as producer,
+        Consumers(db_url, "wake-churn", 2, 1) as group,
+    ):
+        wait_for(lambda: waiting(db_url, "wake-churn") == 2)
+        started = time.monotonic()
+        for i in range(m):
+            producer.publish({"i": i})
+            wait_for(length_is(group.received, i + 1), timeout=5, interval=0.002)
+            time.sleep(0.01)
+        elapsed = time.monotonic() - started
+    assert sorted(body["i"] for _, body, _ in group.received) == list(range(m))
+    updates = consumer_queue_updates(db_url) - before
+    # Each consumer: its first wait, then a change per WAITING_WRITE_EVERY.
+    assert updates <= 2 * (2 + elapsed / consumer.WAITING_WRITE_EVERY), (updates, elapsed)
 
 
 def test_a_publish_sends_one_notification_per_queue(db_url: str) -> None:

@@ -64,9 +64,19 @@ CLAIM_BATCH_WAIT = 0.05
 #: A consumer whose deliveries (the callbacks of a claim's messages), or the
 #: gaps between its ``drain_events`` calls, took longer than this (seconds)
 #: runs the work itself (Celery's solo pool, a Kombu callback that does the
-#: job): it cannot act on a wake-up meanwhile, so from then on it waits for
-#: one only after a claim that got nothing (see ``_wake_min``).
+#: job): it cannot act on a wake-up meanwhile, so from then on it never
+#: waits for one (see ``_wake_min``); publishes that name nobody wake it.
 BLOCKING_DELIVERY = 0.1
+
+#: A consumer changes whether it waits for a wake-up in a queue
+#: (consumer_queue.waiting_since, written by its claims) at most once per
+#: this many seconds: one that turns busy and idle at every message (a
+#: prefetch of 1, a load at the half-window line) would write the row at
+#: every claim, and while a long transaction pins the xmin horizon every
+#: such write leaves a row version that each publish's lookup of a waiting
+#: consumer steps over (docs/benchmarks.md, "Wake-ups"). A stale value
+#: costs a passed-on wake-up or a fallback claim, never a message.
+WAITING_WRITE_EVERY = 1.0
 
 
 class Held(NamedTuple):
@@ -123,6 +133,9 @@ class ConsumerSession:
     _due_at: float | None
     _claim_waiting_since: float | None  # a claim put off for a fuller batch
     _deliveries_block: bool  # see BLOCKING_DELIVERY
+    # Per queue, whether the consumer waits there as its claims last wrote
+    # it, for which registration, and when (see WAITING_WRITE_EVERY).
+    _waits_written: dict[str, tuple[int, bool, float]]
 
     if TYPE_CHECKING:
 
@@ -211,8 +224,9 @@ class ConsumerSession:
         (pgbroker.broker.cursor); with ``settle`` off, return before the
         claim's commit has been confirmed (see ``_run_pipelined``). With
         ``wake_min``, the consumer waits for a wake-up after this claim if
-        it leaves at least that many places free and nothing more is ready
-        (``claim`` in queries.sql); without, it does not (``basic_get``)."""
+        it leaves at least that many places free and nothing more is ready,
+        and not otherwise (``claim`` in queries.sql); without, whether it
+        waits stays as it is (``basic_get``, see WAITING_WRITE_EVERY)."""
         if no_ack:
             return self.run_all("claim_no_ack", queue=queue, limit=limit)
         consumer_id = self._ensure_consumer()
@@ -229,7 +243,7 @@ class ConsumerSession:
                 limit=limit,
                 consumer_id=consumer_id,
                 acks=self._riding,
-                wake_min=limit + 1 if wake_min is None else wake_min,
+                wake_min=wake_min,
                 **claim_params(start),
             )
         except BaseException:
@@ -274,22 +288,20 @@ class ConsumerSession:
             # snapshot) sets it again and must not be lost.
             self._ready.discard(queue)
             position = WHOLE_QUEUE if no_ack else self._cursors.start(queue)
+            wake_min = None if no_ack else self._wake_min(channel, queue, limit)
             try:
                 rows = self.claim(
-                    queue,
-                    limit,
-                    no_ack,
-                    settle=False,
-                    start=position,
-                    wake_min=self._wake_min(channel, limit),
+                    queue, limit, no_ack, settle=False, start=position, wake_min=wake_min
                 )
             except BaseException as exc:
+                self._waits_written.pop(queue, None)  # rolled back: not known
                 self._cursors.rescan(queue)
                 if isinstance(exc, STATEMENT_ERRORS):  # ConnectionLost too
                     self._ready.add(queue)  # nothing claimed: the work is still there
                 raise
             if len(rows) >= limit:
                 self._ready.add(queue)
+            self._note_waits(queue, limit, wake_min, len(rows))
             rows.sort(key=lambda r: (-r[1], r[0]))
             if not no_ack:
                 places = [(-r[1], r[0]) for r in rows]
@@ -331,18 +343,37 @@ class ConsumerSession:
         if woken := self._cursors.take_woken():
             self._ready |= woken
 
-    def _wake_min(self, channel: Any, limit: int) -> int:
+    def _wake_min(self, channel: Any, queue: str, limit: int) -> int | None:
         """How many places a claim must leave free for its consumer to wait
         for a wake-up (``claim`` in queries.sql): as many as make it claim
         at once when woken. In Celery's event loop, half the prefetch
         window (with less, ``_claim_waits`` puts the claim off); a consumer
-        that runs the work itself (BLOCKING_DELIVERY), all of it."""
+        that runs the work itself (BLOCKING_DELIVERY) never waits. None
+        (the claim leaves it as it is) within WAITING_WRITE_EVERY of the
+        last change."""
+        written = self._waits_written.get(queue)
+        if (
+            written is not None
+            and written[0] == self._registration
+            and time.monotonic() - written[2] < WAITING_WRITE_EVERY
+        ):
+            return None
         if self._deliveries_block:
-            return limit
+            return limit + 1
         prefetch: int | None = channel.qos.prefetch_count
         if self._loop is not None and prefetch:
             return max(1, (prefetch + 1) // 2)
         return 1
+
+    def _note_waits(self, queue: str, limit: int, wake_min: int | None, claimed: int) -> None:
+        """What a claim made with ``wake_min`` wrote: when whether the
+        consumer waits changed, the next change waits WAITING_WRITE_EVERY."""
+        if wake_min is None:
+            return
+        waits = claimed < limit and limit - claimed >= wake_min
+        written = self._waits_written.get(queue)
+        if written is None or written[0] != self._registration or written[1] != waits:
+            self._waits_written[queue] = (self._registration, waits, time.monotonic())
 
     def _claim_waits(self, channel: Any, free: int) -> bool:
         """Whether to put a claim of ``free`` messages off (see

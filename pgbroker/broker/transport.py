@@ -211,6 +211,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         self._woken = False  # a NOTIFY marked a queue ready
         # The consumer runs the work in its callbacks (BLOCKING_DELIVERY).
         self._deliveries_block = False
+        self._waits_written: dict[str, tuple[int, bool, float]] = {}
         self._drained_at: float | None = None  # when drain_events last returned
         self._defer_acks = False
         self._sql: dict[str, bytes] = {}

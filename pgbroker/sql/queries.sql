@@ -359,7 +359,8 @@ SELECT (SELECT count(*) FROM stored) AS routed,
 -- than `limit` (nothing more is ready for it) and keeps at least `wake_min`
 -- free (it would claim again at once when woken). A publish names one
 -- waiting consumer in its NOTIFY. Written only when it changes, with no
--- flush either.
+-- flush either; `wake_min` NULL leaves it as it is (the consumer changed
+-- it less than WAITING_WRITE_EVERY ago, pgbroker/broker/consumer.py).
 WITH acked AS (
     DELETE FROM {schema}.message
     WHERE id = ANY (%(acks)s::bigint[]) AND consumer_id = %(consumer_id)s
@@ -396,6 +397,7 @@ WITH acked AS (
     SELECT (SELECT count(*) FROM same_priority) + (SELECT count(*) FROM lower_priorities) AS n
 ), waits AS (
     SELECT n < %(limit)s AND %(limit)s - n >= %(wake_min)s AS now_waiting FROM claimed
+    WHERE %(wake_min)s IS NOT NULL
 ), waiting AS (
     UPDATE {schema}.consumer_queue c
     SET waiting_since = CASE WHEN w.now_waiting THEN now() END
