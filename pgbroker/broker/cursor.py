@@ -40,10 +40,9 @@ A named consumer that cannot take the message (its window is full, or its
 full claim stopped before the place) passes the place on to everyone
 (``wake_consumers`` in queries.sql).
 
-A publish sends the place alone: every listening session reads every
-notification of the channel (PostgreSQL up to 18 signals them all), so a
-second one per publish costs each of them. pgbroker before 2026-12-07
-(never released) sent the queue's name first and woke on names only.
+A publish sends the place alone, so a name always means a message made
+ready again. Until 2026-12-07 (never released) the queue's name went first,
+for consumers that woke on names only.
 """
 
 from __future__ import annotations
