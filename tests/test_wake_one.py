@@ -337,12 +337,12 @@ def test_a_consumer_busy_and_idle_at_every_message_writes_its_waiting_seldom(
 
 
 def test_a_publish_sends_one_notification_per_queue(db_url: str) -> None:
-    """Every listening session reads every notification of the channel
-    (PostgreSQL up to 18 signals each at every commit): a publish sends its
-    first message's place in each queue it reaches, and nothing else (until
-    2026-12-07 the queue's name went first). Through a fanout exchange to
-    two queues, its route resolved in SQL and then from the cache, and
-    through the default exchange."""
+    """A publish sends its first message's place in each queue it reaches,
+    and nothing else: a queue's name means a message made ready again, on
+    which every consumer of the queue claims the whole queue at once (until
+    2026-12-07 the name went before the place, and the consumer had to pair
+    them). Through a fanout exchange to two queues, its route resolved in
+    SQL and then from the cache, and through the default exchange."""
     with psycopg.connect(db_url, autocommit=True) as heard, Connection(db_url) as conn:
         channel = conn.default_channel
         fanout = Exchange("one-note", "fanout")
