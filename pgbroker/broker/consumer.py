@@ -366,8 +366,9 @@ class ConsumerSession:
         return 1
 
     def _note_waits(self, queue: str, limit: int, wake_min: int | None, claimed: int) -> None:
-        """What a claim made with ``wake_min`` wrote: when whether the
-        consumer waits changed, the next change waits WAITING_WRITE_EVERY."""
+        """What a claim made with ``wake_min`` wrote (the rule of ``waits``
+        in ``claim``, queries.sql): when whether the consumer waits changed,
+        the next change waits WAITING_WRITE_EVERY."""
         if wake_min is None:
             return
         waits = claimed < limit and limit - claimed >= wake_min
