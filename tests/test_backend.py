@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from celery import Celery, states
 from celery.app.task import Context
+from celery.exceptions import TimeoutError as ResultTimeout
 
 from pgbroker.errors import ConfigurationError, DatabaseUnavailable, ResultTooLarge
 from pgbroker.results.backend import PostgresBackend
@@ -449,3 +450,37 @@ def test_group_whose_parts_are_buffered_joins(app: Celery) -> None:
         backend.result_consumer.on_state_change(backend.get_task_meta(task_id), None)
     g = app.GroupResult("g", [app.AsyncResult(i) for i in ids])
     assert g.get(timeout=10) == [i * 2 for i in range(5)]
+
+
+@pytest.mark.parametrize("late", ["buffered", "unread"])
+def test_a_forgotten_results_late_notification_never_answers_its_id_used_again(
+    late: str, app: Celery, db: psycopg.Connection
+) -> None:
+    """A task id used again after ``forget()`` waits for its new result.
+
+    The first result can reach the client twice (the read after the LISTEN
+    and the NOTIFY both bring it when the worker commits in between): the
+    second copy lands in Celery's message buffer, or is still on the socket
+    (or at the server) when ``forget()`` runs. Either way it must not answer
+    the next wait on that id, as it did once in CI (test_republish's
+    ``add`` gave 3, the forgotten result, for its second run).
+    """
+    b = app.backend
+    first = app.AsyncResult("again")
+    b.mark_as_done("again", 3, request=request("again"))
+    assert first.get(timeout=10) == 3
+    if late == "buffered":
+        # What the consumer does with the copy nobody waits for any more.
+        b.result_consumer.on_state_change(b.get_task_meta("again", cache=False), None)
+        assert "again" in b._pending_messages
+    else:
+        # A second notification of the same result, as the worker's commit
+        # sends it; the channel is still listened (UNLISTENs are lazy).
+        db.execute("UPDATE pgbroker.task_result SET state = 'STARTED' WHERE task_id = 'again'")
+        b.mark_as_done("again", 3, request=request("again"))
+    first.forget()
+    again = app.AsyncResult("again")
+    with pytest.raises(ResultTimeout):
+        again.get(timeout=1)
+    make_app(app.conf.result_backend).backend.mark_as_done("again", 5, request=request("again"))
+    assert again.get(timeout=10) == 5

@@ -783,7 +783,7 @@ class PostgresBackend(FinishingBackend, *_Waiters, Backend, AsyncBackendMixin): 
 
     def forget(self, task_id: str) -> None:
         super().forget(task_id)
-        self.result_consumer.cancel_for(task_id)
+        self.result_consumer.forget(task_id)
 
     def _wait_for_pending(
         self, result: Any, on_interval: Callable[[], None] | None = None, **kwargs: Any

@@ -27,6 +27,8 @@ that nothing it sends has to wait for its reply:
   are dropped in bulk (``UNLISTEN *`` and the LISTENs of those still
   waited for, one transaction) once they outnumber the live ones and
   ``STALE_MAX`` (see ``_sync_listens``). Notifications on them are ignored.
+* Except after ``forget()``: its id may be used again, so its channel is
+  left at once (one round trip) and what arrived of it is dropped.
 
 Modelled on Celery's Redis ``ResultConsumer``: one thread at a time reads
 the connection; the others wait on a condition the reader signals after it
@@ -48,6 +50,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterator
 from datetime import datetime
+from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 import celery
@@ -556,6 +559,46 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._pending_unlisten.add(channel_for(self.backend.schema, task_id))
         self._initial.pop(task_id, None)
         self._failed_reads.discard(task_id)
+
+    def forget(self, task_id: str) -> None:
+        """Drop what this client holds of ``task_id``'s result, its row deleted.
+
+        A result can arrive twice (the read after the LISTEN and the NOTIFY
+        of a commit in between both bring it); the copy nobody waited for is
+        kept in Celery's message buffer, or is still on the socket or at the
+        server. Any of them would answer the next wait on that id, reused
+        after ``forget()``, with the forgotten result. So the channel is left
+        at once: after the reply to its UNLISTEN, the server sends nothing
+        more of it, and what came before is dropped here.
+        """
+        self._check_fork()
+        channel = channel_for(self.backend.schema, task_id)
+        self.cancel_for(task_id)
+        with self._lock:
+            if channel in self._listening and self._connection is not None:
+                with self.reconnect_on_error():
+                    conn = self._conn()
+                    self._send(
+                        conn, sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)), _COMMAND
+                    )
+                    self._sync(conn)
+                    self._flush(conn)
+                    self._listening.discard(channel)
+                    self._stale.discard(channel)
+                    target = self._sent
+                    deadline = time.monotonic() + RECONNECT_TIMEOUT
+                    while self._synced < target and self._connection is conn:
+                        if time.monotonic() > deadline:
+                            raise psycopg.OperationalError("pgbroker: no reply to UNLISTEN")
+                        select.select([conn.fileno()], [], [], MAX_WAIT)
+                        self._collect(conn)
+            self._incoming = deque(entry for entry in self._incoming if entry[0] != task_id)
+            with contextlib.suppress(Empty):
+                while True:
+                    self._pending_messages.take(task_id)
+            if self._incoming:  # the other tasks' news read on the way
+                self._deliver()
+                self._read_done.notify_all()
 
     def on_state_change(self, meta: dict[str, Any], message: Any) -> None:
         if not ONE_WAITER_PER_ID:
