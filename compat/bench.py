@@ -258,6 +258,7 @@ class Settings:
     longtx_after_seconds: float
     longtx_rate: float
     longtx_burst: int
+    longtx_consumers: int
     delay_calls: int
     hosts: tuple[int, ...]
     hosts_tasks: int
@@ -380,6 +381,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         type=int,
         help="messages published flat out, consumers paused, for the drain rate (full: 5000)",
     )
+    p.add_argument(
+        "--longtx-consumers",
+        type=int,
+        default=bench_longtx.CONSUMERS,
+        help="Kombu consumers of the longtx part's queue (with --prefetch 1, each turns busy "
+        "and idle at every message)",
+    )
     p.add_argument("--delay-calls", type=int, help="delay() calls per round (full: 5000)")
     p.add_argument(
         "--hosts", help="worker hosts (celery worker -c 2 each) of the hosts part (full: 1,4,8)"
@@ -472,6 +480,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         longtx_after_seconds=size("longtx_after_seconds"),
         longtx_rate=a.longtx_rate,
         longtx_burst=size("longtx_burst"),
+        longtx_consumers=a.longtx_consumers,
         delay_calls=size("delay_calls"),
         hosts=tuple(int(x) for x in str(size("hosts")).split(",")),
         hosts_tasks=size("hosts_tasks"),
@@ -1721,7 +1730,7 @@ def run_longtx(report: Report, dbs: Databases, prefix: str, workdir: Path) -> No
         with dbs.admin() as admin:
             return bench_longtx.measure(
                 url, {}, admin, database_name(url), prefix, s.longtx_rate, seconds,
-                s.longtx_burst, s.prefetch, workdir,
+                s.longtx_burst, s.prefetch, workdir, s.longtx_consumers,
             )  # fmt: skip
 
     result = attempt(cells, measure, "longtx")
@@ -1903,7 +1912,8 @@ def header_lines(report: Report) -> list[str]:
         f"{c.chords} chords of {c.chord_header}; backlog {s.backlog:,}; scale "
         f"{','.join(map(str, s.scale_consumers))} consumers, {s.scale_messages} messages; "
         f"listeners {','.join(map(str, s.listeners))}, {s.listener_messages} messages at "
-        f"{s.listener_rate:g}/s; longtx {s.longtx_rate:g}/s, pinned {s.longtx_seconds:g} s, "
+        f"{s.listener_rate:g}/s; longtx {s.longtx_rate:g}/s to {s.longtx_consumers} consumers, "
+        f"pinned {s.longtx_seconds:g} s, "
         f"{s.longtx_after_seconds:g} s before and after; delay-rate {s.delay_calls} calls; "
         f"hosts {','.join(map(str, s.hosts))} x {s.hosts_tasks} tasks"
     )
@@ -1985,7 +1995,9 @@ def render(report: Report) -> str:
         )
     if "longtx" in env:
         notes.append(
-            "  longtx: 2 consumers; msg/s received over each phase at the fixed rate; drain = "
+            f"  longtx: {report.settings.longtx_consumers} consumers, prefetch "
+            f"{report.settings.prefetch}; msg/s received "
+            "over each phase at the fixed rate; drain = "
             "consume rate of a backlog published flat out with consumers paused, at the "
             "phase's end (pinned: transaction still open); ready at each phase's end "
             + ", ".join(f"{k}={v['ready_at_end']}" for k, v in env["longtx"].items())

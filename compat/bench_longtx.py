@@ -1,8 +1,8 @@
 """Throughput and pickup latency while a transaction pins the xmin horizon,
 for :mod:`compat.bench` (pgbroker only).
 
-Two Kombu consumers (each its own process and session, prefetch as the
-other Kombu figures) consume one queue; one producer publishes to it at a
+Kombu consumers (``CONSUMERS`` unless told, each its own session, prefetch
+as the other Kombu figures) consume one queue; one producer publishes to it at a
 fixed ``rate``, in three phases one after the other:
 
 * ``clean``: nothing else open;
@@ -68,11 +68,12 @@ def measure(
     burst: int,
     prefetch: int,
     workdir: Path,
+    consumers: int = CONSUMERS,
 ) -> tuple[dict[str, Phase], str]:
     """The phases' figures, and why the CPU could not be measured (or "")."""
     name = f"{prefix}.longtx"
     queue = bench_pool.declare(url, options, prefix, name)
-    pool = bench_pool.ConsumerPool(url, options, prefix, [[name]] * CONSUMERS, prefetch, workdir)
+    pool = bench_pool.ConsumerPool(url, options, prefix, [[name]] * consumers, prefetch, workdir)
     libpq = "postgresql://" + url.partition("://")[2]
     phases = {p: Phase(p) for p in PHASES}
     cpu_error = ""
