@@ -60,7 +60,7 @@ class Consumers:
     session), draining in a thread of its own (with ``loop``, turning a
     Kombu hub, as a Celery worker's consumer does); they record what they
     get (consumer index, body, when) and ack it unless ``ack`` is off,
-    after ``work`` seconds in the callback."""
+    after ``work`` seconds in the callback (or the body's ``work``)."""
 
     def __init__(
         self,
@@ -83,7 +83,7 @@ class Consumers:
         def on_message(body: Any, message: Any) -> None:
             with self._lock:
                 self.received.append((index, body, time.monotonic()))
-            time.sleep(self.work)
+            time.sleep(body.get("work", self.work) if isinstance(body, dict) else self.work)
             if self.ack:
                 message.ack()
 
@@ -334,6 +334,38 @@ def test_a_consumer_busy_and_idle_at_every_message_writes_its_waiting_seldom(
     else:
         # Each consumer: its first wait, then a change per WAITING_WRITE_EVERY.
         assert updates <= 2 * (2 + elapsed / consumer.WAITING_WRITE_EVERY), (updates, elapsed)
+
+
+def test_a_consumer_that_ran_the_work_once_waits_again_later(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slow callback (or one long gap between drain_events calls: a
+    pause, a GC) marks a consumer as running the work itself, which does not
+    wait for a wake-up (every publish that names nobody wakes it). Once it
+    has run no work for BLOCKING_MEMORY seconds it waits again, to be woken
+    alone. It did so never, for the rest of its session: 64 consumers paused
+    once were all woken by every publish, and under a long transaction their
+    claims cost the server three times as much (docs/benchmarks.md)."""
+    monkeypatch.setattr(consumer, "BLOCKING_MEMORY", 1.0)
+    name = "wake-blocked-once"
+    with producer_for(db_url, name) as producer, Consumers(db_url, name, 1, 4) as group:
+        wait_for(lambda: waiting(db_url, name) == 1)
+        producer.publish({"i": 0, "work": consumer.BLOCKING_DELIVERY * 1.5})
+        sent = 1
+
+        def publish_until(done: Any) -> None:
+            nonlocal sent
+            deadline = time.monotonic() + 10
+            while not done():
+                assert time.monotonic() < deadline, "the waiting state never changed"
+                producer.publish({"i": sent})
+                sent += 1
+                wait_for(length_is(group.received, sent), timeout=5, interval=0.002)
+                time.sleep(0.1)
+
+        publish_until(lambda: waiting(db_url, name) == 0)  # runs the work: not waiting
+        publish_until(lambda: waiting(db_url, name) == 1)  # BLOCKING_MEMORY later: waits
+    assert sorted(body["i"] for _, body, _ in group.received) == list(range(sent))
 
 
 def test_a_publish_sends_one_notification_per_queue(db_url: str) -> None:

@@ -64,9 +64,15 @@ CLAIM_BATCH_WAIT = 0.05
 #: A consumer whose deliveries (the callbacks of a claim's messages), or the
 #: gaps between its ``drain_events`` calls, took longer than this (seconds)
 #: runs the work itself (Celery's solo pool, a Kombu callback that does the
-#: job): it cannot act on a wake-up meanwhile, so from then on it never
-#: waits for one (see ``_wake_min``); publishes that name nobody wake it.
+#: job): it cannot act on a wake-up meanwhile, so it does not wait for one
+#: (see ``_wake_min``); publishes that name nobody wake it.
 BLOCKING_DELIVERY = 0.1
+#: How long (seconds) a consumer counts as running the work itself after its
+#: last slow delivery or long gap. Not for good: one paused once (a GC, a
+#: loaded machine that leaves its thread unscheduled that long, an
+#: application that stops draining for a while) is then woken alone again,
+#: not by every publish that names nobody for the rest of its session.
+BLOCKING_MEMORY = 10.0
 
 #: A consumer changes whether it waits for a wake-up in a queue
 #: (consumer_queue.waiting_since, written by its claims) at most once per
@@ -132,7 +138,7 @@ class ConsumerSession:
     _sweeper: sweeper.Sweeper | None
     _due_at: float | None
     _claim_waiting_since: float | None  # a claim put off for a fuller batch
-    _deliveries_block: bool  # see BLOCKING_DELIVERY
+    _blocked_at: float | None  # the last slow delivery or long gap (BLOCKING_DELIVERY)
     # Per queue, whether the consumer waits there as its claims last wrote
     # it, for which registration, and when (see WAITING_WRITE_EVERY).
     _waits_written: dict[str, tuple[int, bool, float]]
@@ -321,7 +327,7 @@ class ConsumerSession:
                         self.unclaim([r[0] for r in rows[i + 1 :]])
                     raise
             if rows and time.monotonic() - began > BLOCKING_DELIVERY:
-                self._deliveries_block = True
+                self._blocked_at = time.monotonic()
             delivered += len(rows)
         if not waiting:
             self._claim_waiting_since = None
@@ -348,7 +354,7 @@ class ConsumerSession:
         for a wake-up (``claim`` in queries.sql): as many as make it claim
         at once when woken. In Celery's event loop, half the prefetch
         window (with less, ``_claim_waits`` puts the claim off); a consumer
-        that runs the work itself (BLOCKING_DELIVERY) never waits. None
+        that runs the work itself (BLOCKING_DELIVERY) does not wait. None
         (the claim leaves it as it is) within WAITING_WRITE_EVERY of the
         last change."""
         written = self._waits_written.get(queue)
@@ -358,7 +364,7 @@ class ConsumerSession:
             and time.monotonic() - written[2] < WAITING_WRITE_EVERY
         ):
             return None
-        if self._deliveries_block:
+        if self._blocked_at is not None and time.monotonic() - self._blocked_at < BLOCKING_MEMORY:
             return limit + 1
         prefetch: int | None = channel.qos.prefetch_count
         if self._loop is not None and prefetch:

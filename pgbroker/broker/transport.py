@@ -209,8 +209,8 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         self._claim_tref: Any = None  # claims when a batch's wait is over
         self._fallback_tref: Any = None  # claims when a fallback is due (cursor.py)
         self._woken = False  # a NOTIFY marked a queue ready
-        # The consumer runs the work in its callbacks (BLOCKING_DELIVERY).
-        self._deliveries_block = False
+        # When the consumer last ran work in its callbacks (BLOCKING_DELIVERY).
+        self._blocked_at: float | None = None
         self._waits_written: dict[str, tuple[int, bool, float]] = {}
         self._drained_at: float | None = None  # when drain_events last returned
         self._defer_acks = False
@@ -627,7 +627,7 @@ class Transport(ConsumerSession, EventLoop, DelayedDelivery, virtual.Transport):
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._drained_at is not None and time.monotonic() - self._drained_at > BLOCKING_DELIVERY:
             # Away from drain_events that long: a wake-up could wait as long.
-            self._deliveries_block = True
+            self._blocked_at = time.monotonic()
         try:
             self._drain(deadline)
         finally:
