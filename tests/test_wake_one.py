@@ -343,9 +343,10 @@ def test_a_consumer_that_ran_the_work_once_waits_again_later(
     pause, a GC) marks a consumer as running the work itself, which does not
     wait for a wake-up (every publish that names nobody wakes it). Once it
     has run no work for BLOCKING_MEMORY seconds it waits again, to be woken
-    alone. It did so never, for the rest of its session: 64 consumers paused
-    once were all woken by every publish, and under a long transaction their
-    claims cost the server three times as much (docs/benchmarks.md)."""
+    alone. The mark used to last the rest of the session: 64 consumers
+    paused once were all woken by every publish, and under a long
+    transaction their claims cost the server two to three times as much
+    (docs/benchmarks.md, 2026-12-08)."""
     monkeypatch.setattr(consumer, "BLOCKING_MEMORY", 1.0)
     name = "wake-blocked-once"
     with producer_for(db_url, name) as producer, Consumers(db_url, name, 1, 4) as group:
