@@ -373,12 +373,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             conn = self._conn()
             self._sync_listens(conn)
             self._flush(conn)
-            deadline = time.monotonic() + RECONNECT_TIMEOUT
-            while self._synced < self._sent:
-                if time.monotonic() > deadline:
-                    raise psycopg.OperationalError("pgbroker: no reply to LISTEN")
-                select.select([conn.fileno()], [], [], MAX_WAIT)
-                self._collect(conn)
+            self._take_replies(conn, self._sent, "LISTEN")
             # Every channel's state is read below, after its LISTEN: the
             # reads the old connection lost are covered.
             task_ids = list(self._channels.values())
@@ -434,6 +429,16 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._listening.update(relisten, new)
         self._to_listen = set()
         return [self._channels[channel] for channel in new]
+
+    def _take_replies(self, conn: psycopg.Connection, target: int, what: str) -> None:
+        """Read ``conn`` until sync point ``target`` has its reply, lock held
+        (no other thread reads meanwhile); what arrives stays in _incoming."""
+        deadline = time.monotonic() + RECONNECT_TIMEOUT
+        while self._synced < target:
+            if time.monotonic() > deadline:
+                raise psycopg.OperationalError(f"pgbroker: no reply to {what}")
+            select.select([conn.fileno()], [], [], MAX_WAIT)
+            self._collect(conn)
 
     def _send_pending(self, conn: psycopg.Connection) -> None:
         """Queue what is due: LISTENs, then one read of those tasks' rows."""
@@ -585,13 +590,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                     self._flush(conn)
                     self._listening.discard(channel)
                     self._stale.discard(channel)
-                    target = self._sent
-                    deadline = time.monotonic() + RECONNECT_TIMEOUT
-                    while self._synced < target and self._connection is conn:
-                        if time.monotonic() > deadline:
-                            raise psycopg.OperationalError("pgbroker: no reply to UNLISTEN")
-                        select.select([conn.fileno()], [], [], MAX_WAIT)
-                        self._collect(conn)
+                    self._take_replies(conn, self._sent, "UNLISTEN")
             self._incoming = deque(entry for entry in self._incoming if entry[0] != task_id)
             with contextlib.suppress(Empty):
                 while True:
