@@ -25,11 +25,18 @@ together"):
   delivery that holds the message now finishes the task. So the next link
   is stored exactly once per finished run of the message, by construction.
 
-Only the chain's next link is held: messages a task body sends while it
-runs (``other.delay()``) go out when called, as always. Held messages that
-no finish takes (a run that ends without storing an outcome) are sent the
-usual way when the run ends (:func:`release`, from the backend's
-``process_cleanup``, which Celery's worker calls after every run).
+Messages a task body sends while it runs (``other.delay()``), and the
+callbacks Celery sends as it succeeds, go out when called, as always,
+unless the task opts into its **outbox** (``pgbroker_outbox = True`` on the
+task or in the app's config): then they are held too (``Held.outbox``),
+commit with the run's success, and are dropped if it fails or retries
+(:func:`unfinished`): sent only if the task's result commits. A message
+with the run's own task id (``Task.retry``, ``Task.replace``) and a chord
+sent from the body are never held. Held messages that no finish takes (a
+run that ends without storing an outcome: ``Ignore``, ``Reject``, a
+replaced task) are sent the usual way when the run ends (:func:`release`,
+from the backend's ``process_cleanup``, which Celery's worker calls after
+every run).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from pgbroker.broker.messages import (
     TIMELINE,
 )
 from pgbroker.logs import recovery
+from pgbroker.options import flag
 
 logger = logging.getLogger("pgbroker.broker")
 
@@ -82,8 +90,17 @@ class Held:
     #: The task acknowledges after its run: until the finish, this delivery
     #: holds the message.
     acks_late: bool
-    #: (transport, parameters of ``publish_routing``), in publish order.
+    #: The next link of the chain: (transport, parameters of
+    #: ``publish_routing``), in publish order.
     messages: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
+    #: What the task body and its callbacks sent, when the task opts into
+    #: its outbox: the same, sent only with the run's success.
+    outbox: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
+
+    def all_messages(self) -> list[tuple[Any, dict[str, Any]]]:
+        """Everything held, in the order the run sent it (a body's messages
+        come before the next link, which Celery sends as the run ends)."""
+        return self.outbox + self.messages
 
 
 #: Backends that finish tasks in one transaction: their fingerprint (None
@@ -123,15 +140,27 @@ def backend_origin(backend: Finisher, expected: str | None = None) -> str | None
 
 
 def hold(transport: Any, params: dict[str, Any], broker_fingerprint: Callable[[], str]) -> bool:
-    """Hold the publish ``params`` for the finish of the current task run if
-    they are the next link of its chain and its backend finishes it; True if
-    held (the caller sends nothing now)."""
+    """Hold the publish ``params`` (a Celery task message) for the finish of
+    the current task run if they are the next link of its chain, or if the
+    task opts into its outbox and they are not the run's own task (a retry,
+    a replacement), and its backend finishes it; True if held (the caller
+    sends nothing now)."""
     state = sys.modules.get("celery._state")
     if state is None or params["task_id"] is None:
         return False
     task = state.get_current_worker_task()
     request = getattr(task, "request", None)
-    if request is None or not _is_next_link(request, params):
+    if request is None:
+        return False
+    if _is_next_link(request, params):
+        into = "messages"
+    elif (
+        params["task_id"] != request.id
+        and getattr(_local, "closed", None) != request.id
+        and outbox_on(task)
+    ):
+        into = "outbox"
+    else:
         return False
     finishable = _finishable(task, request)
     if finishable is None or finishable.origin != broker_fingerprint():
@@ -140,8 +169,19 @@ def hold(transport: Any, params: dict[str, Any], broker_fingerprint: Callable[[]
     if held is None or held.task_id != request.id:
         release()
         held = _local.held = finishable.held
-    held.messages.append((transport, params))
+    getattr(held, into).append((transport, params))
     return True
+
+
+def outbox_on(task: Any) -> bool:
+    """Whether ``task`` sends what its body sends only with its success:
+    its own ``pgbroker_outbox`` attribute (``@app.task(pgbroker_outbox=True)``),
+    else the app's ``pgbroker_outbox`` setting (default False)."""
+    value = getattr(task, "pgbroker_outbox", None)
+    if value is None:
+        app = getattr(task, "app", None)
+        value = app.conf.get("pgbroker_outbox", False) if app is not None else False
+    return flag("", "pgbroker_outbox", value)
 
 
 def own_message(task_id: str | None) -> Held | None:
@@ -221,7 +261,10 @@ def note_next_link(task: Any = None, **_: Any) -> None:
 
 def take(task_id: str | None) -> Held | None:
     """What the finish of ``task_id`` must commit besides the result, if
-    anything was held for it in this thread (then it is no longer held)."""
+    anything was held for it in this thread (then it is no longer held).
+    The run's outbox closes: what it sends from now on (a chord's body as
+    its last part returns, Celery's errbacks) goes out when sent."""
+    _local.closed = task_id
     held: Held | None = getattr(_local, "held", None)
     if held is None or task_id is None or held.task_id != task_id:
         return None
@@ -234,18 +277,40 @@ def release() -> None:
     without a finish taking it (nothing a task sends may be left unsent)."""
     held: Held | None = getattr(_local, "held", None)
     _local.held = None
+    _local.closed = None
     if held is None:
         return
     logger.info(
         "task %s ended without storing its outcome: sending its %d held message(s) now",
         held.task_id,
-        len(held.messages),
-        extra=recovery("finish_released", task_id=held.task_id, count=len(held.messages)),
+        len(held.all_messages()),
+        extra=recovery("finish_released", task_id=held.task_id, count=len(held.all_messages())),
     )
+    send_separately(held)
+
+
+def unfinished(run: str | Held, outcome: str) -> None:
+    """The run (its task id, or what was taken for its finish) did not
+    succeed (``outcome``: "failed", "retries"): what its outbox holds is
+    not sent, and a next link held for it goes out the usual way."""
+    held = take(run) if isinstance(run, str) else run
+    if held is None:
+        return
+    if held.outbox:
+        logger.info(
+            "task %s %s: the %d message(s) its body sent through its outbox are not sent",
+            held.task_id,
+            outcome,
+            len(held.outbox),
+            extra=recovery(
+                "outbox_dropped", task_id=held.task_id, reason=outcome, count=len(held.outbox)
+            ),
+        )
+        held.outbox = []
     send_separately(held)
 
 
 def send_separately(held: Held) -> None:
     """Publish held messages on their transports' sessions, as without a finish."""
-    for transport, params in held.messages:
+    for transport, params in held.all_messages():
         transport.run("publish_routing", **params)

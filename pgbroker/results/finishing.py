@@ -6,8 +6,10 @@ run sends as it ends; this mixin of
 success (``mark_as_done``) and the ack of the run's own message
 (``finish_ack``), in one transaction on the backend's connection. A
 successful ``acks_late`` run that hands nothing on commits its result and
-its ack together too. Failures, runs of messages from another database or
-schema, and a backend elsewhere: the usual path, unchanged.
+its ack together too, and a task that opts into its outbox commits what
+its body sent with its success, and drops it when it fails or retries.
+Failures, runs of messages from another database or schema, and a backend
+elsewhere: the usual path, unchanged.
 """
 
 from __future__ import annotations
@@ -133,13 +135,20 @@ class FinishingBackend:
         # A failure's message is Celery's to acknowledge, reject or requeue
         # (acks_on_failure_or_timeout, reject_on_worker_lost): a next link
         # held as the run succeeded, whose success could not be stored
-        # (EncodeError), goes out as it did before the finish existed.
-        held = finish.take(task_id)
-        if held is not None:
-            finish.send_separately(held)
+        # (EncodeError), goes out as it did before the finish existed; what
+        # the body sent through its outbox does not go out at all (the
+        # errbacks Celery sends from here on go out when sent).
+        finish.unfinished(task_id, "failed")
         super().mark_as_failure(  # type: ignore[misc]
             task_id, exc, traceback, request, store_result, call_errbacks, state
         )
+
+    def mark_as_retry(self, task_id: str, *args: Any, **kwargs: Any) -> None:
+        # The retry sent by Task.retry (the run's own task id) was not held;
+        # what the body sent through its outbox is not sent: the next run
+        # sends it again.
+        finish.unfinished(task_id, "retries")
+        super().mark_as_retry(task_id, *args, **kwargs)  # type: ignore[misc]
 
     def _write_finished(self, params: dict[str, Any]) -> bool:
         """Store ``params`` (a ready state) with what the current finish
@@ -190,7 +199,7 @@ class FinishingBackend:
             with pipeline.transaction(conn):
                 acked = conn.cursor(row_factory=tuple_row)
                 acked.execute(self._broker_queries()["finish_ack"], ack)
-                for t, message in held.messages:
+                for t, message in held.all_messages():
                     if skip_dedup:
                         message = {**message, "dedup": False}
                     cur = conn.cursor(row_factory=tuple_row)
@@ -277,6 +286,8 @@ class _Finish:
         if held is None:
             return
         if exc[0] is not None:
-            finish.send_separately(held)  # the outcome failed: as without a finish
+            # The success could not be stored (Celery marks the run failed
+            # next): as without a finish, and no outbox.
+            finish.unfinished(held, "failed")
             return
         self.backend._commit(held, None)

@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 from celery import Celery
+from celery.exceptions import Ignore
 from celery.signals import task_success
 
 from pgbroker.broker.finish import Held
@@ -133,6 +134,37 @@ def kill_child(key: str) -> None:
     WorkerLostError and, with reject_on_worker_lost, requeues the message."""
     _record("kill_child", key)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _send_then(self: Any, key: str, then: str) -> str:
+    """Send ``record(key)`` to the queue ``second`` from the body, then end
+    as ``then`` says: "succeed", "fail", "retry" (on the first run only),
+    "ignore", or "kill" (SIGKILL the whole worker, on the first delivery
+    only: the marker ``killed-in-body`` in TEST_MARKER_DIR)."""
+    _record(self.name.rpartition(".")[2], key)
+    record.apply_async((key,), queue="second")
+    if then == "fail":
+        raise ValueError("failed on purpose")
+    if then == "retry" and self.request.retries == 0:
+        raise self.retry(countdown=0)
+    if then == "ignore":
+        raise Ignore()
+    if then == "kill":
+        marker = Path(os.environ.get("TEST_MARKER_DIR", ".")) / "killed-in-body"
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+    return key
+
+
+#: The same body through the task's outbox: what it sends commits with its
+#: success (pgbroker/broker/finish.py), and without: sent when called.
+send_then = app.task(
+    shared=False, name="delivery_app.send_then", bind=True, acks_late=True, pgbroker_outbox=True
+)(_send_then)
+send_then_now = app.task(
+    shared=False, name="delivery_app.send_then_now", bind=True, acks_late=True
+)(_send_then)
 
 
 @task_success.connect
