@@ -82,6 +82,7 @@ from compat import (
     bench_backlog,
     bench_celery,
     bench_hosts,
+    bench_jobs,
     bench_listeners,
     bench_longtx,
     bench_pool,
@@ -106,7 +107,7 @@ STEP_TIMEOUT = 60.0
 
 PARTS = (
     "kombu", "celery", "kill", "redelivery", "idle", "backlog", "scale", "listeners", "longtx",
-    "delay-rate", "hosts",
+    "jobs", "delay-rate", "hosts",
 )  # fmt: skip
 #: Parts that run only when named in ``--only``: hosts starts up to 8 workers
 #: per Celery column and round (minutes at full size), and has a smoke test
@@ -259,6 +260,9 @@ class Settings:
     longtx_rate: float
     longtx_burst: int
     longtx_consumers: int
+    job_rates: tuple[float, ...]
+    job_seconds: float
+    job_workers: int
     delay_calls: int
     hosts: tuple[int, ...]
     hosts_tasks: int
@@ -298,6 +302,8 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "longtx_seconds": (5.0, 600.0),
     "longtx_after_seconds": (3.0, 60.0),
     "longtx_burst": (500, 5000),
+    "job_rates": ("100", "100,500"),
+    "job_seconds": (1.0, 20.0),
     "delay_calls": (100, 5000),
     "hosts": ("1,2", "1,4,8"),
     "hosts_tasks": (100, 5000),
@@ -387,6 +393,19 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=bench_longtx.CONSUMERS,
         help="Kombu consumers of the longtx part's queue (with --prefetch 1, each turns busy "
         "and idle at every message)",
+    )
+    p.add_argument(
+        "--job-rates",
+        help="jobs/s sent in the jobs part, pgbroker and procrastinate (full: 100,500)",
+    )
+    p.add_argument(
+        "--job-seconds", type=float, help="seconds of jobs per rate and round (full: 20)"
+    )
+    p.add_argument(
+        "--job-workers",
+        type=int,
+        default=2,
+        help="jobs part: pgbroker's Kombu consumers, procrastinate's worker concurrency",
     )
     p.add_argument("--delay-calls", type=int, help="delay() calls per round (full: 5000)")
     p.add_argument(
@@ -481,6 +500,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         longtx_rate=a.longtx_rate,
         longtx_burst=size("longtx_burst"),
         longtx_consumers=a.longtx_consumers,
+        job_rates=tuple(float(x) for x in str(size("job_rates")).split(",")),
+        job_seconds=size("job_seconds"),
+        job_workers=a.job_workers,
         delay_calls=size("delay_calls"),
         hosts=tuple(int(x) for x in str(size("hosts")).split(",")),
         hosts_tasks=size("hosts_tasks"),
@@ -1138,7 +1160,7 @@ def make_figures(s: Settings) -> dict[str, Figure]:
                 Figure(f"scale_{layout}_{n}", f"scale: {n} consumers, {where}, msg/s",
                        s.scale_systems, "msg/s", "scale", target)
             )  # fmt: skip
-    figures += listener_figures(s) + longtx_figures(s) + hosts_figures(s)
+    figures += listener_figures(s) + longtx_figures(s) + job_figures(s) + hosts_figures(s)
     return {f.key: f for f in figures if f.part in s.parts}
 
 
@@ -1187,6 +1209,22 @@ def listener_figures(s: Settings) -> list[Figure]:
                    f"server CPU ms per publish, {n} consumer{'s' * (n > 1)} listening",
                    ("pgbroker",), "ms", "listeners", target)
         )  # fmt: skip
+    return figures
+
+
+def job_figures(s: Settings) -> list[Figure]:
+    """Per rate: PostgreSQL's CPU per job for procrastinate (the reference,
+    in the pgbroker column: the table has no column of its own for it) and
+    for pgbroker, whose target is at most procrastinate's."""
+    figures = []
+    for rate in s.job_rates:
+        reference = f"jobs_{rate:g}_procrastinate"
+        what = f"jobs at {rate:g}/s: PostgreSQL CPU ms per job"
+        figures += [
+            Figure(reference, f"{what}, procrastinate (reference)", ("pgbroker",), "ms", "jobs"),
+            Figure(f"jobs_{rate:g}", f"{what}, pgbroker", ("pgbroker",), "ms", "jobs",
+                   Target("<=", 1, f"figure:{reference}", "procrastinate")),
+        ]  # fmt: skip
     return figures
 
 
@@ -1281,6 +1319,7 @@ def run(s: Settings) -> Report:
         ("scale", lambda: run_scale(report, dbs, prefix, workdir)),
         ("listeners", lambda: run_listeners(report, dbs, prefix, workdir)),
         ("longtx", lambda: run_longtx(report, dbs, prefix, workdir)),
+        ("jobs", lambda: run_jobs(report, dbs, prefix, workdir)),
         ("hosts", lambda: run_hosts(report, dbs, prefix, workdir)),
     ]
     with tempfile.TemporaryDirectory(prefix="pgbroker-bench-") as tmp:
@@ -1709,6 +1748,63 @@ def measure_listeners(
     return ms, window
 
 
+def run_jobs(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
+    """Per round and rate, procrastinate then pgbroker (then the other way
+    round in the next round), each in a database of its own."""
+    s, figs = report.settings, report.figures
+    if not any(x.key == "pgbroker" for x in report.live()):
+        return
+    urls = {"procrastinate": dbs.create("_jobs_pr"), "pgbroker": dbs.create("_jobs_pg")}
+    with dbs.admin() as admin:
+        for r in range(s.rounds):
+            for rate in s.job_rates:
+                for system in rotated(["procrastinate", "pgbroker"], r):
+                    log(f"round {r + 1}/{s.rounds}: jobs, {system} at {rate:g}/s")
+                    key = f"jobs_{rate:g}" + ("_procrastinate" if system == "procrastinate" else "")
+                    cell = figs[key].cell("pgbroker")
+                    value = attempt(
+                        [cell],
+                        functools.partial(
+                            measure_jobs, system, urls[system], admin, s, prefix, rate, workdir,
+                            f"{rate:g}r{r}",
+                        ),
+                        f"jobs ({system}, {rate:g}/s)",
+                    )  # fmt: skip
+                    if value is not None:
+                        cell.values.append(value)
+
+
+def measure_jobs(
+    system: str,
+    url: str,
+    admin: psycopg.Connection[Any],
+    s: Settings,
+    prefix: str,
+    rate: float,
+    workdir: Path,
+    tag: str,
+) -> float:
+    """PostgreSQL CPU ms per job of ``system`` at ``rate`` (compat/bench_jobs.py)."""
+    try:
+        if system == "procrastinate":
+            ms, gone, _ = bench_jobs.measure_procrastinate(
+                libpq_url(url), admin, database_name(url), rate, s.job_seconds, s.job_workers,
+                workdir, tag,
+            )  # fmt: skip
+        else:
+            ms, gone, _ = bench_listeners.measure(
+                url, {}, admin, database_name(url), prefix, s.job_workers,
+                max(1, round(rate * s.job_seconds)), rate, s.prefetch, workdir, f"jobs{tag}",
+            )  # fmt: skip
+    except bench_pool.CpuUnavailable as exc:
+        raise NotMeasured(str(exc)) from exc
+    except bench_jobs.NotInstalled as exc:
+        raise NotMeasured(str(exc)) from exc
+    if gone:
+        log(f"jobs ({system}): {gone} sessions closed in the window (their CPU not counted)")
+    return ms
+
+
 def run_longtx(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
     """One run (not per round: the transaction is held for minutes at full size)."""
     s, figs = report.settings, report.figures
@@ -1914,7 +2010,9 @@ def header_lines(report: Report) -> list[str]:
         f"listeners {','.join(map(str, s.listeners))}, {s.listener_messages} messages at "
         f"{s.listener_rate:g}/s; longtx {s.longtx_rate:g}/s to {s.longtx_consumers} consumers, "
         f"pinned {s.longtx_seconds:g} s, "
-        f"{s.longtx_after_seconds:g} s before and after; delay-rate {s.delay_calls} calls; "
+        f"{s.longtx_after_seconds:g} s before and after; jobs "
+        f"{','.join(f'{r:g}' for r in s.job_rates)}/s for {s.job_seconds:g} s to "
+        f"{s.job_workers} workers; delay-rate {s.delay_calls} calls; "
         f"hosts {','.join(map(str, s.hosts))} x {s.hosts_tasks} tasks"
     )
     return lines
@@ -1992,6 +2090,15 @@ def render(report: Report) -> str:
             + ", ".join(
                 f"{n}: {'/'.join(map(str, v))}" for n, v in env["listeners_window_seconds"].items()
             )
+        )
+    if any(f.part == "jobs" for f in figures.values()):
+        notes.append(
+            f"jobs: one producer at the rate (each job its own commit), "
+            f"{report.settings.job_workers} consumers: pgbroker's Kombu consumers (prefetch "
+            f"{report.settings.prefetch}), procrastinate's worker (concurrency "
+            f"{report.settings.job_workers}, defaults otherwise); CPU of the database's "
+            "PostgreSQL backends from the first job sent to the last done, per job; the "
+            "procrastinate rows hold procrastinate's figure"
         )
     if "longtx" in env:
         notes.append(

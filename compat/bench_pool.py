@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,8 +245,19 @@ def child_main() -> None:
 def paced_publish(
     producer: Producer, routing_key: str, kind: str, rate: float, seconds: float
 ) -> int:
-    """Publish at ``rate`` messages per second for ``seconds`` (each message
-    at its slot; late ones are sent at once, not skipped); messages sent."""
+    """Publish at ``rate`` messages per second for ``seconds``; messages sent."""
+    return paced(
+        lambda _: producer.publish(
+            message_body(kind), routing_key=routing_key, delivery_mode=2, serializer="json"
+        ),
+        rate,
+        seconds,
+    )
+
+
+def paced(send: Callable[[int], Any], rate: float, seconds: float) -> int:
+    """Call ``send(i)`` at ``rate`` per second for ``seconds`` (each call at
+    its slot; late ones at once, not skipped); calls made."""
     interval = 1.0 / rate
     start = time.monotonic()
     n = max(1, round(rate * seconds))
@@ -253,8 +265,7 @@ def paced_publish(
         delay = start + i * interval - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        producer.publish(message_body(kind), routing_key=routing_key, delivery_mode=2,
-                         serializer="json")  # fmt: skip
+        send(i)
     return n
 
 

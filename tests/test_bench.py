@@ -89,7 +89,7 @@ def test_quick_run_of_every_part(pg_admin_url: str, tmp_path: Path) -> None:
         "chains", "chord", "worker_kill", "redelivery_1", "idle_kombu", "idle_celery",
         "idle_celery_quiet", "backlog_empty", "backlog_full",
         "scale_one_1", "scale_one_2", "scale_spread_1", "scale_spread_2",
-        "listeners_1", "listeners_4", "delay_rate",
+        "listeners_1", "listeners_4", "delay_rate", "jobs_100", "jobs_100_procrastinate",
     }  # fmt: skip
     expected |= {
         f"longtx_{kind}_{phase}"
@@ -142,8 +142,8 @@ def test_quick_run_of_every_part(pg_admin_url: str, tmp_path: Path) -> None:
 
 
 def check_new_parts(stdout: str, data: dict[str, Any]) -> None:
-    """The listeners, longtx and delay-rate parts measured pgbroker, and their
-    ratios are computed against their references."""
+    """The listeners, longtx, jobs and delay-rate parts measured pgbroker (and
+    procrastinate), and their ratios are computed against their references."""
     figures = data["figures"]
 
     def median(key: str, system: str = "pgbroker") -> float:
@@ -187,6 +187,15 @@ def check_new_parts(stdout: str, data: dict[str, Any]) -> None:
     env = data["environment"]["longtx"]
     assert set(env) == {"clean", "pinned", "after"}
     assert all(p["published"] > 0 and p["ready_at_end"] >= 0 for p in env.values()), env
+    # Jobs: PostgreSQL's CPU per job, pgbroker's against procrastinate's
+    # (which ran: a figure, not n/a).
+    jobs = figures["jobs_100"]
+    assert jobs["target"] == "<= procrastinate"
+    assert jobs["reference"] == median("jobs_100_procrastinate")
+    assert jobs["ratio"] == pytest.approx(median("jobs_100") / median("jobs_100_procrastinate"))
+    assert jobs["met"] == (jobs["ratio"] <= 1)
+    row = table_row(stdout, "jobs at 100/s: PostgreSQL CPU ms per job, procrastinate")
+    assert re.fullmatch(r"[\d.]+", row[1]), row
     # delay-rate: calls/s, against Redis.
     delay = figures["delay_rate"]
     assert delay["target"] == ">= 1.2x Redis"
