@@ -1750,11 +1750,12 @@ def measure_listeners(
 
 def run_jobs(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None:
     """Per round and rate, procrastinate then pgbroker (then the other way
-    round in the next round), each in a database of its own."""
+    round in the next round), each in a new database: procrastinate keeps
+    its finished jobs, so a database used before would hold more history
+    for one than for the other."""
     s, figs = report.settings, report.figures
     if not any(x.key == "pgbroker" for x in report.live()):
         return
-    urls = {"procrastinate": dbs.create("_jobs_pr"), "pgbroker": dbs.create("_jobs_pg")}
     with dbs.admin() as admin:
         for r in range(s.rounds):
             for rate in s.job_rates:
@@ -1765,8 +1766,8 @@ def run_jobs(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None
                     value = attempt(
                         [cell],
                         functools.partial(
-                            measure_jobs, system, urls[system], admin, s, prefix, rate, workdir,
-                            f"{rate:g}r{r}",
+                            measure_jobs, system, dbs.create(f"_jobs_{system[:2]}{rate:g}r{r}"),
+                            admin, s, prefix, rate, workdir, f"{rate:g}r{r}",
                         ),
                         f"jobs ({system}, {rate:g}/s)",
                     )  # fmt: skip

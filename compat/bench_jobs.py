@@ -66,16 +66,13 @@ def measure_procrastinate(
 ) -> tuple[float, int, float]:
     """(server CPU ms per job, sessions closed in the window: not counted,
     the window in seconds) for procrastinate in the empty database
-    ``dbname`` (its schema is applied here the first time)."""
+    ``dbname`` (its schema is applied here)."""
     app = _app(conninfo, sync=True)
     task = app.task(name=TASK)(_noop)
     progress = workdir / f"procrastinate-{tag}.count"
     errors = workdir / f"procrastinate-{tag}.err"
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        row = conn.execute("SELECT to_regclass('procrastinate_jobs') IS NULL").fetchone()
     with app.open():
-        if row and row[0]:  # a new database (rounds after the first reuse it)
-            app.schema_manager.apply_schema()
+        app.schema_manager.apply_schema()
         with errors.open("w") as err:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "compat.bench_jobs", "worker", conninfo, str(workers),

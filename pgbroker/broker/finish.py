@@ -156,7 +156,7 @@ def hold(transport: Any, params: dict[str, Any], broker_fingerprint: Callable[[]
         into = "messages"
     elif (
         params["task_id"] != request.id
-        and getattr(_local, "closed", None) != request.id
+        and request.id not in getattr(_local, "closed", ())
         and outbox_on(task)
     ):
         into = "outbox"
@@ -264,7 +264,8 @@ def take(task_id: str | None) -> Held | None:
     anything was held for it in this thread (then it is no longer held).
     The run's outbox closes: what it sends from now on (a chord's body as
     its last part returns, Celery's errbacks) goes out when sent."""
-    _local.closed = task_id
+    if task_id is not None:
+        _local.closed = {*getattr(_local, "closed", ()), task_id}
     held: Held | None = getattr(_local, "held", None)
     if held is None or task_id is None or held.task_id != task_id:
         return None
@@ -277,7 +278,7 @@ def release() -> None:
     without a finish taking it (nothing a task sends may be left unsent)."""
     held: Held | None = getattr(_local, "held", None)
     _local.held = None
-    _local.closed = None
+    _local.closed = set()  # the run is over (a retry's next run has its task id)
     if held is None:
         return
     logger.info(
