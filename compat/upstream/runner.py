@@ -108,20 +108,9 @@ def fetch(cache: Path) -> tuple[Path, Path]:
     names = [cache / f"celery-{VERSION}.tar.gz", cache / f"kombu-{VERSION}.tar.gz"]
     if not all(p.exists() for p in names):
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "-d",
-                str(cache),
-                f"celery=={VERSION}",
-                f"kombu=={VERSION}",
-            ],
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--no-binary", ":all:", "-d", str(cache),
+             f"celery=={VERSION}", f"kombu=={VERSION}"],
             check=True,
         )
     return names[0], names[1]
@@ -132,7 +121,7 @@ def _extract(archive: Path, prefix: str, dest: Path, keep: re.Pattern[str]) -> N
         for member in tar.getmembers():
             if not member.isfile() or not member.name.startswith(prefix):
                 continue
-            rel = member.name[len(prefix) :]
+            rel = member.name[len(prefix):]
             if not keep.match(rel):
                 continue
             target = dest / rel
@@ -150,23 +139,15 @@ def prepare(celery_sdist: Path, kombu_sdist: Path, work: Path) -> tuple[Path, Pa
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         (d / "pytest.ini").write_text(PYTEST_INI)
-    _extract(
-        celery_sdist,
-        f"celery-{VERSION}/",
-        celery_dir,
-        re.compile(r"t/(__init__|canvas_helpers|skip)\.py$|t/integration/"),
-    )
+    _extract(celery_sdist, f"celery-{VERSION}/", celery_dir,
+             re.compile(r"t/(__init__|canvas_helpers|skip)\.py$|t/integration/"))
     tasks = celery_dir / "t/integration/tasks.py"
     text = tasks.read_text()
     if _SIDE_FROM not in text:
         raise SystemExit(f"{tasks}: get_redis_connection changed; update compat/upstream")
     tasks.write_text(text.replace(_SIDE_FROM, _SIDE_TO))
-    _extract(
-        kombu_sdist,
-        f"kombu-{VERSION}/",
-        kombu_dir,
-        re.compile(r"t/__init__\.py$|t/integration/(__init__|common)\.py$"),
-    )
+    _extract(kombu_sdist, f"kombu-{VERSION}/", kombu_dir,
+             re.compile(r"t/__init__\.py$|t/integration/(__init__|common)\.py$"))
     shutil.copy(HERE / "kombu_pgbroker.py", kombu_dir / "t/integration/test_upstream_kombu.py")
     return celery_dir, kombu_dir
 
@@ -191,7 +172,7 @@ def _with_path(url: str, path: str) -> str:
 def _with_port(url: str, port: int) -> str:
     parts = urlsplit(url)
     netloc = parts.netloc.rpartition("@")
-    host = parts.hostname or "127.0.0.1"
+    host = (parts.hostname or "127.0.0.1")
     netloc_s = (netloc[0] + "@" if netloc[1] else "") + f"{host}:{port}"
     return urlunsplit(parts._replace(netloc=netloc_s))
 
@@ -224,7 +205,7 @@ def redis_keys_of_run(url: str) -> Iterator[None]:
     finally:
         added = [k for k in client.scan_iter(count=1000) if k not in before]
         for i in range(0, len(added), 500):
-            client.delete(*added[i : i + 500])
+            client.delete(*added[i:i + 500])
         client.close()
 
 
@@ -262,14 +243,8 @@ def _parse_junit(path: Path) -> list[Outcome]:
 
 
 def run_module(
-    system: System,
-    suite_dir: Path,
-    path: str,
-    label: str,
-    out: Path,
-    redis_host_port: tuple[str, int],
-    reruns: int | None,
-    keyword: str | None = None,
+    system: System, suite_dir: Path, path: str, label: str, out: Path,
+    redis_host_port: tuple[str, int], reruns: int | None, keyword: str | None = None,
 ) -> ModuleRun:
     junit = out / f"{system.name}-{label}.xml"
     log = out / f"{system.name}-{label}.log"
@@ -287,23 +262,9 @@ def run_module(
         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     )
     cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        path,
-        "-p",
-        "celery.contrib.pytest",
-        "-p",
-        "no:cacheprovider",
-        "-p",
-        "no:randomly",
-        "-n",
-        "0",
-        "-rs",
-        "-v",
-        f"--junitxml={junit}",
-        "-o",
-        "junit_family=xunit1",
+        sys.executable, "-m", "pytest", path, "-p", "celery.contrib.pytest",
+        "-p", "no:cacheprovider", "-p", "no:randomly", "-n", "0", "-rs", "-v",
+        f"--junitxml={junit}", "-o", "junit_family=xunit1",
     ]
     if reruns is not None:
         cmd.append(f"--force-reruns={reruns}")
@@ -313,11 +274,7 @@ def run_module(
     with open(log, "wb") as fh:
         try:
             rc = subprocess.run(
-                cmd,
-                cwd=suite_dir,
-                env=env,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
+                cmd, cwd=suite_dir, env=env, stdout=fh, stderr=subprocess.STDOUT,
                 timeout=MODULE_TIMEOUT,
             ).returncode
         except subprocess.TimeoutExpired:
@@ -354,34 +311,21 @@ def report(runs: list[ModuleRun], systems: list[str]) -> list[str]:
             if r is None:
                 cells.append(f"{'-':>30}")
                 continue
-            c = [
-                r.count("passed"),
-                r.count("failed", "error"),
-                r.count("skipped"),
-                r.count("xfailed"),
-            ]
+            c = [r.count("passed"), r.count("failed", "error"), r.count("skipped"),
+                 r.count("xfailed")]
             for i, v in enumerate(c):
                 totals[s][i] += v
             totals[s][4] += r.seconds
             cells.append(f"{'/'.join(map(str, c)):>22} {r.seconds:6.0f} s")
         print(f"{m:38}" + "".join(cells))
-    print(
-        f"{'total':38}"
-        + "".join(
-            f"{'/'.join(str(int(v)) for v in totals[s][:4]):>22} {totals[s][4]:6.0f} s"
-            for s in systems
-        )
-    )
+    print(f"{'total':38}" + "".join(
+        f"{'/'.join(str(int(v)) for v in totals[s][:4]):>22} {totals[s][4]:6.0f} s"
+        for s in systems))
 
     outcome = {(r.system, o.nodeid): o for r in runs for o in r.outcomes}
     unexplained = []
-    pg_fail = [
-        (r.module, o)
-        for r in runs
-        if r.system == "pgbroker"
-        for o in r.outcomes
-        if o.outcome in ("failed", "error")
-    ]
+    pg_fail = [(r.module, o) for r in runs if r.system == "pgbroker" for o in r.outcomes
+               if o.outcome in ("failed", "error")]
     if pg_fail:
         print("\nfailed on pgbroker (Redis: its outcome in the same run)")
     for _module, o in pg_fail:
@@ -413,54 +357,29 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m compat.upstream", description=__doc__.split("\n")[0]
     )
     p.add_argument("--systems", default="pgbroker,redis", help="pgbroker,redis (default both)")
-    p.add_argument(
-        "--celery",
-        default="all",
-        help="Celery modules, without test_ (canvas,tasks); 'all'; 'none'",
-    )
-    p.add_argument(
-        "--kombu",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run Kombu's base classes too (default yes)",
-    )
+    p.add_argument("--celery", default="all",
+                   help="Celery modules, without test_ (canvas,tasks); 'all'; 'none'")
+    p.add_argument("--kombu", action=argparse.BooleanOptionalAction, default=True,
+                   help="run Kombu's base classes too (default yes)")
     p.add_argument("--parallel", action="store_true", help="run the systems side by side")
-    p.add_argument(
-        "--reruns",
-        type=int,
-        default=1,
-        help="reruns of a failed test, for every test (default 1; Celery's suite "
-        "marks its tests flaky with 5 reruns of timeouts and connection errors, "
-        "which makes one hanging test take 6 minutes); -1: the suite's own",
-    )
-    p.add_argument(
-        "--pg-admin-url",
-        default=os.environ.get("UPSTREAM_PG_ADMIN_URL", PG_ADMIN_URL),
-        help="a role that may create databases (UPSTREAM_PG_ADMIN_URL)",
-    )
-    p.add_argument(
-        "--redis-url",
-        default=os.environ.get("UPSTREAM_REDIS_URL", REDIS_URL),
-        help="the Redis reference's database (UPSTREAM_REDIS_URL); "
-        "never flushed, only the keys a run adds are deleted",
-    )
-    p.add_argument(
-        "--cache",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "pgbroker-upstream",
-        help="where the sdists are kept",
-    )
+    p.add_argument("--reruns", type=int, default=1,
+                   help="reruns of a failed test, for every test (default 1; Celery's suite "
+                        "marks its tests flaky with 5 reruns of timeouts and connection errors, "
+                        "which makes one hanging test take 6 minutes); -1: the suite's own")
+    p.add_argument("--pg-admin-url", default=os.environ.get("UPSTREAM_PG_ADMIN_URL", PG_ADMIN_URL),
+                   help="a role that may create databases (UPSTREAM_PG_ADMIN_URL)")
+    p.add_argument("--redis-url", default=os.environ.get("UPSTREAM_REDIS_URL", REDIS_URL),
+                   help="the Redis reference's database (UPSTREAM_REDIS_URL); "
+                        "never flushed, only the keys a run adds are deleted")
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pgbroker-upstream",
+                   help="where the sdists are kept")
     p.add_argument("--out", type=Path, help="work directory (logs, junit XML); default a temp dir")
     p.add_argument("--json", type=Path, help="write every outcome here")
-    p.add_argument(
-        "--check",
-        action="store_true",
-        help="exit 1 when a pgbroker failure is not listed in compat/upstream/known.py",
-    )
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when a pgbroker failure is not listed in compat/upstream/known.py")
     p.add_argument("--list", action="store_true", help="list the Celery modules and exit")
-    p.add_argument(
-        "-k", "--keyword", help="only the tests pytest's -k selects (to reproduce one failure)"
-    )
+    p.add_argument("-k", "--keyword",
+                   help="only the tests pytest's -k selects (to reproduce one failure)")
     a = p.parse_args(argv)
 
     celery_sdist, kombu_sdist = fetch(a.cache)
@@ -471,13 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         print("\n".join(all_modules))
         return 0
-    wanted = (
-        [m for m in all_modules if m not in known.NOT_RUN]
-        if a.celery == "all"
-        else []
-        if a.celery == "none"
-        else a.celery.split(",")
-    )
+    wanted = ([m for m in all_modules if m not in known.NOT_RUN] if a.celery == "all" else
+              [] if a.celery == "none" else a.celery.split(","))
     for m in wanted:
         if m not in all_modules:
             p.error(f"no Celery module test_{m}.py (see --list)")
@@ -506,31 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         def run_system(system: System) -> list[ModuleRun]:
             runs = []
             for m in wanted:
-                runs.append(
-                    run_module(
-                        system,
-                        celery_dir,
-                        f"t/integration/test_{m}.py",
-                        f"celery:{m}",
-                        out,
-                        redis_hp,
-                        reruns,
-                        a.keyword,
-                    )
-                )
+                runs.append(run_module(system, celery_dir, f"t/integration/test_{m}.py",
+                                       f"celery:{m}", out, redis_hp, reruns, a.keyword))
             if a.kombu:
-                runs.append(
-                    run_module(
-                        system,
-                        kombu_dir,
-                        "t/integration/test_upstream_kombu.py",
-                        "kombu:common",
-                        out,
-                        redis_hp,
-                        reruns,
-                        a.keyword,
-                    )
-                )
+                runs.append(run_module(system, kombu_dir, "t/integration/test_upstream_kombu.py",
+                                       "kombu:common", out, redis_hp, reruns, a.keyword))
             return runs
 
         runs: list[ModuleRun] = []
@@ -546,21 +440,10 @@ def main(argv: list[str] | None = None) -> int:
 
     unexplained = report(runs, systems)
     if a.json:
-        a.json.write_text(
-            json.dumps(
-                [
-                    {
-                        "system": r.system,
-                        "module": r.module,
-                        "seconds": round(r.seconds, 1),
-                        "returncode": r.returncode,
-                        "outcomes": [o.__dict__ for o in r.outcomes],
-                    }
-                    for r in runs
-                ],
-                indent=1,
-            )
-        )
+        a.json.write_text(json.dumps(
+            [{"system": r.system, "module": r.module, "seconds": round(r.seconds, 1),
+              "returncode": r.returncode,
+              "outcomes": [o.__dict__ for o in r.outcomes]} for r in runs], indent=1))
     if unexplained:
         # Named again last: CI shows the end of the output.
         print(f"\n{len(unexplained)} pgbroker failure(s) not in compat/upstream/known.py:")
