@@ -53,8 +53,9 @@ def result_xmin(db_url: str, task_id: str) -> int:
 def test_what_the_body_sends_goes_out_only_with_its_success(
     db_url: str, db: psycopg.Connection, tmp_path: Path, task: str, outbox: bool
 ) -> None:
-    """Success: the body's message commits in the transaction of the result
-    (same xmin) with the outbox, before it without. Failure and retry: the
+    """Success: the body's message and the run's callback commit in the
+    transaction of the result (same xmin) with the outbox, before it
+    without. Failure and retry: the
     failed run's message is not sent with the outbox (its errback is).
     Ignore (no outcome stored): sent as the run ends, either way."""
     setup_run_log(db)
@@ -66,10 +67,15 @@ def test_what_the_body_sends_goes_out_only_with_its_success(
         worker.wait_for_log("ready.")
         send = getattr(tasks, task)
 
-        ok = send.delay("ok", "succeed")
+        # The body's message, and a callback (link) Celery sends as the run
+        # succeeds: in the result's transaction with the outbox.
+        callback = tasks.record.si("callback").set(queue="second")
+        ok = send.apply_async(("ok", "succeed"), link=callback)
         assert ok.get(timeout=60) == "ok"
         [(xmin, state)] = sent(db_url, "ok")
         assert state == "ready"
+        assert (xmin == result_xmin(db_url, ok.id)) is outbox
+        [(xmin, _)] = sent(db_url, "callback")
         assert (xmin == result_xmin(db_url, ok.id)) is outbox
 
         errback = tasks.record.si("errback").set(queue="second")
