@@ -1766,8 +1766,8 @@ def run_jobs(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None
                     value = attempt(
                         [cell],
                         functools.partial(
-                            measure_jobs, system, dbs.create(f"_jobs_{system[:2]}{rate:g}r{r}"),
-                            admin, s, prefix, rate, workdir, f"{rate:g}r{r}",
+                            measure_jobs, system, dbs, admin, s, prefix, rate, workdir,
+                            f"{rate:g}r{r}",
                         ),
                         f"jobs ({system}, {rate:g}/s)",
                     )  # fmt: skip
@@ -1777,7 +1777,7 @@ def run_jobs(report: Report, dbs: Databases, prefix: str, workdir: Path) -> None
 
 def measure_jobs(
     system: str,
-    url: str,
+    dbs: Databases,
     admin: psycopg.Connection[Any],
     s: Settings,
     prefix: str,
@@ -1785,7 +1785,9 @@ def measure_jobs(
     workdir: Path,
     tag: str,
 ) -> float:
-    """PostgreSQL CPU ms per job of ``system`` at ``rate`` (compat/bench_jobs.py)."""
+    """PostgreSQL CPU ms per job of ``system`` at ``rate`` (compat/bench_jobs.py),
+    in a new database."""
+    url = dbs.create(f"_jobs_{system[:2]}{tag}")
     try:
         if system == "procrastinate":
             ms, gone, _ = bench_jobs.measure_procrastinate(
@@ -1797,9 +1799,7 @@ def measure_jobs(
                 url, {}, admin, database_name(url), prefix, s.job_workers,
                 max(1, round(rate * s.job_seconds)), rate, s.prefetch, workdir, f"jobs{tag}",
             )  # fmt: skip
-    except bench_pool.CpuUnavailable as exc:
-        raise NotMeasured(str(exc)) from exc
-    except bench_jobs.NotInstalled as exc:
+    except (bench_pool.CpuUnavailable, bench_jobs.NotInstalled) as exc:
         raise NotMeasured(str(exc)) from exc
     if gone:
         log(f"jobs ({system}): {gone} sessions closed in the window (their CPU not counted)")
